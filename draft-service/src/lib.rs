@@ -1,0 +1,1 @@
+//! Draft service: runs the small draft VLM and streams confidence-scored token trees.

@@ -1,0 +1,1 @@
+//! Spec-LLaVA gRPC protocol (specllava.v1): generated client and server code.

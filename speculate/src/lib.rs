@@ -1,0 +1,1 @@
+//! Speculative decoding logic: token trees, dynamic expansion, lossless verification, budget policy.

@@ -1,0 +1,1 @@
+//! Target service: verifies token trees of many sessions in batched forward passes.
