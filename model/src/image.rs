@@ -1,0 +1,384 @@
+//! Image decoding under size limits and `CLIPImageProcessor` preprocessing.
+//!
+//! [`ImageProcessor`] reads `preprocessor_config.json` and applies exactly the steps it names,
+//! in transformers' order (the PIL backend, `image_processing_backends.PilBackend`): convert
+//! to RGB, resize (shortest edge, `int(size * long / short)` for the long edge, Pillow's
+//! resampling via [`crate::resample`]), center crop (zero padding when the image is smaller),
+//! rescale (`f32(f64(x) * factor)`), normalize (`(x - mean) / std` in f32).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageReader};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::read_required;
+use crate::error::{ModelError, Result};
+use crate::resample::{Filter, Image8, resize};
+
+/// Limits applied when decoding untrusted image bytes (decompression bombs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: usize,
+    /// Largest accepted width * height.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    /// 20 MB and 40 megapixels.
+    fn default() -> Self {
+        ImageLimits {
+            max_bytes: 20 * 1024 * 1024,
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+/// How the image is resized before cropping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTo {
+    /// Shortest edge to this size, aspect ratio kept.
+    ShortestEdge(usize),
+    /// Exactly this height and width.
+    Exact {
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+    },
+}
+
+/// A resolved `CLIPImageProcessor` configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    /// Resize step, if enabled.
+    pub resize: Option<ResizeTo>,
+    /// Resampling filter.
+    pub resample: Filter,
+    /// Center-crop size (height, width), if enabled.
+    pub crop: Option<(usize, usize)>,
+    /// Rescale factor, if enabled.
+    pub rescale_factor: Option<f64>,
+    /// Normalisation (mean, std) per channel, if enabled.
+    pub normalize: Option<([f32; 3], [f32; 3])>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawProcessor {
+    do_resize: Option<bool>,
+    size: Option<Value>,
+    resample: Option<u64>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<Value>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Value>,
+    image_std: Option<Value>,
+}
+
+const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+fn triple(v: &Option<Value>, default: [f32; 3], field: &str) -> Result<[f32; 3]> {
+    let bad = || {
+        ModelError::Config(format!(
+            "preprocessor_config.json: `{field}` must be a number or 3 numbers"
+        ))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => {
+            let x = n.as_f64().ok_or_else(bad)? as f32;
+            Ok([x; 3])
+        }
+        Some(Value::Array(a)) if a.len() == 3 => {
+            let mut out = [0f32; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x.as_f64().ok_or_else(bad)? as f32;
+            }
+            Ok(out)
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+fn get_usize(m: &serde_json::Map<String, Value>, k: &str) -> Option<usize> {
+    m.get(k).and_then(Value::as_u64).map(|x| x as usize)
+}
+
+impl ImageProcessor {
+    /// Parses the JSON text of a `preprocessor_config.json` (CLIPImageProcessor defaults for
+    /// omitted fields).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let raw: RawProcessor = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("preprocessor_config.json: {e}")))?;
+        let bad = |what: &str| {
+            ModelError::Config(format!("preprocessor_config.json: unsupported `{what}`"))
+        };
+        let resize = if raw.do_resize.unwrap_or(true) {
+            Some(match &raw.size {
+                None | Some(Value::Null) => ResizeTo::ShortestEdge(224),
+                // CLIP uses default_to_square=False: an int means the shortest edge.
+                Some(Value::Number(n)) => {
+                    ResizeTo::ShortestEdge(n.as_u64().ok_or_else(|| bad("size"))? as usize)
+                }
+                Some(Value::Object(m)) => {
+                    if m.get("longest_edge").is_some_and(|v| !v.is_null()) {
+                        return Err(bad("size.longest_edge"));
+                    }
+                    if let Some(s) = get_usize(m, "shortest_edge") {
+                        ResizeTo::ShortestEdge(s)
+                    } else if let (Some(height), Some(width)) =
+                        (get_usize(m, "height"), get_usize(m, "width"))
+                    {
+                        ResizeTo::Exact { height, width }
+                    } else {
+                        return Err(bad("size"));
+                    }
+                }
+                Some(_) => return Err(bad("size")),
+            })
+        } else {
+            None
+        };
+        let resample = match raw.resample {
+            None => Filter::Bicubic,
+            Some(n) => Filter::from_pil(n).ok_or_else(|| bad("resample"))?,
+        };
+        let crop = if raw.do_center_crop.unwrap_or(true) {
+            Some(match &raw.crop_size {
+                None | Some(Value::Null) => (224, 224),
+                Some(Value::Number(n)) => {
+                    let s = n.as_u64().ok_or_else(|| bad("crop_size"))? as usize;
+                    (s, s)
+                }
+                Some(Value::Object(m)) => match (get_usize(m, "height"), get_usize(m, "width")) {
+                    (Some(h), Some(w)) => (h, w),
+                    _ => return Err(bad("crop_size")),
+                },
+                Some(_) => return Err(bad("crop_size")),
+            })
+        } else {
+            None
+        };
+        let rescale_factor = if raw.do_rescale.unwrap_or(true) {
+            Some(raw.rescale_factor.unwrap_or(1.0 / 255.0))
+        } else {
+            None
+        };
+        let normalize = if raw.do_normalize.unwrap_or(true) {
+            Some((
+                triple(&raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+                triple(&raw.image_std, OPENAI_CLIP_STD, "image_std")?,
+            ))
+        } else {
+            None
+        };
+        Ok(ImageProcessor {
+            resize,
+            resample,
+            crop,
+            rescale_factor,
+            normalize,
+        })
+    }
+
+    /// Reads a `preprocessor_config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = read_required(path, "the image preprocessor configuration")?;
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::Config(m) => ModelError::bad_file(path, m),
+            e => e,
+        })
+    }
+
+    /// Decodes PNG / JPEG / WebP bytes, rejecting inputs over `limits` before allocating the
+    /// pixel buffer.
+    pub fn decode(&self, bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> {
+        decode_image(bytes, limits)
+    }
+
+    /// Preprocesses an image into a `[3, H, W]` f32 tensor on the CPU.
+    pub fn preprocess(&self, img: &DynamicImage) -> Result<Tensor> {
+        self.preprocess_on(img, &Device::Cpu)
+    }
+
+    /// Preprocesses an image into a `[3, H, W]` f32 tensor on `device`.
+    pub fn preprocess_on(&self, img: &DynamicImage, device: &Device) -> Result<Tensor> {
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        if w == 0 || h == 0 {
+            return Err(ModelError::InvalidImage(
+                "image has zero width or height".into(),
+            ));
+        }
+        let mut im = Image8 {
+            width: w,
+            height: h,
+            channels: 3,
+            data: rgb.into_raw(),
+        };
+        if let Some(r) = self.resize {
+            let (out_h, out_w) = match r {
+                ResizeTo::Exact { height, width } => (height, width),
+                ResizeTo::ShortestEdge(s) => {
+                    // transformers' get_resize_output_image_size(default_to_square=False).
+                    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                    let new_long = (s as f64 * long as f64 / short as f64) as usize;
+                    if w <= h { (new_long, s) } else { (s, new_long) }
+                }
+            };
+            im = resize(&im, out_w, out_h, self.resample);
+        }
+        if let Some((ch, cw)) = self.crop {
+            im = center_crop(&im, ch, cw);
+        }
+        let (w, h) = (im.width, im.height);
+        let mut out = vec![0f32; 3 * h * w];
+        for c in 0..3 {
+            let (mean, std) = match self.normalize {
+                Some((m, s)) => (Some(m[c]), s[c]),
+                None => (None, 1.0),
+            };
+            for i in 0..h * w {
+                let raw = im.data[i * 3 + c];
+                let mut x = match self.rescale_factor {
+                    Some(f) => (raw as f64 * f) as f32,
+                    None => raw as f32,
+                };
+                if let Some(m) = mean {
+                    x = (x - m) / std;
+                }
+                out[c * h * w + i] = x;
+            }
+        }
+        Ok(Tensor::from_vec(out, (3, h, w), device)?)
+    }
+}
+
+/// transformers' `center_crop`: crop around the center, zero-padding when the image is smaller.
+///
+/// In transformers' padded branch the source lands at offset `ceil((crop - size) / 2)` of the
+/// padded frame and the window starts at `floor((size - crop) / 2)` plus that offset, so output
+/// row `y` always reads source row `y + floor((size - crop) / 2)` (zero when outside).
+fn center_crop(im: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
+    let (oh, ow) = (im.height as i64, im.width as i64);
+    let top = (oh - crop_h as i64).div_euclid(2);
+    let left = (ow - crop_w as i64).div_euclid(2);
+    let ch = im.channels;
+    let mut data = vec![0u8; crop_h * crop_w * ch];
+    for y in 0..crop_h {
+        let sy = y as i64 + top;
+        if !(0..oh).contains(&sy) {
+            continue;
+        }
+        for x in 0..crop_w {
+            let sx = x as i64 + left;
+            if !(0..ow).contains(&sx) {
+                continue;
+            }
+            let s = (sy * ow + sx) as usize * ch;
+            let d = (y * crop_w + x) * ch;
+            data[d..d + ch].copy_from_slice(&im.data[s..s + ch]);
+        }
+    }
+    Image8 {
+        width: crop_w,
+        height: crop_h,
+        channels: ch,
+        data,
+    }
+}
+
+/// Decodes image bytes under `limits` (see [`ImageProcessor::decode`]).
+pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> {
+    if bytes.len() > limits.max_bytes {
+        return Err(ModelError::ImageTooLarge(format!(
+            "{} bytes exceeds the limit of {} bytes",
+            bytes.len(),
+            limits.max_bytes
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ModelError::InvalidImage(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(ModelError::InvalidImage(
+            "unrecognised image format (expected PNG, JPEG or WebP)".into(),
+        ));
+    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| ModelError::InvalidImage(format!("cannot read image header: {e}")))?;
+    let pixels = w as u64 * h as u64;
+    if pixels > limits.max_pixels {
+        return Err(ModelError::ImageTooLarge(format!(
+            "{w}x{h} = {pixels} pixels exceeds the limit of {} pixels",
+            limits.max_pixels
+        )));
+    }
+    if pixels == 0 {
+        return Err(ModelError::InvalidImage(
+            "image has zero width or height".into(),
+        ));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ModelError::InvalidImage(e.to_string()))?;
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(w);
+    lim.max_image_height = Some(h);
+    // Room for the largest decoded representation (16-bit RGBA) plus decoder scratch.
+    lim.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(lim);
+    reader
+        .decode()
+        .map_err(|e| ModelError::InvalidImage(format!("cannot decode image: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: usize, h: usize) -> Image8 {
+        let mut data = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                data.extend_from_slice(&[(x * 10) as u8, (y * 10) as u8, 7]);
+            }
+        }
+        Image8 {
+            width: w,
+            height: h,
+            channels: 3,
+            data,
+        }
+    }
+
+    #[test]
+    fn center_crop_inside_and_padded() {
+        let im = gradient(6, 4);
+        let c = center_crop(&im, 2, 2);
+        // top = 1, left = 2
+        assert_eq!(&c.data[0..3], &[20, 10, 7]);
+        let p = center_crop(&im, 6, 8);
+        assert_eq!((p.width, p.height), (8, 6));
+        // padded one row on top, one column on the left
+        assert_eq!(&p.data[0..3], &[0, 0, 0]);
+        let first = (8 + 1) * 3;
+        assert_eq!(&p.data[first..first + 3], &[0, 0, 7]);
+    }
+
+    #[test]
+    fn defaults_are_clip() {
+        let p = ImageProcessor::from_json("{}").unwrap();
+        assert_eq!(p.resize, Some(ResizeTo::ShortestEdge(224)));
+        assert_eq!(p.crop, Some((224, 224)));
+        assert_eq!(p.resample, Filter::Bicubic);
+    }
+}

@@ -1,0 +1,437 @@
+//! `LlavaForConditionalGeneration`: loading, prefill with images, tree forward, packed batches.
+//!
+//! Reference: transformers `models/llava/modeling_llava.py`; Liu et al., "Improved Baselines with
+//! Visual Instruction Tuning" (LLaVA-1.5, arXiv 2310.03744).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::LlavaConfig;
+use crate::error::{ModelError, Result};
+use crate::image::ImageProcessor;
+use crate::kv::{KvCache, PendingNode};
+use crate::llama::{Decoder, Segment};
+use crate::vision::{Projector, VisionTower, select_features};
+use crate::weights::Weights;
+
+/// Tensor-name prefixes of the two checkpoint layouts (llava-hf's and transformers 5's).
+const LM_PREFIXES: &[&str] = &["language_model.model.", "model.language_model."];
+const LM_HEAD_NAMES: &[&str] = &["language_model.lm_head.", "lm_head."];
+const VISION_PREFIXES: &[&str] = &[
+    "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+];
+const PROJECTOR_PREFIXES: &[&str] = &["multi_modal_projector.", "model.multi_modal_projector."];
+
+/// A loaded LLaVA model: weights plus resolved configuration. `Send + Sync`; all per-session
+/// state lives in [`KvCache`].
+pub struct Llava {
+    cfg: LlavaConfig,
+    vision: VisionTower,
+    projector: Projector,
+    decoder: Decoder,
+    image_processor: ImageProcessor,
+    device: Device,
+}
+
+/// One session's share of a packed [`Llava::forward_batch`] call.
+pub struct TreeBatchItem<'a> {
+    /// The session's cache; the nodes are appended to its pending part.
+    pub kv: &'a mut KvCache,
+    /// Node tokens.
+    pub tokens: &'a [u32],
+    /// Node parents (see [`Llava::forward_tree`]).
+    pub parents: &'a [i32],
+}
+
+/// A prompt split into text runs and image placeholders.
+enum Piece<'a> {
+    Text(&'a [u32]),
+    Image(usize),
+}
+
+impl Llava {
+    /// Loads a Hugging Face LLaVA checkpoint directory: `config.json`, `model.safetensors` (or
+    /// shards with `model.safetensors.index.json`), `preprocessor_config.json` and, if present,
+    /// `generation_config.json`. Errors name the missing or inconsistent file or tensor.
+    pub fn load(dir: &Path, device: &Device) -> Result<Llava> {
+        let cfg = LlavaConfig::from_dir(dir)?;
+        let image_processor = ImageProcessor::from_file(dir.join("preprocessor_config.json"))?;
+        let w = Weights::load(dir, device)?;
+        Self::from_weights(cfg, image_processor, &w, device)
+    }
+
+    /// Builds the model from already-loaded weights (either layout).
+    pub fn from_weights(
+        cfg: LlavaConfig,
+        image_processor: ImageProcessor,
+        w: &Weights,
+        device: &Device,
+    ) -> Result<Llava> {
+        if let Some((h, wd)) = image_processor.crop
+            && (h != cfg.vision.image_size || wd != cfg.vision.image_size)
+        {
+            return Err(ModelError::Config(format!(
+                "preprocessor_config.json crops to {h}x{wd} but the vision tower takes {0}x{0} images",
+                cfg.vision.image_size
+            )));
+        }
+        let lm = w.pp(w.find_prefix(LM_PREFIXES, "embed_tokens.weight")?);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let p = w.find_prefix(LM_HEAD_NAMES, "weight")?;
+            Some(w.get(
+                &format!("{p}weight"),
+                &[cfg.text.vocab_size, cfg.text.hidden_size],
+            )?)
+        };
+        let decoder = Decoder::load(&lm, lm_head, &cfg.text, device)?;
+        let vision = VisionTower::load(
+            &w.pp(w.find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight")?),
+            &cfg,
+        )?;
+        let projector = Projector::load(
+            &w.pp(w.find_prefix(PROJECTOR_PREFIXES, "linear_1.weight")?),
+            &cfg,
+        )?;
+        Ok(Llava {
+            cfg,
+            vision,
+            projector,
+            decoder,
+            image_processor,
+            device: device.clone(),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &LlavaConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Image features per image (after the select strategy).
+    pub fn num_image_tokens(&self) -> usize {
+        self.cfg.num_image_tokens()
+    }
+
+    /// The image preprocessor from `preprocessor_config.json`.
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.image_processor
+    }
+
+    /// A new, empty KV cache for one session.
+    pub fn new_kv(&self) -> KvCache {
+        let t = &self.cfg.text;
+        KvCache::new(
+            t.num_hidden_layers,
+            t.num_key_value_heads,
+            t.head_dim,
+            &self.device,
+        )
+    }
+
+    /// Bytes of KV cache one token occupies (for budgets).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let t = &self.cfg.text;
+        2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 4
+    }
+
+    fn check_kv(&self, kv: &KvCache) -> Result<()> {
+        let t = &self.cfg.text;
+        if kv.dims() != (t.num_hidden_layers, t.num_key_value_heads, t.head_dim) {
+            return Err(ModelError::InvalidInput(
+                "KV cache was created by a model with different dimensions".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Projected features `[N, text_hidden]` for each preprocessed image `[3, H, W]`.
+    pub fn image_features(&self, images: &[Tensor]) -> Result<Vec<Tensor>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Vec::with_capacity(images.len());
+        for (i, img) in images.iter().enumerate() {
+            if img.rank() != 3 {
+                return Err(ModelError::InvalidInput(format!(
+                    "image {i} has shape {:?}, expected [3, H, W]",
+                    img.dims()
+                )));
+            }
+            batch.push(
+                img.to_device(&self.device)?
+                    .to_dtype(candle_core::DType::F32)?,
+            );
+        }
+        let pixels = Tensor::stack(&batch, 0)?;
+        let feats = self.vision.forward(&pixels)?;
+        let feats = select_features(&feats, self.cfg.vision_feature_select_strategy)?;
+        let proj = self.projector.forward(&feats)?; // [B, N, hidden]
+        Ok((0..images.len())
+            .map(|i| proj.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// Splits `input_ids` at image placeholders: a run of image ids is one image when its
+    /// length is 1, else `len / num_image_tokens` images (already expanded, as HF does).
+    fn split_prompt<'a>(&self, ids: &'a [u32]) -> Result<Vec<Piece<'a>>> {
+        let img = self.cfg.image_token_id;
+        let n_img = self.num_image_tokens();
+        let mut pieces = Vec::new();
+        let mut next_image = 0;
+        let mut i = 0;
+        while i < ids.len() {
+            let start = i;
+            let is_img = ids[i] == img;
+            while i < ids.len() && (ids[i] == img) == is_img {
+                i += 1;
+            }
+            if !is_img {
+                pieces.push(Piece::Text(&ids[start..i]));
+                continue;
+            }
+            let run = i - start;
+            let count = if run == 1 {
+                1
+            } else if run % n_img == 0 {
+                run / n_img
+            } else {
+                return Err(ModelError::InvalidInput(format!(
+                    "a run of {run} image tokens is neither one placeholder nor a multiple of {n_img} image features"
+                )));
+            };
+            for _ in 0..count {
+                pieces.push(Piece::Image(next_image));
+                next_image += 1;
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Appends `input_ids` (with images) to the committed part of `kv` with causal attention
+    /// and returns the logits of the last position, f32 `[vocab]`.
+    ///
+    /// Each image placeholder (one `<image>` id, or a run of exactly `num_image_tokens` ids)
+    /// is replaced by the projected features of the next image in `images` (`[3, H, W]`
+    /// preprocessed pixels). `kv` must have no pending nodes.
+    pub fn prefill(
+        &self,
+        kv: &mut KvCache,
+        input_ids: &[u32],
+        images: &[Tensor],
+    ) -> Result<Tensor> {
+        self.check_kv(kv)?;
+        if kv.pending_len() != 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "prefill requires no pending tree nodes ({} pending)",
+                kv.pending_len()
+            )));
+        }
+        if input_ids.is_empty() {
+            return Err(ModelError::InvalidInput("empty prompt".into()));
+        }
+        let pieces = self.split_prompt(input_ids)?;
+        let n_placeholders = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Image(_)))
+            .count();
+        if n_placeholders != images.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "prompt has {n_placeholders} image placeholders but {} images were given",
+                images.len()
+            )));
+        }
+        let features = self.image_features(images)?;
+        let mut parts = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            parts.push(match p {
+                Piece::Text(ids) => self.decoder.embed(ids)?,
+                Piece::Image(i) => features[*i].clone(),
+            });
+        }
+        let x = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        let t = x.dim(0)?;
+        let c = kv.committed_len();
+        let mask = if t > 1 {
+            let l = c + t;
+            let mut m = vec![0f32; t * l];
+            for i in 0..t {
+                for v in &mut m[i * l + c + i + 1..(i + 1) * l] {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            Some(Tensor::from_vec(m, (t, l), &self.device)?)
+        } else {
+            None
+        };
+        let seg = Segment {
+            n: t,
+            positions: (c..c + t).map(|p| p as u32).collect(),
+            mask,
+        };
+        kv.reserve(t)?;
+        let hidden = self
+            .decoder
+            .forward(x, std::slice::from_ref(&seg), &mut [&mut *kv])?;
+        kv.advance_committed(t);
+        let last = hidden.narrow(0, t - 1, 1)?;
+        Ok(self.decoder.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Tree forward: appends the nodes to the pending part of `kv` and returns their logits,
+    /// f32 `[n, vocab]`.
+    ///
+    /// `parents[i] = -1` attaches node `i` to the end of the committed prefix; otherwise it is
+    /// an index into `kv`'s pending nodes (those added since the last commit first, then this
+    /// call's nodes in order; a parent precedes its child). Node `i` attends to the committed
+    /// prefix, its ancestors and itself, at position `committed_len + depth`.
+    pub fn forward_tree(
+        &self,
+        kv: &mut KvCache,
+        tokens: &[u32],
+        parents: &[i32],
+    ) -> Result<Tensor> {
+        let mut items = [TreeBatchItem {
+            kv,
+            tokens,
+            parents,
+        }];
+        Ok(self.forward_batch(&mut items)?.pop().expect("one item"))
+    }
+
+    /// Packed batch of several sessions' trees in one call: embeddings, every linear layer and
+    /// the LM head run over the concatenation of all nodes; attention runs per session over its
+    /// own KV. Returns one `[n_i, vocab]` logits tensor per item. On error no cache is changed.
+    pub fn forward_batch(&self, items: &mut [TreeBatchItem<'_>]) -> Result<Vec<Tensor>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut segments = Vec::with_capacity(items.len());
+        let mut new_nodes = Vec::with_capacity(items.len());
+        let mut all_tokens = Vec::new();
+        for (idx, item) in items.iter().enumerate() {
+            self.check_kv(item.kv)?;
+            let (seg, nodes) = self
+                .plan_tree(item.kv, item.tokens, item.parents)
+                .map_err(|e| match e {
+                    ModelError::InvalidTree(m) if items.len() > 1 => {
+                        ModelError::InvalidTree(format!("batch item {idx}: {m}"))
+                    }
+                    e => e,
+                })?;
+            segments.push(seg);
+            new_nodes.push(nodes);
+            all_tokens.extend_from_slice(item.tokens);
+        }
+        let x = self.decoder.embed(&all_tokens)?;
+        for item in items.iter_mut() {
+            item.kv.reserve(item.tokens.len())?;
+        }
+        let mut kvs: Vec<&mut KvCache> = items.iter_mut().map(|it| &mut *it.kv).collect();
+        let hidden = self.decoder.forward(x, &segments, &mut kvs)?;
+        let logits = self.decoder.logits(&hidden)?;
+        let mut out = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for ((kv, seg), nodes) in kvs.iter_mut().zip(&segments).zip(new_nodes) {
+            kv.push_pending(nodes);
+            out.push(if segments.len() == 1 {
+                logits.clone()
+            } else {
+                logits.narrow(0, start, seg.n)?
+            });
+            start += seg.n;
+        }
+        Ok(out)
+    }
+
+    /// Validates a tree against `kv` and builds its segment (positions, mask) and the pending
+    /// bookkeeping of its nodes.
+    fn plan_tree(
+        &self,
+        kv: &KvCache,
+        tokens: &[u32],
+        parents: &[i32],
+    ) -> Result<(Segment, Vec<PendingNode>)> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::InvalidTree("no nodes".into()));
+        }
+        if parents.len() != n {
+            return Err(ModelError::InvalidTree(format!(
+                "{n} tokens but {} parents",
+                parents.len()
+            )));
+        }
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::UnknownToken {
+                id,
+                vocab_size: self.cfg.vocab_size,
+            });
+        }
+        let existing = kv.pending_nodes();
+        let p0 = existing.len();
+        let c = kv.committed_len();
+        let l = c + p0 + n;
+        let mut nodes: Vec<PendingNode> = Vec::with_capacity(n);
+        let node = |j: usize, nodes: &Vec<PendingNode>| -> PendingNode {
+            if j < p0 {
+                existing[j].clone()
+            } else {
+                nodes[j - p0].clone()
+            }
+        };
+        let mut mask = vec![f32::NEG_INFINITY; n * l];
+        let mut positions = Vec::with_capacity(n);
+        let mut trivial = p0 == 0 && n == 1;
+        for (i, &p) in parents.iter().enumerate() {
+            let me = p0 + i;
+            let parent = if p == -1 {
+                None
+            } else if p >= 0 && (p as usize) < me {
+                Some(p as usize)
+            } else {
+                return Err(ModelError::InvalidTree(format!(
+                    "node {i}: parent {p} must be -1 or a pending node before it (< {me})"
+                )));
+            };
+            let depth = parent.map_or(0, |q| node(q, &nodes).depth + 1);
+            let row = &mut mask[i * l..(i + 1) * l];
+            row[..c].fill(0.0);
+            row[c + me] = 0.0;
+            let mut a = parent;
+            while let Some(q) = a {
+                row[c + q] = 0.0;
+                a = node(q, &nodes).parent;
+            }
+            positions.push((c + depth) as u32);
+            nodes.push(PendingNode { parent, depth });
+        }
+        if n == 1 && p0 > 0 {
+            // A single node that sees every pending row needs no mask either.
+            trivial = mask.iter().all(|&v| v == 0.0);
+        }
+        let mask = if trivial {
+            None
+        } else {
+            Some(Tensor::from_vec(mask, (n, l), &self.device)?)
+        };
+        Ok((Segment { n, positions, mask }, nodes))
+    }
+}

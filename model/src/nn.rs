@@ -1,0 +1,142 @@
+//! Small layers shared by the vision tower, the projector and the decoder, with the numerics
+//! of their PyTorch counterparts.
+
+use candle_core::{Module, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+
+/// Activation functions by their `transformers` `ACT2FN` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: exact (erf) GELU.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: tanh approximation.
+    GeluTanh,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    /// `silu` / `swish`.
+    Silu,
+    /// `relu`.
+    Relu,
+}
+
+impl Activation {
+    /// Parses an `ACT2FN` key.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unsupported activation `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, silu, relu)"
+                )));
+            }
+        })
+    }
+
+    /// Applies the activation.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Silu => candle_nn::ops::silu(x),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// `nn.Linear`: `y = x W^T + b` over any leading dimensions.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`.
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self::from_weights(weight, bias))
+    }
+
+    /// Wraps existing tensors.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// `nn.LayerNorm` with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`, both `[dim]`.
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Llama's RMSNorm: `w * x / sqrt(mean(x^2) + eps)`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `{prefix}.weight` `[dim]`.
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        candle_nn::ops::rms_norm(&x, &self.weight, self.eps)
+    }
+}
+
+/// Numerically stable softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    candle_nn::ops::softmax_last_dim(&x)
+}

@@ -1,0 +1,153 @@
+//! Safetensors checkpoints: a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`; every tensor converted to f32 on the target device.
+//!
+//! [`Weights`] is a name -> tensor map with a name prefix (like candle's `VarBuilder::pp`) whose
+//! lookups check shapes, so a config that disagrees with the weights is reported with the
+//! tensor's name and both shapes instead of failing later inside a matmul.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// File name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// Tensors of a checkpoint, looked up under a prefix.
+#[derive(Clone)]
+pub struct Weights {
+    tensors: Arc<HashMap<String, Tensor>>,
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Weights {
+    /// Loads every safetensors file of the checkpoint in `dir` as f32 on `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        let files: Vec<PathBuf> = if index.exists() {
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| ModelError::bad_file(&index, e))?;
+            let idx: ShardIndex =
+                serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&index, e))?;
+            let shards: BTreeSet<&String> = idx.weight_map.values().collect();
+            if shards.is_empty() {
+                return Err(ModelError::bad_file(&index, "empty weight_map"));
+            }
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(ModelError::MissingFile {
+                path: single,
+                what: format!("the model weights (neither {SINGLE_FILE} nor {INDEX_FILE} exists)"),
+            });
+        };
+        let mut tensors = HashMap::new();
+        for file in &files {
+            if !file.exists() {
+                return Err(ModelError::MissingFile {
+                    path: file.clone(),
+                    what: format!("a weight shard listed in {INDEX_FILE}"),
+                });
+            }
+            let data = std::fs::read(file).map_err(|e| ModelError::bad_file(file, e))?;
+            let loaded = candle_core::safetensors::load_buffer(&data, device).map_err(|e| {
+                ModelError::bad_file(file, format!("not a valid safetensors file: {e}"))
+            })?;
+            drop(data);
+            for (name, t) in loaded {
+                let t = match t.dtype() {
+                    DType::F32 => t,
+                    DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                    other => {
+                        return Err(ModelError::bad_file(
+                            file,
+                            format!("tensor {name} has unsupported dtype {other:?}"),
+                        ));
+                    }
+                };
+                tensors.insert(name, t);
+            }
+        }
+        Ok(Self::from_tensors(tensors, dir))
+    }
+
+    /// Wraps an in-memory map (tests, tools).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dir: &Path) -> Self {
+        Weights {
+            tensors: Arc::new(tensors),
+            prefix: String::new(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// A view whose lookups are prefixed with `prefix` (include the trailing dot).
+    pub fn pp(&self, prefix: &str) -> Self {
+        Weights {
+            tensors: self.tensors.clone(),
+            prefix: format!("{}{}", self.prefix, prefix),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Whether `name` (under the prefix) exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors
+            .contains_key(&format!("{}{}", self.prefix, name))
+    }
+
+    /// The tensor `name` (under the prefix), which must have shape `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = format!("{}{}", self.prefix, name);
+        let t = self
+            .tensors
+            .get(&full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: full.clone(),
+                dir: self.dir.clone(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Config(format!(
+                "tensor {full} has shape {:?} but config.json implies {:?} (checkpoint {})",
+                t.dims(),
+                shape,
+                self.dir.display()
+            )));
+        }
+        Ok(t.clone())
+    }
+
+    /// The first of `prefixes` under which `probe` exists.
+    pub fn find_prefix<'a>(&self, prefixes: &[&'a str], probe: &str) -> Result<&'a str> {
+        prefixes
+            .iter()
+            .find(|p| self.contains(&format!("{p}{probe}")))
+            .copied()
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: prefixes
+                    .iter()
+                    .map(|p| format!("{}{p}{probe}", self.prefix))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                dir: self.dir.clone(),
+            })
+    }
+
+    /// The checkpoint directory (for messages).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
