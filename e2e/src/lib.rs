@@ -1,0 +1,265 @@
+//! Process harness of the end-to-end tests: builds the three service binaries
+//! once, starts them on free loopback ports with the parity fixture
+//! checkpoints, waits for gRPC health, and stops them (SIGTERM) on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use specllava_proto::v1::draft_client::DraftClient;
+use specllava_proto::v1::generation_client::GenerationClient;
+use specllava_proto::v1::target_client::TargetClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e is inside the workspace")
+        .to_path_buf()
+}
+
+/// A parity fixture checkpoint directory.
+pub fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("model/tests/fixtures").join(name)
+}
+
+/// A fixture image's bytes.
+pub fn fixture_image(name: &str) -> Vec<u8> {
+    std::fs::read(
+        workspace_root()
+            .join("model/tests/fixtures/images")
+            .join(name),
+    )
+    .expect("fixture image")
+}
+
+/// Directory holding the binaries (the test executable's profile directory),
+/// after building them once per test process.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("profile dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--bins",
+                "-p",
+                "draft-service",
+                "-p",
+                "target-service",
+                "-p",
+                "orchestrator",
+            ])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the service binaries failed");
+        dir
+    })
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running service process; SIGTERM then kill on drop.
+pub struct Service {
+    /// The process.
+    pub child: Child,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+}
+
+impl Service {
+    /// Starts `bin` with `args` and `--listen` on a free port.
+    pub fn start(bin: &str, args: &[String]) -> Self {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(bin_dir().join(bin))
+            .args(args)
+            .arg("--listen")
+            .arg(&addr)
+            .env(
+                "RUST_LOG",
+                std::env::var("SPECLLAVA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        Self { child, addr }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the exit (graceful shutdown); returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Which checkpoints and flags a cluster runs with.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Draft model directory (`None`: no draft service; the orchestrator gets
+    /// `draft_endpoints` instead).
+    pub draft_model: Option<PathBuf>,
+    /// Target model directory.
+    pub target_model: PathBuf,
+    /// Draft endpoints override (e.g. a dead port).
+    pub draft_endpoints: Option<String>,
+    /// Extra orchestrator flags.
+    pub orchestrator_args: Vec<String>,
+    /// Extra target flags.
+    pub target_args: Vec<String>,
+}
+
+impl ClusterConfig {
+    /// Draft and target from two fixtures.
+    pub fn new(draft: &str, target: &str) -> Self {
+        Self {
+            draft_model: Some(fixture(draft)),
+            target_model: fixture(target),
+            draft_endpoints: None,
+            orchestrator_args: Vec::new(),
+            target_args: Vec::new(),
+        }
+    }
+}
+
+/// The three services.
+pub struct Cluster {
+    /// Draft service (if started).
+    pub draft: Option<Service>,
+    /// Target service.
+    pub target: Service,
+    /// Orchestrator.
+    pub orchestrator: Service,
+}
+
+/// Waits until `addr` answers SERVING on the health protocol.
+pub async fn wait_healthy(svc: &mut Service, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = svc.child.try_wait() {
+            panic!("service at {} exited early: {st}", svc.addr);
+        }
+        if let Ok(mut c) = HealthClient::connect(svc.url()).await
+            && let Ok(r) = c
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            && r.into_inner().status == ServingStatus::Serving as i32
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service at {} not healthy after {timeout:?}",
+            svc.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// Starts the services and waits for their health.
+    pub async fn start(cfg: ClusterConfig) -> Self {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let mut target_args = vec![
+            "--model-dir".into(),
+            path(&cfg.target_model),
+            "--max-batch-wait-us".into(),
+            "2000".into(),
+        ];
+        target_args.extend(cfg.target_args.iter().cloned());
+        let mut target = Service::start("specllava-target", &target_args);
+        let mut draft = cfg
+            .draft_model
+            .as_ref()
+            .map(|m| Service::start("specllava-draft", &["--model-dir".into(), path(m)]));
+        wait_healthy(&mut target, Duration::from_secs(120)).await;
+        if let Some(d) = draft.as_mut() {
+            wait_healthy(d, Duration::from_secs(120)).await;
+        }
+        let draft_endpoints = match (&cfg.draft_endpoints, &draft) {
+            (Some(e), _) => e.clone(),
+            (None, Some(d)) => d.addr.clone(),
+            (None, None) => String::new(),
+        };
+        let mut orch_args = vec![
+            "--model-dir".into(),
+            path(&cfg.target_model),
+            "--target-endpoints".into(),
+            target.addr.clone(),
+            format!("--draft-endpoints={draft_endpoints}"),
+        ];
+        orch_args.extend(cfg.orchestrator_args.iter().cloned());
+        let mut orchestrator = Service::start("specllava-orchestrator", &orch_args);
+        wait_healthy(&mut orchestrator, Duration::from_secs(60)).await;
+        Self {
+            draft,
+            target,
+            orchestrator,
+        }
+    }
+
+    /// A client of the public API.
+    pub async fn client(&self) -> GenerationClient<Channel> {
+        GenerationClient::connect(self.orchestrator.url())
+            .await
+            .expect("connect orchestrator")
+    }
+
+    /// A direct client of the target service.
+    pub async fn target_client(&self) -> TargetClient<Channel> {
+        TargetClient::connect(self.target.url())
+            .await
+            .expect("connect target")
+    }
+
+    /// A direct client of the draft service.
+    pub async fn draft_client(&self) -> DraftClient<Channel> {
+        DraftClient::connect(self.draft.as_ref().expect("draft started").url())
+            .await
+            .expect("connect draft")
+    }
+}

@@ -1,0 +1,15 @@
+//! Plumbing shared by the three Spec-LLaVA services: the per-service session
+//! store (byte budget, TTL, LRU eviction), logging initialisation, graceful
+//! shutdown, and the gRPC health + reflection services.
+
+pub mod device;
+pub mod logging;
+pub mod prefill;
+pub mod server;
+pub mod sessions;
+
+pub use device::parse_device;
+pub use logging::init_logging;
+pub use prefill::prepare_prefill;
+pub use server::{reflection_services, shutdown_signal};
+pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};
