@@ -24,6 +24,29 @@ def selects(selector, labels):
     return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
 
 
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def quantity_bytes(q):
+    """A Kubernetes memory quantity (`16Gi`, `512M`, `1073741824`) in bytes."""
+    q = str(q)
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if q.endswith(unit):
+            return float(q[: -len(unit)]) * UNITS[unit]
+    return float(q)
+
+
+def check_kv_budget(where, c, errors):
+    """On CPU the KV budget lives in the container's memory: it must fit under the limit."""
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    budget = env.get("SPECLLAVA_KV_BUDGET_MB")
+    limit = c.get("resources", {}).get("limits", {}).get("memory")
+    if budget is None or limit is None or env.get("SPECLLAVA_DEVICE", "cpu") != "cpu":
+        return
+    if int(budget) * 2**20 >= quantity_bytes(limit):
+        errors.append(f"{where}: SPECLLAVA_KV_BUDGET_MB={budget} does not fit in memory limit {limit}")
+
+
 def check_container(where, c, init, errors):
     res = c.get("resources", {})
     for kind in ("requests", "limits"):
@@ -44,6 +67,7 @@ def check_container(where, c, init, errors):
         errors.append(f"{where}: image {c.get('image')!r} has no tag")
     if init:
         return
+    check_kv_budget(where, c, errors)
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         if "grpc" not in c.get(probe, {}):
             errors.append(f"{where}: {probe} is not a gRPC health probe")
