@@ -1,0 +1,348 @@
+//! Cost-model calibration: the measured costs behind the budget policy.
+//!
+//! Runs the model crate in-process (no services): target verify time as a function of tree
+//! nodes and batch size ([`Llava::forward_batch`] over `batch` sessions with a prefilled prefix),
+//! and draft time per level as a function of the rows fed in that level. The result converts
+//! into the [`speculate::CostModel`] the budget policy uses ([`Calibration::cost_model`]), so a
+//! service can call [`calibrate`] at start-up with a small [`CalibrationPlan`].
+
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+use specllava_model::{KvCache, Llava, ModelError, TreeBatchItem};
+use speculate::{CostError, CostModel, VerifyCostTable};
+use thiserror::Error;
+
+use crate::roofline::{ForwardCost, MachineRates};
+use crate::stats::{linear_fit, median};
+
+/// Calibration failures.
+#[derive(Debug, Error)]
+pub enum CalibrationError {
+    /// A forward pass failed.
+    #[error("model forward failed during calibration: {0}")]
+    Model(#[from] ModelError),
+    /// Measuring the machine failed.
+    #[error("measuring the machine failed: {0}")]
+    Machine(#[from] candle_core::Error),
+    /// The measurements do not form a valid cost table.
+    #[error("invalid cost table: {0}")]
+    Cost(#[from] CostError),
+    /// A plan with nothing to measure.
+    #[error("calibration plan is empty: {0}")]
+    EmptyPlan(&'static str),
+}
+
+/// What to measure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CalibrationPlan {
+    /// Tree sizes (nodes per session, root included), strictly increasing.
+    pub nodes: Vec<usize>,
+    /// Batch sizes (sessions per forward), strictly increasing.
+    pub batches: Vec<usize>,
+    /// Rows per draft level to time (fits the per-level and per-row draft costs).
+    pub draft_rows: Vec<usize>,
+    /// Committed KV rows of every session before the tree (typical prompt + image length).
+    pub prefix_len: usize,
+    /// Timed repetitions per point (the median is kept), after one warm-up.
+    pub reps: usize,
+}
+
+impl CalibrationPlan {
+    /// The benchmark's full sweep: nodes 1..128 (powers of two), batches 1, 4, 16.
+    pub fn full(prefix_len: usize) -> Self {
+        Self {
+            nodes: vec![1, 2, 4, 8, 16, 32, 64, 128],
+            batches: vec![1, 4, 16],
+            draft_rows: vec![1, 2, 4, 8, 16, 32],
+            prefix_len,
+            reps: 3,
+        }
+    }
+
+    /// A quick sweep for service start-up or smoke runs.
+    pub fn quick(prefix_len: usize) -> Self {
+        Self {
+            nodes: vec![1, 4, 16, 64],
+            batches: vec![1, 4],
+            draft_rows: vec![1, 4, 16],
+            prefix_len,
+            reps: 1,
+        }
+    }
+}
+
+/// One measured verify point.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct VerifyPoint {
+    /// Nodes per session.
+    pub nodes: usize,
+    /// Sessions in the batch.
+    pub batch: usize,
+    /// Median measured time of the batched forward, ns.
+    pub measured_ns: f64,
+    /// Roofline time, ns (if machine rates were given).
+    pub roofline_ns: Option<f64>,
+}
+
+/// One measured draft level.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DraftPoint {
+    /// Rows fed to the draft model in this level.
+    pub rows: usize,
+    /// Median measured time, ns.
+    pub measured_ns: f64,
+    /// Roofline time, ns (if machine rates were given).
+    pub roofline_ns: Option<f64>,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Calibration {
+    /// The plan that was run.
+    pub plan: CalibrationPlan,
+    /// Verify points, batch-major (`batches x nodes`).
+    pub verify: Vec<VerifyPoint>,
+    /// Draft points (empty without a draft model).
+    pub draft: Vec<DraftPoint>,
+    /// Fitted fixed cost of one draft level, ns.
+    pub draft_level_ns: f64,
+    /// Fitted cost of one draft row, ns.
+    pub draft_row_ns: f64,
+    /// Analytical costs of the target forward.
+    pub target_cost: ForwardCost,
+    /// Analytical costs of the draft forward.
+    pub draft_cost: Option<ForwardCost>,
+    /// Machine rates used for the roofline.
+    pub rates: Option<MachineRates>,
+}
+
+impl Calibration {
+    /// The [`CostModel`] the budget policy takes.
+    pub fn cost_model(&self) -> Result<CostModel, CostError> {
+        let table = VerifyCostTable::new(
+            self.plan.nodes.clone(),
+            self.plan.batches.clone(),
+            self.verify.iter().map(|p| p.measured_ns).collect(),
+        )?;
+        Ok(CostModel::new(
+            self.draft_level_ns,
+            self.draft_row_ns,
+            table,
+        ))
+    }
+}
+
+/// Deterministic filler prefix (token ids 3.. cycling below `vocab`, avoiding the image token).
+fn prefix_ids(len: usize, vocab: usize, image_token: u32) -> Vec<u32> {
+    (0..len)
+        .map(|i| {
+            let t = 3 + (i * 7919 % vocab.saturating_sub(3).max(1)) as u32;
+            if t == image_token { 3 } else { t }
+        })
+        .collect()
+}
+
+/// A 4-ary tree of `n` nodes in topological order (node 0 the root): a bushy tree like the
+/// dynamic trees the draft produces; its cost depends on the node count, not the tokens.
+fn tree(n: usize, vocab: usize) -> (Vec<u32>, Vec<i32>) {
+    let tokens = (0..n)
+        .map(|i| 3 + (i * 31 % vocab.saturating_sub(3).max(1)) as u32)
+        .collect();
+    let parents = (0..n)
+        .map(|i| if i == 0 { -1 } else { ((i - 1) / 4) as i32 })
+        .collect();
+    (tokens, parents)
+}
+
+fn prefilled(model: &Llava, count: usize, prefix_len: usize) -> Result<Vec<KvCache>, ModelError> {
+    let cfg = model.config();
+    let ids = prefix_ids(prefix_len.max(1), cfg.vocab_size, cfg.image_token_id);
+    (0..count)
+        .map(|_| {
+            let mut kv = model.new_kv();
+            model.prefill(&mut kv, &ids, &[])?;
+            Ok(kv)
+        })
+        .collect()
+}
+
+/// Median time in ns of one `forward_batch` of `tokens`/`parents` on each of `kvs`.
+fn time_batch(
+    model: &Llava,
+    kvs: &mut [KvCache],
+    tokens: &[u32],
+    parents: &[i32],
+    reps: usize,
+) -> Result<f64, CalibrationError> {
+    let mut samples = Vec::with_capacity(reps);
+    for rep in 0..=reps {
+        let mut items: Vec<TreeBatchItem<'_>> = kvs
+            .iter_mut()
+            .map(|kv| TreeBatchItem {
+                kv,
+                tokens,
+                parents,
+            })
+            .collect();
+        let t = Instant::now();
+        let out = model.forward_batch(&mut items)?;
+        model.device().synchronize().map_err(ModelError::from)?;
+        let ns = t.elapsed().as_nanos() as f64;
+        drop(out);
+        drop(items);
+        for kv in kvs.iter_mut() {
+            kv.discard_pending();
+        }
+        if rep > 0 {
+            samples.push(ns);
+        }
+    }
+    Ok(median(&samples).unwrap_or(0.0))
+}
+
+/// Measures verify and draft costs. `progress` is called after each measured point with
+/// (points done, points in all).
+pub fn calibrate(
+    target: &Llava,
+    draft: Option<&Llava>,
+    rates: Option<MachineRates>,
+    plan: &CalibrationPlan,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Calibration, CalibrationError> {
+    if plan.nodes.is_empty() || plan.batches.is_empty() {
+        return Err(CalibrationError::EmptyPlan("needs node and batch sizes"));
+    }
+    let total = plan.nodes.len() * plan.batches.len() + draft.map_or(0, |_| plan.draft_rows.len());
+    let mut done = 0;
+    let target_cost = ForwardCost::of(&target.config().text);
+    let max_batch = *plan.batches.iter().max().expect("non-empty");
+    let mut kvs = prefilled(target, max_batch, plan.prefix_len)?;
+    let mut verify = Vec::new();
+    for &batch in &plan.batches {
+        for &nodes in &plan.nodes {
+            let (tokens, parents) = tree(nodes, target.config().vocab_size);
+            let ns = time_batch(target, &mut kvs[..batch], &tokens, &parents, plan.reps)?;
+            verify.push(VerifyPoint {
+                nodes,
+                batch,
+                measured_ns: ns,
+                roofline_ns: rates
+                    .map(|r| 1e9 * target_cost.roofline_s(&r, nodes, batch, plan.prefix_len)),
+            });
+            done += 1;
+            progress(done, total);
+        }
+    }
+    drop(kvs);
+    let (mut draft_points, mut level_ns, mut row_ns, mut draft_cost) = (Vec::new(), 0.0, 0.0, None);
+    if let Some(d) = draft {
+        let cost = ForwardCost::of(&d.config().text);
+        let mut kv = prefilled(d, 1, plan.prefix_len)?;
+        for &rows in &plan.draft_rows {
+            // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
+            let tokens: Vec<u32> = (0..rows).map(|i| 3 + i as u32 % 64).collect();
+            let parents = vec![-1; rows];
+            let ns = time_batch(d, &mut kv, &tokens, &parents, plan.reps)?;
+            draft_points.push(DraftPoint {
+                rows,
+                measured_ns: ns,
+                roofline_ns: rates.map(|r| 1e9 * cost.roofline_s(&r, rows, 1, plan.prefix_len)),
+            });
+            done += 1;
+            progress(done, total);
+        }
+        let pts: Vec<(f64, f64)> = draft_points
+            .iter()
+            .map(|p| (p.rows as f64, p.measured_ns))
+            .collect();
+        if let Some((a, b)) = linear_fit(&pts) {
+            // Keep both terms non-negative (the policy's model has no negative costs).
+            level_ns = a.max(0.0);
+            row_ns = b.max(0.0);
+        }
+        draft_cost = Some(cost);
+    }
+    Ok(Calibration {
+        plan: plan.clone(),
+        verify,
+        draft: draft_points,
+        draft_level_ns: level_ns,
+        draft_row_ns: row_ns,
+        target_cost,
+        draft_cost,
+        rates,
+    })
+}
+
+/// Machine rates sized for a CPU or a GPU: 64 MiB GEMV and a 1024^3 matmul on CPU, 1 GiB and
+/// 4096^3 on a GPU.
+pub fn measure_rates(device: &Device) -> Result<MachineRates, CalibrationError> {
+    let (rows, cols, n) = if device.is_cpu() {
+        (4096, 4096, 1024)
+    } else {
+        (16384, 16384, 4096)
+    };
+    Ok(MachineRates::measure(device, rows, cols, n)?)
+}
+
+/// A plain-text table of the calibration next to its roofline.
+pub fn render(c: &Calibration) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if let Some(r) = c.rates {
+        let _ = writeln!(
+            s,
+            "machine: memory bandwidth {:.1} GB/s, f32 matmul {:.1} GFLOP/s",
+            r.bandwidth_bytes_per_s / 1e9,
+            r.matmul_flops_per_s / 1e9
+        );
+    }
+    let _ = writeln!(
+        s,
+        "target decoder: {:.1} MB of weights per forward, {:.1} MFLOP per node (prefix {} rows)",
+        c.target_cost.weight_bytes / 1e6,
+        c.target_cost.linear_flops_per_node / 1e6,
+        c.plan.prefix_len
+    );
+    let _ = writeln!(
+        s,
+        "\ntarget verify time (ms) vs tree nodes and batch size, roofline in brackets:"
+    );
+    let _ = write!(s, "{:>7}", "nodes");
+    for b in &c.plan.batches {
+        let _ = write!(s, " {:>20}", format!("batch {b}"));
+    }
+    let _ = writeln!(s);
+    for (ni, n) in c.plan.nodes.iter().enumerate() {
+        let _ = write!(s, "{n:>7}");
+        for bi in 0..c.plan.batches.len() {
+            let p = &c.verify[bi * c.plan.nodes.len() + ni];
+            let roof = p
+                .roofline_ns
+                .map_or(String::new(), |r| format!(" [{:.2}]", r / 1e6));
+            let _ = write!(s, " {:>20}", format!("{:.2}{roof}", p.measured_ns / 1e6));
+        }
+        let _ = writeln!(s);
+    }
+    if !c.draft.is_empty() {
+        let _ = writeln!(
+            s,
+            "\ndraft time per level (ms) vs rows fed, roofline in brackets:"
+        );
+        for p in &c.draft {
+            let roof = p
+                .roofline_ns
+                .map_or(String::new(), |r| format!(" [{:.3}]", r / 1e6));
+            let _ = writeln!(s, "{:>7} {:>12.3}{roof}", p.rows, p.measured_ns / 1e6);
+        }
+        let _ = writeln!(
+            s,
+            "fit: {:.3} ms per level + {:.4} ms per row",
+            c.draft_level_ns / 1e6,
+            c.draft_row_ns / 1e6
+        );
+    }
+    s
+}

@@ -1,0 +1,594 @@
+//! `specllava-bench`: the benchmark command line.
+//!
+//! - `run`: measures the cost model in-process, starts the three services (or uses a running
+//!   orchestrator), runs every mode interleaved over the evaluation set, checks every output
+//!   against target-only output, runs the Hugging Face peer baseline, and writes JSON, the
+//!   markdown table and SVG plots. Exits with status 2 if any output differed.
+//! - `cost-model`: only the in-process cost-model measurement next to the roofline.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use specllava_bench::calibrate::{self, Calibration, CalibrationPlan};
+use specllava_bench::evalset::{self, EvalSizes};
+use specllava_bench::modes::{Mode, Sampling};
+use specllava_bench::plots;
+use specllava_bench::report::{self, Meta, ReferenceTokens, Report};
+use specllava_bench::runner::{self, Plan};
+use specllava_bench::services::{self, ServiceProcess};
+use specllava_model::{Device, Llava};
+
+#[derive(Parser)]
+#[command(
+    name = "specllava-bench",
+    version,
+    about = "Spec-LLaVA benchmark harness"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The full benchmark: cost model, every mode over gRPC, peer baseline, report.
+    Run(Box<RunArgs>),
+    /// Only the in-process cost-model measurement (verify vs nodes and batch, draft per level).
+    CostModel(CostArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Target model directory.
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_TARGET_MODEL",
+        default_value = "models/target"
+    )]
+    target_model: PathBuf,
+    /// Draft model directory.
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_DRAFT_MODEL",
+        default_value = "models/draft"
+    )]
+    draft_model: PathBuf,
+    /// Device for the in-process measurement: `cpu` or `cuda[:N]`.
+    #[arg(long, env = "SPECLLAVA_BENCH_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct CostArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// A short sweep (for smoke runs).
+    #[arg(long, env = "SPECLLAVA_BENCH_QUICK")]
+    quick: bool,
+    /// Write the calibration as JSON here.
+    #[arg(long, env = "SPECLLAVA_BENCH_COST_JSON")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Smoke run (~2 min): fewer items, tokens, repeats and modes; quick cost model.
+    #[arg(long, env = "SPECLLAVA_BENCH_QUICK")]
+    quick: bool,
+    /// Directory with `test/` (in-domain images + test.jsonl) and `ood/` (photographs).
+    #[arg(long, env = "SPECLLAVA_BENCH_EXAMPLES", default_value = "examples")]
+    examples: PathBuf,
+    /// In-domain images used.
+    #[arg(long, env = "SPECLLAVA_BENCH_IN_DOMAIN")]
+    in_domain: Option<usize>,
+    /// Out-of-domain photographs used.
+    #[arg(long, env = "SPECLLAVA_BENCH_OOD")]
+    ood: Option<usize>,
+    /// Prompts per image.
+    #[arg(long, env = "SPECLLAVA_BENCH_PROMPTS")]
+    prompts: Option<usize>,
+    /// Tokens generated per request (fixed).
+    #[arg(long, env = "SPECLLAVA_BENCH_MAX_NEW_TOKENS")]
+    max_new_tokens: Option<u32>,
+    /// Rounds per (sampling, concurrency); medians are over rounds.
+    #[arg(long, env = "SPECLLAVA_BENCH_REPEATS")]
+    repeats: Option<usize>,
+    /// Modes at concurrency 1 (comma list: target-only, chain:L, static:D,K,M, dynamic:D,K,M, adaptive).
+    #[arg(long, env = "SPECLLAVA_BENCH_MODES", value_delimiter = ',')]
+    modes: Option<Vec<String>>,
+    /// Modes at concurrency > 1.
+    #[arg(long, env = "SPECLLAVA_BENCH_CONCURRENT_MODES", value_delimiter = ',')]
+    concurrent_modes: Option<Vec<String>>,
+    /// Concurrent sessions (comma list).
+    #[arg(long, env = "SPECLLAVA_BENCH_CONCURRENCY", value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+    /// Temperature of the seeded-sampling runs.
+    #[arg(long, env = "SPECLLAVA_BENCH_TEMPERATURE", default_value_t = 0.7)]
+    temperature: f32,
+    /// Use a running orchestrator (`host:port`) instead of starting the services.
+    #[arg(long, env = "SPECLLAVA_BENCH_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// The target's Prometheus endpoint (`host:port`) for batch sizes, with --orchestrator.
+    #[arg(long, env = "SPECLLAVA_BENCH_TARGET_METRICS")]
+    target_metrics: Option<String>,
+    /// Directory of the service binaries.
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_BIN_DIR",
+        default_value = "target/release"
+    )]
+    bin_dir: PathBuf,
+    /// Extra argument for every spawned service (repeatable), e.g. `--max-batch-wait-us=2000`.
+    #[arg(
+        long = "service-arg",
+        env = "SPECLLAVA_BENCH_SERVICE_ARGS",
+        value_delimiter = ' '
+    )]
+    service_args: Vec<String>,
+    /// Output directory for JSON, plots and service logs.
+    #[arg(long, env = "SPECLLAVA_BENCH_OUT", default_value = "bench/results")]
+    out_dir: PathBuf,
+    /// Where to write the markdown table.
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_RESULTS_MD",
+        default_value = "bench/RESULTS.md"
+    )]
+    results_md: PathBuf,
+    /// Skip the in-process cost-model measurement.
+    #[arg(long, env = "SPECLLAVA_BENCH_SKIP_COST_MODEL")]
+    skip_cost_model: bool,
+    /// Python with pinned torch + transformers for the peer baseline; empty skips it.
+    #[arg(long, env = "SPECLLAVA_PYTHON", default_value = "python3")]
+    python: String,
+    /// Skip the Hugging Face peer baseline.
+    #[arg(long, env = "SPECLLAVA_BENCH_NO_HF")]
+    no_hf: bool,
+    /// Timed repeats per item in the peer baseline.
+    #[arg(long, env = "SPECLLAVA_BENCH_HF_REPEATS")]
+    hf_repeats: Option<usize>,
+}
+
+fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        s if s.starts_with("cuda") => {
+            let ord = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .context("cuda ordinal")?;
+            Device::new_cuda(ord)?
+        }
+        other => bail!("unknown device {other:?} (cpu or cuda[:N])"),
+    })
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} [{{elapsed_precise}}] {{bar:32}} {{pos}}/{{len}} ETA {{eta}} {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    pb.enable_steady_tick(Duration::from_millis(500));
+    pb
+}
+
+/// Typical committed length of a benchmark session: image features plus a short prompt.
+fn typical_prefix(target: &Llava) -> usize {
+    target.num_image_tokens() + 24
+}
+
+fn cost_model(models: &ModelArgs, quick: bool) -> Result<Calibration> {
+    let dev = device(&models.device)?;
+    let target = Llava::load(&models.target_model, &dev)
+        .with_context(|| format!("loading target {}", models.target_model.display()))?;
+    let draft = Llava::load(&models.draft_model, &dev)
+        .with_context(|| format!("loading draft {}", models.draft_model.display()))?;
+    let rates = calibrate::measure_rates(&dev)?;
+    let prefix = typical_prefix(&target);
+    let plan = if quick {
+        CalibrationPlan::quick(prefix)
+    } else {
+        CalibrationPlan::full(prefix)
+    };
+    let pb = bar(0, "cost model");
+    let c = calibrate::calibrate(&target, Some(&draft), Some(rates), &plan, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    Ok(c)
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn parse_modes(list: &[String]) -> Result<Vec<Mode>> {
+    list.iter()
+        .map(|s| s.parse::<Mode>().map_err(anyhow::Error::msg))
+        .collect()
+}
+
+/// Default and quick sizes.
+struct Sizing {
+    eval: EvalSizes,
+    max_new_tokens: u32,
+    repeats: usize,
+    modes: Vec<Mode>,
+    concurrent_modes: Vec<Mode>,
+    concurrency: Vec<usize>,
+    hf_repeats: usize,
+}
+
+fn sizing(quick: bool) -> Sizing {
+    let m = |s: &str| s.parse::<Mode>().expect("built-in mode");
+    if quick {
+        Sizing {
+            eval: EvalSizes {
+                in_domain_images: 2,
+                ood_images: 1,
+                prompts_per_image: 1,
+            },
+            max_new_tokens: 16,
+            repeats: 1,
+            modes: vec![m("chain:3"), m("dynamic:4,3,12"), m("adaptive")],
+            concurrent_modes: vec![m("adaptive")],
+            concurrency: vec![1, 4],
+            hf_repeats: 1,
+        }
+    } else {
+        Sizing {
+            eval: EvalSizes {
+                in_domain_images: 4,
+                ood_images: 3,
+                prompts_per_image: 2,
+            },
+            max_new_tokens: 32,
+            repeats: 3,
+            modes: vec![
+                m("chain:2"),
+                m("chain:4"),
+                m("chain:6"),
+                m("static:3,3,12"),
+                m("dynamic:5,3,16"),
+                m("adaptive"),
+            ],
+            concurrent_modes: vec![m("chain:4"), m("dynamic:5,3,16"), m("adaptive")],
+            concurrency: vec![1, 4, 16],
+            hf_repeats: 2,
+        }
+    }
+}
+
+struct Services {
+    _procs: Vec<ServiceProcess>,
+    orchestrator: String,
+    target_metrics: Option<String>,
+}
+
+async fn start_services(a: &RunArgs) -> Result<Services> {
+    if let Some(addr) = &a.orchestrator {
+        return Ok(Services {
+            _procs: Vec::new(),
+            orchestrator: addr.clone(),
+            target_metrics: a.target_metrics.clone(),
+        });
+    }
+    let logs = a.out_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let (tp, dp, op, tm) = (
+        services::free_port()?,
+        services::free_port()?,
+        services::free_port()?,
+        services::free_port()?,
+    );
+    let model = |p: &Path| p.display().to_string();
+    let mut procs = Vec::new();
+    let mut target_args = vec![
+        format!("--listen={}", addr(tp)),
+        format!("--model-dir={}", model(&a.models.target_model)),
+        format!("--device={}", a.models.device),
+        format!("--metrics-listen={}", addr(tm)),
+    ];
+    target_args.extend(a.service_args.iter().cloned());
+    procs.push(services::spawn(
+        &a.bin_dir,
+        "specllava-target",
+        addr(tp),
+        &target_args,
+        &logs,
+    )?);
+    let mut draft_args = vec![
+        format!("--listen={}", addr(dp)),
+        format!("--model-dir={}", model(&a.models.draft_model)),
+        format!("--device={}", a.models.device),
+    ];
+    draft_args.extend(a.service_args.iter().cloned());
+    procs.push(services::spawn(
+        &a.bin_dir,
+        "specllava-draft",
+        addr(dp),
+        &draft_args,
+        &logs,
+    )?);
+    for p in &mut procs {
+        services::wait_healthy(p, Duration::from_secs(180)).await?;
+    }
+    let orch_args = vec![
+        format!("--listen={}", addr(op)),
+        format!("--target-endpoints=http://{}", addr(tp)),
+        format!("--draft-endpoints=http://{}", addr(dp)),
+        format!("--model-dir={}", model(&a.models.target_model)),
+    ];
+    let mut orch = services::spawn(
+        &a.bin_dir,
+        "specllava-orchestrator",
+        addr(op),
+        &orch_args,
+        &logs,
+    )?;
+    services::wait_healthy(&mut orch, Duration::from_secs(120)).await?;
+    procs.push(orch);
+    Ok(Services {
+        _procs: procs,
+        orchestrator: addr(op),
+        target_metrics: Some(addr(tm)),
+    })
+}
+
+fn run_hf(
+    a: &RunArgs,
+    bench_json: &Path,
+    hf_json: &Path,
+    repeats: usize,
+) -> Result<serde_json::Value> {
+    let status = std::process::Command::new(&a.python)
+        .args(["tools/hf_baseline.py", "--bench-json"])
+        .arg(bench_json)
+        .arg("--out")
+        .arg(hf_json)
+        .arg(format!("--repeats={repeats}"))
+        .status()
+        .with_context(|| format!("running {} tools/hf_baseline.py", a.python))?;
+    let text = std::fs::read_to_string(hf_json)
+        .with_context(|| format!("reading {}", hf_json.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    if !status.success() {
+        eprintln!(
+            "!!! the peer baseline reported a problem (exit {status}); see {}",
+            hf_json.display()
+        );
+    }
+    Ok(v)
+}
+
+async fn run(a: RunArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let size = sizing(a.quick);
+    let eval = EvalSizes {
+        in_domain_images: a.in_domain.unwrap_or(size.eval.in_domain_images),
+        ood_images: a.ood.unwrap_or(size.eval.ood_images),
+        prompts_per_image: a.prompts.unwrap_or(size.eval.prompts_per_image),
+    };
+    let items = evalset::load(&a.examples, eval)?;
+    let plan = Plan {
+        modes: match &a.modes {
+            Some(m) => parse_modes(m)?,
+            None => size.modes.clone(),
+        },
+        concurrent_modes: match &a.concurrent_modes {
+            Some(m) => parse_modes(m)?,
+            None => size.concurrent_modes.clone(),
+        },
+        samplings: vec![
+            Sampling::Greedy,
+            Sampling::Seeded {
+                temperature: a.temperature,
+            },
+        ],
+        concurrent_samplings: vec![Sampling::Greedy],
+        concurrency: a.concurrency.clone().unwrap_or(size.concurrency.clone()),
+        repeats: a.repeats.unwrap_or(size.repeats),
+        max_new_tokens: a.max_new_tokens.unwrap_or(size.max_new_tokens),
+    };
+    std::fs::create_dir_all(&a.out_dir)?;
+
+    let calibration = if a.skip_cost_model {
+        None
+    } else {
+        let c = cost_model(&a.models, a.quick)?;
+        println!("{}", calibrate::render(&c));
+        Some(c)
+    };
+
+    let svc = start_services(&a).await?;
+    let channel = services::channel(&svc.orchestrator)?;
+    let total = plan.total_requests(items.len());
+    println!(
+        "{} requests per pass, {} passes, {total} requests in all",
+        items.len(),
+        total / items.len().max(1)
+    );
+    let pb = bar(total as u64, "bench");
+    let outcome = runner::run(
+        channel,
+        items.clone(),
+        &plan,
+        svc.target_metrics.as_deref(),
+        &pb,
+    )
+    .await?;
+    pb.finish_and_clear();
+    drop(svc);
+
+    let mut summaries = Vec::new();
+    for (sampling, concurrency, modes) in plan.blocks() {
+        let cell = |m: Mode| -> Vec<&report::Run> {
+            outcome
+                .runs
+                .iter()
+                .filter(|r| r.mode == m && r.sampling == sampling && r.concurrency == concurrency)
+                .collect()
+        };
+        let base = cell(Mode::TargetOnly);
+        for m in modes {
+            summaries.extend(report::summarise(&cell(m), &base, &items));
+        }
+    }
+    let greedy = Sampling::Greedy.to_string();
+    let greedy_tokens = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, it)| {
+            let r = outcome
+                .runs
+                .iter()
+                .find(|r| r.mode.is_baseline() && r.sampling == Sampling::Greedy)?;
+            let res = r.results.iter().find(|x| x.0 == i)?;
+            Some(ReferenceTokens {
+                id: it.id.clone(),
+                image: it.image_path.display().to_string(),
+                prompt: it.prompt.clone(),
+                tokens: outcome.check.reference(&greedy, &it.id)?.to_vec(),
+                text: res.1.text.clone(),
+            })
+        })
+        .collect();
+    let mut report = Report {
+        meta: Meta {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            target_model: a.models.target_model.display().to_string(),
+            draft_model: a.models.draft_model.display().to_string(),
+            max_new_tokens: plan.max_new_tokens,
+            repeats: plan.repeats,
+            items: items.len(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            wall_s: started.elapsed().as_secs_f64(),
+        },
+        items,
+        summaries,
+        greedy_tokens,
+        outputs_checked: outcome.check.checked(),
+        mismatches: outcome.check.mismatches().to_vec(),
+        calibration,
+    };
+    let bench_json = a.out_dir.join("bench.json");
+    write_json(&bench_json, &report)?;
+
+    let hf = if a.no_hf || a.python.is_empty() {
+        None
+    } else {
+        let hf_json = a.out_dir.join("hf_baseline.json");
+        match run_hf(
+            &a,
+            &bench_json,
+            &hf_json,
+            a.hf_repeats.unwrap_or(size.hf_repeats),
+        ) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("peer baseline skipped: {e:#}");
+                None
+            }
+        }
+    };
+    report.meta.wall_s = started.elapsed().as_secs_f64();
+    write_json(&bench_json, &report)?;
+
+    plots::speedup_by_mode(&report.summaries, &a.out_dir.join("speedup_by_mode.svg"))?;
+    plots::accepted_length_histogram(
+        &report.summaries,
+        &a.out_dir.join("accepted_length_hist.svg"),
+    )?;
+    plots::throughput_vs_concurrency(
+        &report.summaries,
+        &a.out_dir.join("throughput_vs_concurrency.svg"),
+    )?;
+    // Plot links relative to the markdown file.
+    let rel = a
+        .results_md
+        .parent()
+        .and_then(|p| a.out_dir.strip_prefix(p).ok())
+        .unwrap_or(&a.out_dir);
+    let md = report::render_markdown(&report, hf.as_ref(), rel);
+    if let Some(dir) = a.results_md.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.results_md, &md)?;
+    println!("{md}");
+    println!(
+        "wrote {}, {} and plots in {}",
+        a.results_md.display(),
+        bench_json.display(),
+        a.out_dir.display()
+    );
+
+    if !report.mismatches.is_empty() {
+        eprintln!(
+            "\n!!! LOSSLESSNESS VIOLATED: {} of {} outputs differ from target-only output (details in {})",
+            report.mismatches.len(),
+            report.outputs_checked,
+            bench_json.display()
+        );
+        for m in report.mismatches.iter().take(10) {
+            eprintln!(
+                "!!!   {} [{}] {} x{} round {}: first difference at token {}",
+                m.item,
+                m.mode,
+                m.sampling,
+                m.concurrency,
+                m.repeat + 1,
+                m.first_difference
+            );
+        }
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CostModel(a) => cost_model(&a.models, a.quick).and_then(|c| {
+            println!("{}", calibrate::render(&c));
+            let policy = c.cost_model()?;
+            println!(
+                "budget-policy cost model: {:.3} ms per draft level + {:.4} ms per row; verify(1 node) {:.2} ms, verify(64) {:.2} ms",
+                policy.draft_level_ns / 1e6,
+                policy.draft_node_ns / 1e6,
+                policy.verify_ns(1, 1) / 1e6,
+                policy.verify_ns(64, 1) / 1e6
+            );
+            if let Some(p) = &a.json {
+                write_json(p, &c)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Run(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")
+            .and_then(|rt| rt.block_on(run(*a))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
