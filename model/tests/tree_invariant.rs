@@ -16,7 +16,13 @@ const TOL: f32 = 1e-4;
 fn random_tree(rng: &mut StdRng, n: usize, vocab: u32) -> (Vec<u32>, Vec<i32>) {
     let tokens = (0..n).map(|_| rng.random_range(0..vocab - 1)).collect();
     let parents = (0..n)
-        .map(|i| if i == 0 || rng.random_bool(0.15) { -1 } else { rng.random_range(0..i as i32) })
+        .map(|i| {
+            if i == 0 || rng.random_bool(0.15) {
+                -1
+            } else {
+                rng.random_range(0..i as i32)
+            }
+        })
         .collect();
     (tokens, parents)
 }
@@ -112,7 +118,10 @@ fn incremental_levels_equal_one_shot_tree() {
     let mut inc = base.fork().unwrap();
     let mut parts = Vec::new();
     for (a, b) in [(0, 3), (3, 4), (4, 10)] {
-        parts.push(m.forward_tree(&mut inc, &tokens[a..b], &parents[a..b]).unwrap());
+        parts.push(
+            m.forward_tree(&mut inc, &tokens[a..b], &parents[a..b])
+                .unwrap(),
+        );
     }
     let inc_all = Tensor::cat(&parts, 0).unwrap();
     assert!(max_abs_diff(&all, &inc_all) < TOL);
@@ -155,7 +164,9 @@ fn packed_batch_equals_individual_calls() {
         let (_dir, m) = model(&s);
         let mut rng = StdRng::seed_from_u64(s.seed + 300);
         // Sessions with different prefix lengths, one with pending nodes from an earlier call.
-        let bases: Vec<KvCache> = (0..3).map(|i| session(&m, &s, 1 + 4 * i, i as u64)).collect();
+        let bases: Vec<KvCache> = (0..3)
+            .map(|i| session(&m, &s, 1 + 4 * i, i as u64))
+            .collect();
         let mut kvs: Vec<KvCache> = bases.iter().map(|b| b.fork().unwrap()).collect();
         m.forward_tree(&mut kvs[1], &[3, 4], &[-1, 0]).unwrap();
         let trees: Vec<(Vec<u32>, Vec<i32>)> = (0..3)
@@ -178,7 +189,11 @@ fn packed_batch_equals_individual_calls() {
         let mut items: Vec<TreeBatchItem<'_>> = kvs
             .iter_mut()
             .zip(&trees)
-            .map(|(kv, (t, p))| TreeBatchItem { kv, tokens: t, parents: p })
+            .map(|(kv, (t, p))| TreeBatchItem {
+                kv,
+                tokens: t,
+                parents: p,
+            })
             .collect();
         let batched = m.forward_batch(&mut items).unwrap();
         for (i, (b, single)) in batched.iter().zip(&singles).enumerate() {
@@ -220,9 +235,12 @@ fn prefill_in_chunks_equals_whole_prefill() {
     let ids = [1u32, 5, IMAGE_TOKEN, 8, 9, 10, 11];
     let img = pixels(&s, 3);
     let mut whole = m.new_kv();
-    let a = m.prefill(&mut whole, &ids, std::slice::from_ref(&img)).unwrap();
+    let a = m
+        .prefill(&mut whole, &ids, std::slice::from_ref(&img))
+        .unwrap();
     let mut chunks = m.new_kv();
-    m.prefill(&mut chunks, &ids[..4], std::slice::from_ref(&img)).unwrap();
+    m.prefill(&mut chunks, &ids[..4], std::slice::from_ref(&img))
+        .unwrap();
     let b = m.prefill(&mut chunks, &ids[4..], &[]).unwrap();
     assert!(max_abs_diff(&a, &b) < TOL);
     assert_eq!(whole.committed_len(), 2 + m.num_image_tokens() + 4);

@@ -62,12 +62,16 @@ pub const IMAGE_TOKEN: u32 = 63;
 
 fn rand_tensor(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 fn ones_ish(rng: &mut StdRng, n: usize) -> Tensor {
-    let v: Vec<f32> = (0..n).map(|_| 1.0 + rng.random_range(-0.1f32..0.1)).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| 1.0 + rng.random_range(-0.1f32..0.1))
+        .collect();
     Tensor::from_vec(v, n, &Device::Cpu).unwrap()
 }
 
@@ -76,61 +80,195 @@ pub fn tensors(s: &Spec) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut t = HashMap::new();
     let (lm, head, vis, proj) = if s.current_layout {
-        ("model.language_model.", "lm_head.weight", "model.vision_tower.vision_model.", "model.multi_modal_projector.")
+        (
+            "model.language_model.",
+            "lm_head.weight",
+            "model.vision_tower.vision_model.",
+            "model.multi_modal_projector.",
+        )
     } else {
-        ("language_model.model.", "language_model.lm_head.weight", "vision_tower.vision_model.", "multi_modal_projector.")
+        (
+            "language_model.model.",
+            "language_model.lm_head.weight",
+            "vision_tower.vision_model.",
+            "multi_modal_projector.",
+        )
     };
     let hd = s.hidden / s.heads;
     let put = |t: &mut HashMap<String, Tensor>, name: String, x: Tensor| {
         t.insert(name, x.to_dtype(s.dtype).unwrap());
     };
-    put(&mut t, format!("{lm}embed_tokens.weight"), rand_tensor(&mut rng, &[s.vocab, s.hidden], 1.0));
+    put(
+        &mut t,
+        format!("{lm}embed_tokens.weight"),
+        rand_tensor(&mut rng, &[s.vocab, s.hidden], 1.0),
+    );
     for l in 0..s.layers {
         let p = format!("{lm}layers.{l}.");
         let w = 1.0 / (s.hidden as f32).sqrt();
-        put(&mut t, format!("{p}self_attn.q_proj.weight"), rand_tensor(&mut rng, &[s.heads * hd, s.hidden], w * 2.0));
-        put(&mut t, format!("{p}self_attn.k_proj.weight"), rand_tensor(&mut rng, &[s.kv_heads * hd, s.hidden], w * 2.0));
-        put(&mut t, format!("{p}self_attn.v_proj.weight"), rand_tensor(&mut rng, &[s.kv_heads * hd, s.hidden], w));
-        put(&mut t, format!("{p}self_attn.o_proj.weight"), rand_tensor(&mut rng, &[s.hidden, s.heads * hd], w));
-        put(&mut t, format!("{p}mlp.gate_proj.weight"), rand_tensor(&mut rng, &[s.inter, s.hidden], w));
-        put(&mut t, format!("{p}mlp.up_proj.weight"), rand_tensor(&mut rng, &[s.inter, s.hidden], w));
-        put(&mut t, format!("{p}mlp.down_proj.weight"), rand_tensor(&mut rng, &[s.hidden, s.inter], w));
-        put(&mut t, format!("{p}input_layernorm.weight"), ones_ish(&mut rng, s.hidden));
-        put(&mut t, format!("{p}post_attention_layernorm.weight"), ones_ish(&mut rng, s.hidden));
+        put(
+            &mut t,
+            format!("{p}self_attn.q_proj.weight"),
+            rand_tensor(&mut rng, &[s.heads * hd, s.hidden], w * 2.0),
+        );
+        put(
+            &mut t,
+            format!("{p}self_attn.k_proj.weight"),
+            rand_tensor(&mut rng, &[s.kv_heads * hd, s.hidden], w * 2.0),
+        );
+        put(
+            &mut t,
+            format!("{p}self_attn.v_proj.weight"),
+            rand_tensor(&mut rng, &[s.kv_heads * hd, s.hidden], w),
+        );
+        put(
+            &mut t,
+            format!("{p}self_attn.o_proj.weight"),
+            rand_tensor(&mut rng, &[s.hidden, s.heads * hd], w),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.gate_proj.weight"),
+            rand_tensor(&mut rng, &[s.inter, s.hidden], w),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.up_proj.weight"),
+            rand_tensor(&mut rng, &[s.inter, s.hidden], w),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.down_proj.weight"),
+            rand_tensor(&mut rng, &[s.hidden, s.inter], w),
+        );
+        put(
+            &mut t,
+            format!("{p}input_layernorm.weight"),
+            ones_ish(&mut rng, s.hidden),
+        );
+        put(
+            &mut t,
+            format!("{p}post_attention_layernorm.weight"),
+            ones_ish(&mut rng, s.hidden),
+        );
     }
-    put(&mut t, format!("{lm}norm.weight"), ones_ish(&mut rng, s.hidden));
+    put(
+        &mut t,
+        format!("{lm}norm.weight"),
+        ones_ish(&mut rng, s.hidden),
+    );
     if !s.tied {
-        put(&mut t, head.to_string(), rand_tensor(&mut rng, &[s.vocab, s.hidden], 0.5));
+        put(
+            &mut t,
+            head.to_string(),
+            rand_tensor(&mut rng, &[s.vocab, s.hidden], 0.5),
+        );
     }
     let vh = s.v_hidden;
     let grid = s.image / s.patch;
-    put(&mut t, format!("{vis}embeddings.patch_embedding.weight"), rand_tensor(&mut rng, &[vh, 3, s.patch, s.patch], 0.3));
-    put(&mut t, format!("{vis}embeddings.class_embedding"), rand_tensor(&mut rng, &[vh], 1.0));
-    put(&mut t, format!("{vis}embeddings.position_embedding.weight"), rand_tensor(&mut rng, &[grid * grid + 1, vh], 0.5));
-    put(&mut t, format!("{vis}pre_layrnorm.weight"), ones_ish(&mut rng, vh));
-    put(&mut t, format!("{vis}pre_layrnorm.bias"), rand_tensor(&mut rng, &[vh], 0.1));
+    put(
+        &mut t,
+        format!("{vis}embeddings.patch_embedding.weight"),
+        rand_tensor(&mut rng, &[vh, 3, s.patch, s.patch], 0.3),
+    );
+    put(
+        &mut t,
+        format!("{vis}embeddings.class_embedding"),
+        rand_tensor(&mut rng, &[vh], 1.0),
+    );
+    put(
+        &mut t,
+        format!("{vis}embeddings.position_embedding.weight"),
+        rand_tensor(&mut rng, &[grid * grid + 1, vh], 0.5),
+    );
+    put(
+        &mut t,
+        format!("{vis}pre_layrnorm.weight"),
+        ones_ish(&mut rng, vh),
+    );
+    put(
+        &mut t,
+        format!("{vis}pre_layrnorm.bias"),
+        rand_tensor(&mut rng, &[vh], 0.1),
+    );
     let w = 1.0 / (vh as f32).sqrt();
     for l in 0..s.v_layers {
         let p = format!("{vis}encoder.layers.{l}.");
         for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            put(&mut t, format!("{p}self_attn.{n}.weight"), rand_tensor(&mut rng, &[vh, vh], w));
-            put(&mut t, format!("{p}self_attn.{n}.bias"), rand_tensor(&mut rng, &[vh], 0.1));
+            put(
+                &mut t,
+                format!("{p}self_attn.{n}.weight"),
+                rand_tensor(&mut rng, &[vh, vh], w),
+            );
+            put(
+                &mut t,
+                format!("{p}self_attn.{n}.bias"),
+                rand_tensor(&mut rng, &[vh], 0.1),
+            );
         }
         for n in ["layer_norm1", "layer_norm2"] {
             put(&mut t, format!("{p}{n}.weight"), ones_ish(&mut rng, vh));
-            put(&mut t, format!("{p}{n}.bias"), rand_tensor(&mut rng, &[vh], 0.1));
+            put(
+                &mut t,
+                format!("{p}{n}.bias"),
+                rand_tensor(&mut rng, &[vh], 0.1),
+            );
         }
-        put(&mut t, format!("{p}mlp.fc1.weight"), rand_tensor(&mut rng, &[2 * vh, vh], w));
-        put(&mut t, format!("{p}mlp.fc1.bias"), rand_tensor(&mut rng, &[2 * vh], 0.1));
-        put(&mut t, format!("{p}mlp.fc2.weight"), rand_tensor(&mut rng, &[vh, 2 * vh], w));
-        put(&mut t, format!("{p}mlp.fc2.bias"), rand_tensor(&mut rng, &[vh], 0.1));
+        put(
+            &mut t,
+            format!("{p}mlp.fc1.weight"),
+            rand_tensor(&mut rng, &[2 * vh, vh], w),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.fc1.bias"),
+            rand_tensor(&mut rng, &[2 * vh], 0.1),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.fc2.weight"),
+            rand_tensor(&mut rng, &[vh, 2 * vh], w),
+        );
+        put(
+            &mut t,
+            format!("{p}mlp.fc2.bias"),
+            rand_tensor(&mut rng, &[vh], 0.1),
+        );
     }
-    put(&mut t, format!("{vis}post_layernorm.weight"), ones_ish(&mut rng, vh));
-    put(&mut t, format!("{vis}post_layernorm.bias"), rand_tensor(&mut rng, &[vh], 0.1));
-    put(&mut t, format!("{proj}linear_1.weight"), rand_tensor(&mut rng, &[s.hidden, vh], w));
-    put(&mut t, format!("{proj}linear_1.bias"), rand_tensor(&mut rng, &[s.hidden], 0.1));
-    put(&mut t, format!("{proj}linear_2.weight"), rand_tensor(&mut rng, &[s.hidden, s.hidden], 1.0 / (s.hidden as f32).sqrt()));
-    put(&mut t, format!("{proj}linear_2.bias"), rand_tensor(&mut rng, &[s.hidden], 0.1));
+    put(
+        &mut t,
+        format!("{vis}post_layernorm.weight"),
+        ones_ish(&mut rng, vh),
+    );
+    put(
+        &mut t,
+        format!("{vis}post_layernorm.bias"),
+        rand_tensor(&mut rng, &[vh], 0.1),
+    );
+    put(
+        &mut t,
+        format!("{proj}linear_1.weight"),
+        rand_tensor(&mut rng, &[s.hidden, vh], w),
+    );
+    put(
+        &mut t,
+        format!("{proj}linear_1.bias"),
+        rand_tensor(&mut rng, &[s.hidden], 0.1),
+    );
+    put(
+        &mut t,
+        format!("{proj}linear_2.weight"),
+        rand_tensor(
+            &mut rng,
+            &[s.hidden, s.hidden],
+            1.0 / (s.hidden as f32).sqrt(),
+        ),
+    );
+    put(
+        &mut t,
+        format!("{proj}linear_2.bias"),
+        rand_tensor(&mut rng, &[s.hidden], 0.1),
+    );
     t
 }
 
@@ -173,7 +311,11 @@ pub fn preprocessor_json(s: &Spec) -> serde_json::Value {
 /// Writes the checkpoint into `dir` (single file, or `shards` files with an index).
 pub fn write_checkpoint(dir: &Path, s: &Spec, shards: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config_json(s)).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config_json(s)).unwrap(),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("preprocessor_config.json"),
         serde_json::to_string_pretty(&preprocessor_json(s)).unwrap(),
@@ -189,7 +331,10 @@ pub fn write_checkpoint(dir: &Path, s: &Spec, shards: usize) {
     let mut weight_map = serde_json::Map::new();
     for (k, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
-        let part: HashMap<String, Tensor> = chunk.iter().map(|n| ((*n).clone(), t[*n].clone())).collect();
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), t[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
         for n in chunk {
             weight_map.insert((*n).clone(), json!(file));
@@ -215,5 +360,14 @@ pub fn pixels(s: &Spec, seed: u64) -> Tensor {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
