@@ -1,6 +1,12 @@
 //! A tower layer for tonic servers: one `grpc.request` span per call, parented on the
 //! caller's W3C trace context.
 //!
+//! The span covers the handler's future, i.e. until the response (or, for a streaming
+//! RPC, the response stream) is returned. A streaming handler that spawns a task to
+//! produce the stream must carry the span into it,
+//! `tokio::spawn(work.instrument(tracing::Span::current()))`, so the task's spans and
+//! its outgoing calls (with [`crate::TraceContextInterceptor`]) stay in the same trace.
+//!
 //! ```no_run
 //! # async fn run(addr: std::net::SocketAddr) -> Result<(), tonic::transport::Error> {
 //! let (_, health) = tonic_health::server::health_reporter();

@@ -9,7 +9,7 @@
 //!   inject the current span's context ([`inject_context`] or [`TraceContextInterceptor`]);
 //!   servers wrap their router in [`GrpcTraceLayer`], which parents every request span on
 //!   the caller's context, so one `Generate` is one trace across the three services.
-//! - [`metrics`] and [`metrics_server`]: the `specllava_*` Prometheus metrics, defined in
+//! - [`metrics`](mod@metrics) and [`metrics_server`]: the `specllava_*` Prometheus metrics, defined in
 //!   one place ([`Metrics`], reached through [`metrics()`]), served as text on
 //!   `GET /metrics` ([`serve_metrics`]).
 //!
