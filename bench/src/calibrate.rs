@@ -294,8 +294,10 @@ pub fn render(c: &Calibration) -> String {
     if let Some(r) = c.rates {
         let _ = writeln!(
             s,
-            "machine: memory bandwidth {:.1} GB/s, f32 matmul {:.1} GFLOP/s",
+            "machine: memory bandwidth {:.1} GB/s (f32 GEMV {:.1}, streaming read {:.1}), f32 matmul {:.1} GFLOP/s",
             r.bandwidth_bytes_per_s / 1e9,
+            r.gemv_bytes_per_s / 1e9,
+            r.stream_bytes_per_s / 1e9,
             r.matmul_flops_per_s / 1e9
         );
     }

@@ -124,7 +124,8 @@ struct RunArgs {
         default_value = "target/release"
     )]
     bin_dir: PathBuf,
-    /// Extra argument for every spawned service (repeatable), e.g. `--max-batch-wait-us=2000`.
+    /// Extra argument for the spawned draft and target services (repeatable), e.g.
+    /// `--service-arg=--max-batch-wait-us=2000`.
     #[arg(
         long = "service-arg",
         env = "SPECLLAVA_BENCH_SERVICE_ARGS",
@@ -298,47 +299,51 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
     );
     let model = |p: &Path| p.display().to_string();
     let mut procs = Vec::new();
-    let mut target_args = vec![
-        format!("--listen={}", addr(tp)),
-        format!("--model-dir={}", model(&a.models.target_model)),
-        format!("--device={}", a.models.device),
-        format!("--metrics-listen={}", addr(tm)),
+    let target_env = [
+        ("SPECLLAVA_LISTEN", addr(tp)),
+        ("SPECLLAVA_MODEL_DIR", model(&a.models.target_model)),
+        ("SPECLLAVA_DEVICE", a.models.device.clone()),
+        ("SPECLLAVA_METRICS_ADDR", addr(tm)),
     ];
-    target_args.extend(a.service_args.iter().cloned());
+    let args = &a.service_args;
     procs.push(services::spawn(
         &a.bin_dir,
         "specllava-target",
         addr(tp),
-        &target_args,
+        args,
+        &target_env,
         &logs,
     )?);
-    let mut draft_args = vec![
-        format!("--listen={}", addr(dp)),
-        format!("--model-dir={}", model(&a.models.draft_model)),
-        format!("--device={}", a.models.device),
+    let draft_env = [
+        ("SPECLLAVA_LISTEN", addr(dp)),
+        ("SPECLLAVA_MODEL_DIR", model(&a.models.draft_model)),
+        ("SPECLLAVA_DEVICE", a.models.device.clone()),
+        ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
-    draft_args.extend(a.service_args.iter().cloned());
     procs.push(services::spawn(
         &a.bin_dir,
         "specllava-draft",
         addr(dp),
-        &draft_args,
+        args,
+        &draft_env,
         &logs,
     )?);
     for p in &mut procs {
         services::wait_healthy(p, Duration::from_secs(180)).await?;
     }
-    let orch_args = vec![
-        format!("--listen={}", addr(op)),
-        format!("--target-endpoints=http://{}", addr(tp)),
-        format!("--draft-endpoints=http://{}", addr(dp)),
-        format!("--model-dir={}", model(&a.models.target_model)),
+    let orch_env = [
+        ("SPECLLAVA_LISTEN", addr(op)),
+        ("SPECLLAVA_TARGET_ENDPOINTS", addr(tp)),
+        ("SPECLLAVA_DRAFT_ENDPOINTS", addr(dp)),
+        ("SPECLLAVA_MODEL_DIR", model(&a.models.target_model)),
+        ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let mut orch = services::spawn(
         &a.bin_dir,
         "specllava-orchestrator",
         addr(op),
-        &orch_args,
+        &[],
+        &orch_env,
         &logs,
     )?;
     services::wait_healthy(&mut orch, Duration::from_secs(120)).await?;

@@ -92,20 +92,17 @@ pub fn speedup_by_mode(summaries: &[ModeSummary], path: &Path) -> Result<(), Plo
             } else {
                 0.0
             };
-            chart
+            let anno = chart
                 .draw_series(std::iter::once(Rectangle::new(
                     [(x0, 0.0), (x0 + 0.8, v)],
                     color(mi).filled(),
                 )))
-                .map_err(|x| e(x.to_string()))?
-                .label(if si == 0 {
-                    mode.to_string()
-                } else {
-                    String::new()
-                })
-                .legend(move |(x, y)| {
+                .map_err(|x| e(x.to_string()))?;
+            if si == 0 {
+                anno.label(mode.to_string()).legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], color(mi).filled())
                 });
+            }
             chart
                 .draw_series(std::iter::once(Text::new(
                     format!("{v:.2}"),
@@ -117,7 +114,7 @@ pub fn speedup_by_mode(summaries: &[ModeSummary], path: &Path) -> Result<(), Plo
         chart
             .draw_series(std::iter::once(Text::new(
                 samp.to_string(),
-                ((si * (n + 1)) as f64 + n as f64 / 2.0 - 0.5, -ymax * 0.06),
+                ((si * (n + 1)) as f64 + 0.1, ymax * 0.95),
                 ("sans-serif", 14),
             )))
             .map_err(|x| e(x.to_string()))?;

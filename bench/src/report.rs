@@ -479,10 +479,14 @@ pub fn render_markdown(
         md.push_str(&crate::calibrate::render(c));
         md.push_str("```\n\n");
     }
-    let dir = plots_dir.display();
-    md.push_str(&format!(
-        "## Plots\n\n![speedup by mode]({dir}/speedup_by_mode.svg)\n![tokens per step]({dir}/accepted_length_hist.svg)\n![throughput vs concurrency]({dir}/throughput_vs_concurrency.svg)\n"
-    ));
+    md.push_str("## Plots\n\n");
+    for (alt, file) in [
+        ("speedup by mode", "speedup_by_mode.svg"),
+        ("tokens per step", "accepted_length_hist.svg"),
+        ("throughput vs concurrency", "throughput_vs_concurrency.svg"),
+    ] {
+        md.push_str(&format!("![{alt}]({})\n", plots_dir.join(file).display()));
+    }
     md
 }
 

@@ -14,8 +14,12 @@ use specllava_model::TextConfig;
 /// Measured machine rates.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MachineRates {
-    /// Sustained memory bandwidth, bytes per second.
+    /// Sustained memory bandwidth, bytes per second: the better of the two measurements below.
     pub bandwidth_bytes_per_s: f64,
+    /// Bandwidth seen by an f32 matrix-vector product on the device.
+    pub gemv_bytes_per_s: f64,
+    /// Bandwidth of a plain multi-threaded streaming read (CPU only; 0 on other devices).
+    pub stream_bytes_per_s: f64,
     /// Sustained dense f32 matmul rate, FLOP per second.
     pub matmul_flops_per_s: f64,
 }
@@ -33,6 +37,41 @@ fn best_time<F: FnMut() -> candle_core::Result<()>>(
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
+}
+
+/// Bytes per second of reading `len` f32s split over every available thread (best of 5).
+fn stream_read_bandwidth(len: usize) -> f64 {
+    let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = len.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        let mut it = c.chunks_exact(16);
+                        for block in &mut it {
+                            for (a, x) in acc.iter_mut().zip(block) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("reader thread"))
+                .sum()
+        });
+        std::hint::black_box(total);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (len * 4) as f64 / best
 }
 
 impl MachineRates {
@@ -61,8 +100,16 @@ impl MachineRates {
             drop(c);
             Ok(())
         })?;
+        let gemv_bw = bytes / gemv;
+        let stream_bw = if device.is_cpu() {
+            stream_read_bandwidth(bw_rows * bw_cols)
+        } else {
+            0.0
+        };
         Ok(Self {
-            bandwidth_bytes_per_s: bytes / gemv,
+            bandwidth_bytes_per_s: gemv_bw.max(stream_bw),
+            gemv_bytes_per_s: gemv_bw,
+            stream_bytes_per_s: stream_bw,
             matmul_flops_per_s: 2.0 * (n as f64).powi(3) / mm,
         })
     }
@@ -140,6 +187,8 @@ mod tests {
         assert_eq!(c.weight_bytes, 4.0 * (2.0 * 592.0 + 8.0 + 800.0));
         let rates = MachineRates {
             bandwidth_bytes_per_s: 1e9,
+            gemv_bytes_per_s: 1e9,
+            stream_bytes_per_s: 0.0,
             matmul_flops_per_s: 1e9,
         };
         let one = c.roofline_s(&rates, 1, 1, 0);

@@ -79,12 +79,16 @@ pub fn free_port() -> Result<u16, ServiceError> {
     Ok(l.local_addr().map_err(ServiceError::Port)?.port())
 }
 
-/// Spawns `bin_dir/name args...` with its output in `log_dir/name.log`.
+/// Spawns `bin_dir/name args...` with `env` set (every flag of every service is also a
+/// `SPECLLAVA_*` environment variable, and unknown variables are ignored, so settings a given
+/// build may not have yet, like the metrics address, go through the environment) and its output
+/// in `log_dir/name.log`.
 pub fn spawn(
     bin_dir: &Path,
     name: &str,
     addr: String,
     args: &[String],
+    env: &[(&str, String)],
     log_dir: &Path,
 ) -> Result<ServiceProcess, ServiceError> {
     let bin = bin_dir.join(name);
@@ -102,6 +106,7 @@ pub fn spawn(
     })?;
     let child = Command::new(&bin)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
