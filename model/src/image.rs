@@ -80,17 +80,18 @@ struct RawProcessor {
     image_std: Option<Value>,
 }
 
-const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+// transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (Python floats, cast to f32 like numpy does).
+const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-fn triple(v: &Option<Value>, default: [f32; 3], field: &str) -> Result<[f32; 3]> {
+fn triple(v: &Option<Value>, default: [f64; 3], field: &str) -> Result<[f32; 3]> {
     let bad = || {
         ModelError::Config(format!(
             "preprocessor_config.json: `{field}` must be a number or 3 numbers"
         ))
     };
     match v {
-        None | Some(Value::Null) => Ok(default),
+        None | Some(Value::Null) => Ok(default.map(|x| x as f32)),
         Some(Value::Number(n)) => {
             let x = n.as_f64().ok_or_else(bad)? as f32;
             Ok([x; 3])
