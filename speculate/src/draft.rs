@@ -354,7 +354,7 @@ impl TreeBuilder {
             }
             let base = self.partial.scores[node];
             for &(token, lp) in &list {
-                if self.partial.len() - 1 >= cap {
+                if self.partial.len() > cap {
                     break 'outer;
                 }
                 let id = self.partial.push(token, node, base + lp);

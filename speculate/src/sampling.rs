@@ -127,34 +127,74 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, position: u64) -> u
         return 0;
     }
     let inv_t = 1.0 / params.temperature as f64;
-    // Unnormalised tempered probabilities; the max token has weight 1.
-    let weights: Vec<f64> = logits
-        .iter()
-        .map(|&l| ((clean(l) as f64 - max as f64) * inv_t).exp())
-        .collect();
     let u = uniform(params.seed, position);
-    let top_k = if params.top_k == 0 || params.top_k >= weights.len() {
-        None
-    } else {
-        Some(params.top_k)
-    };
-    if top_k.is_none() && params.top_p >= 1.0 {
+    if params.top_k > 0 && params.top_k < logits.len() {
+        // Top-k on the raw logits (same order as the tempered weights), then top-p among them.
+        let top = top_k_by_logit(logits, params.top_k);
+        let w: Vec<f64> = top.iter().map(|&(l, _)| tempered(l, max, inv_t)).collect();
+        let total: f64 = w.iter().sum();
+        let mut n = w.len();
+        if params.top_p < 1.0 {
+            let target = params.top_p as f64 * total;
+            let mut acc = 0.0;
+            for (j, &x) in w.iter().enumerate() {
+                acc += x;
+                if acc >= target {
+                    n = j + 1;
+                    break;
+                }
+            }
+        }
+        let mass: f64 = w[..n].iter().sum();
+        let items = top[..n]
+            .iter()
+            .zip(&w)
+            .map(|(&(_, id), &x)| (id as usize, x));
+        return draw(items, u * mass).unwrap_or(top[0].1);
+    }
+    // Unnormalised tempered probabilities; the max token has weight 1.
+    let weights: Vec<f64> = logits.iter().map(|&l| tempered(l, max, inv_t)).collect();
+    if params.top_p >= 1.0 {
         // Full distribution: any fixed order is a valid inverse CDF; id order needs no sort.
         let total: f64 = weights.iter().sum();
-        return draw(weights.iter().copied().enumerate(), u * total, &weights);
+        return draw(weights.iter().copied().enumerate(), u * total)
+            .unwrap_or_else(|| argmax(logits));
     }
-    let order = ranked(&weights, top_k, params.top_p as f64);
+    let order = ranked(&weights, params.top_p as f64);
     let total: f64 = order.iter().map(|&i| weights[i as usize]).sum();
     draw(
         order.iter().map(|&i| (i as usize, weights[i as usize])),
         u * total,
-        &weights,
     )
+    .unwrap_or_else(|| argmax(logits))
+}
+
+/// Tempered weight `exp((l - max) / T)`; exactly 0 below `e^-60` (relative to the top token),
+/// which skips the `exp` for far-off tokens and changes no probability by more than 1e-26.
+fn tempered(l: f32, max: f32, inv_t: f64) -> f64 {
+    let x = (clean(l) as f64 - max as f64) * inv_t;
+    if x < -60.0 { 0.0 } else { x.exp() }
+}
+
+/// The `k` largest logits as (logit, id), sorted by (logit desc, id asc), in one pass.
+fn top_k_by_logit(logits: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        let l = clean(l);
+        if top.len() == k && l <= top[k - 1].0 {
+            continue;
+        }
+        // After every kept entry with logit >= l: earlier ids win ties.
+        let at = top.partition_point(|&(x, _)| x >= l);
+        top.insert(at, (l, i as u32));
+        top.truncate(k);
+    }
+    top
 }
 
 /// Walks `(id, weight)` pairs until the running sum exceeds `target`; the last positive-weight
-/// id if rounding leaves it short.
-fn draw(items: impl Iterator<Item = (usize, f64)>, target: f64, weights: &[f64]) -> u32 {
+/// id if rounding leaves it short, `None` if no weight is positive.
+fn draw(items: impl Iterator<Item = (usize, f64)>, target: f64) -> Option<u32> {
     let mut acc = 0.0;
     let mut last = None;
     for (i, w) in items {
@@ -164,20 +204,10 @@ fn draw(items: impl Iterator<Item = (usize, f64)>, target: f64, weights: &[f64])
         acc += w;
         last = Some(i);
         if acc > target {
-            return i as u32;
+            return Some(i as u32);
         }
     }
-    last.map_or_else(|| argmax_f64(weights), |i| i as u32)
-}
-
-fn argmax_f64(w: &[f64]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in w.iter().enumerate() {
-        if v > w[best] {
-            best = i;
-        }
-    }
-    best as u32
+    last.map(|i| i as u32)
 }
 
 /// Descending (weight, then ascending id) comparison.
@@ -189,22 +219,15 @@ fn by_weight_desc(w: &[f64]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
     }
 }
 
-/// Ids kept by top-k then top-p, sorted by (weight desc, id asc).
+/// Ids kept by top-p, sorted by (weight desc, id asc).
 ///
 /// Top-p only needs the head of the sorted order: if the tokens with weight `>= tau` already
 /// hold `top_p` of the mass, the nucleus lies among them, so only they are sorted. The result
 /// equals a full sort's.
-fn ranked(weights: &[f64], top_k: Option<usize>, top_p: f64) -> Vec<u32> {
+fn ranked(weights: &[f64], top_p: f64) -> Vec<u32> {
     let cmp = by_weight_desc(weights);
-    let mut ids: Vec<u32> = (0..weights.len() as u32).collect();
-    if let Some(k) = top_k {
-        ids.select_nth_unstable_by(k - 1, &cmp);
-        ids.truncate(k);
-        ids.sort_unstable_by(&cmp);
-        let total = ids.iter().map(|&i| weights[i as usize]).sum();
-        return nucleus(ids, weights, top_p, total);
-    }
     let total: f64 = weights.iter().sum();
+    let mut ids: Vec<u32> = (0..weights.len() as u32).collect();
     let mut tau = 1e-3;
     loop {
         let mut head: Vec<u32> = ids
@@ -311,10 +334,21 @@ mod tests {
             all.sort_unstable_by(by_weight_desc(&weights));
             let total = weights.iter().sum();
             assert_eq!(
-                ranked(&weights, None, p),
+                ranked(&weights, p),
                 nucleus(all, &weights, p, total),
                 "top_p {p}"
             );
+        }
+    }
+
+    #[test]
+    fn top_k_pass_matches_a_sort() {
+        let logits: Vec<f32> = (0..500).map(|i| ((i * 7919) % 97) as f32 * 0.1).collect();
+        for k in [1, 2, 10, 50, 499] {
+            let mut all: Vec<(f32, u32)> = (0..500).map(|i| (logits[i], i as u32)).collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            all.truncate(k);
+            assert_eq!(top_k_by_logit(&logits, k), all, "k {k}");
         }
     }
 
