@@ -435,3 +435,14 @@ impl Llava {
         Ok((Segment { n, positions, mask }, nodes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn model_is_shareable_and_caches_are_sendable() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<super::Llava>();
+        send::<super::KvCache>();
+    }
+}
