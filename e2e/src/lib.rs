@@ -181,8 +181,9 @@ pub async fn wait_healthy(svc: &mut Service, timeout: Duration) {
         if let Ok(Some(st)) = svc.child.try_wait() {
             panic!("service at {} exited early: {st}", svc.addr);
         }
-        if let Ok(mut c) = HealthClient::connect(svc.url()).await
-            && let Ok(r) = c
+        let endpoint = tonic::transport::Endpoint::from_shared(svc.url()).expect("valid url");
+        if let Ok(channel) = endpoint.connect().await
+            && let Ok(r) = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: String::new(),
                 })

@@ -653,19 +653,22 @@ impl Engine {
                     }
                 }
             }
-            generated += resp.emitted.len() as u32;
             if first_token_at.is_none() {
                 first_token_at = Some(started.elapsed());
             }
             let delta = text
                 .push(self.tokenizer.as_ref(), &resp.emitted)
                 .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?;
+            // Tokens past a stop string are not part of the answer.
+            let taken = &resp.emitted[..delta.consumed];
+            generated += taken.len() as u32;
             let chunk = pb::GenerateResponse {
                 event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
-                    token_ids: resp.emitted.clone(),
+                    token_ids: taken.to_vec(),
                     text: delta.text,
                 })),
             };
+
             if tx.send(Ok(chunk)).await.is_err() {
                 return Err(Interrupted::Cancelled);
             }

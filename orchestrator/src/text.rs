@@ -1,9 +1,10 @@
 //! Incremental detokenization and stop strings.
 //!
-//! Text deltas are produced as in TGI: decode a short window of already-sent
-//! tokens and the new ones, and emit the new suffix only when it does not end
-//! in an incomplete character (U+FFFD), so a multi-byte character is never
-//! split. Stop strings are searched in the accumulated text; the last
+//! Text deltas are produced as in TGI, one token at a time (so the text
+//! depends on the tokens only, not on how steps grouped them): decode a short
+//! window of already-sent tokens plus the new one, and emit the new suffix
+//! only when it does not end in an incomplete character (U+FFFD), so a
+//! multi-byte character is never split. Stop strings are searched in the accumulated text; the last
 //! `max_stop_len - 1` bytes are held back so a stop string spanning chunks is
 //! never partially streamed.
 
@@ -41,6 +42,9 @@ pub struct Delta {
     pub text: String,
     /// Whether a stop string was found (generation must end).
     pub stopped: bool,
+    /// How many of the pushed tokens were taken: all of them, or up to the
+    /// one that completed a stop string.
+    pub consumed: usize,
 }
 
 impl TextStream {
@@ -76,55 +80,76 @@ impl TextStream {
     }
 
     /// Adds generated tokens; returns the text that can be streamed now.
+    /// Tokens are taken one at a time, so the text never depends on how the
+    /// tokens were grouped into steps.
     pub fn push(&mut self, tok: &dyn Detokenize, new_ids: &[u32]) -> Result<Delta, String> {
         if self.stopped_at.is_some() {
             return Ok(Delta {
                 text: String::new(),
                 stopped: true,
+                consumed: 0,
             });
         }
-        self.ids.extend_from_slice(new_ids);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tok.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
-            self.text.push_str(&full[prefix.len()..]);
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
+        let mut consumed = 0;
+        for &id in new_ids {
+            self.ids.push(id);
+            consumed += 1;
+            self.step(tok, false)?;
+            self.find_stop();
+            if self.stopped_at.is_some() {
+                break;
+            }
         }
-        Ok(self.release(false))
+        let mut d = self.release(false);
+        d.consumed = consumed;
+        Ok(d)
     }
 
     /// Ends the stream: flushes whatever is held back (an incomplete final
     /// character is decoded as U+FFFD).
     pub fn finish(&mut self, tok: &dyn Detokenize) -> Result<Delta, String> {
         if self.stopped_at.is_none() && self.read_offset < self.ids.len() {
-            let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-            let full = tok.decode(&self.ids[self.prefix_offset..])?;
-            if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
-                self.text.push_str(&full[prefix.len()..]);
-            }
-            self.read_offset = self.ids.len();
+            self.step(tok, true)?;
         }
         Ok(self.release(true))
     }
 
-    fn release(&mut self, last: bool) -> Delta {
-        if self.stopped_at.is_none() {
-            // Search from a little before the unsent part (a stop may straddle it).
-            let max_stop = self.stop.iter().map(String::len).max().unwrap_or(0);
-            let mut from = self.sent.saturating_sub(max_stop);
-            while !self.text.is_char_boundary(from) {
-                from -= 1;
-            }
-            self.stopped_at = self
-                .stop
-                .iter()
-                .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-                .min();
+    /// Decodes the window `ids[prefix_offset..]` against `ids[prefix_offset..read_offset]`
+    /// and appends the new suffix unless it ends in an incomplete character.
+    fn step(&mut self, tok: &dyn Detokenize, last: bool) -> Result<(), String> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len()
+            && (last || !full.ends_with('\u{FFFD}'))
+            && full.is_char_boundary(prefix.len())
+        {
+            self.text.push_str(&full[prefix.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
         }
+        Ok(())
+    }
+
+    /// Looks for a stop string in the text not yet checked.
+    fn find_stop(&mut self) {
+        if self.stopped_at.is_some() || self.stop.is_empty() {
+            return;
+        }
+        // Search from a little before the unsent part (a stop may straddle it).
+        let max_stop = self.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(max_stop);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.stopped_at = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min();
+    }
+
+    fn release(&mut self, last: bool) -> Delta {
+        self.find_stop();
         let end = match self.stopped_at {
             Some(cut) => cut,
             None if last => self.text.len(),
@@ -149,6 +174,7 @@ impl TextStream {
         Delta {
             text,
             stopped: self.stopped_at.is_some(),
+            consumed: 0,
         }
     }
 }
