@@ -684,3 +684,57 @@ async fn python_grpcio_client_generates() {
         .expect("running the python client");
     assert!(status.success(), "python client failed");
 }
+
+/// The services listed by server reflection (what `grpcurl list` prints).
+async fn reflected_services(url: String) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = resp
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_on_every_service() {
+    let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    for (svc, name) in [
+        (cluster.orchestrator.url(), "specllava.v1.Generation"),
+        (cluster.draft.as_ref().unwrap().url(), "specllava.v1.Draft"),
+        (cluster.target.url(), "specllava.v1.Target"),
+    ] {
+        let services = reflected_services(svc).await;
+        assert!(
+            services.iter().any(|s| s == name),
+            "{name} missing from {services:?}"
+        );
+        assert!(
+            services.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{services:?}"
+        );
+    }
+}

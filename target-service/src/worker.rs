@@ -105,7 +105,7 @@ enum Command {
         reply: Reply<bool>,
     },
     Verify {
-        job: VerifyJob,
+        job: Box<VerifyJob>,
         received: Instant,
         reply: Reply<VerifyResult>,
     },
@@ -194,7 +194,7 @@ impl WorkerHandle {
     pub async fn verify(&self, job: VerifyJob) -> Result<VerifyResult, TargetError> {
         let received = Instant::now();
         self.call(|reply| Command::Verify {
-            job,
+            job: Box::new(job),
             received,
             reply,
         })
@@ -336,9 +336,9 @@ impl Worker {
     /// Drains queued verify requests into one batch (distinct sessions, node budget, max wait).
     fn collect_batch(
         &mut self,
-        first: (VerifyJob, Instant, Reply<VerifyResult>),
+        first: (Box<VerifyJob>, Instant, Reply<VerifyResult>),
         rx: &Receiver<Command>,
-    ) -> Vec<(VerifyJob, Instant, Reply<VerifyResult>)> {
+    ) -> Vec<(Box<VerifyJob>, Instant, Reply<VerifyResult>)> {
         let mut nodes = first.0.tree.len();
         let mut batch = vec![first];
         let deadline = Instant::now() + self.batch.max_batch_wait;
@@ -411,7 +411,7 @@ impl Worker {
         }
     }
 
-    fn run_batch(&mut self, batch: Vec<(VerifyJob, Instant, Reply<VerifyResult>)>) {
+    fn run_batch(&mut self, batch: Vec<(Box<VerifyJob>, Instant, Reply<VerifyResult>)>) {
         let started = Instant::now();
         let mut ready = Vec::with_capacity(batch.len());
         for (job, received, reply) in batch {
