@@ -228,7 +228,15 @@ impl Engine {
             session_id: conv_id.to_owned(),
             keep_kv_len: keep,
             token_ids: tokens,
-            images: images[skip_images..skip_images + n_images].to_vec(),
+            images: images
+                .get(skip_images..skip_images + n_images)
+                .ok_or_else(|| {
+                    OrchestratorError::Internal(format!(
+                        "history holds more image placeholders than the session has images ({})",
+                        images.len()
+                    ))
+                })?
+                .to_vec(),
         };
         let resp = match service {
             "draft" => DraftClient::new(channel).append(req).await,
