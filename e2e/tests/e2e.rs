@@ -267,6 +267,42 @@ async fn c_concurrent_sessions_match_solo_runs() {
             );
         }
     }
+    // Straight to the target: concurrent verifies of different sessions share one forward.
+    let target = cluster.target_client().await;
+    let ids: Vec<String> = (0..4).map(|i| format!("batch-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let open = pb::OpenSessionRequest {
+            session_id: id.clone(),
+            images: vec![],
+            token_ids: vec![1, 20 + i as u32, 30, 40],
+        };
+        target.clone().open_session(open).await.unwrap();
+    }
+    let verify = |id: String| {
+        let mut t = target.clone();
+        async move {
+            let req = pb::VerifyRequest {
+                session_id: id,
+                expected_kv_len: 3,
+                tree: Some(pb::TokenTree {
+                    tokens: vec![40, 50, 60],
+                    parents: vec![-1, 0, 0],
+                    scores: vec![],
+                }),
+                sampling: None,
+                stop: None,
+            };
+            t.verify(req).await.unwrap().into_inner()
+        }
+    };
+    let together = join_all(ids.iter().cloned().map(verify)).await;
+    assert!(
+        together.iter().any(|r| r.batch_size > 1),
+        "no batching: {together:?}"
+    );
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(r.kv_len, 3 + r.accepted_path.len() as u64, "session {i}");
+    }
 }
 
 /// Whether the target still holds `session` (a stale Verify is rejected
