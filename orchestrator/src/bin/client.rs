@@ -53,8 +53,8 @@ struct Args {
     /// Budget M (0 = policy).
     #[arg(long, env = "SPECLLAVA_BUDGET", default_value_t = 0)]
     budget: u32,
-    /// Stop strings (repeatable).
-    #[arg(long)]
+    /// Stop strings (repeatable; comma-separated in the environment variable).
+    #[arg(long, env = "SPECLLAVA_STOP", value_delimiter = ',')]
     stop: Vec<String>,
 }
 
