@@ -253,7 +253,7 @@ fn sizing(quick: bool) -> Sizing {
     } else {
         Sizing {
             eval: EvalSizes {
-                in_domain_images: 4,
+                in_domain_images: 6,
                 ood_images: 3,
                 prompts_per_image: 2,
             },
