@@ -46,7 +46,7 @@ impl DraftError {
 impl From<DraftError> for Status {
     fn from(e: DraftError) -> Status {
         let msg = e.to_string();
-        match &e {
+        let status = match &e {
             DraftError::Session(SessionStoreError::NotFound(_)) => Status::not_found(msg),
             DraftError::Session(SessionStoreError::AlreadyExists(_)) => Status::already_exists(msg),
             DraftError::Session(SessionStoreError::TooLarge { .. }) => {
@@ -57,6 +57,9 @@ impl From<DraftError> for Status {
             DraftError::Model(_) | DraftError::BatchFailed(_) => Status::internal(msg),
             DraftError::QueueFull(_) => Status::resource_exhausted(msg),
             DraftError::WorkerGone => Status::unavailable(msg),
-        }
+        };
+        // The one place every error of this service becomes a status: count it here.
+        specllava_telemetry::metrics().record_error(e.error_type(), status.code());
+        status
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_model::{ImageLimits, Llava};
 use specllava_proto::v1::draft_server::DraftServer;
-use specllava_service_kit::{parse_device, reflection_services, shutdown_signal};
+use specllava_service_kit::{MetricsEndpoint, parse_device, reflection_services, shutdown_signal};
 
 pub use config::Args;
 pub use error::DraftError;
@@ -66,13 +66,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     let (reflection_v1, reflection_v1alpha) = reflection_services()?;
     tracing::info!(listen = %args.listen, max_context, "draft service listening");
+    let metrics = MetricsEndpoint::start_if(args.metrics_addr).await?;
     tonic::transport::Server::builder()
+        .layer(specllava_telemetry::GrpcTraceLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(DraftServer::new(svc).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     tracing::info!("draft service stopped");
     Ok(())
 }

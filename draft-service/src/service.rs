@@ -10,6 +10,7 @@ use specllava_service_kit::prepare_prefill;
 use speculate::{DraftParams, TreeMode};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::error::DraftError;
 use crate::worker::{SpeculateJob, WorkerHandle};
@@ -71,6 +72,7 @@ impl Draft for DraftService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("OpenSession");
         let r = request.into_inner();
         if r.session_id.is_empty() {
             return Err(DraftError::InvalidArgument("session_id must not be empty".into()).into());
@@ -102,6 +104,7 @@ impl Draft for DraftService {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        specllava_telemetry::metrics().record_request("Append");
         let r = request.into_inner();
         let images = prepare_prefill(&self.model, self.limits.image, &r.token_ids, r.images)
             .await
@@ -120,6 +123,7 @@ impl Draft for DraftService {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("CloseSession");
         let id = request.into_inner().session_id;
         let existed = self.worker.close(id.clone()).await?;
         tracing::info!(session = %id, existed, "session closed");
@@ -132,59 +136,64 @@ impl Draft for DraftService {
         &self,
         request: Request<Streaming<pb::SpeculateRequest>>,
     ) -> Result<Response<Self::SpeculateStream>, Status> {
+        specllava_telemetry::metrics().record_request("Speculate");
         let mut inbound = request.into_inner();
         let worker = self.worker.clone();
         let limits = self.limits;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut session_id = String::new();
-            while let Some(msg) = inbound.next().await {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(status) => {
-                        tracing::debug!(%status, "speculate stream ended by the client");
+        tokio::spawn(
+            async move {
+                let mut session_id = String::new();
+                while let Some(msg) = inbound.next().await {
+                    let msg = match msg {
+                        Ok(m) => m,
+                        Err(status) => {
+                            tracing::debug!(%status, "speculate stream ended by the client");
+                            return;
+                        }
+                    };
+                    if !msg.session_id.is_empty() {
+                        session_id = msg.session_id;
+                    }
+                    if session_id.is_empty() {
+                        let _ = tx
+                            .send(Err(DraftError::InvalidArgument(
+                                "the first message needs a session_id".into(),
+                            )
+                            .into()))
+                            .await;
                         return;
                     }
-                };
-                if !msg.session_id.is_empty() {
-                    session_id = msg.session_id;
-                }
-                if session_id.is_empty() {
-                    let _ = tx
-                        .send(Err(DraftError::InvalidArgument(
-                            "the first message needs a session_id".into(),
-                        )
-                        .into()))
-                        .await;
-                    return;
-                }
-                let job = SpeculateJob {
-                    session_id: session_id.clone(),
-                    new_tokens: msg.new_tokens,
-                    accepted_path: msg.accepted_path,
-                    params: params_from_proto(msg.params, &limits),
-                };
-                let reply = match worker.speculate(job).await {
-                    Ok(d) => Ok(pb::DraftTree {
-                        tree: Some(pb::TokenTree {
-                            tokens: d.tree.tokens().to_vec(),
-                            parents: d.tree.parents().to_vec(),
-                            scores: d.tree.scores().to_vec(),
+                    let job = SpeculateJob {
+                        session_id: session_id.clone(),
+                        new_tokens: msg.new_tokens,
+                        accepted_path: msg.accepted_path,
+                        params: params_from_proto(msg.params, &limits),
+                        span: tracing::Span::current(),
+                    };
+                    let reply = match worker.speculate(job).await {
+                        Ok(d) => Ok(pb::DraftTree {
+                            tree: Some(pb::TokenTree {
+                                tokens: d.tree.tokens().to_vec(),
+                                parents: d.tree.parents().to_vec(),
+                                scores: d.tree.scores().to_vec(),
+                            }),
+                            levels: d.levels,
+                            drafted_nodes: d.drafted_nodes,
+                            draft_ns: d.draft_ns,
+                            fed_tokens: d.fed_tokens,
+                            mean_batch_size: d.mean_batch_size,
                         }),
-                        levels: d.levels,
-                        drafted_nodes: d.drafted_nodes,
-                        draft_ns: d.draft_ns,
-                        fed_tokens: d.fed_tokens,
-                        mean_batch_size: d.mean_batch_size,
-                    }),
-                    Err(e) => Err(Status::from(e)),
-                };
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    return;
+                        Err(e) => Err(Status::from(e)),
+                    };
+                    let failed = reply.is_err();
+                    if tx.send(reply).await.is_err() || failed {
+                        return;
+                    }
                 }
             }
-        });
+            .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -43,6 +43,9 @@ pub struct SpeculateJob {
     pub accepted_path: Vec<u32>,
     /// Tree shape.
     pub params: DraftParams,
+    /// The caller's span: the worker's `draft.tree` span for this job is its child, so
+    /// drafting shows up in the request's trace.
+    pub span: tracing::Span,
 }
 
 /// A drafted tree.
@@ -114,7 +117,7 @@ impl WorkerHandle {
         let (tx, rx) = sync_channel(batch.queue_capacity);
         let worker = Worker {
             model,
-            sessions: SessionStore::new(limits),
+            sessions: SessionStore::new(limits).with_metrics(),
             batch,
             backlog: VecDeque::new(),
         };
@@ -207,6 +210,8 @@ struct Job {
     batch_sum: usize,
     started: Instant,
     reply: Reply<Drafted>,
+    /// Covers this job in the worker, from dequeue to reply (child of the request span).
+    span: tracing::Span,
     /// This level's request: nodes expanded and the first logits row to read.
     expansion: Option<(Vec<usize>, usize, usize)>,
 }
@@ -423,6 +428,16 @@ impl Worker {
         params.depth = params.depth.min(room);
         let builder = TreeBuilder::new(root, &params);
         let fed = session.feed.len();
+        let span = tracing::info_span!(
+            parent: &job.span,
+            "draft.tree",
+            depth = params.depth,
+            branching = params.branching,
+            budget = params.budget,
+            fed,
+            levels = tracing::field::Empty,
+            drafted_nodes = tracing::field::Empty,
+        );
         Some(Job {
             id: job.session_id,
             session,
@@ -434,6 +449,7 @@ impl Worker {
             batch_sum: 0,
             started,
             reply,
+            span,
             expansion: None,
         })
     }
@@ -575,11 +591,17 @@ impl Worker {
         for evicted in self.sessions.put_back(&job.id, job.session) {
             tracing::info!(session = %evicted, "session evicted (LRU)");
         }
+        let draft_time = job.started.elapsed();
+        specllava_telemetry::metrics()
+            .draft_latency_seconds
+            .observe(draft_time.as_secs_f64());
+        job.span.record("levels", job.levels);
+        job.span.record("drafted_nodes", outcome.drafted_nodes);
         let drafted = Drafted {
             levels: job.levels,
             drafted_nodes: outcome.drafted_nodes as u32,
             fed_tokens,
-            draft_ns: ns(job.started.elapsed()),
+            draft_ns: ns(draft_time),
             mean_batch_size: if job.levels == 0 {
                 0.0
             } else {

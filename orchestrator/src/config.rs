@@ -61,6 +61,10 @@ pub struct Args {
     /// Timeout of one call to a target replica, in milliseconds.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 60_000)]
     pub target_timeout_ms: u64,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. `0.0.0.0:9090`,
+    /// or `127.0.0.1:0` for any free port). Unset: no metrics endpoint.
+    #[arg(long, env = "SPECLLAVA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,

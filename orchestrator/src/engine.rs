@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_client::DraftClient;
 use specllava_proto::v1::target_client::TargetClient;
+use specllava_telemetry::TraceContextInterceptor;
 use speculate::{
     BudgetPolicy, CostModel, DraftParams, PolicySpace, TokenTree, TreeLimits, TreeMode,
     VerifyCostTable,
@@ -168,7 +169,8 @@ impl Engine {
         let info = r
             .info
             .get_or_try_init(|| async {
-                let mut c = TargetClient::new(r.channel.clone());
+                let mut c =
+                    TargetClient::with_interceptor(r.channel.clone(), TraceContextInterceptor);
                 c.info(pb::InfoRequest {}).await.map(|x| x.into_inner())
             })
             .await
@@ -194,8 +196,16 @@ impl Engine {
                 token_ids: history.to_vec(),
             };
             let resp = match service {
-                "draft" => DraftClient::new(channel).open_session(req).await,
-                _ => TargetClient::new(channel).open_session(req).await,
+                "draft" => {
+                    DraftClient::with_interceptor(channel, TraceContextInterceptor)
+                        .open_session(req)
+                        .await
+                }
+                _ => {
+                    TargetClient::with_interceptor(channel, TraceContextInterceptor)
+                        .open_session(req)
+                        .await
+                }
             };
             let resp = match resp {
                 Ok(r) => r.into_inner(),
@@ -239,8 +249,16 @@ impl Engine {
                 .to_vec(),
         };
         let resp = match service {
-            "draft" => DraftClient::new(channel).append(req).await,
-            _ => TargetClient::new(channel).append(req).await,
+            "draft" => {
+                DraftClient::with_interceptor(channel, TraceContextInterceptor)
+                    .append(req)
+                    .await
+            }
+            _ => {
+                TargetClient::with_interceptor(channel, TraceContextInterceptor)
+                    .append(req)
+                    .await
+            }
         }
         .map_err(|s| replica_err(service, &r, s))?
         .into_inner();
@@ -255,11 +273,11 @@ impl Engine {
             session_id: id.to_owned(),
         };
         let res = match service {
-            "draft" => DraftClient::new(r.channel.clone())
+            "draft" => DraftClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
                 .close_session(req)
                 .await
                 .map(|_| ()),
-            _ => TargetClient::new(r.channel.clone())
+            _ => TargetClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
                 .close_session(req)
                 .await
                 .map(|_| ()),
@@ -464,7 +482,10 @@ impl Engine {
         if spec.mode.is_some() && self.ensure_draft(conv, &mut stats).await {
             let d = conv.draft.as_ref().expect("ensured");
             let (req_tx, req_rx) = mpsc::channel::<pb::SpeculateRequest>(2);
-            let mut client = DraftClient::new(d.pin.replica().channel.clone());
+            let mut client = DraftClient::with_interceptor(
+                d.pin.replica().channel.clone(),
+                TraceContextInterceptor,
+            );
             match client
                 .speculate(tokio_stream::wrappers::ReceiverStream::new(req_rx))
                 .await
@@ -547,6 +568,9 @@ impl Engine {
                     {
                         let rtt = ns(t0.elapsed());
                         stats.draft_ns += t.draft_ns;
+                        specllava_telemetry::metrics()
+                            .drafted_nodes_per_step
+                            .observe(f64::from(t.drafted_nodes));
                         stats.network_ns += rtt.saturating_sub(t.draft_ns);
                         if let Ok(mut pol) = self.policy.lock() {
                             pol.observe_draft(
@@ -585,7 +609,10 @@ impl Engine {
                 }),
             };
             let t0 = Instant::now();
-            let mut client = TargetClient::new(target.pin.replica().channel.clone());
+            let mut client = TargetClient::with_interceptor(
+                target.pin.replica().channel.clone(),
+                TraceContextInterceptor,
+            );
             let resp = match tokio::time::timeout(self.cfg.target_timeout, client.verify(req)).await
             {
                 Ok(Ok(r)) => r.into_inner(),
@@ -626,6 +653,9 @@ impl Engine {
             target.kv_len = resp.kv_len;
             target.synced = conv.history.len();
             stats.steps += 1;
+            specllava_telemetry::metrics()
+                .accepted_tokens_per_step
+                .observe(resp.emitted.len() as f64);
             stats.verify_ns += resp.forward_ns;
             stats.network_ns += rtt.saturating_sub(resp.total_ns);
             if let Ok(mut pol) = self.policy.lock() {

@@ -58,7 +58,7 @@ impl OrchestratorError {
 impl From<OrchestratorError> for Status {
     fn from(e: OrchestratorError) -> Status {
         let msg = e.to_string();
-        match &e {
+        let status = match &e {
             OrchestratorError::InvalidArgument(_) => Status::invalid_argument(msg),
             OrchestratorError::SessionNotFound(_) => Status::not_found(msg),
             OrchestratorError::SessionBusy(_) => Status::failed_precondition(msg),
@@ -73,6 +73,9 @@ impl From<OrchestratorError> for Status {
                 _ => Status::internal(msg),
             },
             OrchestratorError::Internal(_) => Status::internal(msg),
-        }
+        };
+        // The one place every error of this service becomes a status: count it here.
+        specllava_telemetry::metrics().record_error(e.error_type(), status.code());
+        status
     }
 }

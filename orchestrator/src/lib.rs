@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_model::{ImageLimits, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
-use specllava_service_kit::{reflection_services, shutdown_signal};
+use specllava_service_kit::{MetricsEndpoint, reflection_services, shutdown_signal};
 
 pub use config::Args;
 pub use error::OrchestratorError;
@@ -102,7 +102,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     let (reflection_v1, reflection_v1alpha) = reflection_services()?;
     tracing::info!(listen = %args.listen, "orchestrator listening");
+    let metrics = MetricsEndpoint::start_if(args.metrics_addr).await?;
     tonic::transport::Server::builder()
+        .layer(specllava_telemetry::GrpcTraceLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -112,6 +114,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     tracing::info!("orchestrator stopped");
     Ok(())
 }

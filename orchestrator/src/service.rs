@@ -11,6 +11,7 @@ use speculate::{SamplingParams, TreeMode};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{Engine, GenParams, Interrupted, SpecSettings};
 use crate::error::OrchestratorError;
@@ -179,6 +180,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        specllava_telemetry::metrics().record_request("Generate");
         let r = request.into_inner();
         if r.prompt.trim().is_empty() {
             return Err(
@@ -219,13 +221,14 @@ impl Generation for GenerationService {
         let prompt_tokens = prompt.len() as u32;
         let engine = Arc::clone(&self.engine);
         let (tx, rx) = mpsc::channel(32);
+        // One span per turn, child of the request span; the draft and target calls made
+        // inside it carry its trace context, so the turn is one trace across the services.
+        let span = tracing::info_span!("generate", session = %guard.id, one_shot, prompt_tokens);
         tokio::spawn(async move {
             let _permit = permit;
             let conv = &mut *guard;
             let before = conv.history.len();
             conv.history.extend_from_slice(&prompt);
-            let span = tracing::info_span!("generate", session = %conv.id, one_shot);
-            let _ = span.enter();
             let res = engine
                 .generate(conv, prompt_tokens, &params, &spec, &tx)
                 .await;
@@ -247,7 +250,9 @@ impl Generation for GenerationService {
             if one_shot {
                 engine.close_replicas(conv).await;
             }
-        });
+        }
+        .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -257,6 +262,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("CreateSession");
         let r = request.into_inner();
         if !r.image.is_empty() {
             self.check_image(&r.image).await?;
@@ -277,16 +283,20 @@ impl Generation for GenerationService {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("CloseSession");
         let id = request.into_inner().session_id;
         let Some(conv) = self.sessions.remove(&id) else {
             return Ok(Response::new(pb::CloseSessionResponse { existed: false }));
         };
         let engine = Arc::clone(&self.engine);
         // Waits for a running turn of this session to end, then frees the replicas.
-        tokio::spawn(async move {
-            let mut c = conv.lock().await;
-            engine.close_replicas(&mut c).await;
-        });
+        tokio::spawn(
+            async move {
+                let mut c = conv.lock().await;
+                engine.close_replicas(&mut c).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
         tracing::info!(session = %id, "session closed");
         Ok(Response::new(pb::CloseSessionResponse { existed: true }))
     }

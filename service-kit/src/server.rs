@@ -55,3 +55,69 @@ pub fn reflection_services() -> Result<
         .build_v1alpha()?;
     Ok((v1, v1alpha))
 }
+
+/// A running Prometheus `/metrics` endpoint; stop it with [`MetricsEndpoint::stop`]
+/// after the gRPC server drained (dropping it stops it too).
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsEndpoint {
+    /// Binds `addr` (fails fast on a bad or taken address) and serves the process-wide
+    /// `specllava_*` registry at `GET /metrics` on a background task.
+    pub async fn start(
+        addr: std::net::SocketAddr,
+    ) -> Result<Self, specllava_telemetry::TelemetryError> {
+        let server = specllava_telemetry::MetricsServer::bind(addr).await?;
+        let addr = server.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = server.serve(shutdown).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// [`MetricsEndpoint::start`] when an address is configured.
+    pub async fn start_if(
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<Option<Self>, specllava_telemetry::TelemetryError> {
+        match addr {
+            Some(addr) => Ok(Some(Self::start(addr).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting scrapes and waits for the accept loop to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for MetricsEndpoint {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -2,7 +2,10 @@
 //! maximum count and a TTL, with least-recently-used eviction.
 //!
 //! The store is owned by the model worker (no locking); memory is released
-//! when a session is dropped.
+//! when a session is dropped. A store made with [`SessionStore::with_metrics`]
+//! publishes its size to the process-wide `specllava_active_sessions` and
+//! `specllava_kv_cache_bytes` gauges and counts evictions in
+//! `specllava_evictions_total{reason="ttl"|"lru"|"memory"}`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,6 +60,7 @@ pub struct SessionStore<S> {
     sessions: HashMap<String, Entry<S>>,
     total_bytes: usize,
     evictions: u64,
+    metrics: Option<&'static specllava_telemetry::Metrics>,
 }
 
 impl<S: SessionState> SessionStore<S> {
@@ -67,6 +71,31 @@ impl<S: SessionState> SessionStore<S> {
             sessions: HashMap::new(),
             total_bytes: 0,
             evictions: 0,
+            metrics: None,
+        }
+    }
+
+    /// Publishes this store to the process-wide metrics (one store per process).
+    pub fn with_metrics(mut self) -> Self {
+        self.metrics = Some(specllava_telemetry::metrics());
+        self.publish();
+        self
+    }
+
+    /// Sets the session and KV gauges from the store's accounting.
+    fn publish(&self) {
+        if let Some(m) = self.metrics {
+            m.active_sessions
+                .set(i64::try_from(self.sessions.len()).unwrap_or(i64::MAX));
+            m.kv_cache_bytes
+                .set(i64::try_from(self.total_bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record_eviction(&mut self, reason: &str) {
+        self.evictions += 1;
+        if let Some(m) = self.metrics {
+            m.record_eviction(reason);
         }
     }
 
@@ -118,7 +147,9 @@ impl<S: SessionState> SessionStore<S> {
                 bytes,
             },
         );
-        Ok(self.enforce(id))
+        let evicted = self.enforce(id);
+        self.publish();
+        Ok(evicted)
     }
 
     /// Mutable access to a session, marking it used.
@@ -156,7 +187,9 @@ impl<S: SessionState> SessionStore<S> {
                 bytes,
             },
         );
-        self.enforce(id)
+        let evicted = self.enforce(id);
+        self.publish();
+        evicted
     }
 
     /// Re-accounts a session's size after it changed, then evicts as needed.
@@ -166,11 +199,20 @@ impl<S: SessionState> SessionStore<S> {
             self.total_bytes = self.total_bytes - e.bytes + bytes;
             e.bytes = bytes;
         }
-        self.enforce(id)
+        let evicted = self.enforce(id);
+        self.publish();
+        evicted
     }
 
     /// Removes a session; returns whether it existed.
     pub fn remove(&mut self, id: &str) -> bool {
+        let existed = self.remove_quiet(id);
+        self.publish();
+        existed
+    }
+
+    /// Removes a session without publishing the gauges.
+    fn remove_quiet(&mut self, id: &str) -> bool {
         match self.sessions.remove(id) {
             Some(e) => {
                 self.total_bytes -= e.bytes;
@@ -190,8 +232,11 @@ impl<S: SessionState> SessionStore<S> {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
-            self.remove(id);
-            self.evictions += 1;
+            self.remove_quiet(id);
+            self.record_eviction("ttl");
+        }
+        if !expired.is_empty() {
+            self.publish();
         }
         expired
     }
@@ -214,8 +259,13 @@ impl<S: SessionState> SessionStore<S> {
             else {
                 break;
             };
-            self.remove(&victim);
-            self.evictions += 1;
+            let reason = if self.sessions.len() > self.limits.max_sessions {
+                "lru"
+            } else {
+                "memory"
+            };
+            self.remove_quiet(&victim);
+            self.record_eviction(reason);
             evicted.push(victim);
         }
         evicted
@@ -300,5 +350,27 @@ mod tests {
         let later = Instant::now() + Duration::from_millis(50);
         assert_eq!(s.expire(later), vec!["a".to_owned()]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn publishes_gauges_and_evictions() {
+        // The only test of this process that publishes to the global metrics.
+        let m = specllava_telemetry::metrics();
+        let lru_before = m
+            .evictions
+            .get_or_create(&specllava_telemetry::metrics::ReasonLabel("lru".into()))
+            .get();
+        let mut s = SessionStore::new(limits(1, 1000)).with_metrics();
+        s.insert("a", Fake(10)).unwrap();
+        assert_eq!((m.active_sessions.get(), m.kv_cache_bytes.get()), (1, 10));
+        s.insert("b", Fake(30)).unwrap();
+        assert_eq!((m.active_sessions.get(), m.kv_cache_bytes.get()), (1, 30));
+        let lru = m
+            .evictions
+            .get_or_create(&specllava_telemetry::metrics::ReasonLabel("lru".into()))
+            .get();
+        assert_eq!(lru, lru_before + 1);
+        s.remove("b");
+        assert_eq!((m.active_sessions.get(), m.kv_cache_bytes.get()), (0, 0));
     }
 }

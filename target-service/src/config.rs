@@ -52,6 +52,10 @@ pub struct Args {
     /// `max_position_embeddings`.
     #[arg(long, env = "SPECLLAVA_MAX_CONTEXT", default_value_t = 0)]
     pub max_context: usize,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. `0.0.0.0:9090`,
+    /// or `127.0.0.1:0` for any free port). Unset: no metrics endpoint.
+    #[arg(long, env = "SPECLLAVA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,

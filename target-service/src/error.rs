@@ -84,7 +84,7 @@ impl TargetError {
 impl From<TargetError> for Status {
     fn from(e: TargetError) -> Status {
         let msg = e.to_string();
-        match &e {
+        let status = match &e {
             TargetError::Session(SessionStoreError::NotFound(_)) => Status::not_found(msg),
             TargetError::Session(SessionStoreError::AlreadyExists(_)) => {
                 Status::already_exists(msg)
@@ -103,6 +103,9 @@ impl From<TargetError> for Status {
             TargetError::Model(_) | TargetError::BatchFailed(_) => Status::internal(msg),
             TargetError::QueueFull(_) => Status::resource_exhausted(msg),
             TargetError::WorkerGone => Status::unavailable(msg),
-        }
+        };
+        // The one place every error of this service becomes a status: count it here.
+        specllava_telemetry::metrics().record_error(e.error_type(), status.code());
+        status
     }
 }

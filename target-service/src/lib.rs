@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_model::{ImageLimits, Llava};
 use specllava_proto::v1::target_server::TargetServer;
-use specllava_service_kit::{parse_device, reflection_services, shutdown_signal};
+use specllava_service_kit::{MetricsEndpoint, parse_device, reflection_services, shutdown_signal};
 use speculate::TreeLimits;
 
 pub use config::Args;
@@ -65,13 +65,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     let (reflection_v1, reflection_v1alpha) = reflection_services()?;
     tracing::info!(listen = %args.listen, vocab = limits.tree.vocab_size, max_context, "target service listening");
+    let metrics = MetricsEndpoint::start_if(args.metrics_addr).await?;
     tonic::transport::Server::builder()
+        .layer(specllava_telemetry::GrpcTraceLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TargetServer::new(svc).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     tracing::info!("target service stopped");
     Ok(())
 }

@@ -11,6 +11,7 @@ use specllava_proto::v1::target_server::Target;
 use speculate::{SamplingParams, StopConditions, TokenTree, TreeLimits};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::TargetError;
 use crate::worker::{VerifyJob, WorkerHandle, finish_to_proto};
@@ -81,6 +82,7 @@ impl Target for TargetService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("OpenSession");
         let r = request.into_inner();
         if r.session_id.is_empty() {
             return Err(TargetError::InvalidArgument("session_id must not be empty".into()).into());
@@ -112,6 +114,7 @@ impl Target for TargetService {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        specllava_telemetry::metrics().record_request("Append");
         let r = request.into_inner();
         let images = prepare_prefill(&self.model, self.limits.image, &r.token_ids, r.images)
             .await
@@ -130,6 +133,7 @@ impl Target for TargetService {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        specllava_telemetry::metrics().record_request("CloseSession");
         let id = request.into_inner().session_id;
         let existed = self.worker.close(id.clone()).await?;
         tracing::info!(session = %id, existed, "session closed");
@@ -140,6 +144,7 @@ impl Target for TargetService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        specllava_telemetry::metrics().record_request("Verify");
         let t0 = Instant::now();
         let r = request.into_inner();
         let tree = r.tree.unwrap_or_default();
@@ -156,6 +161,7 @@ impl Target for TargetService {
             tree,
             sampling: sampling_from_proto(r.sampling).map_err(TargetError::from)?,
             stop: stop_from_proto(r.stop),
+            span: tracing::Span::current(),
         };
         let res = self.worker.verify(job).await?;
         Ok(Response::new(pb::VerifyResponse {
@@ -184,6 +190,7 @@ impl Target for TargetService {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
+        specllava_telemetry::metrics().record_request("Decode");
         let r = request.into_inner();
         let sampling = sampling_from_proto(r.sampling).map_err(TargetError::from)?;
         let stop = stop_from_proto(r.stop);
@@ -196,47 +203,51 @@ impl Target for TargetService {
         }
         let worker = self.worker.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut kv_len = r.expected_kv_len;
-            let mut root = r.root_token;
-            let mut remaining = stop.max_new_tokens;
-            while remaining > 0 {
-                let job = VerifyJob {
-                    session_id: r.session_id.clone(),
-                    expected_kv_len: kv_len,
-                    tree: TokenTree::root(root),
-                    sampling,
-                    stop: StopConditions {
-                        eos_token_ids: stop.eos_token_ids.clone(),
-                        max_new_tokens: remaining,
-                    },
-                };
-                let msg = match worker.verify(job).await {
-                    Ok(res) => {
-                        let token = res.outcome.emitted[0];
-                        kv_len = res.kv_len;
-                        root = token;
-                        remaining -= 1;
-                        let finish = res.outcome.finish;
-                        let m = pb::DecodeResponse {
-                            token,
-                            kv_len,
-                            finish: finish_to_proto(finish) as i32,
-                            forward_ns: res.forward_ns,
-                            queue_ns: res.queue_ns,
-                        };
-                        let last = finish.is_some();
-                        if tx.send(Ok(m)).await.is_err() || last {
-                            return;
+        tokio::spawn(
+            async move {
+                let mut kv_len = r.expected_kv_len;
+                let mut root = r.root_token;
+                let mut remaining = stop.max_new_tokens;
+                while remaining > 0 {
+                    let job = VerifyJob {
+                        session_id: r.session_id.clone(),
+                        expected_kv_len: kv_len,
+                        tree: TokenTree::root(root),
+                        sampling,
+                        stop: StopConditions {
+                            eos_token_ids: stop.eos_token_ids.clone(),
+                            max_new_tokens: remaining,
+                        },
+                        span: tracing::Span::current(),
+                    };
+                    let msg = match worker.verify(job).await {
+                        Ok(res) => {
+                            let token = res.outcome.emitted[0];
+                            kv_len = res.kv_len;
+                            root = token;
+                            remaining -= 1;
+                            let finish = res.outcome.finish;
+                            let m = pb::DecodeResponse {
+                                token,
+                                kv_len,
+                                finish: finish_to_proto(finish) as i32,
+                                forward_ns: res.forward_ns,
+                                queue_ns: res.queue_ns,
+                            };
+                            let last = finish.is_some();
+                            if tx.send(Ok(m)).await.is_err() || last {
+                                return;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    Err(e) => Err(Status::from(e)),
-                };
-                let _ = tx.send(msg).await;
-                return;
+                        Err(e) => Err(Status::from(e)),
+                    };
+                    let _ = tx.send(msg).await;
+                    return;
+                }
             }
-        });
+            .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -246,6 +257,7 @@ impl Target for TargetService {
         &self,
         _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
+        specllava_telemetry::metrics().record_request("Info");
         let cfg = self.model.config();
         Ok(Response::new(pb::InfoResponse {
             vocab_size: cfg.text.vocab_size as u32,

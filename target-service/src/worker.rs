@@ -82,6 +82,9 @@ pub struct VerifyJob {
     pub sampling: SamplingParams,
     /// Stop conditions.
     pub stop: StopConditions,
+    /// The caller's span: the worker's `target.verify` span for this job is its child, so
+    /// the batched forward shows up in the request's trace.
+    pub span: tracing::Span,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, TargetError>>;
@@ -128,7 +131,7 @@ impl WorkerHandle {
         let (tx, rx) = sync_channel(batch.queue_capacity);
         let worker = Worker {
             model,
-            sessions: SessionStore::new(limits),
+            sessions: SessionStore::new(limits).with_metrics(),
             batch,
             backlog: VecDeque::new(),
         };
@@ -193,12 +196,31 @@ impl WorkerHandle {
     /// Verifies a tree (batched with other sessions' requests) and commits the accepted path.
     pub async fn verify(&self, job: VerifyJob) -> Result<VerifyResult, TargetError> {
         let received = Instant::now();
-        self.call(|reply| Command::Verify {
+        let depth = &specllava_telemetry::metrics().verify_queue_depth;
+        let (reply, rx) = oneshot::channel();
+        // Counted before it is queued, so the worker's decrement never comes first.
+        depth.inc();
+        let command = Command::Verify {
             job: Box::new(job),
             received,
             reply,
-        })
-        .await
+        };
+        match self.tx.try_send(command) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                depth.dec();
+                return Err(TargetError::QueueFull(self.capacity));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                depth.dec();
+                return Err(TargetError::WorkerGone);
+            }
+        }
+        let result = rx.await.unwrap_or(Err(TargetError::WorkerGone));
+        specllava_telemetry::metrics()
+            .verify_latency_seconds
+            .observe(received.elapsed().as_secs_f64());
+        result
     }
 }
 
@@ -413,6 +435,10 @@ impl Worker {
 
     fn run_batch(&mut self, batch: Vec<(Box<VerifyJob>, Instant, Reply<VerifyResult>)>) {
         let started = Instant::now();
+        // These requests leave the queue now.
+        specllava_telemetry::metrics()
+            .verify_queue_depth
+            .dec_by(batch.len() as i64);
         let mut ready = Vec::with_capacity(batch.len());
         for (job, received, reply) in batch {
             match self.check(&job) {
@@ -427,6 +453,24 @@ impl Worker {
         }
         let batch_size = ready.len() as u32;
         let batch_nodes = ready.iter().map(|(j, ..)| j.tree.len()).sum::<usize>() as u32;
+        let metrics = specllava_telemetry::metrics();
+        metrics.verify_batch_size.observe(f64::from(batch_size));
+        metrics.verify_batch_nodes.observe(f64::from(batch_nodes));
+        // One span per request in its own trace (the forward is shared, so they overlap),
+        // plus the batch span of this thread.
+        let job_spans: Vec<tracing::Span> = ready
+            .iter()
+            .map(|(job, ..)| {
+                tracing::info_span!(
+                    parent: &job.span,
+                    "target.verify",
+                    session = %job.session_id,
+                    nodes = job.tree.len(),
+                    batch_size,
+                    batch_nodes,
+                )
+            })
+            .collect();
         let span = tracing::debug_span!("verify_batch", batch_size, batch_nodes);
         let _enter = span.enter();
         let t0 = Instant::now();
@@ -472,6 +516,8 @@ impl Worker {
                 }
             }
         }
+        // The per-request spans end once every request was answered.
+        drop(job_spans);
     }
 }
 
