@@ -1,6 +1,11 @@
 //! Process harness of the end-to-end tests: builds the three service binaries
 //! once, starts them on free loopback ports with the parity fixture
 //! checkpoints, waits for gRPC health, and stops them (SIGTERM) on drop.
+//!
+//! [`otlp`] holds an in-process OTLP trace collector and [`scrape_metrics`]
+//! reads a service's Prometheus endpoint, for the telemetry tests.
+
+pub mod otlp;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -85,14 +90,24 @@ pub struct Service {
     pub child: Child,
     /// `127.0.0.1:port`.
     pub addr: String,
+    /// `127.0.0.1:port` of its `/metrics` endpoint, when started with one.
+    pub metrics_addr: Option<String>,
 }
 
 impl Service {
     /// Starts `bin` with `args` and `--listen` on a free port.
     pub fn start(bin: &str, args: &[String]) -> Self {
+        Self::start_with(bin, args, &[], false)
+    }
+
+    /// [`Service::start`] with extra environment variables, and with
+    /// `--metrics-addr` on a free port when `metrics` is set.
+    pub fn start_with(bin: &str, args: &[String], env: &[(String, String)], metrics: bool) -> Self {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(bin_dir().join(bin))
+        let metrics_addr = metrics.then(|| format!("127.0.0.1:{}", free_port()));
+        let mut command = Command::new(bin_dir().join(bin));
+        command
             .args(args)
             .arg("--listen")
             .arg(&addr)
@@ -100,10 +115,19 @@ impl Service {
                 "RUST_LOG",
                 std::env::var("SPECLLAVA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdin(Stdio::null())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        if let Some(m) = &metrics_addr {
+            command.arg("--metrics-addr").arg(m);
+        }
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            metrics_addr,
+        }
     }
 
     /// `http://addr`.
@@ -149,6 +173,10 @@ pub struct ClusterConfig {
     pub orchestrator_args: Vec<String>,
     /// Extra target flags.
     pub target_args: Vec<String>,
+    /// Extra environment of all three services (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
+    /// Start every service with a `/metrics` endpoint on a free port.
+    pub metrics: bool,
 }
 
 impl ClusterConfig {
@@ -160,6 +188,8 @@ impl ClusterConfig {
             draft_endpoints: None,
             orchestrator_args: Vec::new(),
             target_args: Vec::new(),
+            env: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -212,11 +242,16 @@ impl Cluster {
             "2000".into(),
         ];
         target_args.extend(cfg.target_args.iter().cloned());
-        let mut target = Service::start("specllava-target", &target_args);
-        let mut draft = cfg
-            .draft_model
-            .as_ref()
-            .map(|m| Service::start("specllava-draft", &["--model-dir".into(), path(m)]));
+        let mut target =
+            Service::start_with("specllava-target", &target_args, &cfg.env, cfg.metrics);
+        let mut draft = cfg.draft_model.as_ref().map(|m| {
+            Service::start_with(
+                "specllava-draft",
+                &["--model-dir".into(), path(m)],
+                &cfg.env,
+                cfg.metrics,
+            )
+        });
         wait_healthy(&mut target, Duration::from_secs(120)).await;
         if let Some(d) = draft.as_mut() {
             wait_healthy(d, Duration::from_secs(120)).await;
@@ -234,7 +269,8 @@ impl Cluster {
             format!("--draft-endpoints={draft_endpoints}"),
         ];
         orch_args.extend(cfg.orchestrator_args.iter().cloned());
-        let mut orchestrator = Service::start("specllava-orchestrator", &orch_args);
+        let mut orchestrator =
+            Service::start_with("specllava-orchestrator", &orch_args, &cfg.env, cfg.metrics);
         wait_healthy(&mut orchestrator, Duration::from_secs(60)).await;
         Self {
             draft,
@@ -263,4 +299,29 @@ impl Cluster {
             .await
             .expect("connect draft")
     }
+}
+
+/// `GET /metrics` of a service started with a metrics endpoint: the exposition text.
+pub async fn scrape_metrics(svc: &Service) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = svc.metrics_addr.as_ref().expect("started with metrics");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("sending the scrape");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("reading the scrape");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "scrape of {addr}: {head}");
+    // Connection: close without chunking: hyper sends a Content-Length body.
+    body.to_owned()
 }

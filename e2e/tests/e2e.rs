@@ -651,6 +651,8 @@ async fn unreachable_draft_falls_back_to_target_only_and_limits_apply() {
             "200".into(),
         ],
         target_args: vec![],
+        env: vec![],
+        metrics: false,
     };
     let cluster = Cluster::start(cfg).await;
     let base = generate(
