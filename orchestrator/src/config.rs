@@ -61,6 +61,11 @@ pub struct Args {
     /// Timeout of one call to a target replica, in milliseconds.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 60_000)]
     pub target_timeout_ms: u64,
+    /// Re-resolve the draft and target endpoints (DNS) this often, in seconds, so new
+    /// replicas take new sessions and vanished ones hand theirs over (re-prefilled from
+    /// the history); 0 = only at start and after a replica failure.
+    #[arg(long, env = "SPECLLAVA_DISCOVERY_INTERVAL_SECS", default_value_t = 10)]
+    pub discovery_interval_secs: u64,
     /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. `0.0.0.0:9090`,
     /// or `127.0.0.1:0` for any free port). Unset: no metrics endpoint.
     #[arg(long, env = "SPECLLAVA_METRICS_ADDR")]

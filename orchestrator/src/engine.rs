@@ -379,6 +379,10 @@ impl Engine {
                     d.opened = false;
                 } else {
                     conv.draft = None;
+                    if e.is_replica_code(Code::Unavailable) {
+                        // The replica may have gone: see the set as DNS sees it now.
+                        self.drafts.refresh().await;
+                    }
                 }
                 false
             }

@@ -49,6 +49,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let n_draft = drafts.refresh().await;
     let n_target = targets.refresh().await;
     tracing::info!(drafts = n_draft, targets = n_target, "replicas resolved");
+    let discovery = routing::spawn_discovery(
+        vec![Arc::clone(&drafts), Arc::clone(&targets)],
+        Duration::from_secs(args.discovery_interval_secs),
+    );
     let engine = Arc::new(engine::Engine::new(
         tokenizer.clone(),
         tokenizer.image_token_id(),
@@ -114,6 +118,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
+    if let Some(task) = discovery {
+        task.abort();
+    }
     if let Some(m) = metrics {
         m.stop().await;
     }

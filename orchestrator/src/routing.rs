@@ -4,11 +4,15 @@
 //!
 //! [`ReplicaSet::refresh`] re-resolves the endpoints; replicas that disappear
 //! are marked gone (their sessions re-prefill elsewhere) and new ones join.
+//! The orchestrator refreshes on a replica failure and periodically
+//! ([`spawn_discovery`]), so replicas a scale-up adds take new sessions without
+//! waiting for a failure. Existing sessions keep their replica while it stays.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
@@ -112,24 +116,39 @@ impl ReplicaSet {
 
     /// Resolves every endpoint (DNS) and updates the set: new addresses join,
     /// vanished ones are marked gone. Returns the number of replicas.
+    ///
+    /// When an endpoint does not resolve (a DNS hiccup), replicas are only added,
+    /// never removed: a failed lookup is no evidence that a replica went away.
     pub async fn refresh(&self) -> usize {
         let mut addrs: Vec<SocketAddr> = Vec::new();
+        let mut complete = true;
         for ep in &self.endpoints {
             match tokio::net::lookup_host(host_port(ep)).await {
                 Ok(found) => addrs.extend(found),
                 Err(e) => {
+                    complete = false;
                     tracing::warn!(kind = self.kind, endpoint = %ep, error = %e, "cannot resolve endpoint")
                 }
             }
         }
+        self.apply_resolved(addrs, complete)
+    }
+
+    /// Updates the set to the resolved `addrs`: unknown ones join; when the resolution
+    /// is `complete`, replicas not among them are marked gone and leave the set.
+    /// Returns the number of replicas.
+    pub fn apply_resolved(&self, addrs: Vec<SocketAddr>, complete: bool) -> usize {
         let wanted: HashSet<SocketAddr> = addrs.iter().copied().collect();
         let mut replicas = self.replicas.write().expect("replica lock poisoned");
-        for r in replicas.iter() {
-            if !wanted.contains(&r.addr) {
-                r.gone.store(true, Ordering::Relaxed);
+        if complete {
+            for r in replicas.iter() {
+                if !wanted.contains(&r.addr) {
+                    tracing::info!(kind = self.kind, addr = %r.addr, pinned = r.pinned(), "replica gone");
+                    r.gone.store(true, Ordering::Relaxed);
+                }
             }
+            replicas.retain(|r| wanted.contains(&r.addr));
         }
-        replicas.retain(|r| wanted.contains(&r.addr));
         let known: HashSet<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
         let mut seen = HashSet::new();
         for addr in addrs {
@@ -169,6 +188,28 @@ impl ReplicaSet {
     }
 }
 
+/// Refreshes every set in `sets` each `interval` (the first refresh one interval from
+/// now) until the returned task is aborted. A zero interval starts nothing.
+pub fn spawn_discovery(
+    sets: Vec<Arc<ReplicaSet>>,
+    interval: Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for set in sets.iter().filter(|s| !s.is_unconfigured()) {
+                let n = set.refresh().await;
+                tracing::debug!(kind = set.kind(), replicas = n, "replicas refreshed");
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +241,83 @@ mod tests {
         assert!(set.is_unconfigured());
         assert_eq!(set.refresh().await, 0);
         assert!(set.pin(None).is_none());
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn addrs_of(set: &ReplicaSet) -> Vec<SocketAddr> {
+        let mut a: Vec<SocketAddr> = set.replicas().iter().map(|r| r.addr).collect();
+        a.sort();
+        a
+    }
+
+    #[tokio::test]
+    async fn new_replicas_take_new_sessions_and_old_sessions_stay() {
+        let set = ReplicaSet::new("draft", vec!["replicas.invalid:7000".into()]);
+        assert_eq!(set.apply_resolved(vec![addr("10.0.0.1:7000")], true), 1);
+        let a = set.pin(None).unwrap();
+        let b = set.pin(None).unwrap();
+        // Scale-up: a second replica appears; new sessions go there (fewest pinned).
+        assert_eq!(
+            set.apply_resolved(vec![addr("10.0.0.1:7000"), addr("10.0.0.2:7000")], true),
+            2
+        );
+        let c = set.pin(None).unwrap();
+        let d = set.pin(None).unwrap();
+        assert_eq!(c.replica().addr, addr("10.0.0.2:7000"));
+        assert_eq!(d.replica().addr, addr("10.0.0.2:7000"));
+        // Existing sessions keep their replica.
+        assert_eq!(a.replica().addr, addr("10.0.0.1:7000"));
+        assert!(!a.replica().is_gone() && !b.replica().is_gone());
+        // Scale-down: the first replica vanishes; its sessions see it gone (and
+        // re-prefill elsewhere), new sessions avoid it.
+        assert_eq!(set.apply_resolved(vec![addr("10.0.0.2:7000")], true), 1);
+        assert!(a.replica().is_gone() && b.replica().is_gone());
+        assert!(!c.replica().is_gone());
+        let e = set.pin(None).unwrap();
+        assert_eq!(e.replica().addr, addr("10.0.0.2:7000"));
+        // An incomplete resolution (DNS error) adds but never removes.
+        assert_eq!(set.apply_resolved(vec![addr("10.0.0.3:7000")], false), 2);
+        assert!(!c.replica().is_gone());
+        assert_eq!(
+            addrs_of(&set),
+            vec![addr("10.0.0.2:7000"), addr("10.0.0.3:7000")]
+        );
+    }
+
+    #[tokio::test]
+    async fn unresolvable_endpoint_keeps_the_known_replicas() {
+        let set = ReplicaSet::new("target", vec!["no-such-host.invalid:7000".into()]);
+        set.apply_resolved(vec![addr("10.0.0.1:7000")], true);
+        let pin = set.pin(None).unwrap();
+        assert_eq!(set.refresh().await, 1);
+        assert!(!pin.replica().is_gone());
+    }
+
+    #[tokio::test]
+    async fn periodic_discovery_follows_dns() {
+        // The set's view is stale (an old address); the endpoint resolves to another.
+        let set = Arc::new(ReplicaSet::new("target", vec!["127.0.0.1:7003".into()]));
+        set.apply_resolved(vec![addr("127.0.0.2:7003")], true);
+        let stale = set.pin(None).unwrap();
+        let task = spawn_discovery(vec![Arc::clone(&set)], Duration::from_millis(200)).unwrap();
+        // Nothing happens before the first interval.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(addrs_of(&set), vec![addr("127.0.0.2:7003")]);
+        // After it, the set follows the resolution without any failure.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while addrs_of(&set) != vec![addr("127.0.0.1:7003")] {
+            assert!(tokio::time::Instant::now() < deadline, "not refreshed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(stale.replica().is_gone());
+        assert_eq!(
+            set.pin(None).unwrap().replica().addr,
+            addr("127.0.0.1:7003")
+        );
+        task.abort();
+        assert!(spawn_discovery(vec![set], Duration::ZERO).is_none());
     }
 }
