@@ -234,12 +234,16 @@ def main() -> None:
     examples = []
     for qi, qt in enumerate(gen_data.QTYPES):
         rows = []
-        for i in range(args.n_per_type):
+        i = -1
+        while len(rows) < args.n_per_type:
+            i += 1
             s = gen_data.sample("test", qi * 100_000 + i, vc.IMAGE_SIZE, qtype=qt)
+            if s.qtype != qt:  # the scene does not fit this question type
+                continue
             out = pair.greedy(pair.target, pair.inputs(Image.fromarray(s.image), s.prompt), args.max_new)
             text = pair.proc.tokenizer.decode(out, skip_special_tokens=True)
             rows.append(score(s, text))
-            if i < 3:
+            if len(rows) <= 2:
                 examples.append({"qtype": qt, "prompt": s.prompt, "reference": s.answer, "target": text})
         acc[qt] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         print(qt, acc[qt], flush=True)
