@@ -1,17 +1,14 @@
 //! Plumbing shared by the three Spec-LLaVA services: the per-service session
 //! store (byte budget, TTL, LRU eviction, published as `specllava_*` metrics),
-//! logging initialisation (tools; the service binaries use
-//! `specllava_telemetry::init_telemetry`), graceful shutdown, the `/metrics`
+//! graceful shutdown, the `/metrics`
 //! endpoint, and the gRPC health + reflection services.
 
 pub mod device;
-pub mod logging;
 pub mod prefill;
 pub mod server;
 pub mod sessions;
 
 pub use device::parse_device;
-pub use logging::init_logging;
 pub use prefill::prepare_prefill;
 pub use server::{MetricsEndpoint, reflection_services, shutdown_signal};
 pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};
