@@ -149,7 +149,7 @@ impl Decoder {
             embed_tokens,
             layers,
             norm: RmsNorm::load(lm, "norm", c.hidden_size, c.rms_norm_eps)?,
-            lm_head: Linear::from_weights(head, None),
+            lm_head: Linear::from_weights(head, None)?,
             inv_freq: inv_freq(c),
             cfg: c.clone(),
             device: device.clone(),
