@@ -26,7 +26,9 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_model::{ImageLimits, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
-use specllava_service_kit::{MetricsEndpoint, reflection_services, shutdown_signal};
+use specllava_service_kit::serve_grpc;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 pub use config::Args;
 pub use error::OrchestratorError;
@@ -100,29 +102,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         limits,
     );
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GenerationServer<service::GenerationService>>()
-        .await;
-    let (reflection_v1, reflection_v1alpha) = reflection_services()?;
-    tracing::info!(listen = %args.listen, "orchestrator listening");
-    let metrics = MetricsEndpoint::start_if(args.metrics_addr).await?;
-    tonic::transport::Server::builder()
-        .layer(specllava_telemetry::GrpcTraceLayer)
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            GenerationServer::new(svc)
-                .max_decoding_message_size(args.max_image_bytes.saturating_add(1024 * 1024)),
-        )
-        .serve_with_shutdown(args.listen, shutdown_signal())
-        .await?;
+    let server = GenerationServer::new(svc)
+        .max_decoding_message_size(args.max_image_bytes.saturating_add(1024 * 1024));
+    serve_grpc(
+        args.listen,
+        GenerationServer::<service::GenerationService>::NAME,
+        Routes::new(server),
+        args.metrics_addr,
+    )
+    .await?;
     if let Some(task) = discovery {
         task.abort();
-    }
-    if let Some(m) = metrics {
-        m.stop().await;
     }
     tracing::info!("orchestrator stopped");
     Ok(())

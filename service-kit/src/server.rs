@@ -1,4 +1,40 @@
-//! Server helpers: graceful shutdown and the standard gRPC side services.
+//! Server helpers: graceful shutdown, the standard gRPC side services, and
+//! [`serve_grpc`], which runs one Spec-LLaVA gRPC service with all of them.
+
+use std::net::SocketAddr;
+
+use tonic::service::Routes;
+
+/// Serves `routes` (one `specllava.v1` service, named `service_name` for the health
+/// protocol) on `listen` with gRPC health, reflection, the tracing layer and, when
+/// `metrics_addr` is set, a Prometheus `/metrics` endpoint; returns after SIGTERM /
+/// ctrl-c once in-flight requests have drained.
+pub async fn serve_grpc(
+    listen: SocketAddr,
+    service_name: &'static str,
+    routes: Routes,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status(service_name, tonic_health::ServingStatus::Serving)
+        .await;
+    let (reflection_v1, reflection_v1alpha) = reflection_services()?;
+    let metrics = MetricsEndpoint::start_if(metrics_addr).await?;
+    tracing::info!(%listen, service = service_name, "listening");
+    tonic::transport::Server::builder()
+        .layer(specllava_telemetry::GrpcTraceLayer)
+        .add_routes(routes)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_shutdown(listen, shutdown_signal())
+        .await?;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
+    Ok(())
+}
 
 /// Resolves when the process receives SIGTERM or ctrl-c. Pass it to
 /// `Server::serve_with_shutdown`, which then stops accepting connections and

@@ -1,0 +1,95 @@
+//! What the two model services (draft and target) share: their common flags and
+//! model loading.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use specllava_model::{ImageLimits, Llava};
+
+use crate::{SessionLimits, parse_device};
+
+/// Flags common to the draft and the target service (every flag is also an
+/// environment variable). Each service flattens this into its own `Args`, next to
+/// the flags whose defaults differ (listen address, model directory, KV budget).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelServerArgs {
+    /// Device: `cpu` or `cuda` (or `cuda:N`).
+    #[arg(long, env = "SPECLLAVA_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Maximum live sessions (more evicts the least recently used).
+    #[arg(long, env = "SPECLLAVA_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// Sessions unused this long are dropped, in seconds.
+    #[arg(long, env = "SPECLLAVA_SESSION_TTL_S", default_value_t = 600)]
+    pub session_ttl_s: u64,
+    /// Capacity of the model worker's queue (full answers RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SPECLLAVA_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+    /// Maximum encoded image size, in bytes.
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+    /// Maximum decoded image size, in pixels.
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Maximum context (KV rows + tree depth) of a session; 0 = the model's
+    /// `max_position_embeddings`.
+    #[arg(long, env = "SPECLLAVA_MAX_CONTEXT", default_value_t = 0)]
+    pub max_context: usize,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. `0.0.0.0:9090`,
+    /// or `127.0.0.1:0` for any free port). Unset: no metrics endpoint.
+    #[arg(long, env = "SPECLLAVA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log one JSON object per line.
+    #[arg(long, env = "SPECLLAVA_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl ModelServerArgs {
+    /// Session store limits: these flags plus the service's KV budget in MiB.
+    pub fn session_limits(&self, kv_budget_mb: usize) -> SessionLimits {
+        SessionLimits {
+            max_sessions: self.max_sessions,
+            max_bytes: kv_budget_mb.saturating_mul(1024 * 1024),
+            ttl: Duration::from_secs(self.session_ttl_s),
+        }
+    }
+
+    /// Limits on uploaded images.
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+}
+
+/// A model loaded for serving, with the context length sessions are held to.
+pub struct LoadedModel {
+    /// The model, shared by the gRPC handlers and the worker thread.
+    pub model: Arc<Llava>,
+    /// `--max-context`, or the model's `max_position_embeddings` when that is 0.
+    pub max_context: usize,
+}
+
+/// Loads the LLaVA checkpoint in `dir` onto the `--device` (off the async runtime).
+/// `role` ("draft" / "target") only names the model in logs and errors.
+pub async fn load_model(
+    role: &str,
+    dir: &Path,
+    args: &ModelServerArgs,
+) -> anyhow::Result<LoadedModel> {
+    let device = parse_device(&args.device)?;
+    tracing::info!(model_dir = %dir.display(), device = %args.device, "loading {role} model");
+    let owned = dir.to_path_buf();
+    let model = tokio::task::spawn_blocking(move || Llava::load(&owned, &device))
+        .await?
+        .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
+    let max_context = match args.max_context {
+        0 => model.config().text.max_position_embeddings,
+        n => n,
+    };
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        max_context,
+    })
+}
