@@ -130,33 +130,53 @@ def answer_logits(model, batch):
 
 
 class CellProbe(torch.nn.Module):
-    """Training aid, not saved: classifies the colour and shape in each cell of the 3x3 scene
-    grid from the projector's output (the image tokens the decoder reads). Its loss gives the
-    vision tower and projector a direct signal early on, before the decoder has learned to
-    attend to the image, so grounding appears within the short CPU budget."""
+    """Training aid, not saved: classifies the colour, shape and size in each cell of the 3x3
+    scene grid from the projector's output (the image tokens the decoder reads). It pre-trains
+    the vision tower and projector on their own (``train_vision``), and keeps giving them a
+    direct signal while the decoder learns to read the image tokens."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.colour = torch.nn.Linear(dim, len(gen_data.COLOURS) + 1)
         self.shape = torch.nn.Linear(dim, len(gen_data.SHAPES) + 1)
+        self.size = torch.nn.Linear(dim, len(gen_data.SIZES) + 1)
         self.features = None
 
     def hook(self, _module, _inputs, output):
         self.features = output
 
-    def loss(self, convs) -> torch.Tensor:
+    def logits_and_labels(self, convs):
         x = self.features.float()  # (B, 36, D), patches in raster order
         b, n, d = x.shape
         g = int(round(n**0.5))
         x = x.view(b, 3, g // 3, 3, g // 3, d).mean(dim=(2, 4)).reshape(b * 9, d)
-        colours = torch.zeros(b, 9, dtype=torch.long)
-        shapes = torch.zeros(b, 9, dtype=torch.long)
-        cnames, snames = list(gen_data.COLOURS), gen_data.SHAPES
+        labels = torch.zeros(3, b, 9, dtype=torch.long)  # class 0: empty cell
+        cnames = list(gen_data.COLOURS)
         for i, c in enumerate(convs):
             for o in c.objects:
-                colours[i, o.cell[0] * 3 + o.cell[1]] = cnames.index(o.colour) + 1
-                shapes[i, o.cell[0] * 3 + o.cell[1]] = snames.index(o.shape) + 1
-        return F.cross_entropy(self.colour(x), colours.view(-1)) + F.cross_entropy(self.shape(x), shapes.view(-1))
+                cell = o.cell[0] * 3 + o.cell[1]
+                labels[0, i, cell] = cnames.index(o.colour) + 1
+                labels[1, i, cell] = gen_data.SHAPES.index(o.shape) + 1
+                labels[2, i, cell] = gen_data.SIZES.index(o.size) + 1
+        heads = [self.colour(x), self.shape(x), self.size(x)]
+        return heads, labels.view(3, -1)
+
+    def loss(self, convs) -> torch.Tensor:
+        heads, labels = self.logits_and_labels(convs)
+        return sum(F.cross_entropy(h, y) for h, y in zip(heads, labels))
+
+    def accuracy(self, convs) -> float:
+        """Fraction of cells whose colour, shape and size are all classified right."""
+        heads, labels = self.logits_and_labels(convs)
+        ok = torch.stack([h.argmax(-1) == y for h, y in zip(heads, labels)]).all(0)
+        return ok.float().mean().item()
+
+
+def image_tokens(model, pixel_values) -> torch.Tensor:
+    """The projector's output for ``pixel_values``, as the LLaVA forward computes it
+    (``vision_feature_layer`` -2, CLS dropped)."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+    return model.model.multi_modal_projector(hidden[:, 1:])
 
 
 def evaluate_loss(model, tok, n: int, bs: int) -> float:
@@ -172,6 +192,50 @@ def evaluate_loss(model, tok, n: int, bs: int) -> float:
     return tot / cnt
 
 
+def train_vision(args, model, probe) -> None:
+    """Stage 1: pre-train the vision tower and projector alone with the cell probe, on large
+    batches of fresh scenes (cheap: no decoder), so that the image tokens already encode every
+    object's colour, shape and size when the decoder starts learning to read them."""
+    params = (
+        list(model.model.vision_tower.parameters())
+        + list(model.model.multi_modal_projector.parameters())
+        + list(probe.parameters())
+    )
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.05)
+    budget = args.vision_minutes * 60
+    t0 = time.time()
+    step, idx = 0, 20_000_000  # scenes disjoint from the decoder stages' streams
+    while (time.time() - t0) < budget:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, (time.time() - t0) / budget, args.vision_lr, args.warmup)
+        convs = [gen_data.conversation("train", idx + j, vc.IMAGE_SIZE) for j in range(args.vision_batch)]
+        idx += args.vision_batch
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            image_tokens(model, vc.pixels([c.image for c in convs]))
+        loss = probe.loss(convs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0:
+            print(
+                f"[vision] step {step} scenes {idx - 20_000_000} cell-probe {loss.item():.4f} "
+                f"cells-right {probe.accuracy(convs):.3f} elapsed {time.time() - t0:.0f}s",
+                flush=True,
+            )
+        step += 1
+    model.eval()
+    with torch.no_grad():
+        convs = [gen_data.conversation("val", j, vc.IMAGE_SIZE) for j in range(args.val_n)]
+        image_tokens(model, vc.pixels([c.image for c in convs]))
+        print(
+            f"[vision] done: {step} steps, {idx - 20_000_000} scenes, {time.time() - t0:.0f}s; "
+            f"val cells right {probe.accuracy(convs):.3f}",
+            flush=True,
+        )
+    model.train()
+
+
 def train_target(args, tok, vocab: int) -> LlavaForConditionalGeneration:
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration(llava_config("target", vocab))
@@ -184,8 +248,20 @@ def train_target(args, tok, vocab: int) -> LlavaForConditionalGeneration:
     model.train()
     probe = CellProbe(model.config.text_config.hidden_size)
     handle = model.model.multi_modal_projector.register_forward_hook(probe.hook)
-    params = list(model.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=args.target_lr, betas=(0.9, 0.98), weight_decay=0.05)
+    if args.vision_minutes > 0:
+        train_vision(args, model, probe)
+    # Stage 2: the whole model on conversations; the pre-trained vision side at a lower rate.
+    vision_side = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    vision_ids = {id(p) for p in vision_side}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    params = rest + vision_side + list(probe.parameters())
+    lr_scale = [1.0, args.vision_lr_scale, args.vision_lr_scale]
+    opt = torch.optim.AdamW(
+        [{"params": rest}, {"params": vision_side}, {"params": list(probe.parameters())}],
+        lr=args.target_lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
+    )
     budget = args.target_minutes * 60
     t0 = time.time()
     step, idx = 0, 0
@@ -193,8 +269,8 @@ def train_target(args, tok, vocab: int) -> LlavaForConditionalGeneration:
         frac = (time.time() - t0) / budget
         if frac >= 1.0 or (args.target_steps and step >= args.target_steps):
             break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, frac, args.target_lr, args.warmup)
+        for g, scale in zip(opt.param_groups, lr_scale):
+            g["lr"] = scale * lr_at(step, frac, args.target_lr, args.warmup)
         convs = [gen_data.conversation("train", idx + j, vc.IMAGE_SIZE) for j in range(args.batch)]
         batch = vc.make_batch(tok, convs)
         idx += args.batch
@@ -322,6 +398,12 @@ def save(model, tok_fast, out_dir: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models")
+    ap.add_argument("--vision-minutes", type=float, default=4, help="vision pre-training stage (0: skip)")
+    ap.add_argument("--vision-batch", type=int, default=64)
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--vision-lr-scale", type=float, default=0.2, help="vision tower + projector LR relative to the decoder's"
+    )
     ap.add_argument("--target-minutes", type=float, default=32)
     ap.add_argument("--draft-minutes", type=float, default=13)
     ap.add_argument("--target-steps", type=int, default=0, help="stop after N steps (0: budget only)")
