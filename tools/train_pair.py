@@ -2,12 +2,14 @@
 """Train the bundled demo draft/target LLaVA pair from scratch on CPU.
 
 1. Train a BPE tokenizer (Metaspace pre-tokenization, byte fallback) on the synthetic corpus.
-2. Train the target ``LlavaForConditionalGeneration`` (CLIP tower + projector + Llama decoder)
-   from scratch on generated scenes (``gen_data.py``), cross-entropy on answer tokens.
-3. Train the draft: a much smaller Llama decoder with its own projector on top of a frozen
+2. Pre-train the target's CLIP tower and projector alone on a per-cell colour / shape / size
+   probe (cheap: no decoder), so the image tokens encode every object from the start.
+3. Train the whole target ``LlavaForConditionalGeneration`` (CLIP tower + projector + Llama
+   decoder) on generated scenes (``gen_data.py``), cross-entropy on answer tokens.
+4. Train the draft: a much smaller Llama decoder with its own projector on top of a frozen
    copy of the target's vision tower, distilled from the target's output distributions
    (forward KL on answer positions).
-4. Save both as Hugging Face folders (f16 safetensors + config, tokenizer, processor,
+5. Save both as Hugging Face folders (f16 safetensors + config, tokenizer, processor,
    generation config).
 
 Training is bounded by wall-clock budgets (``--target-minutes``, ``--draft-minutes``): the
@@ -15,7 +17,7 @@ learning rate follows a cosine over the elapsed fraction of the budget, and the 
 and saves when the budget is spent. Example (the command used for the committed models is
 in ``models/README.md``)::
 
-    python tools/train_pair.py --out models --target-minutes 32 --draft-minutes 13
+    python tools/train_pair.py --out models --vision-minutes 2 --target-minutes 45 --draft-minutes 8
 """
 
 from __future__ import annotations
@@ -398,21 +400,21 @@ def save(model, tok_fast, out_dir: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models")
-    ap.add_argument("--vision-minutes", type=float, default=4, help="vision pre-training stage (0: skip)")
+    ap.add_argument("--vision-minutes", type=float, default=2, help="vision pre-training stage (0: skip)")
     ap.add_argument("--vision-batch", type=int, default=64)
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument(
         "--vision-lr-scale", type=float, default=0.2, help="vision tower + projector LR relative to the decoder's"
     )
-    ap.add_argument("--target-minutes", type=float, default=32)
-    ap.add_argument("--draft-minutes", type=float, default=13)
+    ap.add_argument("--target-minutes", type=float, default=45)
+    ap.add_argument("--draft-minutes", type=float, default=8)
     ap.add_argument("--target-steps", type=int, default=0, help="stop after N steps (0: budget only)")
     ap.add_argument("--draft-steps", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--target-lr", type=float, default=1e-3)
-    ap.add_argument("--draft-lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--target-lr", type=float, default=1.5e-3)
+    ap.add_argument("--draft-lr", type=float, default=3e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the cell-probe loss (training aid)")
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--val-n", type=int, default=256)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
