@@ -1,21 +1,19 @@
 //! Cost-model calibration: the measured costs behind the budget policy.
 //!
-//! Runs the model crate in-process (no services): target verify time as a function of tree
-//! nodes and batch size ([`Llava::forward_batch`] over `batch` sessions with a prefilled prefix),
-//! and draft time per level as a function of the rows fed in that level. The result converts
-//! into the [`speculate::CostModel`] the budget policy uses ([`Calibration::cost_model`]), so a
-//! service can call [`calibrate`] at start-up with a small [`CalibrationPlan`].
-
-use std::time::Instant;
+//! Runs the model crate in-process (no services, [`ForwardTimer`]): target verify time as a
+//! function of tree nodes and batch size, and draft time per level as a function of the rows fed
+//! in that level, next to their roofline. The result converts into the [`speculate::CostModel`]
+//! the budget policy uses ([`Calibration::cost_model`]). The target service measures the same
+//! verify table at start-up (a smaller plan) and reports it through its `Info` RPC.
 
 use candle_core::Device;
 use serde::Serialize;
-use specllava_model::{KvCache, Llava, ModelError, TreeBatchItem};
+use specllava_model::{ForwardTimer, Llava, ModelError};
 use speculate::{CostError, CostModel, VerifyCostTable};
 use thiserror::Error;
 
 use crate::roofline::{ForwardCost, MachineRates};
-use crate::stats::{linear_fit, median};
+use crate::stats::linear_fit;
 
 /// Calibration failures.
 #[derive(Debug, Error)]
@@ -134,74 +132,6 @@ impl Calibration {
     }
 }
 
-/// Deterministic filler prefix (token ids 3.. cycling below `vocab`, avoiding the image token).
-fn prefix_ids(len: usize, vocab: usize, image_token: u32) -> Vec<u32> {
-    (0..len)
-        .map(|i| {
-            let t = 3 + (i * 7919 % vocab.saturating_sub(3).max(1)) as u32;
-            if t == image_token { 3 } else { t }
-        })
-        .collect()
-}
-
-/// A 4-ary tree of `n` nodes in topological order (node 0 the root): a bushy tree like the
-/// dynamic trees the draft produces; its cost depends on the node count, not the tokens.
-fn tree(n: usize, vocab: usize) -> (Vec<u32>, Vec<i32>) {
-    let tokens = (0..n)
-        .map(|i| 3 + (i * 31 % vocab.saturating_sub(3).max(1)) as u32)
-        .collect();
-    let parents = (0..n)
-        .map(|i| if i == 0 { -1 } else { ((i - 1) / 4) as i32 })
-        .collect();
-    (tokens, parents)
-}
-
-fn prefilled(model: &Llava, count: usize, prefix_len: usize) -> Result<Vec<KvCache>, ModelError> {
-    let cfg = model.config();
-    let ids = prefix_ids(prefix_len.max(1), cfg.vocab_size, cfg.image_token_id);
-    (0..count)
-        .map(|_| {
-            let mut kv = model.new_kv();
-            model.prefill(&mut kv, &ids, &[])?;
-            Ok(kv)
-        })
-        .collect()
-}
-
-/// Median time in ns of one `forward_batch` of `tokens`/`parents` on each of `kvs`.
-fn time_batch(
-    model: &Llava,
-    kvs: &mut [KvCache],
-    tokens: &[u32],
-    parents: &[i32],
-    reps: usize,
-) -> Result<f64, CalibrationError> {
-    let mut samples = Vec::with_capacity(reps);
-    for rep in 0..=reps {
-        let mut items: Vec<TreeBatchItem<'_>> = kvs
-            .iter_mut()
-            .map(|kv| TreeBatchItem {
-                kv,
-                tokens,
-                parents,
-            })
-            .collect();
-        let t = Instant::now();
-        let out = model.forward_batch(&mut items)?;
-        model.device().synchronize().map_err(ModelError::from)?;
-        let ns = t.elapsed().as_nanos() as f64;
-        drop(out);
-        drop(items);
-        for kv in kvs.iter_mut() {
-            kv.discard_pending();
-        }
-        if rep > 0 {
-            samples.push(ns);
-        }
-    }
-    Ok(median(&samples).unwrap_or(0.0))
-}
-
 /// Measures verify and draft costs. `progress` is called after each measured point with
 /// (points done, points in all).
 pub fn calibrate(
@@ -218,12 +148,11 @@ pub fn calibrate(
     let mut done = 0;
     let target_cost = ForwardCost::of(&target.config().text);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
-    let mut kvs = prefilled(target, max_batch, plan.prefix_len)?;
+    let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
     let mut verify = Vec::new();
     for &batch in &plan.batches {
         for &nodes in &plan.nodes {
-            let (tokens, parents) = tree(nodes, target.config().vocab_size);
-            let ns = time_batch(target, &mut kvs[..batch], &tokens, &parents, plan.reps)?;
+            let ns = timer.time_tree(nodes, batch, plan.reps)?;
             verify.push(VerifyPoint {
                 nodes,
                 batch,
@@ -235,16 +164,14 @@ pub fn calibrate(
             progress(done, total);
         }
     }
-    drop(kvs);
+    drop(timer);
     let (mut draft_points, mut level_ns, mut row_ns, mut draft_cost) = (Vec::new(), 0.0, 0.0, None);
     if let Some(d) = draft {
         let cost = ForwardCost::of(&d.config().text);
-        let mut kv = prefilled(d, 1, plan.prefix_len)?;
+        let mut timer = ForwardTimer::new(d, 1, plan.prefix_len)?;
         for &rows in &plan.draft_rows {
             // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
-            let tokens: Vec<u32> = (0..rows).map(|i| 3 + i as u32 % 64).collect();
-            let parents = vec![-1; rows];
-            let ns = time_batch(d, &mut kv, &tokens, &parents, plan.reps)?;
+            let ns = timer.time_level(rows, plan.reps)?;
             draft_points.push(DraftPoint {
                 rows,
                 measured_ns: ns,

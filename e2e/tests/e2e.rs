@@ -758,8 +758,32 @@ async fn reflected_services(url: String) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reflection_and_health_on_every_service() {
+async fn reflection_health_and_measured_verify_cost() {
     let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    // The target measured its verify cost at start-up: a full batch-major grid of
+    // (batch 1, 4) x (nodes 1, 4, 16, 64), every point timed.
+    let info = cluster
+        .target_client()
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .expect("Info")
+        .into_inner();
+    let grid: Vec<(u32, u32)> = info
+        .verify_costs
+        .iter()
+        .map(|c| (c.batch, c.nodes))
+        .collect();
+    let expected: Vec<(u32, u32)> = [1, 4]
+        .into_iter()
+        .flat_map(|b| [1, 4, 16, 64].into_iter().map(move |n| (b, n)))
+        .collect();
+    assert_eq!(grid, expected);
+    assert!(
+        info.verify_costs.iter().all(|c| c.forward_ns > 0),
+        "{info:?}"
+    );
+
     for (svc, name) in [
         (cluster.orchestrator.url(), "specllava.v1.Generation"),
         (cluster.draft.as_ref().unwrap().url(), "specllava.v1.Draft"),

@@ -10,6 +10,7 @@
 //! - [`ImageProcessor`] decodes images under [`ImageLimits`] and reproduces
 //!   `CLIPImageProcessor` (Pillow-exact resampling); [`LlavaTokenizer`] and [`chat`] turn
 //!   conversations into ids.
+//! - [`ForwardTimer`] times batched tree forwards (verify and draft-level costs).
 //!
 //! Everything is f32 and device-agnostic (`--features cuda` for NVIDIA GPUs).
 
@@ -22,6 +23,7 @@ pub mod llama;
 pub mod llava;
 pub mod nn;
 pub mod resample;
+pub mod timing;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;
@@ -34,4 +36,5 @@ pub use error::ModelError;
 pub use image::{ImageLimits, ImageProcessor, decode_image};
 pub use kv::KvCache;
 pub use llava::{Llava, TreeBatchItem};
+pub use timing::ForwardTimer;
 pub use tokenizer::LlavaTokenizer;

@@ -83,6 +83,8 @@ pub struct Engine {
     drafts: Arc<ReplicaSet>,
     targets: Arc<ReplicaSet>,
     policy: Mutex<BudgetPolicy>,
+    /// Whether the policy's verify cost comes from a target replica's measurement yet.
+    verify_cost_measured: std::sync::atomic::AtomicBool,
     active: std::sync::atomic::AtomicUsize,
     cfg: EngineConfig,
 }
@@ -114,7 +116,8 @@ fn replica_err(service: &'static str, r: &Replica, status: Status) -> Orchestrat
     }
 }
 
-/// The CPU-flavoured prior of the verify cost (refined online).
+/// The CPU-flavoured prior of the costs, used until a target replica reports its measured
+/// verify cost (then refined online).
 fn default_policy() -> BudgetPolicy {
     let verify = VerifyCostTable::new(
         vec![1, 16, 64, 256],
@@ -149,6 +152,7 @@ impl Engine {
             drafts,
             targets,
             policy: Mutex::new(default_policy()),
+            verify_cost_measured: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::atomic::AtomicUsize::new(0),
             cfg,
         }
@@ -175,7 +179,51 @@ impl Engine {
             })
             .await
             .map_err(|s| replica_err("target", r, s))?;
+        self.adopt_verify_costs(r, &info.verify_costs);
         Ok(info.clone())
+    }
+
+    /// Replaces the budget policy's static verify-cost prior by the first target replica's
+    /// start-up measurement (online updates refine it from then on). Replicas are assumed to
+    /// run on the same kind of device.
+    fn adopt_verify_costs(&self, r: &Replica, costs: &[pb::VerifyCost]) {
+        use std::sync::atomic::Ordering;
+        if costs.is_empty() || self.verify_cost_measured.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let axis = |f: fn(&pb::VerifyCost) -> u32| {
+            let mut v: Vec<usize> = costs.iter().map(|c| f(c) as usize).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (nodes, batches) = (axis(|c| c.nodes), axis(|c| c.batch));
+        // Batch-major grid, as VerifyCostTable wants it; a missing point rejects the report.
+        let grid: Option<Vec<f64>> = batches
+            .iter()
+            .flat_map(|&b| nodes.iter().map(move |&n| (b, n)))
+            .map(|(b, n)| {
+                costs
+                    .iter()
+                    .find(|c| c.batch as usize == b && c.nodes as usize == n)
+                    .map(|c| c.forward_ns as f64)
+            })
+            .collect();
+        let table = grid
+            .ok_or_else(|| "not a full nodes x batch grid".to_owned())
+            .and_then(|ns| VerifyCostTable::new(nodes, batches, ns).map_err(|e| e.to_string()));
+        match table {
+            Ok(table) => {
+                if let Ok(mut policy) = self.policy.lock() {
+                    policy.cost.verify = table;
+                }
+                tracing::info!(replica = %r.addr, points = costs.len(), "budget policy uses the target's measured verify cost");
+            }
+            Err(e) => {
+                self.verify_cost_measured.store(false, Ordering::SeqCst);
+                tracing::warn!(replica = %r.addr, error = %e, "ignoring the target's verify cost report");
+            }
+        }
     }
 
     /// Opens the session on `rs` or brings it up to date with the history.

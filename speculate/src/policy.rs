@@ -2,7 +2,8 @@
 //!
 //! Costs come from a [`CostModel`]: draft time per level and per drafted row, and verify time as a
 //! function of (tree nodes, batch size) from a calibration table with piecewise-linear
-//! interpolation; services calibrate it at start-up and refine it online (EMA).
+//! interpolation; the target service measures that table at start-up (reported by `Info`), draft
+//! costs start from a prior, and both are refined online (EMA).
 //!
 //! Acceptance comes from [`AcceptanceStats`]: for every depth `d` and sibling rank `j`, an EMA of
 //! the probability that the target's token at a depth-`d - 1` node on the accepted path is that

@@ -3,10 +3,12 @@
 //! and commits the accepted paths.
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
+//! - [`calibration`]: the start-up verify cost measurement reported by `Info`.
 //! - [`worker`]: the model worker thread (session store + batching verifier).
 //! - [`service`]: the `specllava.v1.Target` gRPC handlers.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
+pub mod calibration;
 pub mod config;
 pub mod error;
 pub mod service;
@@ -14,6 +16,8 @@ pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use specllava_proto::v1::target_server::TargetServer;
 use specllava_service_kit::{LoadedModel, load_model, serve_grpc};
@@ -34,6 +38,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         queue_capacity: args.server.queue_capacity.max(1),
         max_context,
     };
+    let verify_costs = if args.calibrate {
+        let m = Arc::clone(&model);
+        let costs = tokio::task::spawn_blocking(move || calibration::measure_verify_costs(&m))
+            .await?
+            .context("measuring the verify cost")?;
+        let summary: Vec<String> = costs
+            .iter()
+            .map(|c| format!("{}x{}:{:.1}ms", c.batch, c.nodes, c.forward_ns as f64 / 1e6))
+            .collect();
+        tracing::info!(costs = %summary.join(" "), "verify cost measured (batch x nodes)");
+        costs
+    } else {
+        Vec::new()
+    };
     let worker = worker::WorkerHandle::spawn(Arc::clone(&model), args.session_limits(), batch)?;
     let limits = service::RequestLimits {
         tree: TreeLimits {
@@ -44,7 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image: args.server.image_limits(),
         max_context,
     };
-    let svc = service::TargetService::new(model, worker, limits);
+    let svc = service::TargetService::new(model, worker, limits, verify_costs);
     tracing::info!(
         vocab = limits.tree.vocab_size,
         max_context,

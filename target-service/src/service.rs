@@ -33,15 +33,23 @@ pub struct TargetService {
     model: Arc<Llava>,
     worker: WorkerHandle,
     limits: RequestLimits,
+    verify_costs: Vec<pb::VerifyCost>,
 }
 
 impl TargetService {
-    /// A service forwarding to `worker`, which owns `model`'s sessions.
-    pub fn new(model: Arc<Llava>, worker: WorkerHandle, limits: RequestLimits) -> Self {
+    /// A service forwarding to `worker`, which owns `model`'s sessions; `Info` reports
+    /// `verify_costs` (the start-up measurement, possibly empty).
+    pub fn new(
+        model: Arc<Llava>,
+        worker: WorkerHandle,
+        limits: RequestLimits,
+        verify_costs: Vec<pb::VerifyCost>,
+    ) -> Self {
         Self {
             model,
             worker,
             limits,
+            verify_costs,
         }
     }
 }
@@ -267,6 +275,7 @@ impl Target for TargetService {
             max_context: self.limits.max_context as u64,
             max_tree_nodes: self.limits.tree.max_nodes as u32,
             max_tree_depth: self.limits.tree.max_depth as u32,
+            verify_costs: self.verify_costs.clone(),
         }))
     }
 }

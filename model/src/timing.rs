@@ -1,0 +1,105 @@
+//! Timing of batched tree forwards on the model's device: what verifying a tree (or
+//! drafting one level) costs. The target service measures its verify cost table with it at
+//! start-up (for the orchestrator's budget policy); the benchmark uses it for the cost model.
+
+use std::time::Instant;
+
+use crate::{KvCache, Llava, ModelError, TreeBatchItem};
+
+/// Sessions with a committed filler prefix, ready for timed tree forwards. Trees are
+/// forwarded and then discarded, so the prefix stays the same between measurements.
+pub struct ForwardTimer<'m> {
+    model: &'m Llava,
+    sessions: Vec<KvCache>,
+}
+
+impl<'m> ForwardTimer<'m> {
+    /// Prefills `sessions` KV caches with `prefix_len` filler tokens each (ids cycling below
+    /// the vocabulary, never the image token; the cost depends on lengths, not tokens).
+    pub fn new(model: &'m Llava, sessions: usize, prefix_len: usize) -> Result<Self, ModelError> {
+        let cfg = model.config();
+        let span = cfg.vocab_size.saturating_sub(3).max(1);
+        let ids: Vec<u32> = (0..prefix_len.max(1))
+            .map(|i| match 3 + (i * 7919 % span) as u32 {
+                t if t == cfg.image_token_id => 3,
+                t => t,
+            })
+            .collect();
+        let sessions = (0..sessions.max(1))
+            .map(|_| {
+                let mut kv = model.new_kv();
+                model.prefill(&mut kv, &ids, &[])?;
+                Ok(kv)
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Self { model, sessions })
+    }
+
+    /// Median time (ns) of one forward of a bushy 4-ary tree of `nodes` nodes (root
+    /// included, like the draft's dynamic trees) on each of the first `batch` sessions,
+    /// packed into one call: the cost of one batched Verify. One untimed warm-up, then
+    /// `reps` timed runs.
+    pub fn time_tree(
+        &mut self,
+        nodes: usize,
+        batch: usize,
+        reps: usize,
+    ) -> Result<f64, ModelError> {
+        let vocab = self.model.config().vocab_size.saturating_sub(3).max(1);
+        let tokens: Vec<u32> = (0..nodes.max(1))
+            .map(|i| 3 + (i * 31 % vocab) as u32)
+            .collect();
+        let parents: Vec<i32> = (0..tokens.len())
+            .map(|i| if i == 0 { -1 } else { ((i - 1) / 4) as i32 })
+            .collect();
+        self.time(&tokens, &parents, batch, reps)
+    }
+
+    /// Median time (ns) of one forward of `rows` sibling nodes on the first session: what
+    /// expanding a frontier of `rows` nodes costs the draft model.
+    pub fn time_level(&mut self, rows: usize, reps: usize) -> Result<f64, ModelError> {
+        let tokens: Vec<u32> = (0..rows.max(1)).map(|i| 3 + i as u32 % 64).collect();
+        let parents = vec![-1; tokens.len()];
+        self.time(&tokens, &parents, 1, reps)
+    }
+
+    fn time(
+        &mut self,
+        tokens: &[u32],
+        parents: &[i32],
+        batch: usize,
+        reps: usize,
+    ) -> Result<f64, ModelError> {
+        let batch = batch.clamp(1, self.sessions.len());
+        let mut samples = Vec::with_capacity(reps.max(1));
+        for rep in 0..=reps.max(1) {
+            let mut items: Vec<TreeBatchItem<'_>> = self.sessions[..batch]
+                .iter_mut()
+                .map(|kv| TreeBatchItem {
+                    kv,
+                    tokens,
+                    parents,
+                })
+                .collect();
+            let start = Instant::now();
+            let logits = self.model.forward_batch(&mut items)?;
+            self.model.device().synchronize()?;
+            let ns = start.elapsed().as_nanos() as f64;
+            drop(logits);
+            drop(items);
+            for kv in &mut self.sessions[..batch] {
+                kv.discard_pending();
+            }
+            if rep > 0 {
+                samples.push(ns);
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        let mid = samples.len() / 2;
+        Ok(if samples.len() % 2 == 1 {
+            samples[mid]
+        } else {
+            (samples[mid - 1] + samples[mid]) / 2.0
+        })
+    }
+}

@@ -1,0 +1,42 @@
+//! Start-up measurement of this replica's verify cost on its own device, reported by
+//! the `Info` RPC so that the orchestrator's budget policy starts from real numbers
+//! (a GPU verifies 64 nodes almost as fast as 1; a CPU does not).
+
+use specllava_model::{ForwardTimer, Llava, ModelError};
+use specllava_proto::v1 as pb;
+
+/// Tree sizes measured (nodes per session, root included).
+const NODES: [usize; 4] = [1, 4, 16, 64];
+/// Batch sizes measured (sessions per forward).
+const BATCHES: [usize; 2] = [1, 4];
+/// Prompt rows on top of the image tokens in every timed session's prefix.
+const PROMPT_ROWS: usize = 32;
+
+/// Times one batched verify forward for every (batch, nodes) of the grid, batch-major:
+/// one warm-up and the median of three runs per point, about thirty forwards in all.
+/// Tree sizes that would not fit the model's context are left out (all of them: an empty
+/// result).
+pub fn measure_verify_costs(model: &Llava) -> Result<Vec<pb::VerifyCost>, ModelError> {
+    let prefix_len = model.num_image_tokens() + PROMPT_ROWS;
+    let max_positions = model.config().text.max_position_embeddings;
+    let nodes: Vec<usize> = NODES
+        .into_iter()
+        .filter(|n| prefix_len + n <= max_positions)
+        .collect();
+    if nodes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut timer = ForwardTimer::new(model, BATCHES[BATCHES.len() - 1], prefix_len)?;
+    let mut costs = Vec::with_capacity(nodes.len() * BATCHES.len());
+    for batch in BATCHES {
+        for &n in &nodes {
+            let ns = timer.time_tree(n, batch, 3)?;
+            costs.push(pb::VerifyCost {
+                nodes: n as u32,
+                batch: batch as u32,
+                forward_ns: ns as u64,
+            });
+        }
+    }
+    Ok(costs)
+}
