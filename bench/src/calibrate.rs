@@ -146,7 +146,7 @@ pub fn calibrate(
     }
     let total = plan.nodes.len() * plan.batches.len() + draft.map_or(0, |_| plan.draft_rows.len());
     let mut done = 0;
-    let target_cost = ForwardCost::of(&target.config().text);
+    let target_cost = ForwardCost::for_model(target);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
     let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
     let mut verify = Vec::new();
@@ -167,7 +167,7 @@ pub fn calibrate(
     drop(timer);
     let (mut draft_points, mut level_ns, mut row_ns, mut draft_cost) = (Vec::new(), 0.0, 0.0, None);
     if let Some(d) = draft {
-        let cost = ForwardCost::of(&d.config().text);
+        let cost = ForwardCost::for_model(d);
         let mut timer = ForwardTimer::new(d, 1, plan.prefix_len)?;
         for &rows in &plan.draft_rows {
             // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-use specllava_model::TextConfig;
+use specllava_model::{Llava, TextConfig};
 
 /// Measured machine rates.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -119,7 +119,8 @@ impl MachineRates {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ForwardCost {
     /// Bytes of weights every forward reads once (all decoder layers, final norm, LM head; the
-    /// embedding table is only gathered from and not counted).
+    /// embedding table is only gathered from and not counted), at the precision the model
+    /// stores them in.
     pub weight_bytes: f64,
     /// FLOPs of the linear layers and LM head per node.
     pub linear_flops_per_node: f64,
@@ -130,6 +131,16 @@ pub struct ForwardCost {
 }
 
 impl ForwardCost {
+    /// Costs of `model`'s decoder, its weights counted at the precision they are stored in
+    /// (f16 on the CPU backend for an f16 checkpoint; f32 on candle).
+    pub fn for_model(model: &Llava) -> Self {
+        let mut cost = Self::of(&model.config().text);
+        if let Some(bytes) = model.decoder_weight_bytes() {
+            cost.weight_bytes = bytes as f64;
+        }
+        cost
+    }
+
     /// Costs of a Llama decoder with f32 weights.
     pub fn of(t: &TextConfig) -> Self {
         let h = t.hidden_size as f64;

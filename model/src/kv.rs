@@ -1,9 +1,11 @@
 //! Per-session key/value cache with a committed prefix and pending tree nodes.
 //!
-//! Each layer keeps one K and one V buffer of shape `[kv_heads, capacity, head_dim]`. Rows
-//! `[0, committed)` hold the committed sequence; rows `[committed, committed + pending)` hold the
-//! pending tree nodes in the order they were added. The capacity grows by doubling, so appending
-//! is amortised O(new rows); attention reads a narrowed view of the buffer without copying.
+//! Each layer keeps one K and one V buffer: candle tensors of shape `[kv_heads, capacity,
+//! head_dim]` on the model's device, or, for the CPU backend ([`crate::cpu`]), host vectors of
+//! `[capacity, kv_heads * head_dim]` that attention reads in place. Rows `[0, committed)` hold
+//! the committed sequence; rows `[committed, committed + pending)` hold the pending tree nodes in
+//! the order they were added. The capacity grows by doubling, so appending is amortised O(new
+//! rows).
 //!
 //! [`KvCache::commit`] moves the rows of one root-to-node path to the end of the committed prefix
 //! and drops the other pending rows; [`KvCache::rollback`] truncates the committed prefix.
@@ -31,10 +33,27 @@ struct LayerKv {
     v: Tensor,
 }
 
+/// One layer's K and V rows in host memory, `[capacity, kv_heads * head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostLayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Where the buffers live.
+#[derive(Debug)]
+enum Storage {
+    /// Candle tensors on the model's device (the candle backend).
+    Tensors(Vec<Option<LayerKv>>),
+    /// Host vectors (the CPU backend).
+    Host(Vec<HostLayerKv>),
+}
+
 /// Key/value cache of one session (see the module docs).
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
+    storage: Storage,
+    num_layers: usize,
     num_kv_heads: usize,
     head_dim: usize,
     dtype: DType,
@@ -45,10 +64,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for a model with these dimensions.
+    /// An empty cache of candle tensors on `device` for a model with these dimensions.
     pub fn new(num_layers: usize, num_kv_heads: usize, head_dim: usize, device: &Device) -> Self {
         KvCache {
-            layers: (0..num_layers).map(|_| None).collect(),
+            storage: Storage::Tensors((0..num_layers).map(|_| None).collect()),
+            num_layers,
             num_kv_heads,
             head_dim,
             dtype: DType::F32,
@@ -56,6 +76,14 @@ impl KvCache {
             capacity: 0,
             committed: 0,
             pending: Vec::new(),
+        }
+    }
+
+    /// An empty cache in host memory, for the CPU backend.
+    pub(crate) fn new_host(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        KvCache {
+            storage: Storage::Host(vec![HostLayerKv::default(); num_layers]),
+            ..Self::new(num_layers, num_kv_heads, head_dim, &Device::Cpu)
         }
     }
 
@@ -78,27 +106,32 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         let per_layer =
             2 * self.num_kv_heads * self.capacity * self.head_dim * self.dtype.size_in_bytes();
-        self.layers.len() * per_layer
+        self.num_layers * per_layer
     }
 
     /// A deep copy (own buffers), e.g. to fork a session or to compare decoding strategies.
     pub fn fork(&self) -> Result<KvCache> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|l| -> Result<LayerKv> {
-                        Ok(LayerKv {
-                            k: l.k.copy()?,
-                            v: l.v.copy()?,
-                        })
+        let storage = match &self.storage {
+            Storage::Tensors(layers) => Storage::Tensors(
+                layers
+                    .iter()
+                    .map(|l| {
+                        l.as_ref()
+                            .map(|l| -> Result<LayerKv> {
+                                Ok(LayerKv {
+                                    k: l.k.copy()?,
+                                    v: l.v.copy()?,
+                                })
+                            })
+                            .transpose()
                     })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Storage::Host(layers) => Storage::Host(layers.clone()),
+        };
         Ok(KvCache {
-            layers,
+            storage,
+            num_layers: self.num_layers,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             dtype: self.dtype,
@@ -129,13 +162,30 @@ impl KvCache {
         }
         let identity = path.iter().enumerate().all(|(i, &p)| i == p);
         if !identity && !path.is_empty() {
-            let idx: Vec<u32> = path.iter().map(|&p| (self.committed + p) as u32).collect();
-            let idx = Tensor::new(idx.as_slice(), &self.device)?;
-            for layer in self.layers.iter_mut().flatten() {
-                let k = layer.k.index_select(&idx, 1)?;
-                let v = layer.v.index_select(&idx, 1)?;
-                layer.k.slice_set(&k, 1, self.committed)?;
-                layer.v.slice_set(&v, 1, self.committed)?;
+            match &mut self.storage {
+                Storage::Tensors(layers) => {
+                    let idx: Vec<u32> = path.iter().map(|&p| (self.committed + p) as u32).collect();
+                    let idx = Tensor::new(idx.as_slice(), &self.device)?;
+                    for layer in layers.iter_mut().flatten() {
+                        let k = layer.k.index_select(&idx, 1)?;
+                        let v = layer.v.index_select(&idx, 1)?;
+                        layer.k.slice_set(&k, 1, self.committed)?;
+                        layer.v.slice_set(&v, 1, self.committed)?;
+                    }
+                }
+                Storage::Host(layers) => {
+                    // Path indices increase and path[i] >= i, so moving rows down in order
+                    // never overwrites a row still to be moved.
+                    let row = self.num_kv_heads * self.head_dim;
+                    for layer in layers.iter_mut() {
+                        for (i, &p) in path.iter().enumerate() {
+                            let (src, dst) =
+                                ((self.committed + p) * row, (self.committed + i) * row);
+                            layer.k.copy_within(src..src + row, dst);
+                            layer.v.copy_within(src..src + row, dst);
+                        }
+                    }
+                }
             }
         }
         self.committed += path.len();
@@ -186,16 +236,27 @@ impl KvCache {
         let new_cap = needed.max(self.capacity * 2).max(MIN_CAPACITY);
         let used = self.used_len();
         let shape = (self.num_kv_heads, new_cap, self.head_dim);
-        for layer in self.layers.iter_mut() {
-            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
-            if let Some(old) = layer.as_ref()
-                && used > 0
-            {
-                k.slice_set(&old.k.narrow(1, 0, used)?.contiguous()?, 1, 0)?;
-                v.slice_set(&old.v.narrow(1, 0, used)?.contiguous()?, 1, 0)?;
+        match &mut self.storage {
+            Storage::Tensors(layers) => {
+                for layer in layers.iter_mut() {
+                    let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+                    let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+                    if let Some(old) = layer.as_ref()
+                        && used > 0
+                    {
+                        k.slice_set(&old.k.narrow(1, 0, used)?.contiguous()?, 1, 0)?;
+                        v.slice_set(&old.v.narrow(1, 0, used)?.contiguous()?, 1, 0)?;
+                    }
+                    *layer = Some(LayerKv { k, v });
+                }
             }
-            *layer = Some(LayerKv { k, v });
+            Storage::Host(layers) => {
+                let len = new_cap * self.num_kv_heads * self.head_dim;
+                for layer in layers.iter_mut() {
+                    layer.k.resize(len, 0.0);
+                    layer.v.resize(len, 0.0);
+                }
+            }
         }
         self.capacity = new_cap;
         Ok(())
@@ -211,7 +272,12 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let n = k.dim(1)?;
-        let kv = self.layers[layer]
+        let Storage::Tensors(layers) = &self.storage else {
+            return Err(
+                candle_core::Error::Msg("host KV cache used by the candle backend".into()).into(),
+            );
+        };
+        let kv = layers[layer]
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("kv cache used before reserve".into()))?;
         kv.k.slice_set(k, 1, offset)?;
@@ -222,8 +288,21 @@ impl KvCache {
         ))
     }
 
+    /// The host buffers of every layer (CPU backend), `None` for a tensor cache.
+    pub(crate) fn host_layers_mut(&mut self) -> Option<&mut [HostLayerKv]> {
+        match &mut self.storage {
+            Storage::Host(layers) => Some(layers),
+            Storage::Tensors(_) => None,
+        }
+    }
+
+    /// Whether the buffers are host vectors (CPU backend) rather than tensors.
+    pub(crate) fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Host(_))
+    }
+
     /// The model dimensions this cache was made for (layers, kv heads, head dim).
     pub(crate) fn dims(&self) -> (usize, usize, usize) {
-        (self.layers.len(), self.num_kv_heads, self.head_dim)
+        (self.num_layers, self.num_kv_heads, self.head_dim)
     }
 }

@@ -12,10 +12,13 @@
 //!   conversations into ids.
 //! - [`ForwardTimer`] times batched tree forwards (verify and draft-level costs).
 //!
-//! Everything is f32 and device-agnostic (`--features cuda` for NVIDIA GPUs).
+//! Activations and KV are f32. On the CPU the decoder runs on the [`cpu`] backend (weights kept
+//! in the checkpoint's precision and widened in registers); on other devices, or with
+//! [`Backend::Candle`], on candle's kernels with f32 weights (`--features cuda` for NVIDIA GPUs).
 
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod image;
 pub mod kv;
@@ -23,6 +26,7 @@ pub mod llama;
 pub mod llava;
 pub mod nn;
 pub mod resample;
+mod segment;
 pub mod timing;
 pub mod tokenizer;
 pub mod vision;
@@ -35,6 +39,6 @@ pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
 pub use error::ModelError;
 pub use image::{ImageLimits, ImageProcessor, decode_image};
 pub use kv::KvCache;
-pub use llava::{Llava, TreeBatchItem};
+pub use llava::{Backend, Llava, TreeBatchItem};
 pub use timing::ForwardTimer;
 pub use tokenizer::LlavaTokenizer;

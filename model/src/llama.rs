@@ -16,19 +16,10 @@ use candle_core::{Device, Tensor};
 use crate::config::{RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
+use crate::llava::Backend;
 use crate::nn::{Linear, RmsNorm};
+use crate::segment::Segment;
 use crate::weights::Weights;
-
-/// One session's share of a decoder call.
-pub(crate) struct Segment {
-    /// Number of new rows.
-    pub n: usize,
-    /// Position id of each new row.
-    pub positions: Vec<u32>,
-    /// Additive mask `[n, offset + n]` over the cached rows and the new rows; `None` when every
-    /// new row may attend to every row (a single new row, nothing pending).
-    pub mask: Option<Tensor>,
-}
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
@@ -53,19 +44,19 @@ impl DecoderLayer {
         let mb = c.mlp_bias;
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::load(w, "input_layernorm", h, c.rms_norm_eps)?,
-            q_proj: Linear::load(&a, "q_proj", h, q_dim, ab)?,
-            k_proj: Linear::load(&a, "k_proj", h, kv_dim, ab)?,
-            v_proj: Linear::load(&a, "v_proj", h, kv_dim, ab)?,
-            o_proj: Linear::load(&a, "o_proj", q_dim, h, ab)?,
+            q_proj: Linear::load(&a, "q_proj", h, q_dim, ab, Backend::Candle)?,
+            k_proj: Linear::load(&a, "k_proj", h, kv_dim, ab, Backend::Candle)?,
+            v_proj: Linear::load(&a, "v_proj", h, kv_dim, ab, Backend::Candle)?,
+            o_proj: Linear::load(&a, "o_proj", q_dim, h, ab, Backend::Candle)?,
             post_attention_layernorm: RmsNorm::load(
                 w,
                 "post_attention_layernorm",
                 h,
                 c.rms_norm_eps,
             )?,
-            gate_proj: Linear::load(&m, "gate_proj", h, c.intermediate_size, mb)?,
-            up_proj: Linear::load(&m, "up_proj", h, c.intermediate_size, mb)?,
-            down_proj: Linear::load(&m, "down_proj", c.intermediate_size, h, mb)?,
+            gate_proj: Linear::load(&m, "gate_proj", h, c.intermediate_size, mb, Backend::Candle)?,
+            up_proj: Linear::load(&m, "up_proj", h, c.intermediate_size, mb, Backend::Candle)?,
+            down_proj: Linear::load(&m, "down_proj", c.intermediate_size, h, mb, Backend::Candle)?,
         })
     }
 }
@@ -82,7 +73,7 @@ pub struct Decoder {
 }
 
 /// Inverse RoPE frequencies, computed in f32 as transformers does.
-fn inv_freq(c: &TextConfig) -> Vec<f32> {
+pub(crate) fn inv_freq(c: &TextConfig) -> Vec<f32> {
     let dim = c.head_dim;
     let base = c.rope.theta as f32;
     let plain: Vec<f32> = (0..dim)
@@ -220,6 +211,18 @@ impl Decoder {
         let groups = heads / kv_heads;
         let scale = (hd as f64).powf(-0.5);
         let offsets: Vec<usize> = kvs.iter().map(|kv| kv.used_len()).collect();
+        // Each segment's tree mask, built once for all layers.
+        let masks = segments
+            .iter()
+            .zip(&offsets)
+            .map(|(seg, &offset)| {
+                let len = offset + seg.n;
+                seg.visible
+                    .dense_mask(len)
+                    .map(|m| Tensor::from_vec(m, (seg.n, len), &self.device))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
 
         let mut x = x;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -255,7 +258,7 @@ impl Decoder {
                 // Fold the query heads sharing a KV head into rows: [kvh, groups * n, hd].
                 let q_g = q_s.reshape((kv_heads, groups * n, hd))?;
                 let scores = (q_g.matmul(&keys.t()?)? * scale)?;
-                let scores = match &seg.mask {
+                let scores = match &masks[si] {
                     Some(mask) => scores
                         .reshape((kv_heads, groups, n, l))?
                         .broadcast_add(mask)?

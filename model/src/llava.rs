@@ -8,10 +8,12 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::config::LlavaConfig;
+use crate::cpu::{CpuDecoder, LogitRows};
 use crate::error::{ModelError, Result};
 use crate::image::ImageProcessor;
 use crate::kv::{KvCache, PendingNode};
-use crate::llama::{Decoder, Segment};
+use crate::llama::Decoder;
+use crate::segment::{Segment, Visibility};
 use crate::vision::{Projector, VisionTower, select_features};
 use crate::weights::Weights;
 
@@ -26,13 +28,41 @@ const VISION_PREFIXES: &[&str] = &[
 ];
 const PROJECTOR_PREFIXES: &[&str] = &["multi_modal_projector.", "model.multi_modal_projector."];
 
+/// Which kernels run the decoder (see [`crate::cpu`] for what runs where).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU backend: packed weights in the checkpoint's precision, fused kernels, host KV.
+    Cpu,
+    /// candle's kernels on any device (the GPU path).
+    Candle,
+}
+
+impl Backend {
+    /// The backend a model on `device` uses by default: [`Backend::Cpu`] on the CPU (unless
+    /// `SPECLLAVA_BACKEND=candle`), [`Backend::Candle`] elsewhere.
+    pub fn default_for(device: &Device) -> Backend {
+        let forced_candle = std::env::var("SPECLLAVA_BACKEND").is_ok_and(|v| v == "candle");
+        if device.is_cpu() && !forced_candle {
+            Backend::Cpu
+        } else {
+            Backend::Candle
+        }
+    }
+}
+
+/// The decoder of one backend.
+enum DecoderImpl {
+    Candle(Decoder),
+    Cpu(CpuDecoder),
+}
+
 /// A loaded LLaVA model: weights plus resolved configuration. `Send + Sync`; all per-session
 /// state lives in [`KvCache`].
 pub struct Llava {
     cfg: LlavaConfig,
     vision: VisionTower,
     projector: Projector,
-    decoder: Decoder,
+    decoder: DecoderImpl,
     image_processor: ImageProcessor,
     device: Device,
 }
@@ -57,11 +87,17 @@ impl Llava {
     /// Loads a Hugging Face LLaVA checkpoint directory: `config.json`, `model.safetensors` (or
     /// shards with `model.safetensors.index.json`), `preprocessor_config.json` and, if present,
     /// `generation_config.json`. Errors name the missing or inconsistent file or tensor.
+    /// Uses [`Backend::default_for`] the device.
     pub fn load(dir: &Path, device: &Device) -> Result<Llava> {
+        Self::load_with_backend(dir, device, Backend::default_for(device))
+    }
+
+    /// [`Llava::load`] with an explicit backend ([`Backend::Cpu`] needs the CPU device).
+    pub fn load_with_backend(dir: &Path, device: &Device, backend: Backend) -> Result<Llava> {
         let cfg = LlavaConfig::from_dir(dir)?;
         let image_processor = ImageProcessor::from_file(dir.join("preprocessor_config.json"))?;
         let w = Weights::load(dir, device)?;
-        Self::from_weights(cfg, image_processor, &w, device)
+        Self::from_weights(cfg, image_processor, &w, device, backend)
     }
 
     /// Builds the model from already-loaded weights (either layout).
@@ -70,7 +106,13 @@ impl Llava {
         image_processor: ImageProcessor,
         w: &Weights,
         device: &Device,
+        backend: Backend,
     ) -> Result<Llava> {
+        if backend == Backend::Cpu && !device.is_cpu() {
+            return Err(ModelError::Config(format!(
+                "the CPU backend needs the CPU device, not {device:?}"
+            )));
+        }
         if let Some((h, wd)) = image_processor.crop
             && (h != cfg.vision.image_size || wd != cfg.vision.image_size)
         {
@@ -80,23 +122,33 @@ impl Llava {
             )));
         }
         let lm = w.pp(w.find_prefix(LM_PREFIXES, "embed_tokens.weight")?);
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head_name = if cfg.tie_word_embeddings {
             None
         } else {
-            let p = w.find_prefix(LM_HEAD_NAMES, "weight")?;
-            Some(w.get(
-                &format!("{p}weight"),
-                &[cfg.text.vocab_size, cfg.text.hidden_size],
-            )?)
+            Some(format!("{}weight", w.find_prefix(LM_HEAD_NAMES, "weight")?))
         };
-        let decoder = Decoder::load(&lm, lm_head, &cfg.text, device)?;
+        let decoder = match backend {
+            Backend::Candle => {
+                let lm_head = lm_head_name
+                    .map(|n| w.get(&n, &[cfg.text.vocab_size, cfg.text.hidden_size]))
+                    .transpose()?;
+                DecoderImpl::Candle(Decoder::load(&lm, lm_head, &cfg.text, device)?)
+            }
+            Backend::Cpu => DecoderImpl::Cpu(CpuDecoder::load(
+                &lm,
+                lm_head_name.map(|n| (w, n)),
+                &cfg.text,
+            )?),
+        };
         let vision = VisionTower::load(
             &w.pp(w.find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight")?),
             &cfg,
+            backend,
         )?;
         let projector = Projector::load(
             &w.pp(w.find_prefix(PROJECTOR_PREFIXES, "linear_1.weight")?),
             &cfg,
+            backend,
         )?;
         Ok(Llava {
             cfg,
@@ -111,6 +163,23 @@ impl Llava {
     /// The resolved configuration.
     pub fn config(&self) -> &LlavaConfig {
         &self.cfg
+    }
+
+    /// The backend running the decoder.
+    pub fn backend(&self) -> Backend {
+        match self.decoder {
+            DecoderImpl::Candle(_) => Backend::Candle,
+            DecoderImpl::Cpu(_) => Backend::Cpu,
+        }
+    }
+
+    /// Bytes of decoder weights one forward reads, at the precision they are stored in (the
+    /// memory roofline's numerator); `None` for the candle backend, which stores f32.
+    pub fn decoder_weight_bytes(&self) -> Option<usize> {
+        match &self.decoder {
+            DecoderImpl::Cpu(d) => Some(d.weight_bytes()),
+            DecoderImpl::Candle(_) => None,
+        }
     }
 
     /// The device the weights live on.
@@ -131,12 +200,17 @@ impl Llava {
     /// A new, empty KV cache for one session.
     pub fn new_kv(&self) -> KvCache {
         let t = &self.cfg.text;
-        KvCache::new(
-            t.num_hidden_layers,
-            t.num_key_value_heads,
-            t.head_dim,
-            &self.device,
-        )
+        match self.decoder {
+            DecoderImpl::Cpu(_) => {
+                KvCache::new_host(t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+            }
+            DecoderImpl::Candle(_) => KvCache::new(
+                t.num_hidden_layers,
+                t.num_key_value_heads,
+                t.head_dim,
+                &self.device,
+            ),
+        }
     }
 
     /// Bytes of KV cache one token occupies (for budgets).
@@ -147,7 +221,9 @@ impl Llava {
 
     fn check_kv(&self, kv: &KvCache) -> Result<()> {
         let t = &self.cfg.text;
-        if kv.dims() != (t.num_hidden_layers, t.num_key_value_heads, t.head_dim) {
+        if kv.dims() != (t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+            || kv.is_host() != matches!(self.decoder, DecoderImpl::Cpu(_))
+        {
             return Err(ModelError::InvalidInput(
                 "KV cache was created by a model with different dimensions".into(),
             ));
@@ -255,7 +331,7 @@ impl Llava {
         let mut parts = Vec::with_capacity(pieces.len());
         for p in &pieces {
             parts.push(match p {
-                Piece::Text(ids) => self.decoder.embed(ids)?,
+                Piece::Text(ids) => self.embed(ids)?,
                 Piece::Image(i) => features[*i].clone(),
             });
         }
@@ -266,30 +342,72 @@ impl Llava {
         };
         let t = x.dim(0)?;
         let c = kv.committed_len();
-        let mask = if t > 1 {
-            let l = c + t;
-            let mut m = vec![0f32; t * l];
-            for i in 0..t {
-                for v in &mut m[i * l + c + i + 1..(i + 1) * l] {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            Some(Tensor::from_vec(m, (t, l), &self.device)?)
-        } else {
-            None
-        };
         let seg = Segment {
             n: t,
             positions: (c..c + t).map(|p| p as u32).collect(),
-            mask,
+            visible: Visibility::causal(c, t),
         };
         kv.reserve(t)?;
-        let hidden = self
-            .decoder
-            .forward(x, std::slice::from_ref(&seg), &mut [&mut *kv])?;
+        let logits = self.run_decoder(
+            x,
+            std::slice::from_ref(&seg),
+            &mut [&mut *kv],
+            LogitRows::Last,
+        )?;
         kv.advance_committed(t);
-        let last = hidden.narrow(0, t - 1, 1)?;
-        Ok(self.decoder.logits(&last)?.squeeze(0)?)
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// Token embeddings `[n, hidden]`; ids must be in the vocabulary.
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.decoder {
+            DecoderImpl::Candle(d) => d.embed(ids),
+            DecoderImpl::Cpu(d) => {
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                    return Err(ModelError::UnknownToken {
+                        id,
+                        vocab_size: self.cfg.vocab_size,
+                    });
+                }
+                let h = self.cfg.text.hidden_size;
+                Ok(Tensor::from_vec(
+                    d.embed(ids),
+                    (ids.len(), h),
+                    &self.device,
+                )?)
+            }
+        }
+    }
+
+    /// Runs the decoder over `x` (the rows of all segments) and returns the logits of `rows`,
+    /// `[rows, vocab]`.
+    fn run_decoder(
+        &self,
+        x: Tensor,
+        segments: &[Segment],
+        kvs: &mut [&mut KvCache],
+        rows: LogitRows,
+    ) -> Result<Tensor> {
+        match &self.decoder {
+            DecoderImpl::Candle(d) => {
+                let hidden = d.forward(x, segments, kvs)?;
+                let hidden = match rows {
+                    LogitRows::All => hidden,
+                    LogitRows::Last => hidden.narrow(0, hidden.dim(0)? - 1, 1)?,
+                };
+                d.logits(&hidden)
+            }
+            DecoderImpl::Cpu(d) => {
+                let x = x.flatten_all()?.to_vec1::<f32>()?;
+                let logits = d.forward(x, segments, kvs, rows)?;
+                let n = logits.len() / self.cfg.vocab_size;
+                Ok(Tensor::from_vec(
+                    logits,
+                    (n, self.cfg.vocab_size),
+                    &self.device,
+                )?)
+            }
+        }
     }
 
     /// Tree forward: appends the nodes to the pending part of `kv` and returns their logits,
@@ -337,13 +455,12 @@ impl Llava {
             new_nodes.push(nodes);
             all_tokens.extend_from_slice(item.tokens);
         }
-        let x = self.decoder.embed(&all_tokens)?;
+        let x = self.embed(&all_tokens)?;
         for item in items.iter_mut() {
             item.kv.reserve(item.tokens.len())?;
         }
         let mut kvs: Vec<&mut KvCache> = items.iter_mut().map(|it| &mut *it.kv).collect();
-        let hidden = self.decoder.forward(x, &segments, &mut kvs)?;
-        let logits = self.decoder.logits(&hidden)?;
+        let logits = self.run_decoder(x, &segments, &mut kvs, LogitRows::All)?;
         let mut out = Vec::with_capacity(segments.len());
         let mut start = 0;
         for ((kv, seg), nodes) in kvs.iter_mut().zip(&segments).zip(new_nodes) {
@@ -388,7 +505,6 @@ impl Llava {
         let existing = kv.pending_nodes();
         let p0 = existing.len();
         let c = kv.committed_len();
-        let l = c + p0 + n;
         let mut nodes: Vec<PendingNode> = Vec::with_capacity(n);
         let node = |j: usize, nodes: &Vec<PendingNode>| -> PendingNode {
             if j < p0 {
@@ -397,9 +513,9 @@ impl Llava {
                 nodes[j - p0].clone()
             }
         };
-        let mut mask = vec![f32::NEG_INFINITY; n * l];
+        let mut visible = Visibility::default();
         let mut positions = Vec::with_capacity(n);
-        let mut trivial = p0 == 0 && n == 1;
+        let mut ancestors = Vec::new();
         for (i, &p) in parents.iter().enumerate() {
             let me = p0 + i;
             let parent = if p == -1 {
@@ -412,27 +528,26 @@ impl Llava {
                 )));
             };
             let depth = parent.map_or(0, |q| node(q, &nodes).depth + 1);
-            let row = &mut mask[i * l..(i + 1) * l];
-            row[..c].fill(0.0);
-            row[c + me] = 0.0;
+            ancestors.clear();
             let mut a = parent;
             while let Some(q) = a {
-                row[c + q] = 0.0;
+                ancestors.push(c + q);
                 a = node(q, &nodes).parent;
             }
+            ancestors.reverse();
+            ancestors.push(c + me);
+            visible.push_row(c, ancestors.iter().copied());
             positions.push((c + depth) as u32);
             nodes.push(PendingNode { parent, depth });
         }
-        if n == 1 && p0 > 0 {
-            // A single node that sees every pending row needs no mask either.
-            trivial = mask.iter().all(|&v| v == 0.0);
-        }
-        let mask = if trivial {
-            None
-        } else {
-            Some(Tensor::from_vec(mask, (n, l), &self.device)?)
-        };
-        Ok((Segment { n, positions, mask }, nodes))
+        Ok((
+            Segment {
+                n,
+                positions,
+                visible,
+            },
+            nodes,
+        ))
     }
 }
 

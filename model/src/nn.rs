@@ -1,9 +1,11 @@
 //! Small layers shared by the vision tower, the projector and the decoder, with the numerics
 //! of their PyTorch counterparts.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
+use crate::cpu::gemm::{PackedMatrix, WeightFormat};
 use crate::error::{ModelError, Result};
+use crate::llava::Backend;
 use crate::weights::Weights;
 
 /// Activation functions by their `transformers` `ACT2FN` names.
@@ -52,38 +54,68 @@ impl Activation {
 
 /// `nn.Linear`: `y = x W^T + b` over any leading dimensions.
 ///
-/// The weight is kept transposed and contiguous (`[in, out]`): on the CPU, candle's matmul
-/// with a transposed `[out, in]` view repacks the whole weight on every call, which makes
-/// the few-row products of tree verification (2-64 rows) about twice as slow.
+/// On the candle backend the weight is kept transposed and contiguous (`[in, out]`): on the
+/// CPU, candle's matmul with a transposed `[out, in]` view repacks the whole weight on every
+/// call. On the CPU backend it is packed for [`crate::cpu::gemm`] in the checkpoint's precision.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
-    bias: Option<Tensor>,
+    kind: LinearKind,
+}
+
+#[derive(Debug, Clone)]
+enum LinearKind {
+    Candle {
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+    },
+    Packed(PackedMatrix),
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`.
+    /// Loads `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`, for
+    /// `backend`.
     pub fn load(
         w: &Weights,
         prefix: &str,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
+        backend: Backend,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let name = format!("{prefix}.weight");
+        let weight = w.get(&name, &[out_dim, in_dim])?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
-        Ok(Self::from_weights(weight, bias)?)
+        match backend {
+            Backend::Candle => Ok(Self::from_weights(weight, bias)?),
+            Backend::Cpu => {
+                let format = match w.source_dtype(&name) {
+                    DType::F16 => WeightFormat::F16,
+                    DType::BF16 => WeightFormat::Bf16,
+                    _ => WeightFormat::F32,
+                };
+                let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+                let weight = weight.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Linear {
+                    kind: LinearKind::Packed(PackedMatrix::pack(
+                        &weight, out_dim, in_dim, bias, format,
+                    )),
+                })
+            }
+        }
     }
 
-    /// Wraps existing tensors: `weight` `[out, in]` as PyTorch stores it, `bias` `[out]`.
+    /// Wraps existing tensors for the candle backend: `weight` `[out, in]` as PyTorch stores
+    /// it, `bias` `[out]`.
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         Ok(Linear {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
+            kind: LinearKind::Candle {
+                weight_t: weight.t()?.contiguous()?,
+                bias,
+            },
         })
     }
 
@@ -92,13 +124,24 @@ impl Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
         let mut out_shape = dims.to_vec();
-        *out_shape.last_mut().expect("at least one dimension") = self.weight_t.dim(1)?;
-        let y = y.reshape(out_shape)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        match &self.kind {
+            LinearKind::Candle { weight_t, bias } => {
+                let y = x.reshape((rows, in_dim))?.matmul(weight_t)?;
+                *out_shape.last_mut().expect("at least one dimension") = weight_t.dim(1)?;
+                let y = y.reshape(out_shape)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            LinearKind::Packed(m) => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; rows * m.out_dim()];
+                m.matmul(&xs, rows, &mut y);
+                *out_shape.last_mut().expect("at least one dimension") = m.out_dim();
+                Tensor::from_vec(y, out_shape, x.device())
+            }
         }
     }
 }

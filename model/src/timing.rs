@@ -45,6 +45,31 @@ impl<'m> ForwardTimer<'m> {
         batch: usize,
         reps: usize,
     ) -> Result<f64, ModelError> {
+        let (tokens, parents) = self.bushy_tree(nodes);
+        self.time(&tokens, &parents, batch, reps)
+    }
+
+    /// Median time (ns) of one forward of `rows` sibling nodes on the first session: what
+    /// expanding a frontier of `rows` nodes costs the draft model.
+    pub fn time_level(&mut self, rows: usize, reps: usize) -> Result<f64, ModelError> {
+        let (tokens, parents) = Self::level(rows);
+        self.time(&tokens, &parents, 1, reps)
+    }
+
+    /// One untimed forward of the tree [`ForwardTimer::time_tree`] times (for external
+    /// benchmark drivers such as criterion).
+    pub fn run_tree(&mut self, nodes: usize, batch: usize) -> Result<(), ModelError> {
+        let (tokens, parents) = self.bushy_tree(nodes);
+        self.run(&tokens, &parents, batch)
+    }
+
+    /// One untimed forward of the level [`ForwardTimer::time_level`] times.
+    pub fn run_level(&mut self, rows: usize) -> Result<(), ModelError> {
+        let (tokens, parents) = Self::level(rows);
+        self.run(&tokens, &parents, 1)
+    }
+
+    fn bushy_tree(&self, nodes: usize) -> (Vec<u32>, Vec<i32>) {
         let vocab = self.model.config().vocab_size.saturating_sub(3).max(1);
         let tokens: Vec<u32> = (0..nodes.max(1))
             .map(|i| 3 + (i * 31 % vocab) as u32)
@@ -52,15 +77,34 @@ impl<'m> ForwardTimer<'m> {
         let parents: Vec<i32> = (0..tokens.len())
             .map(|i| if i == 0 { -1 } else { ((i - 1) / 4) as i32 })
             .collect();
-        self.time(&tokens, &parents, batch, reps)
+        (tokens, parents)
     }
 
-    /// Median time (ns) of one forward of `rows` sibling nodes on the first session: what
-    /// expanding a frontier of `rows` nodes costs the draft model.
-    pub fn time_level(&mut self, rows: usize, reps: usize) -> Result<f64, ModelError> {
+    fn level(rows: usize) -> (Vec<u32>, Vec<i32>) {
         let tokens: Vec<u32> = (0..rows.max(1)).map(|i| 3 + i as u32 % 64).collect();
         let parents = vec![-1; tokens.len()];
-        self.time(&tokens, &parents, 1, reps)
+        (tokens, parents)
+    }
+
+    /// One forward of the tree on the first `batch` sessions, discarded afterwards.
+    fn run(&mut self, tokens: &[u32], parents: &[i32], batch: usize) -> Result<(), ModelError> {
+        let batch = batch.clamp(1, self.sessions.len());
+        let mut items: Vec<TreeBatchItem<'_>> = self.sessions[..batch]
+            .iter_mut()
+            .map(|kv| TreeBatchItem {
+                kv,
+                tokens,
+                parents,
+            })
+            .collect();
+        let logits = self.model.forward_batch(&mut items)?;
+        self.model.device().synchronize()?;
+        drop(logits);
+        drop(items);
+        for kv in &mut self.sessions[..batch] {
+            kv.discard_pending();
+        }
+        Ok(())
     }
 
     fn time(
@@ -70,26 +114,11 @@ impl<'m> ForwardTimer<'m> {
         batch: usize,
         reps: usize,
     ) -> Result<f64, ModelError> {
-        let batch = batch.clamp(1, self.sessions.len());
         let mut samples = Vec::with_capacity(reps.max(1));
         for rep in 0..=reps.max(1) {
-            let mut items: Vec<TreeBatchItem<'_>> = self.sessions[..batch]
-                .iter_mut()
-                .map(|kv| TreeBatchItem {
-                    kv,
-                    tokens,
-                    parents,
-                })
-                .collect();
             let start = Instant::now();
-            let logits = self.model.forward_batch(&mut items)?;
-            self.model.device().synchronize()?;
+            self.run(tokens, parents, batch)?;
             let ns = start.elapsed().as_nanos() as f64;
-            drop(logits);
-            drop(items);
-            for kv in &mut self.sessions[..batch] {
-                kv.discard_pending();
-            }
             if rep > 0 {
                 samples.push(ns);
             }

@@ -13,6 +13,7 @@ use candle_core::{D, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::llava::Backend;
 use crate::nn::{Activation, LayerNorm, Linear};
 use crate::weights::Weights;
 
@@ -31,18 +32,18 @@ struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+    fn load(w: &Weights, cfg: &VisionConfig, backend: Backend) -> Result<Self> {
         let h = cfg.hidden_size;
         let attn = w.pp("self_attn.");
         Ok(ClipLayer {
             layer_norm1: LayerNorm::load(w, "layer_norm1", h, cfg.layer_norm_eps)?,
-            q_proj: Linear::load(&attn, "q_proj", h, h, true)?,
-            k_proj: Linear::load(&attn, "k_proj", h, h, true)?,
-            v_proj: Linear::load(&attn, "v_proj", h, h, true)?,
-            out_proj: Linear::load(&attn, "out_proj", h, h, true)?,
+            q_proj: Linear::load(&attn, "q_proj", h, h, true, backend)?,
+            k_proj: Linear::load(&attn, "k_proj", h, h, true, backend)?,
+            v_proj: Linear::load(&attn, "v_proj", h, h, true, backend)?,
+            out_proj: Linear::load(&attn, "out_proj", h, h, true, backend)?,
             layer_norm2: LayerNorm::load(w, "layer_norm2", h, cfg.layer_norm_eps)?,
-            fc1: Linear::load(w, "mlp.fc1", h, cfg.intermediate_size, true)?,
-            fc2: Linear::load(w, "mlp.fc2", cfg.intermediate_size, h, true)?,
+            fc1: Linear::load(w, "mlp.fc1", h, cfg.intermediate_size, true, backend)?,
+            fc2: Linear::load(w, "mlp.fc2", cfg.intermediate_size, h, true, backend)?,
             act: cfg.hidden_act,
             num_heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
@@ -90,12 +91,12 @@ pub struct VisionTower {
 
 impl VisionTower {
     /// Loads from `w` positioned at the tower's `vision_model.` (or equivalent) prefix.
-    pub fn load(w: &Weights, cfg: &LlavaConfig) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &LlavaConfig, backend: Backend) -> Result<Self> {
         let v = &cfg.vision;
         let feature_layers = cfg.resolved_feature_layers();
         let needed = feature_layers.iter().copied().max().unwrap_or(0);
         let layers = (0..needed)
-            .map(|i| ClipLayer::load(&w.pp(&format!("encoder.layers.{i}.")), v))
+            .map(|i| ClipLayer::load(&w.pp(&format!("encoder.layers.{i}.")), v, backend))
             .collect::<Result<Vec<_>>>()?;
         Ok(VisionTower {
             patch_embedding: w.get(
@@ -160,13 +161,13 @@ pub struct Projector {
 
 impl Projector {
     /// Loads from `w` positioned at `multi_modal_projector.`.
-    pub fn load(w: &Weights, cfg: &LlavaConfig) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &LlavaConfig, backend: Backend) -> Result<Self> {
         let in_dim = cfg.vision.hidden_size * cfg.vision_feature_layers.len();
         let out = cfg.text.hidden_size;
         let bias = cfg.multimodal_projector_bias;
         Ok(Projector {
-            linear_1: Linear::load(w, "linear_1", in_dim, out, bias)?,
-            linear_2: Linear::load(w, "linear_2", out, out, bias)?,
+            linear_1: Linear::load(w, "linear_1", in_dim, out, bias, backend)?,
+            linear_2: Linear::load(w, "linear_2", out, out, bias, backend)?,
             act: cfg.projector_hidden_act,
         })
     }

@@ -28,6 +28,8 @@ struct ShardIndex {
 #[derive(Clone)]
 pub struct Weights {
     tensors: Arc<HashMap<String, Tensor>>,
+    /// The dtype each tensor had in the checkpoint (before the conversion to f32).
+    source_dtypes: Arc<HashMap<String, DType>>,
     prefix: String,
     dir: PathBuf,
 }
@@ -56,6 +58,7 @@ impl Weights {
             });
         };
         let mut tensors = HashMap::new();
+        let mut source_dtypes = HashMap::new();
         for file in &files {
             if !file.exists() {
                 return Err(ModelError::MissingFile {
@@ -69,6 +72,7 @@ impl Weights {
             })?;
             drop(data);
             for (name, t) in loaded {
+                source_dtypes.insert(name.clone(), t.dtype());
                 let t = match t.dtype() {
                     DType::F32 => t,
                     DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
@@ -82,13 +86,21 @@ impl Weights {
                 tensors.insert(name, t);
             }
         }
-        Ok(Self::from_tensors(tensors, dir))
+        let mut w = Self::from_tensors(tensors, dir);
+        w.source_dtypes = Arc::new(source_dtypes);
+        Ok(w)
     }
 
-    /// Wraps an in-memory map (tests, tools).
+    /// Wraps an in-memory map (tests, tools); each tensor's own dtype counts as its source
+    /// dtype.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, dir: &Path) -> Self {
+        let source_dtypes = tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.dtype()))
+            .collect();
         Weights {
             tensors: Arc::new(tensors),
+            source_dtypes: Arc::new(source_dtypes),
             prefix: String::new(),
             dir: dir.to_path_buf(),
         }
@@ -98,9 +110,18 @@ impl Weights {
     pub fn pp(&self, prefix: &str) -> Self {
         Weights {
             tensors: self.tensors.clone(),
+            source_dtypes: self.source_dtypes.clone(),
             prefix: format!("{}{}", self.prefix, prefix),
             dir: self.dir.clone(),
         }
+    }
+
+    /// The dtype `name` (under the prefix) had in the checkpoint; f32 when unknown.
+    pub fn source_dtype(&self, name: &str) -> DType {
+        self.source_dtypes
+            .get(&format!("{}{}", self.prefix, name))
+            .copied()
+            .unwrap_or(DType::F32)
     }
 
     /// Whether `name` (under the prefix) exists.

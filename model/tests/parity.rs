@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::max_abs_diff;
 use serde_json::Value;
 use specllava_model::chat::{ChatTurn, render_continuation, render_llava15};
-use specllava_model::{Device, ImageLimits, KvCache, Llava, LlavaTokenizer, Tensor};
+use specllava_model::{Backend, Device, ImageLimits, KvCache, Llava, LlavaTokenizer, Tensor};
 
 const LOGIT_TOL: f32 = 1e-4;
 
@@ -98,6 +98,15 @@ fn cases(dir: &Path) -> Vec<Case> {
         .collect()
 }
 
+/// Every fixture with each backend: the CPU backend serves on CPUs, candle's kernels are what
+/// GPUs run (checked here on the CPU device).
+fn checkpoints_and_backends() -> Vec<(PathBuf, Backend)> {
+    checkpoints()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), Backend::Cpu), (d, Backend::Candle)])
+        .collect()
+}
+
 fn argmax(logits: &Tensor) -> u32 {
     logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
 }
@@ -132,11 +141,11 @@ fn every_fixture_checkpoint_loads() {
 
 #[test]
 fn logits_greedy_and_image_features_match_transformers() {
-    for dir in checkpoints() {
-        let m = Llava::load(&dir, &Device::Cpu).unwrap();
+    for (dir, backend) in checkpoints_and_backends() {
+        let m = Llava::load_with_backend(&dir, &Device::Cpu, backend).unwrap();
         for case in cases(&dir) {
             let what = format!(
-                "{}/{}",
+                "{}/{} ({backend:?})",
                 dir.file_name().unwrap().to_string_lossy(),
                 case.name
             );
@@ -172,8 +181,8 @@ fn logits_greedy_and_image_features_match_transformers() {
 fn all_prompt_logits_match_when_present() {
     // logits_all [seq, vocab]: check every prompt position via a tree-chain forward after the
     // image prefix, which also exercises position ids on a long chain.
-    for dir in checkpoints() {
-        let m = Llava::load(&dir, &Device::Cpu).unwrap();
+    for (dir, backend) in checkpoints_and_backends() {
+        let m = Llava::load_with_backend(&dir, &Device::Cpu, backend).unwrap();
         for case in cases(&dir) {
             let Some(all) = case.tensors.get("logits_all") else {
                 continue;
@@ -191,7 +200,7 @@ fn all_prompt_logits_match_when_present() {
             let d = max_abs_diff(&got, &want);
             assert!(
                 d < LOGIT_TOL,
-                "{}/{}: logits_all diff {d}",
+                "{}/{} ({backend:?}): logits_all diff {d}",
                 dir.display(),
                 case.name
             );

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use specllava_model::Llava;
+use specllava_model::{Backend, Llava};
 
 /// Shape knobs of a random checkpoint.
 #[derive(Clone, Debug)]
@@ -344,11 +344,16 @@ pub fn write_checkpoint(dir: &Path, s: &Spec, shards: usize) {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
-/// A random model loaded from a fresh temp dir.
+/// A random model loaded from a fresh temp dir (the CPU device's default backend).
 pub fn model(s: &Spec) -> (tempfile::TempDir, Llava) {
+    model_with(s, Backend::default_for(&Device::Cpu))
+}
+
+/// A random model loaded from a fresh temp dir with `backend`.
+pub fn model_with(s: &Spec, backend: Backend) -> (tempfile::TempDir, Llava) {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), s, 1);
-    let m = Llava::load(dir.path(), &Device::Cpu).unwrap();
+    let m = Llava::load_with_backend(dir.path(), &Device::Cpu, backend).unwrap();
     (dir, m)
 }
 

@@ -1,0 +1,50 @@
+//! Criterion benchmarks of the forward passes speculative decoding is made of, on the bundled
+//! demo pair (`models/target`, `models/draft`): target verification of a 4-ary tree of 1, 4,
+//! 16 and 64 nodes (batch 1), four sessions of one node each, and one draft level.
+//!
+//! `cargo bench -p specllava-model --bench forward`; the benchmark harness (`scripts/bench`)
+//! holds the same forwards against their roofline.
+
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use specllava_model::{Device, ForwardTimer, Llava};
+
+/// Committed prefix of every timed session (an image prompt plus a short answer).
+const PREFIX: usize = 64;
+
+fn load(name: &str) -> Option<Llava> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    if !dir.join("config.json").exists() {
+        eprintln!("{} missing: skipping", dir.display());
+        return None;
+    }
+    Some(Llava::load(&dir, &Device::Cpu).expect("load the demo checkpoint"))
+}
+
+fn forwards(c: &mut Criterion) {
+    if let Some(target) = load("target") {
+        let mut timer = ForwardTimer::new(&target, 4, PREFIX).expect("prefill");
+        let mut group = c.benchmark_group("target_verify");
+        for nodes in [1, 4, 16, 64] {
+            group.bench_function(format!("batch1_nodes{nodes}"), |b| {
+                b.iter(|| timer.run_tree(nodes, 1).expect("forward"))
+            });
+        }
+        group.bench_function("batch4_nodes1", |b| {
+            b.iter(|| timer.run_tree(1, 4).expect("forward"))
+        });
+        group.finish();
+    }
+    if let Some(draft) = load("draft") {
+        let mut timer = ForwardTimer::new(&draft, 1, PREFIX).expect("prefill");
+        c.bench_function("draft_level_rows1", |b| {
+            b.iter(|| timer.run_level(1).expect("forward"))
+        });
+    }
+}
+
+criterion_group!(benches, forwards);
+criterion_main!(benches);

@@ -1,0 +1,130 @@
+//! Tree attention over a session's host KV rows, read in place.
+//!
+//! For each new row and query head: scores against exactly the rows the row sees (see
+//! [`Visibility`]), in ascending row order, softmax, then the weighted sum of value rows. The
+//! query heads that share a KV head (grouped-query attention) read the same rows. Hidden rows
+//! are skipped, not masked, so a tree node's result is bit-for-bit that of sequential decoding
+//! of its path.
+
+use super::ops::{axpy_inline, dot_inline, exp_inline, multiversion};
+use super::pool;
+use crate::kv::HostLayerKv;
+use crate::segment::Visibility;
+
+/// Attention shape of one layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Multiply-adds below which a segment's attention runs on the calling thread alone.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+/// Attention of `n` new rows. Row `i`'s query heads are `q[i * q_stride..][..heads * head_dim]`
+/// (rope applied); `kv` holds the session's rows `[rows, kv_heads * head_dim]` of this layer;
+/// writes `out` `[n, heads * head_dim]`.
+pub(crate) fn attend(
+    shape: Heads,
+    q: &[f32],
+    q_stride: usize,
+    kv: &HostLayerKv,
+    visible: &Visibility,
+    n: usize,
+    out: &mut [f32],
+) {
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let width = heads * head_dim;
+    let macs: usize = (0..n).map(|i| visible.count(i)).sum::<usize>() * width * 2;
+    let parts = if macs < PARALLEL_MIN_MACS {
+        1
+    } else {
+        (4 * pool::threads()).min(n * heads)
+    };
+    let jobs = n * heads;
+    let per = jobs.div_ceil(parts);
+    let out_ptr = OutPtr(out.as_mut_ptr(), out.len());
+    let run = |part: usize| {
+        let mut scores = Vec::new();
+        for job in part * per..((part + 1) * per).min(jobs) {
+            let (i, h) = (job / heads, job % heads);
+            let g = h / (heads / kv_heads);
+            let qh = &q[i * q_stride + h * head_dim..][..head_dim];
+            // SAFETY: each (row, head) slice of `out` is written by exactly one job.
+            let oh = unsafe { out_ptr.slice(i * width + h * head_dim, head_dim) };
+            one_head(
+                qh,
+                &kv.k,
+                &kv.v,
+                kv_heads,
+                head_dim,
+                g,
+                visible,
+                i,
+                &mut scores,
+                oh,
+            );
+        }
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        pool::parallel_for(parts, &run);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32, usize);
+// SAFETY: jobs write disjoint ranges and the caller waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// No other live reference may overlap the range.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1, "attention output range");
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+multiversion! {
+    /// One query head of one row.
+    #[allow(clippy::too_many_arguments)]
+    fn one_head(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        kv_heads: usize,
+        head_dim: usize,
+        g: usize,
+        visible: &Visibility,
+        row: usize,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let stride = kv_heads * head_dim;
+        let scale = (head_dim as f32).powf(-0.5);
+        let (prefix, extra) = visible.row(row);
+        scores.clear();
+        for j in (0..prefix).chain(extra.iter().copied()) {
+            scores.push(dot_inline(q, &keys[j * stride + g * head_dim..][..head_dim]) * scale);
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in scores.iter_mut() {
+            *s -= max;
+        }
+        exp_inline(scores);
+        let sum: f32 = scores.iter().sum();
+        out.fill(0.0);
+        for (j, &e) in (0..prefix).chain(extra.iter().copied()).zip(scores.iter()) {
+            axpy_inline(e / sum, &values[j * stride + g * head_dim..][..head_dim], out);
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! Few-row matrix products `y = x W^T (+ b)` against a weight packed once at load time.
+//!
+//! The weight `[out, in]` is cut into panels of [`PANEL`] output columns; each panel is stored
+//! `[in][PANEL]` contiguously, in the checkpoint's precision (f32, f16 or bf16, widened to f32
+//! in registers). One product streams each panel once for all rows of `x`: the rows of a tile
+//! stay in registers, so a 1-64 row product reads the weight about once, which is what tree
+//! verification, draft levels and batched decode need.
+//!
+//! Every output element is one fused multiply-add chain over `k = 0..in` in order, starting at
+//! zero, then the bias is added. That order does not depend on the number of rows, the tile
+//! shape, the thread split or the instruction set (AVX2 lanes and the portable `mul_add` loop
+//! round identically), so a row's result is bit-for-bit the same whether it is computed alone or
+//! inside a tree of 64 nodes: speculative verification sees exactly the logits sequential
+//! decoding would.
+
+use half::{bf16, f16};
+
+use super::pool;
+
+/// Output columns per panel (two AVX2 vectors).
+pub const PANEL: usize = 16;
+
+/// Largest number of rows one register tile holds.
+const MAX_TILE_ROWS: usize = 6;
+
+/// Multiply-adds below which a product runs on the calling thread alone (a thread hand-off
+/// costs more than it saves).
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// Storage precision of a packed weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision (widening to f32 is exact).
+    F16,
+    /// bfloat16 (widening to f32 is exact).
+    Bf16,
+}
+
+impl WeightFormat {
+    /// Bytes per stored weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::F16 | WeightFormat::Bf16 => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PanelData {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    Bf16(Vec<u16>),
+}
+
+/// A `[out, in]` weight packed in panels (see the module docs), with an optional bias.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    in_dim: usize,
+    out_dim: usize,
+    panels: usize,
+    data: PanelData,
+    bias: Option<Vec<f32>>,
+}
+
+impl PackedMatrix {
+    /// Packs `weight` (row-major `[out, in]`, PyTorch's layout) stored as `format`. The values
+    /// must be representable in `format` (they are when they were widened from it).
+    pub fn pack(
+        weight: &[f32],
+        out_dim: usize,
+        in_dim: usize,
+        bias: Option<Vec<f32>>,
+        format: WeightFormat,
+    ) -> Self {
+        assert_eq!(weight.len(), out_dim * in_dim, "weight size");
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), out_dim, "bias size");
+        }
+        let panels = out_dim.div_ceil(PANEL);
+        let mut packed = vec![0f32; panels * in_dim * PANEL];
+        for p in 0..panels {
+            for c in 0..PANEL.min(out_dim - p * PANEL) {
+                let row = &weight[(p * PANEL + c) * in_dim..][..in_dim];
+                for (k, &w) in row.iter().enumerate() {
+                    packed[(p * in_dim + k) * PANEL + c] = w;
+                }
+            }
+        }
+        let data = match format {
+            WeightFormat::F32 => PanelData::F32(packed),
+            WeightFormat::F16 => {
+                PanelData::F16(packed.iter().map(|&w| f16::from_f32(w).to_bits()).collect())
+            }
+            WeightFormat::Bf16 => PanelData::Bf16(
+                packed
+                    .iter()
+                    .map(|&w| bf16::from_f32(w).to_bits())
+                    .collect(),
+            ),
+        };
+        PackedMatrix {
+            in_dim,
+            out_dim,
+            panels,
+            data,
+            bias,
+        }
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Storage precision.
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            PanelData::F32(_) => WeightFormat::F32,
+            PanelData::F16(_) => WeightFormat::F16,
+            PanelData::Bf16(_) => WeightFormat::Bf16,
+        }
+    }
+
+    /// Bytes of the stored weight (what one product streams).
+    pub fn weight_bytes(&self) -> usize {
+        self.panels * self.in_dim * PANEL * self.format().bytes()
+    }
+
+    /// `y[r] = x[r] W^T + b` for `rows` rows; `x` is `[rows, in]`, `y` is `[rows, out]`.
+    /// Splits the panels over the CPU pool when the product is large enough.
+    pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), rows * self.in_dim, "input size");
+        assert_eq!(y.len(), rows * self.out_dim, "output size");
+        if rows == 0 {
+            return;
+        }
+        let macs = rows * self.in_dim * self.out_dim;
+        let parts = if macs < PARALLEL_MIN_MACS {
+            1
+        } else {
+            (4 * pool::threads()).min(self.panels)
+        };
+        if parts <= 1 {
+            self.matmul_panels(x, rows, 0..self.panels, SharedOut::new(y));
+            return;
+        }
+        let out = SharedOut::new(y);
+        let per = self.panels.div_ceil(parts);
+        pool::parallel_for(parts, &|part| {
+            let start = part * per;
+            let end = (start + per).min(self.panels);
+            if start < end {
+                self.matmul_panels(x, rows, start..end, out);
+            }
+        });
+    }
+
+    /// Computes output panels `panels` of every row (writes only their columns of `y`).
+    fn matmul_panels(&self, x: &[f32], rows: usize, panels: std::ops::Range<usize>, y: SharedOut) {
+        let kernel = Kernel::detect();
+        // Panels per tile: few rows leave registers for several panels at once, which keeps
+        // enough independent accumulators in flight to hide the FMA latency.
+        let group_max = match rows {
+            1 => 4,
+            2 | 3 => 2,
+            _ => 1,
+        };
+        let mut p = panels.start;
+        while p < panels.end {
+            let group = group_max.min(panels.end - p);
+            for r0 in (0..rows).step_by(MAX_TILE_ROWS) {
+                let tile_rows = (rows - r0).min(MAX_TILE_ROWS);
+                self.tile(kernel, x, r0, tile_rows, p, group, y);
+            }
+            p += group;
+        }
+    }
+
+    /// One register tile: rows `r0..r0+rows` x panels `p0..p0+group`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        r0: usize,
+        rows: usize,
+        p0: usize,
+        group: usize,
+        y: SharedOut,
+    ) {
+        let mut acc = [[0f32; PANEL * 4]; MAX_TILE_ROWS];
+        let k = self.in_dim;
+        let xs = &x[r0 * k..(r0 + rows) * k];
+        let span = k * PANEL;
+        match (&self.data, kernel) {
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::F32(w), Kernel::Avx2) => unsafe {
+                avx2::tile::<avx2::F32>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::F16(w), Kernel::Avx2) => unsafe {
+                avx2::tile::<avx2::F16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::Bf16(w), Kernel::Avx2) => unsafe {
+                avx2::tile::<avx2::Bf16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
+            (PanelData::F32(w), _) => {
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| v)
+            }
+            (PanelData::F16(w), _) => {
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| {
+                    f16::from_bits(v).to_f32()
+                })
+            }
+            (PanelData::Bf16(w), _) => {
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| {
+                    bf16::from_bits(v).to_f32()
+                })
+            }
+        }
+        let out = self.out_dim;
+        for (r, acc_row) in acc.iter().enumerate().take(rows) {
+            let col0 = p0 * PANEL;
+            let cols = (group * PANEL).min(out - col0);
+            // SAFETY: this tile is the only writer of rows r0.. x these columns (panels are
+            // split between threads, rows between tiles).
+            let dst = unsafe { y.row_cols((r0 + r) * out + col0, cols) };
+            match &self.bias {
+                Some(b) => {
+                    for ((d, &a), &b) in dst.iter_mut().zip(acc_row).zip(&b[col0..col0 + cols]) {
+                        *d = a + b;
+                    }
+                }
+                None => dst.copy_from_slice(&acc_row[..cols]),
+            }
+        }
+    }
+}
+
+/// The instruction set a product runs with, chosen once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Kernel {
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            if std::env::var_os("SPECLLAVA_CPU_PORTABLE").is_some() {
+                return Kernel::Portable;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Kernel::Avx2;
+            }
+            Kernel::Portable
+        })
+    }
+}
+
+/// Names the instruction set the products of this process use ("avx2+fma+f16c" or
+/// "portable").
+pub fn kernel_name() -> &'static str {
+    match Kernel::detect() {
+        Kernel::Avx2 => "avx2+fma+f16c",
+        Kernel::Portable => "portable",
+    }
+}
+
+/// The portable tile: the same per-element `mul_add` chain as the vector kernels.
+#[allow(clippy::too_many_arguments)]
+fn portable_tile<W: Copy>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[W],
+    span: usize,
+    group: usize,
+    acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+    widen: impl Fn(W) -> f32,
+) {
+    for g in 0..group {
+        let panel = &w[g * span..(g + 1) * span];
+        for kk in 0..k {
+            let wrow = &panel[kk * PANEL..(kk + 1) * PANEL];
+            let mut wv = [0f32; PANEL];
+            for (d, &s) in wv.iter_mut().zip(wrow) {
+                *d = widen(s);
+            }
+            for r in 0..rows {
+                let xv = x[r * k + kk];
+                let a = &mut acc[r][g * PANEL..(g + 1) * PANEL];
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = xv.mul_add(wv, *a);
+                }
+            }
+        }
+    }
+}
+
+/// A raw view of the output that disjoint tiles (possibly on different threads) write to.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: writers touch disjoint ranges (see `row_cols`); the owner waits for all of them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(y: &mut [f32]) -> Self {
+        SharedOut {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other live reference may overlap `[start, start + len)`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row_cols(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "output range");
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 + FMA (+ F16C) register tiles.
+
+    use std::arch::x86_64::*;
+
+    use super::{MAX_TILE_ROWS, PANEL};
+
+    /// How 8 stored weights become 8 f32 lanes.
+    pub trait Widen {
+        type Elem: Copy;
+        /// # Safety
+        /// `p` must point at 8 readable elements; the CPU must have AVX2 and F16C.
+        unsafe fn load8(p: *const Self::Elem) -> __m256;
+    }
+
+    pub struct F32;
+    pub struct F16;
+    pub struct Bf16;
+
+    impl Widen for F32 {
+        type Elem = f32;
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Widen for F16 {
+        type Elem = u16;
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+    }
+
+    impl Widen for Bf16 {
+        type Elem = u16;
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            unsafe {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+        }
+    }
+
+    /// Dispatches to a tile with compile-time rows and panels (registers, not memory).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `group` panels of `span` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile<W: Widen>(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[W::Elem],
+        span: usize,
+        group: usize,
+        acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+    ) {
+        assert!(x.len() >= rows * k && w.len() >= group * span);
+        unsafe {
+            match (rows, group) {
+                (1, 1) => tile_rp::<W, 1, 1>(x, k, w, span, acc),
+                (1, 2) => tile_rp::<W, 1, 2>(x, k, w, span, acc),
+                (1, 3) => tile_rp::<W, 1, 3>(x, k, w, span, acc),
+                (1, 4) => tile_rp::<W, 1, 4>(x, k, w, span, acc),
+                (2, 1) => tile_rp::<W, 2, 1>(x, k, w, span, acc),
+                (2, 2) => tile_rp::<W, 2, 2>(x, k, w, span, acc),
+                (3, 1) => tile_rp::<W, 3, 1>(x, k, w, span, acc),
+                (3, 2) => tile_rp::<W, 3, 2>(x, k, w, span, acc),
+                (4, 1) => tile_rp::<W, 4, 1>(x, k, w, span, acc),
+                (5, 1) => tile_rp::<W, 5, 1>(x, k, w, span, acc),
+                (6, 1) => tile_rp::<W, 6, 1>(x, k, w, span, acc),
+                _ => unreachable!("tile shape {rows}x{group}"),
+            }
+        }
+    }
+
+    // Index loops over the register tile read best as written (and unroll fully).
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_rp<W: Widen, const R: usize, const P: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W::Elem],
+        span: usize,
+        acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+    ) {
+        let mut a = [[[_mm256_setzero_ps(); 2]; P]; R];
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        for kk in 0..k {
+            for p in 0..P {
+                // SAFETY: panel p, row kk, 16 elements lie inside `w` (checked by the caller).
+                let (w0, w1) = unsafe {
+                    let base = wp.add(p * span + kk * PANEL);
+                    (W::load8(base), W::load8(base.add(8)))
+                };
+                for r in 0..R {
+                    // SAFETY: row r, column kk of x is inside `x`.
+                    let xv = unsafe { _mm256_broadcast_ss(&*xp.add(r * k + kk)) };
+                    a[r][p][0] = _mm256_fmadd_ps(xv, w0, a[r][p][0]);
+                    a[r][p][1] = _mm256_fmadd_ps(xv, w1, a[r][p][1]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                // SAFETY: acc rows hold 4 panels of 16 lanes.
+                unsafe {
+                    _mm256_storeu_ps(acc[r].as_mut_ptr().add(p * PANEL), a[r][p][0]);
+                    _mm256_storeu_ps(acc[r].as_mut_ptr().add(p * PANEL + 8), a[r][p][1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n).map(|_| lcg(&mut s)).collect()
+    }
+
+    /// The reference: each element a `mul_add` chain over k from zero, plus bias.
+    fn reference(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        b: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                let mut acc = 0f32;
+                for k in 0..inp {
+                    acc = x[r * inp + k].mul_add(w[o * inp + k], acc);
+                }
+                y[r * out + o] = acc + b.map_or(0.0, |b| b[o]);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_shape_and_format_equals_the_fma_chain_exactly() {
+        for &(out, inp) in &[(1, 1), (5, 3), (16, 7), (37, 19), (100, 64), (300, 130)] {
+            for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16] {
+                let mut w = data(out * inp, 7 + out as u64);
+                // Make the weights representable in the format, as checkpoint weights are.
+                for v in &mut w {
+                    *v = match format {
+                        WeightFormat::F32 => *v,
+                        WeightFormat::F16 => f16::from_f32(*v).to_f32(),
+                        WeightFormat::Bf16 => bf16::from_f32(*v).to_f32(),
+                    };
+                }
+                let b = data(out, 99);
+                let m = PackedMatrix::pack(&w, out, inp, Some(b.clone()), format);
+                for rows in [1, 2, 3, 4, 6, 7, 13, 64] {
+                    let x = data(rows * inp, rows as u64);
+                    let mut y = vec![f32::NAN; rows * out];
+                    m.matmul(&x, rows, &mut y);
+                    let want = reference(&x, rows, &w, out, inp, Some(&b));
+                    assert_eq!(y, want, "out {out} in {inp} rows {rows} {format:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_alone_equals_the_same_row_in_a_batch() {
+        let (out, inp) = (200, 96);
+        let w = data(out * inp, 3);
+        let m = PackedMatrix::pack(&w, out, inp, None, WeightFormat::F32);
+        let rows = 11;
+        let x = data(rows * inp, 5);
+        let mut all = vec![0f32; rows * out];
+        m.matmul(&x, rows, &mut all);
+        for r in 0..rows {
+            let mut one = vec![0f32; out];
+            m.matmul(&x[r * inp..(r + 1) * inp], 1, &mut one);
+            assert_eq!(one, all[r * out..(r + 1) * out]);
+        }
+    }
+
+    #[test]
+    fn large_products_split_over_threads_give_the_same_result() {
+        let (out, inp) = (1000, 512);
+        let w = data(out * inp, 11);
+        let m = PackedMatrix::pack(&w, out, inp, None, WeightFormat::F32);
+        let rows = 5;
+        let x = data(rows * inp, 12);
+        let mut y = vec![0f32; rows * out];
+        m.matmul(&x, rows, &mut y);
+        assert_eq!(y, reference(&x, rows, &w, out, inp, None));
+    }
+}

@@ -1,0 +1,30 @@
+//! The CPU backend: the decoder's forward pass and the linear layers on plain `f32` slices,
+//! kept near the memory roofline for the few-row products of speculative decoding.
+//!
+//! What runs where:
+//! - **CPU device** (default): the decoder ([`CpuDecoder`]) and every [`crate::nn::Linear`]
+//!   (vision tower, projector) use this module: weights packed once at load time in the
+//!   checkpoint's precision ([`gemm`]), multi-threaded products on a spinning worker pool
+//!   ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention over host KV rows
+//!   ([`attention`]). AVX2 + FMA + F16C kernels are chosen at run time, with a portable fallback
+//!   that gives the same bits.
+//! - **CUDA / Metal devices**, or [`crate::Backend::Candle`] on the CPU: candle's own kernels
+//!   ([`crate::llama::Decoder`]); nothing here is used, and a GPU build compiles without it
+//!   mattering.
+//!
+//! `SPECLLAVA_CPU_THREADS` caps the worker threads; `SPECLLAVA_CPU_PORTABLE=1` forces the
+//! portable kernels.
+
+pub(crate) mod attention;
+pub(crate) mod decoder;
+pub mod gemm;
+pub(crate) mod ops;
+pub mod pool;
+
+pub(crate) use decoder::{CpuDecoder, LogitRows};
+
+/// Whether the AVX2 + FMA + F16C kernels are in use (decided once per process).
+pub(crate) fn simd_enabled() -> bool {
+    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| gemm::kernel_name() != "portable")
+}

@@ -1,0 +1,102 @@
+//! One session's share of a decoder call: its new rows' positions and which cache rows each new
+//! row attends to. Built once per forward (by prefill or the tree planner) and read by every
+//! layer of either backend.
+
+/// Which KV rows each new row of a segment sees: every row below `prefix[i]`, plus the listed
+/// `extra` rows (ascending, all at or above `prefix[i]`). Causal prefill rows see a prefix
+/// only; a tree node sees the committed prefix plus its ancestors and itself.
+///
+/// Keys are always visited in ascending row order, so a tree node attends to exactly the
+/// sequence of rows that sequential decoding of its path would.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Visibility {
+    prefix: Vec<usize>,
+    starts: Vec<usize>,
+    extra: Vec<usize>,
+}
+
+impl Visibility {
+    /// Causal rows: new row `i` sees rows `[0, first_row + i]`.
+    pub fn causal(first_row: usize, n: usize) -> Self {
+        Visibility {
+            prefix: (0..n).map(|i| first_row + i + 1).collect(),
+            starts: vec![0; n + 1],
+            extra: Vec::new(),
+        }
+    }
+
+    /// Appends a row that sees `[0, prefix)` plus `extra` (ascending).
+    pub fn push_row(&mut self, prefix: usize, extra: impl IntoIterator<Item = usize>) {
+        if self.starts.is_empty() {
+            self.starts.push(0);
+        }
+        self.prefix.push(prefix);
+        self.extra.extend(extra);
+        self.starts.push(self.extra.len());
+    }
+
+    /// Row `i`: the visible prefix length and the extra rows.
+    pub fn row(&self, i: usize) -> (usize, &[usize]) {
+        (
+            self.prefix[i],
+            &self.extra[self.starts[i]..self.starts[i + 1]],
+        )
+    }
+
+    /// Number of rows row `i` sees.
+    pub fn count(&self, i: usize) -> usize {
+        self.prefix[i] + self.starts[i + 1] - self.starts[i]
+    }
+
+    /// The additive mask `[n, len]` (0 visible, -inf hidden), or `None` when every row sees all
+    /// `len` rows.
+    pub fn dense_mask(&self, len: usize) -> Option<Vec<f32>> {
+        let n = self.prefix.len();
+        if (0..n).all(|i| self.count(i) == len) {
+            return None;
+        }
+        let mut mask = vec![f32::NEG_INFINITY; n * len];
+        for i in 0..n {
+            let (prefix, extra) = self.row(i);
+            let row = &mut mask[i * len..(i + 1) * len];
+            row[..prefix].fill(0.0);
+            for &e in extra {
+                row[e] = 0.0;
+            }
+        }
+        Some(mask)
+    }
+}
+
+/// One session's share of a decoder call.
+pub(crate) struct Segment {
+    /// Number of new rows.
+    pub n: usize,
+    /// Position id of each new row.
+    pub positions: Vec<u32>,
+    /// The cache rows each new row attends to (its own row included).
+    pub visible: Visibility,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_and_tree_rows_give_the_expected_masks() {
+        let c = Visibility::causal(2, 2);
+        assert_eq!(c.count(0), 3);
+        let m = c.dense_mask(4).unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(m, vec![0.0, 0.0, 0.0, inf, 0.0, 0.0, 0.0, 0.0]);
+        let mut t = Visibility::default();
+        t.push_row(2, [2]);
+        t.push_row(2, [2, 3]);
+        t.push_row(2, [4]);
+        assert_eq!(t.row(1), (2, &[2usize, 3][..]));
+        assert_eq!(t.dense_mask(5).unwrap()[10..], [0.0, 0.0, inf, inf, 0.0]);
+        let mut one = Visibility::default();
+        one.push_row(3, [3]);
+        assert!(one.dense_mask(4).is_none());
+    }
+}
