@@ -25,6 +25,15 @@ impl Visibility {
         }
     }
 
+    /// Bidirectional rows: each of `n` new rows sees rows `[0, len)`.
+    pub fn full(len: usize, n: usize) -> Self {
+        Visibility {
+            prefix: vec![len; n],
+            starts: vec![0; n + 1],
+            extra: Vec::new(),
+        }
+    }
+
     /// Appends a row that sees `[0, prefix)` plus `extra` (ascending).
     pub fn push_row(&mut self, prefix: usize, extra: impl IntoIterator<Item = usize>) {
         if self.starts.is_empty() {

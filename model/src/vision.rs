@@ -13,6 +13,7 @@ use candle_core::{D, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::cpu::CpuClipLayer;
 use crate::llava::Backend;
 use crate::nn::{Activation, LayerNorm, Linear};
 use crate::weights::Weights;
@@ -78,13 +79,19 @@ impl ClipLayer {
     }
 }
 
+/// The encoder layers on one backend.
+enum Encoder {
+    Candle(Vec<ClipLayer>),
+    Cpu(Vec<CpuClipLayer>),
+}
+
 /// CLIP vision tower truncated to the layers LLaVA's feature selection needs.
 pub struct VisionTower {
     patch_embedding: Tensor,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
-    layers: Vec<ClipLayer>,
+    layers: Encoder,
     feature_layers: Vec<usize>,
     cfg: VisionConfig,
 }
@@ -95,9 +102,19 @@ impl VisionTower {
         let v = &cfg.vision;
         let feature_layers = cfg.resolved_feature_layers();
         let needed = feature_layers.iter().copied().max().unwrap_or(0);
-        let layers = (0..needed)
-            .map(|i| ClipLayer::load(&w.pp(&format!("encoder.layers.{i}.")), v, backend))
-            .collect::<Result<Vec<_>>>()?;
+        let layer = |i: usize| w.pp(&format!("encoder.layers.{i}."));
+        let layers = match backend {
+            Backend::Candle => Encoder::Candle(
+                (0..needed)
+                    .map(|i| ClipLayer::load(&layer(i), v, backend))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Backend::Cpu => Encoder::Cpu(
+                (0..needed)
+                    .map(|i| CpuClipLayer::load(&layer(i), v))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
         Ok(VisionTower {
             patch_embedding: w.get(
                 "embeddings.patch_embedding.weight",
@@ -137,11 +154,31 @@ impl VisionTower {
         let x = Tensor::cat(&[&cls, &patches], 1)?;
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
-        let mut states: Vec<Option<Tensor>> = vec![None; self.layers.len() + 1];
+        let layers = match &self.layers {
+            Encoder::Candle(l) => l.len(),
+            Encoder::Cpu(l) => l.len(),
+        };
+        let mut states: Vec<Option<Tensor>> = vec![None; layers + 1];
         states[0] = Some(x.clone());
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
-            states[i + 1] = Some(x.clone());
+        match &self.layers {
+            Encoder::Candle(layers) => {
+                for (i, layer) in layers.iter().enumerate() {
+                    x = layer.forward(&x)?;
+                    states[i + 1] = Some(x.clone());
+                }
+            }
+            Encoder::Cpu(layers) => {
+                let shape = x.dims().to_vec();
+                let (images, seq) = (shape[0], shape[1]);
+                let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+                for (i, layer) in layers.iter().enumerate() {
+                    layer.forward(&mut rows, images, seq);
+                    if self.feature_layers.contains(&(i + 1)) {
+                        states[i + 1] =
+                            Some(Tensor::from_slice(&rows, shape.as_slice(), x.device())?);
+                    }
+                }
+            }
         }
         let selected = self
             .feature_layers

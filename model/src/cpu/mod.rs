@@ -2,8 +2,9 @@
 //! kept near the memory roofline for the few-row products of speculative decoding.
 //!
 //! What runs where:
-//! - **CPU device** (default): the decoder ([`CpuDecoder`]) and every [`crate::nn::Linear`]
-//!   (vision tower, projector) use this module: weights packed once at load time in the
+//! - **CPU device** (default): the decoder ([`CpuDecoder`]), the CLIP encoder layers
+//!   ([`vision`]) and every other [`crate::nn::Linear`] (projector) use this module: weights
+//!   packed once at load time in the
 //!   checkpoint's precision ([`gemm`]), multi-threaded products on a spinning worker pool
 //!   ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention over host KV rows
 //!   ([`attention`]). AVX2 + FMA + F16C kernels are chosen at run time, with a portable fallback
@@ -18,10 +19,13 @@
 pub(crate) mod attention;
 pub(crate) mod decoder;
 pub mod gemm;
+pub(crate) mod load;
 pub(crate) mod ops;
 pub mod pool;
+pub(crate) mod vision;
 
 pub(crate) use decoder::{CpuDecoder, LogitRows};
+pub(crate) use vision::CpuClipLayer;
 
 /// Whether the AVX2 + FMA + F16C kernels are in use (decided once per process).
 pub(crate) fn simd_enabled() -> bool {

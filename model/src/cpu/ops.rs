@@ -179,6 +179,42 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x += delta`, element-wise.
+    pub fn add_in_place(x: &mut [f32], delta: &[f32]) {
+        for (x, d) in x.iter_mut().zip(delta) {
+            *x += d;
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm of every row of `x` (`weight.len()` wide) into `out`:
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`.
+    pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+        let dim = weight.len();
+        for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let mean = row.iter().sum::<f32>() / dim as f32;
+            let mut var = 0f32;
+            for v in row {
+                let d = v - mean;
+                var = d.mul_add(d, var);
+            }
+            let inv = 1.0 / (var / dim as f32 + eps).sqrt();
+            for (((o, v), w), b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
+                *o = ((v - mean) * inv).mul_add(*w, *b);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Applies `act` to every element.
+    pub fn activate_in_place(xs: &mut [f32], act: Activation) {
+        activate(xs, act);
+    }
+}
+
+multiversion! {
     /// SwiGLU-style gating: for every row of `gate_up` (`[gate | up]`, `2 * width` wide),
     /// `out = act(gate) * up`.
     pub fn gated_activation(gate_up: &mut [f32], width: usize, act: Activation, out: &mut [f32]) {
