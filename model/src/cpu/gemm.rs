@@ -349,6 +349,9 @@ mod avx2 {
 
     use super::{MAX_TILE_ROWS, PANEL};
 
+    /// Elements ahead of the current k row that the kernel prefetches.
+    const PREFETCH_AHEAD: usize = 16 * PANEL;
+
     /// How 8 stored weights become 8 f32 lanes.
     pub trait Widen {
         type Elem: Copy;
@@ -439,6 +442,8 @@ mod avx2 {
                 // SAFETY: panel p, row kk, 16 elements lie inside `w` (checked by the caller).
                 let (w0, w1) = unsafe {
                     let base = wp.add(p * span + kk * PANEL);
+                    // Ask for the panel's bytes a few rows of k ahead of their use.
+                    _mm_prefetch::<_MM_HINT_T0>(base.add(PREFETCH_AHEAD) as *const i8);
                     (W::load8(base), W::load8(base.add(8)))
                 };
                 for r in 0..R {
