@@ -348,6 +348,12 @@ async fn run(
     Ok((tokens, summary.expect("a summary")))
 }
 
+/// Makes the target at `addr` fail its next verify with `code` (dropping the session).
+fn fail_verify_once(fake: &Fake, addr: &str, code: Code) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    fake.faults.lock().unwrap().verify_once.insert(addr, code);
+}
+
 /// What target-only decoding emits.
 fn expected() -> Vec<u32> {
     let mut t = 12;
@@ -379,12 +385,7 @@ async fn speculative_output_equals_target_only_output() {
 #[tokio::test]
 async fn an_evicted_target_session_is_re_prefilled_and_the_output_is_unchanged() {
     let fake = Arc::new(Fake::default());
-    let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    fake.faults
-        .lock()
-        .unwrap()
-        .verify_once
-        .insert(addr, Code::NotFound);
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::NotFound);
     let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
     let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
     assert_eq!(tokens, expected());
@@ -400,12 +401,7 @@ async fn an_evicted_target_session_is_re_prefilled_and_the_output_is_unchanged()
 #[tokio::test]
 async fn a_lost_target_replica_is_replaced_and_the_output_is_unchanged() {
     let fake = Arc::new(Fake::default());
-    let first: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    fake.faults
-        .lock()
-        .unwrap()
-        .verify_once
-        .insert(first, Code::Unavailable);
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::Unavailable);
     let e = engine(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
     let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
     assert_eq!(tokens, expected());
@@ -422,12 +418,7 @@ async fn too_many_recoveries_fail_the_turn() {
         ..parts(Arc::clone(&fake))
     })
     .unwrap();
-    let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    fake.faults
-        .lock()
-        .unwrap()
-        .verify_once
-        .insert(addr, Code::NotFound);
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::NotFound);
     match run(&e, None).await {
         Err(Interrupted::Failed(err)) => assert!(err.to_string().contains("injected"), "{err}"),
         other => panic!("expected a failure, got {:?}", other.map(|(t, _)| t)),
