@@ -24,7 +24,9 @@ pub mod plots;
 pub mod report;
 pub mod roofline;
 pub mod runner;
-pub mod services;
 pub mod stats;
+
+/// Spawning the service binaries (shared with the end-to-end tests).
+pub use specllava_harness as services;
 
 pub use calibrate::{Calibration, CalibrationError, CalibrationPlan, calibrate, measure_rates};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use specllava_bench::calibrate::{self, Calibration, CalibrationPlan};
@@ -20,7 +20,7 @@ use specllava_bench::plots;
 use specllava_bench::report::{self, Meta, ReferenceTokens, Report};
 use specllava_bench::runner::{self, Plan};
 use specllava_bench::services::{self, ServiceProcess};
-use specllava_model::{Device, Llava};
+use specllava_model::Llava;
 
 #[derive(Parser)]
 #[command(
@@ -156,20 +156,6 @@ struct RunArgs {
     hf_repeats: Option<usize>,
 }
 
-fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        s if s.starts_with("cuda") => {
-            let ord = s
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), str::parse)
-                .context("cuda ordinal")?;
-            Device::new_cuda(ord)?
-        }
-        other => bail!("unknown device {other:?} (cpu or cuda[:N])"),
-    })
-}
-
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
@@ -188,7 +174,7 @@ fn typical_prefix(target: &Llava) -> usize {
 }
 
 fn cost_model(models: &ModelArgs, quick: bool) -> Result<Calibration> {
-    let dev = device(&models.device)?;
+    let dev = specllava_service_kit::parse_device(&models.device)?;
     let target = Llava::load(&models.target_model, &dev)
         .with_context(|| format!("loading target {}", models.target_model.display()))?;
     let draft = Llava::load(&models.draft_model, &dev)

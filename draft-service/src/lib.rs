@@ -5,7 +5,7 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`session`]: per-session state and resynchronisation with the history.
-//! - [`worker`]: the model worker thread (session store + level-batched drafting).
+//! - [`worker`]: the draft batching the session worker runs (level-batched drafting).
 //! - [`service`]: the `specllava.v1.Draft` gRPC handlers.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use specllava_proto::v1::draft_server::DraftServer;
-use specllava_service_kit::{LoadedModel, load_model, serve_grpc};
+use specllava_service_kit::{BatchLimits, load_model, serve_grpc};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -29,25 +29,24 @@ pub use error::DraftError;
 
 /// Loads the model and serves until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let LoadedModel { model, max_context } =
-        load_model("draft", &args.model_dir, &args.server).await?;
-    let batch = worker::BatchConfig {
-        max_batch_wait: Duration::from_micros(args.max_batch_wait_us),
-        max_batch_sessions: args.max_batch_sessions.max(1),
-        queue_capacity: args.server.queue_capacity.max(1),
-        max_context,
+    let loaded = load_model("draft", &args.model_dir, &args.server).await?;
+    let max_context = loaded.max_context;
+    let batch = BatchLimits {
+        max_jobs: args.max_batch_sessions.max(1),
+        max_cost: usize::MAX,
+        max_wait: Duration::from_micros(args.max_batch_wait_us),
     };
-    let worker = worker::WorkerHandle::spawn(Arc::clone(&model), args.session_limits(), batch)?;
+    let backend = worker::DraftBackend::new(Arc::clone(&loaded.model), max_context);
+    let sessions =
+        loaded.start_sessions("draft", backend, args.session_limits(), &args.server, batch)?;
     let limits = service::RequestLimits {
-        image: args.server.image_limits(),
         max_depth: args.max_depth,
         max_branching: args.max_branching,
         max_budget: args.max_budget,
-        max_context,
     };
-    let svc = service::DraftService::new(model, worker, limits);
+    let svc = service::DraftService::new(sessions, limits, loaded.info);
     tracing::info!(max_context, "draft service ready");
-    let server = DraftServer::new(svc).max_decoding_message_size(64 * 1024 * 1024);
+    let server = DraftServer::new(svc).max_decoding_message_size(args.server.max_message_bytes);
     serve_grpc(
         args.listen,
         DraftServer::<service::DraftService>::NAME,

@@ -1,24 +1,24 @@
 //! Process harness of the end-to-end tests: builds the three service binaries
 //! once, starts them on free loopback ports with the parity fixture
-//! checkpoints, waits for gRPC health, and stops them (SIGTERM) on drop.
+//! checkpoints, waits for gRPC health, and stops them (SIGTERM) on drop. The
+//! process plumbing is [`specllava_harness`], shared with the benchmark.
 //!
 //! [`otlp`] holds an in-process OTLP trace collector and [`scrape_metrics`]
 //! reads a service's Prometheus endpoint, for the telemetry tests.
 
 pub mod otlp;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use specllava_harness::{Launch, ServiceProcess};
 
 use specllava_proto::v1::draft_client::DraftClient;
 use specllava_proto::v1::generation_client::GenerationClient;
 use specllava_proto::v1::target_client::TargetClient;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -77,17 +77,13 @@ pub fn bin_dir() -> &'static Path {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    specllava_harness::free_port().expect("a free port")
 }
 
 /// A running service process; SIGTERM then kill on drop.
 pub struct Service {
     /// The process.
-    pub child: Child,
+    pub process: ServiceProcess,
     /// `127.0.0.1:port`.
     pub addr: String,
     /// `127.0.0.1:port` of its `/metrics` endpoint, when started with one.
@@ -103,28 +99,39 @@ impl Service {
     /// [`Service::start`] with extra environment variables, and with
     /// `--metrics-addr` on a free port when `metrics` is set.
     pub fn start_with(bin: &str, args: &[String], env: &[(String, String)], metrics: bool) -> Self {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        Self::launch(bin, args, env, metrics, None)
+    }
+
+    /// [`Service::start_with`], its output in `log` instead of the test's.
+    pub fn start_logged(bin: &str, args: &[String], env: &[(String, String)], log: &Path) -> Self {
+        Self::launch(bin, args, env, false, Some(log))
+    }
+
+    fn launch(
+        bin: &str,
+        args: &[String],
+        env: &[(String, String)],
+        metrics: bool,
+        log: Option<&Path>,
+    ) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = metrics.then(|| format!("127.0.0.1:{}", free_port()));
-        let mut command = Command::new(bin_dir().join(bin));
-        command
+        let mut launch = Launch::new(bin_dir().join(bin), addr.clone())
             .args(args)
-            .arg("--listen")
-            .arg(&addr)
-            .env(
-                "RUST_LOG",
-                std::env::var("SPECLLAVA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
+            .args(["--listen", addr.as_str()])
+            .log_filter(std::env::var("SPECLLAVA_E2E_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some(m) = &metrics_addr {
-            command.arg("--metrics-addr").arg(m);
+            launch = launch.args(["--metrics-addr", m.as_str()]);
         }
-        let child = command
+        if let Some(log) = log {
+            launch = launch.log_file(log);
+        }
+        let process = launch
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         Self {
-            child,
+            process,
             addr,
             metrics_addr,
         }
@@ -132,30 +139,12 @@ impl Service {
 
     /// `http://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.process.url()
     }
 
     /// Sends SIGTERM and waits for the exit (graceful shutdown); returns the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        self.child.wait().ok()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-        }
+        self.process.terminate()
     }
 }
 
@@ -204,30 +193,11 @@ pub struct Cluster {
     pub orchestrator: Service,
 }
 
-/// Waits until `addr` answers SERVING on the health protocol.
+/// Waits until the service answers SERVING on the health protocol; panics when it
+/// exits first or `timeout` passes.
 pub async fn wait_healthy(svc: &mut Service, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(st)) = svc.child.try_wait() {
-            panic!("service at {} exited early: {st}", svc.addr);
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(svc.url()).expect("valid url");
-        if let Ok(channel) = endpoint.connect().await
-            && let Ok(r) = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            && r.into_inner().status == ServingStatus::Serving as i32
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "service at {} not healthy after {timeout:?}",
-            svc.addr
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Err(e) = specllava_harness::wait_healthy(&mut svc.process, timeout).await {
+        panic!("service at {} not healthy: {e}", svc.addr);
     }
 }
 
@@ -261,6 +231,7 @@ impl Cluster {
             (None, Some(d)) => d.addr.clone(),
             (None, None) => String::new(),
         };
+
         let mut orch_args = vec![
             "--model-dir".into(),
             path(&cfg.target_model),

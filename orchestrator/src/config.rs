@@ -1,8 +1,12 @@
 //! Command-line / environment configuration of the orchestrator.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use speculate::PolicySpace;
+
+use crate::engine::EngineConfig;
+use crate::plan::PlanConfig;
 
 /// Orchestrator: the public Generation API; routes sessions to draft and target replicas.
 #[derive(Debug, Clone, Parser)]
@@ -73,4 +77,129 @@ pub struct Args {
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,
+    /// Connect timeout of the channels to draft and target replicas, in milliseconds.
+    #[arg(long, env = "SPECLLAVA_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+    /// How often idle multi-turn sessions are looked for (and closed on their replicas),
+    /// in milliseconds.
+    #[arg(long, env = "SPECLLAVA_SESSION_SWEEP_MS", default_value_t = 5_000)]
+    pub session_sweep_ms: u64,
+    /// Attempts to pin and sync a target replica (re-pinning after a failure) before a
+    /// turn fails.
+    #[arg(long, env = "SPECLLAVA_TARGET_ATTEMPTS", default_value_t = 3)]
+    pub target_attempts: usize,
+    /// Lost target sessions (evicted, replica gone) re-prefilled from the history per
+    /// turn before the turn fails.
+    #[arg(long, env = "SPECLLAVA_MAX_RECOVERIES", default_value_t = 3)]
+    pub max_recoveries: usize,
+    /// Budget policy prior: cost of one draft level, in nanoseconds (refined online).
+    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_LEVEL_NS", default_value_t = 2e6)]
+    pub policy_draft_level_ns: f64,
+    /// Budget policy prior: cost of one drafted row, in nanoseconds (refined online).
+    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_NODE_NS", default_value_t = 1e5)]
+    pub policy_draft_node_ns: f64,
+    /// Budget policy prior: tree sizes (nodes) of the verify-cost grid.
+    #[arg(
+        long,
+        env = "SPECLLAVA_POLICY_VERIFY_NODES",
+        value_delimiter = ',',
+        default_value = "1,16,64,256"
+    )]
+    pub policy_verify_nodes: Vec<usize>,
+    /// Budget policy prior: batch sizes of the verify-cost grid.
+    #[arg(
+        long,
+        env = "SPECLLAVA_POLICY_VERIFY_BATCHES",
+        value_delimiter = ',',
+        default_value = "1,8"
+    )]
+    pub policy_verify_batches: Vec<usize>,
+    /// Budget policy prior: verify cost over the grid, batch-major, in nanoseconds
+    /// (replaced by the first target's start-up measurement when it reports one).
+    #[arg(
+        long,
+        env = "SPECLLAVA_POLICY_VERIFY_NS",
+        value_delimiter = ',',
+        default_value = "8e6,10e6,16e6,40e6,20e6,30e6,60e6,200e6"
+    )]
+    pub policy_verify_ns: Vec<f64>,
+    /// Largest depth D the budget policy considers.
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_DEPTH", default_value_t = 8)]
+    pub policy_max_depth: usize,
+    /// Largest branching K the budget policy considers.
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BRANCHING", default_value_t = 6)]
+    pub policy_max_branching: usize,
+    /// Largest node budget M the budget policy considers.
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BUDGET", default_value_t = 48)]
+    pub policy_max_budget: usize,
+    /// When the policy prefers not to draft, draft anyway every N-th step to keep
+    /// learning the acceptance (dynamic trees); 0 = never.
+    #[arg(long, env = "SPECLLAVA_POLICY_PROBE_PERIOD", default_value_t = 4)]
+    pub policy_probe_period: u32,
+    /// Tree depth D used when neither the request nor the policy sets one.
+    #[arg(long, env = "SPECLLAVA_FALLBACK_DEPTH", default_value_t = 4)]
+    pub fallback_depth: usize,
+    /// Branching K used when neither the request nor the policy sets one.
+    #[arg(long, env = "SPECLLAVA_FALLBACK_BRANCHING", default_value_t = 2)]
+    pub fallback_branching: usize,
+    /// Node budget M used when neither the request nor the policy sets one.
+    #[arg(long, env = "SPECLLAVA_FALLBACK_BUDGET", default_value_t = 16)]
+    pub fallback_budget: usize,
+}
+
+impl Args {
+    /// The engine settings these flags give.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            draft_timeout: Duration::from_millis(self.draft_timeout_ms),
+            target_timeout: Duration::from_millis(self.target_timeout_ms),
+            target_attempts: self.target_attempts.max(1),
+            max_recoveries: self.max_recoveries,
+            plan: PlanConfig {
+                draft_level_ns: self.policy_draft_level_ns,
+                draft_node_ns: self.policy_draft_node_ns,
+                verify_nodes: self.policy_verify_nodes.clone(),
+                verify_batches: self.policy_verify_batches.clone(),
+                verify_ns: self.policy_verify_ns.clone(),
+                space: PolicySpace {
+                    max_depth: self.policy_max_depth,
+                    max_branching: self.policy_max_branching,
+                    max_budget: self.policy_max_budget,
+                },
+                probe_period: self.policy_probe_period,
+                fallback: (
+                    self.fallback_depth,
+                    self.fallback_branching,
+                    self.fallback_budget,
+                ),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_are_the_engine_defaults() {
+        let args = Args::parse_from(["specllava-orchestrator"]);
+        let cfg = args.engine_config();
+        let defaults = EngineConfig::default();
+        assert_eq!(cfg.plan, defaults.plan);
+        assert_eq!(
+            (
+                cfg.draft_timeout,
+                cfg.target_timeout,
+                cfg.target_attempts,
+                cfg.max_recoveries
+            ),
+            (
+                defaults.draft_timeout,
+                defaults.target_timeout,
+                defaults.target_attempts,
+                defaults.max_recoveries
+            )
+        );
+    }
 }

@@ -1,29 +1,45 @@
 //! The generation engine: syncs a conversation onto its replicas, runs the
 //! draft -> verify loop, streams accepted tokens and collects statistics.
 //!
+//! One turn is [`Engine::generate`]: [`Engine::begin`] pins and syncs the replicas,
+//! then every step is
+//! 1. [`Engine::draft_step`]: the next tree from the draft stream (a root-only tree
+//!    without a draft, or when the draft fails: the turn continues target-only);
+//! 2. [`Engine::verify_step`]: the target verifies it and the conversation takes the
+//!    emitted tokens; a lost target session is re-prefilled and the step retried;
+//! 3. [`Engine::record_step`]: statistics and the budget policy learn from the step;
+//! 4. [`Engine::emit`]: the tokens' text is streamed, stop strings and finish checked;
+//!
+//! and [`Engine::end`] streams the summary.
+//!
 //! Correctness never depends on the draft: every emitted token comes from the
-//! target's `Verify` (a root-only tree when there is no draft), so losing the
-//! draft only costs speed. Replica failures (NOT_FOUND after eviction,
-//! UNAVAILABLE) are recovered by re-prefilling from the authoritative history.
+//! target's `Verify`, so losing the draft only costs speed. Replica failures
+//! (NOT_FOUND after eviction, UNAVAILABLE) are recovered by re-prefilling from the
+//! authoritative history. Replicas whose model disagrees with the deployment
+//! (vocabulary, special ids, tokenizer) are refused before any session is opened.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use specllava_proto::v1 as pb;
-use specllava_proto::v1::draft_client::DraftClient;
-use specllava_proto::v1::target_client::TargetClient;
-use specllava_telemetry::TraceContextInterceptor;
-use speculate::{
-    BudgetPolicy, CostModel, DraftParams, PolicySpace, TokenTree, TreeLimits, TreeMode,
-    VerifyCostTable,
+use specllava_service_kit::compat::{TokenizerIdentity, draft_mismatches, target_mismatches};
+use specllava_service_kit::convert::{
+    draft_params_to_proto, finish_from_proto, nanos, sampling_to_proto, tree_from_proto,
+    verify_cost_table, verify_outcome_from_proto,
 };
-use tokio::sync::mpsc;
+use speculate::{BudgetPolicy, DraftParams, SamplingParams, TreeLimits};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
+use crate::clients::{ReplicaApi, ReplicaKind, TreeStream};
 use crate::error::OrchestratorError;
-use crate::routing::{Replica, ReplicaSet};
+use crate::plan::{PlanConfig, SpecSettings, choose_params};
+use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession, kv_rows};
-use crate::text::{Detokenize, TextStream};
+use crate::stats::Stats;
+use crate::text::{Delta, Detokenize, TextStream};
 
 /// Validated sampling and stopping parameters of one generation.
 #[derive(Debug, Clone)]
@@ -31,33 +47,54 @@ pub struct GenParams {
     /// Token budget.
     pub max_new_tokens: u32,
     /// Sampling (validated).
-    pub sampling: pb::SamplingParams,
+    pub sampling: SamplingParams,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Ignore EOS.
     pub ignore_eos: bool,
 }
 
-/// Speculation settings of one generation.
-#[derive(Debug, Clone, Copy)]
-pub struct SpecSettings {
-    /// Tree shape, `None` = off (target-only).
-    pub mode: Option<TreeMode>,
-    /// D override (0 = policy).
-    pub depth: usize,
-    /// K override (0 = policy).
-    pub branching: usize,
-    /// M override (0 = policy).
-    pub budget: usize,
-}
-
-/// Engine settings.
-#[derive(Debug, Clone, Copy)]
+/// Engine settings (operating decisions, all from flags).
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// One draft step longer than this falls back to target-only.
     pub draft_timeout: Duration,
     /// Timeout of one target call.
     pub target_timeout: Duration,
+    /// Attempts to pin and sync a target replica before a turn fails.
+    pub target_attempts: usize,
+    /// Lost target sessions re-prefilled per turn before it fails.
+    pub max_recoveries: usize,
+    /// The budget policy's prior, search space, probing and fallback shape.
+    pub plan: PlanConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            draft_timeout: Duration::from_secs(10),
+            target_timeout: Duration::from_secs(60),
+            target_attempts: 3,
+            max_recoveries: 3,
+            plan: PlanConfig::default(),
+        }
+    }
+}
+
+/// What an engine is built from.
+pub struct EngineParts {
+    /// The replica calls (gRPC, or a fake in tests).
+    pub replicas: Arc<dyn ReplicaApi>,
+    /// Detokenizer of the streamed text.
+    pub tokenizer: Arc<dyn Detokenize + Send + Sync>,
+    /// The orchestrator's tokenizer: what every replica must agree with.
+    pub identity: TokenizerIdentity,
+    /// Draft replicas.
+    pub drafts: Arc<ReplicaSet>,
+    /// Target replicas.
+    pub targets: Arc<ReplicaSet>,
+    /// Settings.
+    pub cfg: EngineConfig,
 }
 
 /// Why a generation stopped early.
@@ -75,144 +112,195 @@ impl From<OrchestratorError> for Interrupted {
     }
 }
 
+/// Replicas of one kind checked by [`Engine::check_replicas`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Replicas whose model agrees with the deployment.
+    pub compatible: usize,
+    /// Replicas refused, with why.
+    pub refused: Vec<String>,
+    /// Replicas that did not answer `Info` (checked again before first use).
+    pub unreachable: usize,
+}
+
 /// Shared state of all generations.
 pub struct Engine {
+    replicas: Arc<dyn ReplicaApi>,
     tokenizer: Arc<dyn Detokenize + Send + Sync>,
-    image_token_id: u32,
-    tokenizer_eos: u32,
+    identity: TokenizerIdentity,
     drafts: Arc<ReplicaSet>,
     targets: Arc<ReplicaSet>,
+    /// The model of the first compatible target: what drafts are checked against when no
+    /// conversation's target is at hand (start-up, discovery).
+    reference: OnceCell<pb::ModelInfo>,
     policy: Mutex<BudgetPolicy>,
     /// Whether the policy's verify cost comes from a target replica's measurement yet.
-    verify_cost_measured: std::sync::atomic::AtomicBool,
-    active: std::sync::atomic::AtomicUsize,
+    verify_cost_measured: AtomicBool,
+    active: AtomicUsize,
     cfg: EngineConfig,
 }
 
-/// Statistics accumulated during a generation.
-#[derive(Debug, Default)]
-struct Stats {
-    steps: u32,
-    spec_steps: u32,
-    drafted: u32,
-    accepted: u32,
-    reached: Vec<u32>,
-    draft_ns: u64,
-    verify_ns: u64,
-    network_ns: u64,
-    prefill_ns: u64,
-    speculative: bool,
+/// An open Speculate stream.
+struct DraftStream {
+    requests: mpsc::Sender<pb::SpeculateRequest>,
+    trees: TreeStream,
 }
 
-fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+/// One turn in progress: what its steps share.
+struct Turn<'a> {
+    params: &'a GenParams,
+    spec: &'a SpecSettings,
+    started: Instant,
+    stats: Stats,
+    /// EOS ids the target stops at (empty with `ignore_eos`).
+    eos: Vec<u32>,
+    tree_limits: TreeLimits,
+    max_context: u64,
+    /// The draft stream; `None`: target-only.
+    draft: Option<DraftStream>,
+    text: TextStream,
+    generated: u32,
+    first_token_at: Option<Duration>,
+    /// Accepted path of the last drafted tree, for the draft's next request.
+    last_path: Vec<u32>,
+    finish: pb::FinishReason,
+    recoveries: usize,
+    /// History length before this turn's answer.
+    prompt_len: usize,
 }
 
-fn replica_err(service: &'static str, r: &Replica, status: Status) -> OrchestratorError {
+/// The tree a step verifies.
+struct Proposal {
+    tree: pb::TokenTree,
+    /// Whether the draft proposed it (not a root-only tree).
+    drafted: bool,
+}
+
+/// What the target answered for a proposal.
+struct Verified {
+    resp: pb::VerifyResponse,
+    rtt_ns: u64,
+}
+
+/// Whether the turn goes on after a step.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+fn replica_err(kind: ReplicaKind, r: &Replica, status: Status) -> OrchestratorError {
     OrchestratorError::Replica {
-        service,
+        kind,
         addr: r.addr.to_string(),
         status,
     }
 }
 
-/// The CPU-flavoured prior of the costs, used until a target replica reports its measured
-/// verify cost (then refined online).
-fn default_policy() -> BudgetPolicy {
-    let verify = VerifyCostTable::new(
-        vec![1, 16, 64, 256],
-        vec![1, 8],
-        vec![8e6, 10e6, 16e6, 40e6, 20e6, 30e6, 60e6, 200e6],
-    )
-    .expect("static table is valid");
-    BudgetPolicy::new(
-        CostModel::new(2e6, 1e5, verify),
-        PolicySpace {
-            max_depth: 8,
-            max_branching: 6,
-            max_budget: 48,
-        },
-    )
-}
-
 impl Engine {
-    /// An engine over the given replica sets.
-    pub fn new(
-        tokenizer: Arc<dyn Detokenize + Send + Sync>,
-        image_token_id: u32,
-        tokenizer_eos: u32,
-        drafts: Arc<ReplicaSet>,
-        targets: Arc<ReplicaSet>,
-        cfg: EngineConfig,
-    ) -> Self {
-        Self {
-            tokenizer,
-            image_token_id,
-            tokenizer_eos,
-            drafts,
-            targets,
-            policy: Mutex::new(default_policy()),
-            verify_cost_measured: std::sync::atomic::AtomicBool::new(false),
-            active: std::sync::atomic::AtomicUsize::new(0),
-            cfg,
-        }
+    /// An engine over the given replica sets; fails when the policy prior is malformed.
+    pub fn new(parts: EngineParts) -> Result<Self, speculate::CostError> {
+        Ok(Self {
+            policy: Mutex::new(parts.cfg.plan.policy()?),
+            replicas: parts.replicas,
+            tokenizer: parts.tokenizer,
+            identity: parts.identity,
+            drafts: parts.drafts,
+            targets: parts.targets,
+            reference: OnceCell::new(),
+            verify_cost_measured: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            cfg: parts.cfg,
+        })
     }
 
-    /// The draft replica set.
-    pub fn drafts(&self) -> &Arc<ReplicaSet> {
-        &self.drafts
-    }
+    // ---------------------------------------------------------------------------------
+    // Compatibility
 
-    /// The target replica set.
-    pub fn targets(&self) -> &Arc<ReplicaSet> {
-        &self.targets
-    }
-
-    /// Model information of a target replica (fetched once).
-    async fn target_info(&self, r: &Arc<Replica>) -> Result<pb::InfoResponse, OrchestratorError> {
+    /// The replica's `Info` (fetched once), checked against the orchestrator's tokenizer
+    /// and, for a draft, against `target` (or the first compatible target). A replica that
+    /// disagrees is refused for good: logged once, counted in
+    /// `specllava_replicas_refused_total{kind}`, never pinned again.
+    async fn checked_info<'r>(
+        &self,
+        kind: ReplicaKind,
+        r: &'r Replica,
+        target: Option<&pb::ModelInfo>,
+    ) -> Result<&'r ReplicaInfo, OrchestratorError> {
         let info = r
             .info
             .get_or_try_init(|| async {
-                let mut c =
-                    TargetClient::with_interceptor(r.channel.clone(), TraceContextInterceptor);
-                c.info(pb::InfoRequest {}).await.map(|x| x.into_inner())
+                match kind {
+                    ReplicaKind::Target => {
+                        self.replicas.target_info(r).await.map(ReplicaInfo::Target)
+                    }
+                    ReplicaKind::Draft => self.replicas.draft_info(r).await.map(ReplicaInfo::Draft),
+                }
             })
             .await
-            .map_err(|s| replica_err("target", r, s))?;
-        self.adopt_verify_costs(r, &info.verify_costs);
-        Ok(info.clone())
+            .map_err(|s| replica_err(kind, r, s))?;
+        let problems = match (kind, info.model()) {
+            (_, None) => vec!["its Info has no model description".to_owned()],
+            (ReplicaKind::Target, Some(m)) => target_mismatches(&self.identity, m),
+            (ReplicaKind::Draft, Some(m)) => match target.or(self.reference.get()) {
+                Some(t) => draft_mismatches(&self.identity, t, m),
+                // No target to compare with yet: checked again when one is at hand.
+                None => Vec::new(),
+            },
+        };
+        if problems.is_empty() {
+            if let (ReplicaKind::Target, Some(m), ReplicaInfo::Target(t)) =
+                (kind, info.model(), info)
+            {
+                let _ = self.reference.set(m.clone());
+                self.adopt_verify_costs(r, &t.verify_costs);
+            }
+            return Ok(info);
+        }
+        let reason = problems.join("; ");
+        if !r.is_refused() {
+            r.refuse();
+            tracing::error!(%kind, replica = %r.addr, %reason, "replica refused: its model is incompatible with this deployment");
+            specllava_telemetry::metrics().record_refused_replica(kind.as_str());
+        }
+        Err(OrchestratorError::Incompatible {
+            kind,
+            addr: r.addr.to_string(),
+            reason,
+        })
     }
 
-    /// Replaces the budget policy's static verify-cost prior by the first target replica's
-    /// start-up measurement (online updates refine it from then on). Replicas are assumed to
-    /// run on the same kind of device.
+    /// Checks every replica of `set` now (targets before drafts, so that drafts have a
+    /// target to compare with): at start-up and after discovery adds replicas.
+    pub async fn check_replicas(&self, kind: ReplicaKind) -> CheckReport {
+        let set = match kind {
+            ReplicaKind::Draft => &self.drafts,
+            ReplicaKind::Target => &self.targets,
+        };
+        let mut report = CheckReport::default();
+        for r in set.replicas() {
+            match self.checked_info(kind, &r, None).await {
+                Ok(_) => report.compatible += 1,
+                Err(OrchestratorError::Incompatible { addr, reason, .. }) => {
+                    report.refused.push(format!("{addr}: {reason}"));
+                }
+                Err(e) => {
+                    tracing::debug!(%kind, replica = %r.addr, error = %e, "replica not checked (unreachable)");
+                    report.unreachable += 1;
+                }
+            }
+        }
+        report
+    }
+
+    /// Replaces the budget policy's verify-cost prior by the first target replica's
+    /// start-up measurement (online updates refine it from then on). Replicas are assumed
+    /// to run on the same kind of device.
     fn adopt_verify_costs(&self, r: &Replica, costs: &[pb::VerifyCost]) {
-        use std::sync::atomic::Ordering;
         if costs.is_empty() || self.verify_cost_measured.swap(true, Ordering::SeqCst) {
             return;
         }
-        let axis = |f: fn(&pb::VerifyCost) -> u32| {
-            let mut v: Vec<usize> = costs.iter().map(|c| f(c) as usize).collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
-        let (nodes, batches) = (axis(|c| c.nodes), axis(|c| c.batch));
-        // Batch-major grid, as VerifyCostTable wants it; a missing point rejects the report.
-        let grid: Option<Vec<f64>> = batches
-            .iter()
-            .flat_map(|&b| nodes.iter().map(move |&n| (b, n)))
-            .map(|(b, n)| {
-                costs
-                    .iter()
-                    .find(|c| c.batch as usize == b && c.nodes as usize == n)
-                    .map(|c| c.forward_ns as f64)
-            })
-            .collect();
-        let table = grid
-            .ok_or_else(|| "not a full nodes x batch grid".to_owned())
-            .and_then(|ns| VerifyCostTable::new(nodes, batches, ns).map_err(|e| e.to_string()));
-        match table {
+        match verify_cost_table(costs) {
             Ok(table) => {
                 if let Ok(mut policy) = self.policy.lock() {
                     policy.cost.verify = table;
@@ -226,44 +314,34 @@ impl Engine {
         }
     }
 
+    // ---------------------------------------------------------------------------------
+    // Replica sessions
+
     /// Opens the session on `rs` or brings it up to date with the history.
     async fn sync(
         &self,
-        service: &'static str,
+        kind: ReplicaKind,
         rs: &mut ReplicaSession,
         conv_id: &str,
         history: &[u32],
         images: &[Vec<u8>],
     ) -> Result<u64, OrchestratorError> {
         let r = Arc::clone(rs.pin.replica());
-        let channel = r.channel.clone();
         if !rs.opened {
             let req = pb::OpenSessionRequest {
                 session_id: conv_id.to_owned(),
                 images: images.to_vec(),
                 token_ids: history.to_vec(),
             };
-            let resp = match service {
-                "draft" => {
-                    DraftClient::with_interceptor(channel, TraceContextInterceptor)
-                        .open_session(req)
-                        .await
-                }
-                _ => {
-                    TargetClient::with_interceptor(channel, TraceContextInterceptor)
-                        .open_session(req)
-                        .await
-                }
-            };
-            let resp = match resp {
-                Ok(r) => r.into_inner(),
+            let resp = match self.replicas.open_session(kind, &r, req).await {
+                Ok(r) => r,
                 Err(s) if s.code() == Code::AlreadyExists => {
                     // A previous incarnation is still there: replace it.
-                    self.close_on(service, &r, conv_id).await;
+                    self.close_on(kind, &r, conv_id).await;
                     rs.opened = false;
-                    return Err(replica_err(service, &r, s));
+                    return Err(replica_err(kind, &r, s));
                 }
-                Err(s) => return Err(replica_err(service, &r, s)),
+                Err(s) => return Err(replica_err(kind, &r, s)),
             };
             rs.opened = true;
             rs.synced = history.len();
@@ -274,14 +352,12 @@ impl Engine {
         if rs.synced == history.len() {
             return Ok(0);
         }
+        let image_id = self.identity.image_token_id;
         let keep_h = rs.synced.min(history.len()).max(1) - 1;
-        let keep = kv_rows(history, keep_h, self.image_token_id, rs.num_image_tokens);
-        let skip_images = history[..keep_h]
-            .iter()
-            .filter(|&&t| t == self.image_token_id)
-            .count();
+        let keep = kv_rows(history, keep_h, image_id, rs.num_image_tokens);
+        let skip_images = history[..keep_h].iter().filter(|&&t| t == image_id).count();
         let tokens = history[keep_h..].to_vec();
-        let n_images = tokens.iter().filter(|&&t| t == self.image_token_id).count();
+        let n_images = tokens.iter().filter(|&&t| t == image_id).count();
         let req = pb::AppendRequest {
             session_id: conv_id.to_owned(),
             keep_kv_len: keep,
@@ -296,42 +372,23 @@ impl Engine {
                 })?
                 .to_vec(),
         };
-        let resp = match service {
-            "draft" => {
-                DraftClient::with_interceptor(channel, TraceContextInterceptor)
-                    .append(req)
-                    .await
-            }
-            _ => {
-                TargetClient::with_interceptor(channel, TraceContextInterceptor)
-                    .append(req)
-                    .await
-            }
-        }
-        .map_err(|s| replica_err(service, &r, s))?
-        .into_inner();
+        let resp = self
+            .replicas
+            .append(kind, &r, req)
+            .await
+            .map_err(|s| replica_err(kind, &r, s))?;
         rs.synced = history.len();
         rs.kv_len = resp.kv_len;
         Ok(resp.forward_ns)
     }
 
     /// Closes a session on a replica (best effort).
-    async fn close_on(&self, service: &'static str, r: &Arc<Replica>, id: &str) {
+    async fn close_on(&self, kind: ReplicaKind, r: &Replica, id: &str) {
         let req = pb::CloseSessionRequest {
             session_id: id.to_owned(),
         };
-        let res = match service {
-            "draft" => DraftClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
-                .close_session(req)
-                .await
-                .map(|_| ()),
-            _ => TargetClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
-                .close_session(req)
-                .await
-                .map(|_| ()),
-        };
-        if let Err(s) = res {
-            tracing::debug!(service, addr = %r.addr, status = %s, "close failed");
+        if let Err(s) = self.replicas.close_session(kind, r, req).await {
+            tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
         }
     }
 
@@ -341,43 +398,62 @@ impl Engine {
         if let Some(t) = conv.target.as_mut().filter(|t| t.opened) {
             t.opened = false;
             let r = Arc::clone(t.pin.replica());
-            self.close_on("target", &r, &conv.id).await;
+            self.close_on(ReplicaKind::Target, &r, &conv.id).await;
         }
         if let Some(d) = conv.draft.as_mut().filter(|d| d.opened) {
             d.opened = false;
             let r = Arc::clone(d.pin.replica());
-            self.close_on("draft", &r, &conv.id).await;
+            self.close_on(ReplicaKind::Draft, &r, &conv.id).await;
         }
     }
 
-    /// Pins and syncs the target, re-pinning / re-prefilling on failure.
+    /// Pins a compatible target, checks it and syncs it, re-pinning / re-prefilling on
+    /// failure; returns the target's `Info`.
     async fn ensure_target(
         &self,
         conv: &mut Conversation,
         stats: &mut Stats,
-    ) -> Result<(), OrchestratorError> {
+    ) -> Result<pb::InfoResponse, OrchestratorError> {
         let mut last_err = None;
-        for _attempt in 0..3 {
+        for _attempt in 0..self.cfg.target_attempts {
             if conv
                 .target
                 .as_ref()
-                .is_none_or(|t| t.pin.replica().is_gone())
+                .is_none_or(|t| t.pin.replica().is_gone() || t.pin.replica().is_refused())
             {
                 let exclude = conv.target.as_ref().map(|t| t.pin.replica().addr);
                 let pin = self
                     .targets
                     .pin(exclude)
-                    .ok_or(OrchestratorError::NoReplica("target"))?;
+                    .ok_or(OrchestratorError::NoReplica(ReplicaKind::Target))?;
                 conv.target = Some(ReplicaSession::new(pin));
             }
             let t = conv.target.as_mut().expect("pinned above");
-            match self
-                .sync("target", t, &conv.id, &conv.history, &conv.images)
-                .await
-            {
-                Ok(ns) => {
+            let r = Arc::clone(t.pin.replica());
+            let synced = match self.checked_info(ReplicaKind::Target, &r, None).await {
+                Ok(ReplicaInfo::Target(info)) => self
+                    .sync(
+                        ReplicaKind::Target,
+                        t,
+                        &conv.id,
+                        &conv.history,
+                        &conv.images,
+                    )
+                    .await
+                    .map(|ns| (ns, info.clone())),
+                Ok(ReplicaInfo::Draft(_)) => Err(OrchestratorError::Internal(
+                    "a target replica answered as a draft".into(),
+                )),
+                Err(e) => Err(e),
+            };
+            match synced {
+                Ok((ns, info)) => {
                     stats.prefill_ns += ns;
-                    return Ok(());
+                    return Ok(info);
+                }
+                Err(e @ OrchestratorError::Incompatible { .. }) => {
+                    conv.target = None;
+                    last_err = Some(e);
                 }
                 Err(e) if e.is_replica_code(Code::NotFound) => {
                     t.opened = false;
@@ -397,15 +473,21 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        Err(last_err.unwrap_or(OrchestratorError::NoReplica("target")))
+        Err(last_err.unwrap_or(OrchestratorError::NoReplica(ReplicaKind::Target)))
     }
 
-    /// Pins and syncs the draft; `false` when no draft can be used.
-    async fn ensure_draft(&self, conv: &mut Conversation, stats: &mut Stats) -> bool {
+    /// Pins, checks (against `target`) and syncs the draft; `false` when no draft can be
+    /// used.
+    async fn ensure_draft(
+        &self,
+        conv: &mut Conversation,
+        stats: &mut Stats,
+        target: Option<&pb::ModelInfo>,
+    ) -> bool {
         if conv
             .draft
             .as_ref()
-            .is_none_or(|d| d.pin.replica().is_gone())
+            .is_none_or(|d| d.pin.replica().is_gone() || d.pin.replica().is_refused())
         {
             match self.drafts.pin(None) {
                 Some(pin) => conv.draft = Some(ReplicaSession::new(pin)),
@@ -413,10 +495,15 @@ impl Engine {
             }
         }
         let d = conv.draft.as_mut().expect("pinned above");
-        match self
-            .sync("draft", d, &conv.id, &conv.history, &conv.images)
-            .await
-        {
+        let r = Arc::clone(d.pin.replica());
+        let synced = match self.checked_info(ReplicaKind::Draft, &r, target).await {
+            Ok(_) => {
+                self.sync(ReplicaKind::Draft, d, &conv.id, &conv.history, &conv.images)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match synced {
             Ok(ns) => {
                 stats.prefill_ns += ns;
                 true
@@ -437,51 +524,8 @@ impl Engine {
         }
     }
 
-    fn choose_params(&self, spec: &SpecSettings, step: u32) -> Option<DraftParams> {
-        let mode = spec.mode?;
-        let batch = self
-            .active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .max(1);
-        let policy = self
-            .policy
-            .lock()
-            .expect("policy lock poisoned")
-            .choose(batch);
-        let pick = |o: usize, p: usize, fallback: usize| {
-            if o > 0 {
-                o
-            } else if p > 0 {
-                p
-            } else {
-                fallback
-            }
-        };
-        let p = match mode {
-            TreeMode::Chain => DraftParams::chain(pick(spec.depth, policy.depth, 4)),
-            TreeMode::Static => DraftParams::static_tree(
-                pick(spec.depth, policy.depth, 4),
-                pick(spec.branching, policy.branching, 2),
-                pick(spec.budget, policy.budget, 16),
-            ),
-            TreeMode::Dynamic => {
-                if spec.depth == 0
-                    && spec.branching == 0
-                    && spec.budget == 0
-                    && policy.depth == 0
-                    && step % 4 != 3
-                {
-                    // The policy prefers no drafting; probe every 4th step to keep learning.
-                    return Some(DraftParams::none());
-                }
-                let d = pick(spec.depth, policy.depth, 4);
-                let k = pick(spec.branching, policy.branching.max(2), 4);
-                let m = pick(spec.budget, policy.budget.max(d), 16);
-                DraftParams::dynamic(d, k, m)
-            }
-        };
-        Some(p)
-    }
+    // ---------------------------------------------------------------------------------
+    // The generation loop
 
     /// Generates one turn: `conv.history` already ends with the turn's prompt.
     /// Streams chunks and the final summary into `tx`.
@@ -493,360 +537,390 @@ impl Engine {
         spec: &SpecSettings,
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
-        self.active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let res = self
-            .generate_inner(conv, prompt_tokens, params, spec, tx)
-            .await;
-        self.active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        res
+        // Counts this turn in the load the budget policy sizes trees for.
+        let _active = Active::enter(&self.active);
+        let mut turn = self.begin(conv, params, spec).await?;
+        while turn.generated < params.max_new_tokens {
+            if tx.is_closed() {
+                return Err(Interrupted::Cancelled);
+            }
+            let kv_len = conv.target.as_ref().expect("ensured").kv_len;
+            let room = turn.max_context.saturating_sub(kv_len + 1) as usize;
+            if room == 0 {
+                turn.finish = pb::FinishReason::Length;
+                break;
+            }
+            let proposal = self.draft_step(conv, &mut turn, room).await;
+            let Some(verified) = self.verify_step(conv, &mut turn, &proposal).await? else {
+                // The target session was recovered: draft and verify again.
+                continue;
+            };
+            if verified.resp.emitted.is_empty() {
+                turn.finish = pb::FinishReason::Length;
+                break;
+            }
+            self.record_step(&mut turn, proposal, &verified);
+            if self.emit(conv, &mut turn, &verified.resp, tx).await? == Flow::Stop {
+                break;
+            }
+        }
+        self.end(conv, turn, prompt_tokens, tx).await
     }
 
-    async fn generate_inner(
+    /// Pins and syncs the target (and the draft, when speculating) and opens the draft
+    /// stream.
+    async fn begin<'a>(
         &self,
         conv: &mut Conversation,
-        prompt_tokens: u32,
-        params: &GenParams,
-        spec: &SpecSettings,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
-    ) -> Result<(), Interrupted> {
+        params: &'a GenParams,
+        spec: &'a SpecSettings,
+    ) -> Result<Turn<'a>, Interrupted> {
         let started = Instant::now();
         let mut stats = Stats::default();
-        self.ensure_target(conv, &mut stats).await?;
-        let target_replica = Arc::clone(conv.target.as_ref().expect("ensured").pin.replica());
-        let info = self.target_info(&target_replica).await?;
+        let info = self.ensure_target(conv, &mut stats).await?;
+        let model = info.model.clone().unwrap_or_default();
         let eos: Vec<u32> = if params.ignore_eos {
             Vec::new()
-        } else if info.eos_token_ids.is_empty() {
-            vec![self.tokenizer_eos]
+        } else if model.eos_token_ids.is_empty() {
+            vec![self.identity.eos_token_id]
         } else {
-            info.eos_token_ids.clone()
+            model.eos_token_ids.clone()
         };
         let tree_limits = TreeLimits {
             max_nodes: info.max_tree_nodes as usize,
             max_depth: info.max_tree_depth as usize,
-            vocab_size: info.vocab_size as usize,
+            vocab_size: model.vocab_size as usize,
         };
-
-        // The draft stream (None: target-only).
         let mut draft = None;
-        if spec.mode.is_some() && self.ensure_draft(conv, &mut stats).await {
+        if spec.mode.is_some() && self.ensure_draft(conv, &mut stats, Some(&model)).await {
             let d = conv.draft.as_ref().expect("ensured");
-            let (req_tx, req_rx) = mpsc::channel::<pb::SpeculateRequest>(2);
-            let mut client = DraftClient::with_interceptor(
-                d.pin.replica().channel.clone(),
-                TraceContextInterceptor,
-            );
-            match client
-                .speculate(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-                .await
-            {
-                Ok(resp) => draft = Some((req_tx, resp.into_inner())),
+            let (requests, rx) = mpsc::channel::<pb::SpeculateRequest>(2);
+            match self.replicas.speculate(d.pin.replica(), rx).await {
+                Ok(trees) => draft = Some(DraftStream { requests, trees }),
                 Err(s) => {
                     tracing::warn!(status = %s, "cannot open the speculate stream, continuing target-only");
                 }
             }
         }
         stats.speculative = draft.is_some();
+        Ok(Turn {
+            params,
+            spec,
+            started,
+            stats,
+            eos,
+            tree_limits,
+            max_context: model.max_context,
+            draft,
+            text: TextStream::new(params.stop.clone()),
+            generated: 0,
+            first_token_at: None,
+            last_path: Vec::new(),
+            finish: pb::FinishReason::Unspecified,
+            recoveries: 0,
+            prompt_len: conv.history.len(),
+        })
+    }
 
-        let mut text = TextStream::new(params.stop.clone());
-        let mut generated: u32 = 0;
-        let mut first_token_at: Option<Duration> = None;
-        let mut last_path: Vec<u32> = Vec::new();
-        let mut finish = pb::FinishReason::Unspecified;
-        let mut recoveries = 0;
-        let prompt_len = conv.history.len();
-        while generated < params.max_new_tokens {
-            if tx.is_closed() {
-                return Err(Interrupted::Cancelled);
-            }
-            let remaining = params.max_new_tokens - generated;
-            let target = conv.target.as_ref().expect("ensured");
-            let room = (info.max_context as i64 - target.kv_len as i64 - 1).max(0) as usize;
-            if room == 0 {
-                finish = pb::FinishReason::Length;
-                break;
-            }
-            let root = *conv.history.last().expect("history is never empty");
-
-            // Draft a tree.
-            let mut tree = pb::TokenTree {
+    /// The tree to verify this step: the draft's, or a root-only tree without a draft.
+    /// A failed draft step ends speculation for the turn (and closes the draft session:
+    /// its state is unknown now) but never the turn.
+    async fn draft_step(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        room: usize,
+    ) -> Proposal {
+        let root = *conv.history.last().expect("history is never empty");
+        let root_only = Proposal {
+            tree: pb::TokenTree {
                 tokens: vec![root],
                 parents: vec![-1],
                 scores: vec![0.0],
-            };
-            let mut from_draft = false;
-            if let Some((req_tx, stream)) = draft.as_mut() {
-                let mut p = self
-                    .choose_params(spec, stats.steps)
-                    .unwrap_or_else(DraftParams::none);
-                p.depth = p
-                    .depth
-                    .min(room.saturating_sub(1))
-                    .min(tree_limits.max_depth);
-                p.budget = p.budget.min(tree_limits.max_nodes.saturating_sub(1));
-                let d = conv
-                    .draft
-                    .as_mut()
-                    .expect("draft stream implies a draft session");
-                let req = pb::SpeculateRequest {
-                    session_id: conv.id.clone(),
-                    new_tokens: conv.history[d.synced..].to_vec(),
-                    accepted_path: std::mem::take(&mut last_path),
-                    params: Some(pb::DraftParams {
-                        mode: match p.mode {
-                            TreeMode::Dynamic => pb::TreeMode::Dynamic,
-                            TreeMode::Static => pb::TreeMode::Static,
-                            TreeMode::Chain => pb::TreeMode::Chain,
-                        } as i32,
-                        depth: p.depth as u32,
-                        branching: p.branching as u32,
-                        budget: p.budget as u32,
-                    }),
-                };
-                let t0 = Instant::now();
-                let got = if req_tx.send(req).await.is_ok() {
-                    d.synced = conv.history.len();
-                    tokio::time::timeout(self.cfg.draft_timeout, stream.message()).await
-                } else {
-                    Ok(Err(Status::unavailable("draft stream closed")))
-                };
-                match got {
-                    Ok(Ok(Some(t)))
-                        if t.tree
-                            .as_ref()
-                            .is_some_and(|x| x.tokens.first() == Some(&root)) =>
-                    {
-                        let rtt = ns(t0.elapsed());
-                        stats.draft_ns += t.draft_ns;
-                        specllava_telemetry::metrics()
-                            .drafted_nodes_per_step
-                            .observe(f64::from(t.drafted_nodes));
-                        stats.network_ns += rtt.saturating_sub(t.draft_ns);
-                        if let Ok(mut pol) = self.policy.lock() {
-                            pol.observe_draft(
-                                t.levels as usize,
-                                t.drafted_nodes as usize + 1,
-                                t.draft_ns as f64,
-                            );
-                        }
-                        tree = t.tree.expect("checked above");
-                        from_draft = tree.tokens.len() > 1;
-                    }
-                    other => {
-                        tracing::warn!(?other, "draft step failed, continuing target-only");
-                        draft = None;
-                        // The draft's state is unknown now: reopen it next time.
-                        if let Some(d) = conv.draft.as_mut() {
-                            d.opened = false;
-                            let r = Arc::clone(d.pin.replica());
-                            self.close_on("draft", &r, &conv.id).await;
-                        }
-                    }
-                }
-            }
-
-            // Verify it.
-            let target = conv.target.as_mut().expect("ensured");
-            let nodes = tree.tokens.len();
-            let req = pb::VerifyRequest {
-                session_id: conv.id.clone(),
-                expected_kv_len: target.kv_len,
-                tree: Some(tree.clone()),
-                sampling: Some(params.sampling),
-                stop: Some(pb::StopConditions {
-                    eos_token_ids: eos.clone(),
-                    max_new_tokens: remaining,
-                }),
-            };
-            let t0 = Instant::now();
-            let mut client = TargetClient::with_interceptor(
-                target.pin.replica().channel.clone(),
-                TraceContextInterceptor,
-            );
-            let resp = match tokio::time::timeout(self.cfg.target_timeout, client.verify(req)).await
+            },
+            drafted: false,
+        };
+        let Some(stream) = turn.draft.as_mut() else {
+            return root_only;
+        };
+        let mut p = self
+            .choose_params(turn.spec, turn.stats.steps)
+            .unwrap_or_else(DraftParams::none);
+        p.depth = p
+            .depth
+            .min(room.saturating_sub(1))
+            .min(turn.tree_limits.max_depth);
+        p.budget = p.budget.min(turn.tree_limits.max_nodes.saturating_sub(1));
+        let d = conv
+            .draft
+            .as_mut()
+            .expect("a draft stream implies a draft session");
+        let req = pb::SpeculateRequest {
+            session_id: conv.id.clone(),
+            new_tokens: conv.history[d.synced..].to_vec(),
+            accepted_path: std::mem::take(&mut turn.last_path),
+            params: Some(draft_params_to_proto(&p)),
+        };
+        let t0 = Instant::now();
+        let got = if stream.requests.send(req).await.is_ok() {
+            d.synced = conv.history.len();
+            tokio::time::timeout(self.cfg.draft_timeout, stream.trees.next()).await
+        } else {
+            Ok(Some(Err(Status::unavailable("draft stream closed"))))
+        };
+        match got {
+            Ok(Some(Ok(t)))
+                if t.tree
+                    .as_ref()
+                    .is_some_and(|x| x.tokens.first() == Some(&root)) =>
             {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(s))
-                    if recoveries < 3 && matches!(s.code(), Code::NotFound | Code::Unavailable) =>
-                {
-                    // Evicted or replica lost: re-prefill from the history and retry.
-                    tracing::warn!(status = %s, "target session lost, re-prefilling");
-                    recoveries += 1;
-                    target.opened = false;
-                    if s.code() == Code::Unavailable {
-                        conv.target = None;
-                        self.targets.refresh().await;
-                    }
-                    self.ensure_target(conv, &mut stats).await?;
-                    continue;
+                turn.stats.record_draft(&t, nanos(t0.elapsed()));
+                specllava_telemetry::metrics()
+                    .drafted_nodes_per_step
+                    .observe(f64::from(t.drafted_nodes));
+                if let Ok(mut pol) = self.policy.lock() {
+                    pol.observe_draft(
+                        t.levels as usize,
+                        t.drafted_nodes as usize + 1,
+                        t.draft_ns as f64,
+                    );
                 }
-                Ok(Err(s)) => {
-                    let r = Arc::clone(target.pin.replica());
-                    return Err(replica_err("target", &r, s).into());
-                }
-                Err(_) => {
-                    let r = Arc::clone(target.pin.replica());
-                    return Err(replica_err(
-                        "target",
-                        &r,
-                        Status::deadline_exceeded("verify timed out"),
-                    )
-                    .into());
-                }
-            };
-            let rtt = ns(t0.elapsed());
-            if resp.emitted.is_empty() {
-                finish = pb::FinishReason::Length;
-                break;
+                let tree = t.tree.expect("checked above");
+                let drafted = tree.tokens.len() > 1;
+                Proposal { tree, drafted }
             }
+            other => {
+                tracing::warn!(?other, "draft step failed, continuing target-only");
+                turn.draft = None;
+                if let Some(d) = conv.draft.as_mut() {
+                    d.opened = false;
+                    let r = Arc::clone(d.pin.replica());
+                    self.close_on(ReplicaKind::Draft, &r, &conv.id).await;
+                }
+                root_only
+            }
+        }
+    }
+
+    /// The step's shape: the request's overrides, the policy's choice for the current
+    /// load, the fallback shape.
+    fn choose_params(&self, spec: &SpecSettings, step: u32) -> Option<DraftParams> {
+        spec.mode?;
+        let batch = self.active.load(Ordering::Relaxed).max(1);
+        let choice = self
+            .policy
+            .lock()
+            .expect("policy lock poisoned")
+            .choose(batch);
+        choose_params(&self.cfg.plan, spec, &choice, step)
+    }
+
+    /// Verifies the proposal on the target and appends the emitted tokens to the
+    /// history. `Ok(None)`: the target session was lost (evicted, replica gone) and has
+    /// been re-prefilled from the history; the step must be retried.
+    async fn verify_step(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        proposal: &Proposal,
+    ) -> Result<Option<Verified>, Interrupted> {
+        let target = conv.target.as_mut().expect("ensured");
+        let req = pb::VerifyRequest {
+            session_id: conv.id.clone(),
+            expected_kv_len: target.kv_len,
+            tree: Some(proposal.tree.clone()),
+            sampling: Some(sampling_to_proto(&turn.params.sampling)),
+            stop: Some(pb::StopConditions {
+                eos_token_ids: turn.eos.clone(),
+                max_new_tokens: turn.params.max_new_tokens - turn.generated,
+            }),
+        };
+        let r = Arc::clone(target.pin.replica());
+        let t0 = Instant::now();
+        let resp = match tokio::time::timeout(
+            self.cfg.target_timeout,
+            self.replicas.verify(&r, req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(s))
+                if turn.recoveries < self.cfg.max_recoveries
+                    && matches!(s.code(), Code::NotFound | Code::Unavailable) =>
+            {
+                // Evicted or replica lost: re-prefill from the history and retry.
+                tracing::warn!(status = %s, "target session lost, re-prefilling");
+                turn.recoveries += 1;
+                target.opened = false;
+                if s.code() == Code::Unavailable {
+                    conv.target = None;
+                    self.targets.refresh().await;
+                }
+                self.ensure_target(conv, &mut turn.stats).await?;
+                return Ok(None);
+            }
+            Ok(Err(s)) => return Err(replica_err(ReplicaKind::Target, &r, s).into()),
+            Err(_) => {
+                let s = Status::deadline_exceeded("verify timed out");
+                return Err(replica_err(ReplicaKind::Target, &r, s).into());
+            }
+        };
+        let rtt_ns = nanos(t0.elapsed());
+        if !resp.emitted.is_empty() {
             conv.history.extend_from_slice(&resp.emitted);
             target.kv_len = resp.kv_len;
             target.synced = conv.history.len();
-            stats.steps += 1;
-            specllava_telemetry::metrics()
-                .accepted_tokens_per_step
-                .observe(resp.emitted.len() as f64);
-            stats.verify_ns += resp.forward_ns;
-            stats.network_ns += rtt.saturating_sub(resp.total_ns);
-            if let Ok(mut pol) = self.policy.lock() {
-                pol.observe_verify(
-                    nodes,
-                    resp.batch_size.max(1) as usize,
-                    resp.forward_ns as f64,
-                );
-            }
-            if from_draft {
-                stats.spec_steps += 1;
-                stats.drafted += resp.proposed;
-                stats.accepted += resp.accepted;
-                let a = resp.accepted as usize;
-                if stats.reached.len() < a {
-                    stats.reached.resize(a, 0);
-                }
-                for r in &mut stats.reached[..a] {
-                    *r += 1;
-                }
-                last_path = resp.accepted_path.clone();
-                if let Ok(t) = TokenTree::new(tree.tokens, tree.parents, tree.scores, &tree_limits)
-                {
-                    let outcome = speculate::VerifyOutcome {
-                        accepted_path: resp.accepted_path.iter().map(|&i| i as usize).collect(),
-                        emitted: resp.emitted.clone(),
-                        proposed: resp.proposed as usize,
-                        accepted: resp.accepted as usize,
-                        finish: None,
-                    };
-                    if let Ok(mut pol) = self.policy.lock() {
-                        pol.observe(&t, &outcome);
-                    }
-                }
-            }
-            if first_token_at.is_none() {
-                first_token_at = Some(started.elapsed());
-            }
-            let delta = text
-                .push(self.tokenizer.as_ref(), &resp.emitted)
-                .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?;
-            // Tokens past a stop string are not part of the answer.
-            let taken = &resp.emitted[..delta.consumed];
-            generated += taken.len() as u32;
-            let chunk = pb::GenerateResponse {
-                event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
-                    token_ids: taken.to_vec(),
-                    text: delta.text,
-                })),
-            };
+        }
+        Ok(Some(Verified { resp, rtt_ns }))
+    }
 
-            if tx.send(Ok(chunk)).await.is_err() {
-                return Err(Interrupted::Cancelled);
-            }
-            if delta.stopped {
-                finish = pb::FinishReason::StopString;
-                if let Some(keep) = text.tokens_before_stop(self.tokenizer.as_ref()) {
-                    conv.truncate_history(prompt_len + keep);
-                }
-                break;
-            }
-            let f =
-                pb::FinishReason::try_from(resp.finish).unwrap_or(pb::FinishReason::Unspecified);
-            if f != pb::FinishReason::Unspecified {
-                finish = f;
-                break;
+    /// Statistics, metrics and the budget policy learn from a verified step.
+    fn record_step(&self, turn: &mut Turn<'_>, proposal: Proposal, verified: &Verified) {
+        let resp = &verified.resp;
+        turn.stats
+            .record_verify(resp, verified.rtt_ns, proposal.drafted);
+        specllava_telemetry::metrics()
+            .accepted_tokens_per_step
+            .observe(resp.emitted.len() as f64);
+        let nodes = proposal.tree.tokens.len();
+        if let Ok(mut pol) = self.policy.lock() {
+            pol.observe_verify(
+                nodes,
+                resp.batch_size.max(1) as usize,
+                resp.forward_ns as f64,
+            );
+        }
+        if proposal.drafted {
+            turn.last_path = resp.accepted_path.clone();
+            if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits)
+                && let Ok(mut pol) = self.policy.lock()
+            {
+                pol.observe(&tree, &verify_outcome_from_proto(resp));
             }
         }
-        if finish == pb::FinishReason::Unspecified {
-            finish = pb::FinishReason::Length;
+        if turn.first_token_at.is_none() {
+            turn.first_token_at = Some(turn.started.elapsed());
         }
-        let tail = text
-            .finish(self.tokenizer.as_ref())
-            .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?;
+    }
+
+    /// Streams the text of the emitted tokens (up to a stop string); `Stop` when the turn
+    /// is finished (stop string, EOS, length).
+    async fn emit(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        resp: &pb::VerifyResponse,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<Flow, Interrupted> {
+        let emitted = resp.emitted.clone();
+        let delta = self
+            .detokenize(&mut turn.text, move |text, tok| text.push(tok, &emitted))
+            .await?;
+        // Tokens past a stop string are not part of the answer.
+        let taken = &resp.emitted[..delta.consumed];
+        turn.generated += taken.len() as u32;
+        send_chunk(tx, taken.to_vec(), delta.text).await?;
+        if delta.stopped {
+            turn.finish = pb::FinishReason::StopString;
+            let keep = self
+                .detokenize(&mut turn.text, |text, tok| Ok(text.tokens_before_stop(tok)))
+                .await?;
+            if let Some(keep) = keep {
+                conv.truncate_history(turn.prompt_len + keep);
+            }
+            return Ok(Flow::Stop);
+        }
+        let f = finish_from_proto(resp.finish);
+        if f != pb::FinishReason::Unspecified {
+            turn.finish = f;
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Runs `f` on the turn's text stream on a blocking thread (detokenization never runs
+    /// on the async executor).
+    async fn detokenize<T: Send + 'static>(
+        &self,
+        text: &mut TextStream,
+        f: impl FnOnce(&mut TextStream, &dyn Detokenize) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Interrupted> {
+        let tok = Arc::clone(&self.tokenizer);
+        let mut owned = std::mem::take(text);
+        let (owned, res) = tokio::task::spawn_blocking(move || {
+            let res = f(&mut owned, tok.as_ref());
+            (owned, res)
+        })
+        .await
+        .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e.to_string())))?;
+        *text = owned;
+        res.map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))
+    }
+
+    /// Streams the held-back text and the summary.
+    async fn end(
+        &self,
+        conv: &mut Conversation,
+        mut turn: Turn<'_>,
+        prompt_tokens: u32,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        if turn.finish == pb::FinishReason::Unspecified {
+            turn.finish = pb::FinishReason::Length;
+        }
+        let tail: Delta = self
+            .detokenize(&mut turn.text, |text, tok| text.finish(tok))
+            .await?;
         if !tail.text.is_empty() {
-            let chunk = pb::GenerateResponse {
-                event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
-                    token_ids: vec![],
-                    text: tail.text,
-                })),
-            };
-            if tx.send(Ok(chunk)).await.is_err() {
-                return Err(Interrupted::Cancelled);
-            }
+            send_chunk(tx, Vec::new(), tail.text).await?;
         }
-        if let Some((req_tx, _)) = draft.take() {
-            drop(req_tx);
-        }
+        drop(turn.draft.take());
         conv.turns += 1;
-        let total = started.elapsed();
-        let ttft = first_token_at.unwrap_or(total);
-        let decode_secs = total.saturating_sub(ttft).as_secs_f64();
+        let total = turn.started.elapsed();
+        let ttft = turn.first_token_at.unwrap_or(total);
         let summary = pb::GenerateSummary {
-            finish: finish as i32,
+            finish: turn.finish as i32,
             usage: Some(pb::Usage {
                 prompt_tokens,
-                completion_tokens: generated,
+                completion_tokens: turn.generated,
             }),
-            stats: Some(pb::SpeculationStats {
-                steps: stats.steps,
-                drafted: stats.drafted,
-                accepted: stats.accepted,
-                mean_accepted_length: if stats.steps == 0 {
-                    0.0
-                } else {
-                    generated as f32 / stats.steps as f32
-                },
-                acceptance_per_depth: stats
-                    .reached
-                    .iter()
-                    .map(|&r| {
-                        if stats.spec_steps == 0 {
-                            0.0
-                        } else {
-                            r as f32 / stats.spec_steps as f32
-                        }
-                    })
-                    .collect(),
-                draft_ns: stats.draft_ns,
-                verify_ns: stats.verify_ns,
-                network_ns: stats.network_ns,
-                total_ns: ns(total),
-                time_to_first_token_ns: ns(ttft),
-                prefill_ns: stats.prefill_ns,
-                speculative: stats.speculative,
-                tokens_per_second: if decode_secs > 0.0 {
-                    (generated.saturating_sub(1)) as f32 / decode_secs as f32
-                } else {
-                    0.0
-                },
-            }),
-            text: text.text().to_owned(),
+            stats: Some(turn.stats.summary(turn.generated, total, ttft)),
+            text: turn.text.text().to_owned(),
         };
         let msg = pb::GenerateResponse {
             event: Some(pb::generate_response::Event::Summary(summary)),
         };
-        if tx.send(Ok(msg)).await.is_err() {
-            return Err(Interrupted::Cancelled);
-        }
-        Ok(())
+        tx.send(Ok(msg)).await.map_err(|_| Interrupted::Cancelled)
     }
+}
+
+/// A turn counted in [`Engine`]'s active generations while it lives.
+struct Active<'a>(&'a AtomicUsize);
+
+impl<'a> Active<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Streams one chunk; the client going away cancels the turn.
+async fn send_chunk(
+    tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    token_ids: Vec<u32>,
+    text: String,
+) -> Result<(), Interrupted> {
+    let chunk = pb::GenerateResponse {
+        event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
+            token_ids,
+            text,
+        })),
+    };
+    tx.send(Ok(chunk)).await.map_err(|_| Interrupted::Cancelled)
 }

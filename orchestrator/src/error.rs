@@ -2,6 +2,8 @@
 
 use tonic::{Code, Status};
 
+use crate::clients::ReplicaKind;
+
 /// Everything a public request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
@@ -19,12 +21,22 @@ pub enum OrchestratorError {
     Overloaded(String),
     /// No replica of a kind is reachable.
     #[error("no {0} replica available")]
-    NoReplica(&'static str),
+    NoReplica(ReplicaKind),
+    /// A replica's model disagrees with the deployment (refused, never used).
+    #[error("{kind} replica {addr} is incompatible: {reason}")]
+    Incompatible {
+        /// Draft or target.
+        kind: ReplicaKind,
+        /// The replica's address.
+        addr: String,
+        /// The mismatches found.
+        reason: String,
+    },
     /// A replica answered with an error.
-    #[error("{service} replica {addr}: {status}")]
+    #[error("{kind} replica {addr}: {status}")]
     Replica {
-        /// `draft` or `target`.
-        service: &'static str,
+        /// Draft or target.
+        kind: ReplicaKind,
         /// The replica's address.
         addr: String,
         /// What it answered.
@@ -44,6 +56,7 @@ impl OrchestratorError {
             OrchestratorError::SessionBusy(_) => "session_busy",
             OrchestratorError::Overloaded(_) => "overloaded",
             OrchestratorError::NoReplica(_) => "no_replica",
+            OrchestratorError::Incompatible { .. } => "incompatible_replica",
             OrchestratorError::Replica { .. } => "replica",
             OrchestratorError::Internal(_) => "internal",
         }
@@ -63,7 +76,9 @@ impl From<OrchestratorError> for Status {
             OrchestratorError::SessionNotFound(_) => Status::not_found(msg),
             OrchestratorError::SessionBusy(_) => Status::failed_precondition(msg),
             OrchestratorError::Overloaded(_) => Status::resource_exhausted(msg),
-            OrchestratorError::NoReplica(_) => Status::unavailable(msg),
+            OrchestratorError::NoReplica(_) | OrchestratorError::Incompatible { .. } => {
+                Status::unavailable(msg)
+            }
             OrchestratorError::Replica { status, .. } => match status.code() {
                 // A replica's invalid-argument is the client's request; anything else is ours.
                 Code::InvalidArgument | Code::ResourceExhausted => Status::new(status.code(), msg),

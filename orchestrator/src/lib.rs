@@ -6,18 +6,25 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`routing`]: replica sets (DNS, refresh) and session pinning.
+//! - [`clients`]: the replica calls (a small trait, gRPC behind it).
 //! - [`session`]: conversations and their replica state.
-//! - [`engine`]: the generation loop, fallback and recovery.
+//! - [`engine`]: the generation loop in steps, fallback, recovery and the
+//!   compatibility check of replicas.
+//! - [`plan`]: the budget policy's prior and each step's tree shape.
+//! - [`stats`]: speculation statistics and the summary.
 //! - [`text`]: incremental detokenization and stop strings.
 //! - [`service`]: the gRPC handlers, validation and limits.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
+pub mod clients;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod plan;
 pub mod routing;
 pub mod service;
 pub mod session;
+pub mod stats;
 pub mod text;
 
 use std::sync::Arc;
@@ -26,46 +33,68 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_model::{ImageLimits, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
+use specllava_service_kit::compat::TokenizerIdentity;
 use specllava_service_kit::serve_grpc;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
+pub use clients::ReplicaKind;
 pub use config::Args;
 pub use error::OrchestratorError;
 
 /// Serves the public API until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let tok_path = args.model_dir.join("tokenizer.json");
-    let tokenizer = Arc::new(
-        LlavaTokenizer::from_file(&tok_path)
-            .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?,
+    let tokenizer = {
+        let path = tok_path.clone();
+        tokio::task::spawn_blocking(move || LlavaTokenizer::from_file(&path))
+            .await?
+            .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?
+    };
+    let tokenizer = Arc::new(tokenizer);
+    let identity = TokenizerIdentity::of(&tokenizer);
+    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let drafts = Arc::new(
+        routing::ReplicaSet::new(ReplicaKind::Draft, args.draft_endpoints.clone())
+            .with_connect_timeout(connect_timeout),
     );
-    let drafts = Arc::new(routing::ReplicaSet::new(
-        "draft",
-        args.draft_endpoints.clone(),
-    ));
-    let targets = Arc::new(routing::ReplicaSet::new(
-        "target",
-        args.target_endpoints.clone(),
-    ));
+    let targets = Arc::new(
+        routing::ReplicaSet::new(ReplicaKind::Target, args.target_endpoints.clone())
+            .with_connect_timeout(connect_timeout),
+    );
     let n_draft = drafts.refresh().await;
     let n_target = targets.refresh().await;
     tracing::info!(drafts = n_draft, targets = n_target, "replicas resolved");
+    let engine = Arc::new(
+        engine::Engine::new(engine::EngineParts {
+            replicas: Arc::new(clients::GrpcReplicas),
+            tokenizer: tokenizer.clone(),
+            identity,
+            drafts: Arc::clone(&drafts),
+            targets: Arc::clone(&targets),
+            cfg: args.engine_config(),
+        })
+        .context("the budget policy's prior (--policy-* flags)")?,
+    );
+    check_compatibility(&engine).await?;
     let discovery = routing::spawn_discovery(
         vec![Arc::clone(&drafts), Arc::clone(&targets)],
         Duration::from_secs(args.discovery_interval_secs),
     );
-    let engine = Arc::new(engine::Engine::new(
-        tokenizer.clone(),
-        tokenizer.image_token_id(),
-        tokenizer.eos_token_id(),
-        drafts,
-        targets,
-        engine::EngineConfig {
-            draft_timeout: Duration::from_millis(args.draft_timeout_ms),
-            target_timeout: Duration::from_millis(args.target_timeout_ms),
-        },
-    ));
+    if args.discovery_interval_secs > 0 {
+        // Replicas discovery adds are checked as they come (and before first use anyway).
+        let engine = Arc::clone(&engine);
+        let period = Duration::from_secs(args.discovery_interval_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tick.tick().await;
+                for kind in [ReplicaKind::Target, ReplicaKind::Draft] {
+                    engine.check_replicas(kind).await;
+                }
+            }
+        });
+    }
     let sessions = Arc::new(session::Registry::new(
         args.max_sessions,
         Duration::from_secs(args.session_ttl_s),
@@ -73,8 +102,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         // Close idle sessions on their replicas.
         let (sessions, engine) = (Arc::clone(&sessions), Arc::clone(&engine));
+        let period = Duration::from_millis(args.session_sweep_ms.max(1));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 for conv in sessions.expire() {
@@ -115,5 +145,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         task.abort();
     }
     tracing::info!("orchestrator stopped");
+    Ok(())
+}
+
+/// Checks every replica at start-up (targets first: drafts are compared with them) and
+/// fails when a kind has replicas that answered but none of them is compatible: a
+/// mismatched deployment is a start-up error, not garbage output. Unreachable replicas
+/// are checked before their first use.
+async fn check_compatibility(engine: &engine::Engine) -> anyhow::Result<()> {
+    for kind in [ReplicaKind::Target, ReplicaKind::Draft] {
+        let report = engine.check_replicas(kind).await;
+        tracing::info!(
+            %kind,
+            compatible = report.compatible,
+            refused = report.refused.len(),
+            unreachable = report.unreachable,
+            "replicas checked"
+        );
+        if report.compatible == 0 && !report.refused.is_empty() {
+            anyhow::bail!(
+                "no compatible {kind} replica: {}",
+                report.refused.join("; ")
+            );
+        }
+    }
     Ok(())
 }

@@ -14,8 +14,33 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use specllava_proto::v1 as pb;
 use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::clients::ReplicaKind;
+
+/// Connect timeout of a replica channel unless the set says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a replica reported through its `Info` RPC.
+#[derive(Debug, Clone)]
+pub enum ReplicaInfo {
+    /// A target's model and limits.
+    Target(pb::InfoResponse),
+    /// A draft's model and limits.
+    Draft(pb::DraftInfoResponse),
+}
+
+impl ReplicaInfo {
+    /// The model part (absent only from a malformed answer).
+    pub fn model(&self) -> Option<&pb::ModelInfo> {
+        match self {
+            ReplicaInfo::Target(i) => i.model.as_ref(),
+            ReplicaInfo::Draft(i) => i.model.as_ref(),
+        }
+    }
+}
 
 /// One replica: an address and a lazily connected channel.
 pub struct Replica {
@@ -27,21 +52,28 @@ pub struct Replica {
     pinned: AtomicUsize,
     /// Set when the replica left the set (refresh) or failed.
     gone: AtomicBool,
-    /// Model information, fetched once (target replicas).
-    pub info: OnceCell<specllava_proto::v1::InfoResponse>,
+    /// Set when the replica's model disagrees with the deployment: never pinned.
+    refused: AtomicBool,
+    /// Model information, fetched once and checked by the engine.
+    pub info: OnceCell<ReplicaInfo>,
 }
 
 impl Replica {
-    fn new(addr: SocketAddr) -> Result<Self, tonic::transport::Error> {
+    /// A replica at `addr` whose channel connects on first use.
+    pub fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_timeout(connect_timeout)
             .connect_lazy();
         Ok(Self {
             addr,
             channel,
             pinned: AtomicUsize::new(0),
             gone: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             info: OnceCell::new(),
         })
     }
@@ -49,6 +81,16 @@ impl Replica {
     /// Whether the replica left the set.
     pub fn is_gone(&self) -> bool {
         self.gone.load(Ordering::Relaxed)
+    }
+
+    /// Whether the replica was refused as incompatible.
+    pub fn is_refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Refuses the replica: no session is pinned to it from now on.
+    pub fn refuse(&self) {
+        self.refused.store(true, Ordering::Relaxed);
     }
 
     /// Sessions pinned now.
@@ -77,7 +119,8 @@ impl Drop for Pin {
 
 /// The replicas of one kind.
 pub struct ReplicaSet {
-    kind: &'static str,
+    kind: ReplicaKind,
+    connect_timeout: Duration,
     endpoints: Vec<String>,
     replicas: RwLock<Vec<Arc<Replica>>>,
 }
@@ -92,20 +135,27 @@ fn host_port(endpoint: &str) -> &str {
 
 impl ReplicaSet {
     /// An unresolved set; call [`ReplicaSet::refresh`] to resolve.
-    pub fn new(kind: &'static str, endpoints: Vec<String>) -> Self {
+    pub fn new(kind: ReplicaKind, endpoints: Vec<String>) -> Self {
         let endpoints = endpoints
             .into_iter()
             .filter(|e| !e.trim().is_empty())
             .collect();
         Self {
             kind,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             endpoints,
             replicas: RwLock::new(Vec::new()),
         }
     }
 
-    /// `draft` or `target`.
-    pub fn kind(&self) -> &'static str {
+    /// Sets the connect timeout of the replicas' channels.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Draft or target.
+    pub fn kind(&self) -> ReplicaKind {
         self.kind
     }
 
@@ -127,7 +177,7 @@ impl ReplicaSet {
                 Ok(found) => addrs.extend(found),
                 Err(e) => {
                     complete = false;
-                    tracing::warn!(kind = self.kind, endpoint = %ep, error = %e, "cannot resolve endpoint")
+                    tracing::warn!(kind = %self.kind, endpoint = %ep, error = %e, "cannot resolve endpoint")
                 }
             }
         }
@@ -143,7 +193,7 @@ impl ReplicaSet {
         if complete {
             for r in replicas.iter() {
                 if !wanted.contains(&r.addr) {
-                    tracing::info!(kind = self.kind, addr = %r.addr, pinned = r.pinned(), "replica gone");
+                    tracing::info!(kind = %self.kind, addr = %r.addr, pinned = r.pinned(), "replica gone");
                     r.gone.store(true, Ordering::Relaxed);
                 }
             }
@@ -155,13 +205,13 @@ impl ReplicaSet {
             if known.contains(&addr) || !seen.insert(addr) {
                 continue;
             }
-            match Replica::new(addr) {
+            match Replica::new(addr, self.connect_timeout) {
                 Ok(r) => {
-                    tracing::info!(kind = self.kind, %addr, "replica added");
+                    tracing::info!(kind = %self.kind, %addr, "replica added");
                     replicas.push(Arc::new(r));
                 }
                 Err(e) => {
-                    tracing::warn!(kind = self.kind, %addr, error = %e, "bad replica address")
+                    tracing::warn!(kind = %self.kind, %addr, error = %e, "bad replica address")
                 }
             }
         }
@@ -169,12 +219,12 @@ impl ReplicaSet {
     }
 
     /// Pins a new session to the replica with the fewest pinned sessions,
-    /// avoiding `exclude` when another replica exists.
+    /// avoiding `exclude` when another replica exists (refused replicas never).
     pub fn pin(&self, exclude: Option<SocketAddr>) -> Option<Pin> {
         let replicas = self.replicas.read().expect("replica lock poisoned");
         let pick = replicas
             .iter()
-            .filter(|r| !r.is_gone())
+            .filter(|r| !r.is_gone() && !r.is_refused())
             .min_by_key(|r| (Some(r.addr) == exclude, r.pinned(), r.addr))?;
         pick.pinned.fetch_add(1, Ordering::Relaxed);
         Some(Pin {
@@ -204,7 +254,7 @@ pub fn spawn_discovery(
             tick.tick().await;
             for set in sets.iter().filter(|s| !s.is_unconfigured()) {
                 let n = set.refresh().await;
-                tracing::debug!(kind = set.kind(), replicas = n, "replicas refreshed");
+                tracing::debug!(kind = %set.kind(), replicas = n, "replicas refreshed");
             }
         }
     }))
@@ -217,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn resolves_and_balances_pins() {
         let set = ReplicaSet::new(
-            "target",
+            ReplicaKind::Target,
             vec![
                 "127.0.0.1:7001".into(),
                 "http://127.0.0.1:7002".into(),
@@ -237,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_set_has_no_replica() {
-        let set = ReplicaSet::new("draft", vec![]);
+        let set = ReplicaSet::new(ReplicaKind::Draft, vec![]);
         assert!(set.is_unconfigured());
         assert_eq!(set.refresh().await, 0);
         assert!(set.pin(None).is_none());
@@ -255,7 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn new_replicas_take_new_sessions_and_old_sessions_stay() {
-        let set = ReplicaSet::new("draft", vec!["replicas.invalid:7000".into()]);
+        let set = ReplicaSet::new(ReplicaKind::Draft, vec!["replicas.invalid:7000".into()]);
         assert_eq!(set.apply_resolved(vec![addr("10.0.0.1:7000")], true), 1);
         let a = set.pin(None).unwrap();
         let b = set.pin(None).unwrap();
@@ -289,7 +339,10 @@ mod tests {
 
     #[tokio::test]
     async fn unresolvable_endpoint_keeps_the_known_replicas() {
-        let set = ReplicaSet::new("target", vec!["no-such-host.invalid:7000".into()]);
+        let set = ReplicaSet::new(
+            ReplicaKind::Target,
+            vec!["no-such-host.invalid:7000".into()],
+        );
         set.apply_resolved(vec![addr("10.0.0.1:7000")], true);
         let pin = set.pin(None).unwrap();
         assert_eq!(set.refresh().await, 1);
@@ -299,7 +352,10 @@ mod tests {
     #[tokio::test]
     async fn periodic_discovery_follows_dns() {
         // The set's view is stale (an old address); the endpoint resolves to another.
-        let set = Arc::new(ReplicaSet::new("target", vec!["127.0.0.1:7003".into()]));
+        let set = Arc::new(ReplicaSet::new(
+            ReplicaKind::Target,
+            vec!["127.0.0.1:7003".into()],
+        ));
         set.apply_resolved(vec![addr("127.0.0.2:7003")], true);
         let stale = set.pin(None).unwrap();
         let task = spawn_discovery(vec![Arc::clone(&set)], Duration::from_millis(200)).unwrap();

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use specllava_model::{ChatTurn, ImageLimits, LlavaTokenizer, chat, decode_image};
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_server::Generation;
-use speculate::{SamplingParams, TreeMode};
+use specllava_service_kit::convert::{sampling_from_parts, speculation_mode_from_proto};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{Engine, GenParams, Interrupted, SpecSettings};
+use crate::engine::{Engine, GenParams, Interrupted};
 use crate::error::OrchestratorError;
+use crate::plan::SpecSettings;
 use crate::session::{Conversation, Registry, new_session_id};
 
 /// Request limits of the public API.
@@ -76,14 +77,7 @@ impl GenerationService {
 
     fn gen_params(&self, p: Option<pb::GenerationParams>) -> Result<GenParams, OrchestratorError> {
         let p = p.unwrap_or_default();
-        let sampling = SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
-            seed: p.seed,
-        };
-        sampling
-            .validate()
+        let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
             .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
         if p.max_new_tokens > self.limits.max_new_tokens_limit {
             return Err(OrchestratorError::InvalidArgument(format!(
@@ -97,73 +91,70 @@ impl GenerationService {
             } else {
                 p.max_new_tokens
             },
-            sampling: pb::SamplingParams {
-                temperature: sampling.temperature,
-                top_k: p.top_k,
-                top_p: sampling.top_p,
-                seed: sampling.seed,
-            },
+            sampling,
             stop: p.stop,
             ignore_eos: p.ignore_eos,
         })
     }
+}
 
-    /// This turn's prompt ids for `conv` (first turn: the whole template).
-    fn prompt_ids(&self, conv: &Conversation, prompt: &str) -> Result<Vec<u32>, OrchestratorError> {
-        let internal = |e: specllava_model::ModelError| OrchestratorError::Internal(e.to_string());
-        let ids = if conv.history.is_empty() {
-            let turn = ChatTurn {
-                user: prompt.to_owned(),
-                assistant: None,
-            };
-            let text = chat::render_llava15(std::slice::from_ref(&turn), !conv.images.is_empty());
-            self.tokenizer.encode(&text, true).map_err(internal)?
-        } else {
-            let mut ids = Vec::new();
-            if conv.history.last() != Some(&self.tokenizer.eos_token_id()) {
-                ids.push(self.tokenizer.eos_token_id());
-            }
-            ids.extend(
-                self.tokenizer
-                    .encode_continuation(&chat::render_continuation(prompt))
-                    .map_err(internal)?,
-            );
-            ids
+/// What the tokenizer needs of a conversation to tokenize its next prompt.
+struct PromptContext {
+    first_turn: bool,
+    images: usize,
+    last_token: Option<u32>,
+}
+
+/// This turn's prompt ids (first turn: the whole template). Runs on a blocking thread.
+fn prompt_ids(
+    tokenizer: &LlavaTokenizer,
+    ctx: &PromptContext,
+    prompt: &str,
+    max_prompt_tokens: usize,
+) -> Result<Vec<u32>, OrchestratorError> {
+    let internal = |e: specllava_model::ModelError| OrchestratorError::Internal(e.to_string());
+    let ids = if ctx.first_turn {
+        let turn = ChatTurn {
+            user: prompt.to_owned(),
+            assistant: None,
         };
-        let image_id = self.tokenizer.image_token_id();
-        let placeholders = ids.iter().filter(|&&t| t == image_id).count();
-        let expected = if conv.history.is_empty() {
-            conv.images.len()
-        } else {
-            0
-        };
-        if placeholders != expected {
-            // `<image>` typed in the prompt would desynchronise images and placeholders.
-            return Err(OrchestratorError::InvalidArgument(
-                "the prompt must not contain the <image> placeholder".into(),
-            ));
+        let text = chat::render_llava15(std::slice::from_ref(&turn), ctx.images > 0);
+        tokenizer.encode(&text, true).map_err(internal)?
+    } else {
+        let mut ids = Vec::new();
+        if ctx.last_token != Some(tokenizer.eos_token_id()) {
+            ids.push(tokenizer.eos_token_id());
         }
-        if ids.len() > self.limits.max_prompt_tokens {
-            return Err(OrchestratorError::InvalidArgument(format!(
-                "prompt of {} tokens exceeds the limit of {}",
-                ids.len(),
-                self.limits.max_prompt_tokens
-            )));
-        }
-        Ok(ids)
+        ids.extend(
+            tokenizer
+                .encode_continuation(&chat::render_continuation(prompt))
+                .map_err(internal)?,
+        );
+        ids
+    };
+    let image_id = tokenizer.image_token_id();
+    let placeholders = ids.iter().filter(|&&t| t == image_id).count();
+    let expected = if ctx.first_turn { ctx.images } else { 0 };
+    if placeholders != expected {
+        // `<image>` typed in the prompt would desynchronise images and placeholders.
+        return Err(OrchestratorError::InvalidArgument(
+            "the prompt must not contain the <image> placeholder".into(),
+        ));
     }
+    if ids.len() > max_prompt_tokens {
+        return Err(OrchestratorError::InvalidArgument(format!(
+            "prompt of {} tokens exceeds the limit of {}",
+            ids.len(),
+            max_prompt_tokens
+        )));
+    }
+    Ok(ids)
 }
 
 fn spec_settings(s: Option<pb::SpeculationConfig>) -> SpecSettings {
     let s = s.unwrap_or_default();
-    let mode = match pb::SpeculationMode::try_from(s.mode).unwrap_or(pb::SpeculationMode::Dynamic) {
-        pb::SpeculationMode::Dynamic => Some(TreeMode::Dynamic),
-        pb::SpeculationMode::Chain => Some(TreeMode::Chain),
-        pb::SpeculationMode::Static => Some(TreeMode::Static),
-        pb::SpeculationMode::Off => None,
-    };
     SpecSettings {
-        mode,
+        mode: speculation_mode_from_proto(s.mode),
         depth: s.depth as usize,
         branching: s.branching as usize,
         budget: s.budget as usize,
@@ -217,7 +208,20 @@ impl Generation for GenerationService {
             .clone()
             .try_lock_owned()
             .map_err(|_| OrchestratorError::SessionBusy(r.session_id.clone()))?;
-        let prompt = self.prompt_ids(&guard, &r.prompt)?;
+        let ctx = PromptContext {
+            first_turn: guard.history.is_empty(),
+            images: guard.images.len(),
+            last_token: guard.history.last().copied(),
+        };
+        let (tokenizer, max_prompt_tokens) =
+            (Arc::clone(&self.tokenizer), self.limits.max_prompt_tokens);
+        let text = r.prompt;
+        // Tokenization never runs on the async executor.
+        let prompt = tokio::task::spawn_blocking(move || {
+            prompt_ids(&tokenizer, &ctx, &text, max_prompt_tokens)
+        })
+        .await
+        .map_err(|e| OrchestratorError::Internal(e.to_string()))??;
         let prompt_tokens = prompt.len() as u32;
         let engine = Arc::clone(&self.engine);
         let (tx, rx) = mpsc::channel(32);

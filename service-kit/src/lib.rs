@@ -1,16 +1,29 @@
 //! Plumbing shared by the three Spec-LLaVA services: the per-service session
 //! store (byte budget, TTL, LRU eviction, published as `specllava_*` metrics),
-//! the model services' common flags and model loading, and the gRPC server with
-//! graceful shutdown, the `/metrics` endpoint and the health + reflection services.
+//! the session worker and session RPCs of the two model services, their common
+//! flags and model loading, every proto <-> domain conversion, the model identity
+//! the services compare at start-up, and the gRPC server with graceful shutdown,
+//! the `/metrics` endpoint and the health + reflection services.
 
+pub mod compat;
+pub mod convert;
 pub mod device;
 pub mod model_server;
 pub mod prefill;
 pub mod server;
+pub mod session_rpc;
 pub mod sessions;
+pub mod worker;
 
 pub use device::parse_device;
 pub use model_server::{LoadedModel, ModelServerArgs, load_model};
-pub use prefill::prepare_prefill;
-pub use server::{MetricsEndpoint, reflection_services, serve_grpc, shutdown_signal};
+pub use prefill::{prefilled_kv, prepare_prefill};
+pub use server::{
+    MetricsEndpoint, reflection_services, run_with_telemetry, serve_grpc, shutdown_signal,
+};
+pub use session_rpc::SessionRpc;
 pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};
+pub use worker::{
+    AppendError, BatchJob, BatchLimits, PrefillOutcome, Queued, SessionBackend, WorkerConfig,
+    WorkerError, WorkerHandle,
+};

@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use anyhow::Context;
 use specllava_model::{ImageLimits, Llava};
 
-use crate::{SessionLimits, parse_device};
+use crate::{
+    BatchLimits, SessionBackend, SessionLimits, SessionRpc, SessionStore, WorkerConfig,
+    WorkerHandle, parse_device,
+};
 
 /// Flags common to the draft and the target service (every flag is also an
 /// environment variable). Each service flattens this into its own `Args`, next to
@@ -42,6 +45,12 @@ pub struct ModelServerArgs {
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,
+    /// Largest gRPC message accepted (images travel in OpenSession / Append), in bytes.
+    #[arg(long, env = "SPECLLAVA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// How often the model worker sweeps sessions past their TTL, in milliseconds.
+    #[arg(long, env = "SPECLLAVA_SESSION_SWEEP_MS", default_value_t = 1000)]
+    pub session_sweep_ms: u64,
 }
 
 impl ModelServerArgs {
@@ -51,6 +60,15 @@ impl ModelServerArgs {
             max_sessions: self.max_sessions,
             max_bytes: kv_budget_mb.saturating_mul(1024 * 1024),
             ttl: Duration::from_secs(self.session_ttl_s),
+        }
+    }
+
+    /// Settings of the session worker: these flags plus the service's batch limits.
+    pub fn worker_config(&self, batch: BatchLimits) -> WorkerConfig {
+        WorkerConfig {
+            queue_capacity: self.queue_capacity.max(1),
+            batch,
+            expiry_tick: Duration::from_millis(self.session_sweep_ms.max(1)),
         }
     }
 
@@ -69,6 +87,34 @@ pub struct LoadedModel {
     pub model: Arc<Llava>,
     /// `--max-context`, or the model's `max_position_embeddings` when that is 0.
     pub max_context: usize,
+    /// What `Info` reports of the model (ids, limits, tokenizer fingerprint).
+    pub info: specllava_proto::v1::ModelInfo,
+}
+
+impl LoadedModel {
+    /// Starts the `role` service's session worker over this model (`backend` batches its
+    /// jobs, `limits` bound its sessions) and returns the session RPCs around it.
+    pub fn start_sessions<B: SessionBackend>(
+        &self,
+        role: &'static str,
+        backend: B,
+        limits: SessionLimits,
+        args: &ModelServerArgs,
+        batch: BatchLimits,
+    ) -> std::io::Result<SessionRpc<B>> {
+        let worker = WorkerHandle::spawn(
+            role,
+            backend,
+            SessionStore::new(limits).with_metrics(),
+            args.worker_config(batch),
+        )?;
+        Ok(SessionRpc::new(
+            Arc::clone(&self.model),
+            worker,
+            args.image_limits(),
+            self.max_context,
+        ))
+    }
 }
 
 /// Loads the LLaVA checkpoint in `dir` onto the `--device` (off the async runtime).
@@ -81,15 +127,19 @@ pub async fn load_model(
     let device = parse_device(&args.device)?;
     tracing::info!(model_dir = %dir.display(), device = %args.device, "loading {role} model");
     let owned = dir.to_path_buf();
-    let model = tokio::task::spawn_blocking(move || Llava::load(&owned, &device))
-        .await?
-        .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
+    let (model, fingerprint) = tokio::task::spawn_blocking(move || {
+        Llava::load(&owned, &device).map(|m| (m, crate::compat::model_dir_fingerprint(&owned)))
+    })
+    .await?
+    .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
     let max_context = match args.max_context {
         0 => model.config().text.max_position_embeddings,
         n => n,
     };
+    let info = crate::convert::model_info(&model, max_context, fingerprint);
     Ok(LoadedModel {
         model: Arc::new(model),
         max_context,
+        info,
     })
 }

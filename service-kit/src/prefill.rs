@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use specllava_model::{ImageLimits, Llava};
+use specllava_model::{ImageLimits, KvCache, Llava, ModelError};
 
 /// Checks history tokens (vocabulary, placeholder count, root not a placeholder)
 /// and decodes + preprocesses the images off the async runtime.
@@ -55,4 +55,18 @@ pub async fn prepare_prefill(
     })
     .await
     .map_err(|e| format!("image decoding task failed: {e}"))?
+}
+
+/// A new KV cache holding `prefix` (with `images` at its placeholders): a new session's
+/// history minus its root.
+pub fn prefilled_kv(
+    model: &Llava,
+    prefix: &[u32],
+    images: &[Tensor],
+) -> Result<KvCache, ModelError> {
+    let mut kv = model.new_kv();
+    if !prefix.is_empty() {
+        model.prefill(&mut kv, prefix, images)?;
+    }
+    Ok(kv)
 }

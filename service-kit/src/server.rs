@@ -157,3 +157,18 @@ impl Drop for MetricsEndpoint {
         }
     }
 }
+
+/// Runs a service binary's `run` future with telemetry set up for `service_name` (logs,
+/// OTLP span export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, W3C propagation), then
+/// flushes the last spans once the server drained.
+pub async fn run_with_telemetry(
+    service_name: &str,
+    log_json: bool,
+    run: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let telemetry = specllava_telemetry::init_telemetry(service_name, log_json)?;
+    let result = run.await;
+    // The flush blocks on the exporter, which runs on this (multi-threaded) runtime.
+    tokio::task::block_in_place(|| drop(telemetry));
+    result
+}

@@ -48,6 +48,26 @@ pub enum SessionStoreError {
     },
 }
 
+impl SessionStoreError {
+    /// Short stable label for metrics (`errors_total{type=...}`).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            SessionStoreError::NotFound(_) => "session_not_found",
+            SessionStoreError::AlreadyExists(_) => "session_exists",
+            SessionStoreError::TooLarge { .. } => "session_too_large",
+        }
+    }
+
+    /// The gRPC status code this error is answered with.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            SessionStoreError::NotFound(_) => tonic::Code::NotFound,
+            SessionStoreError::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            SessionStoreError::TooLarge { .. } => tonic::Code::ResourceExhausted,
+        }
+    }
+}
+
 struct Entry<S> {
     state: S,
     last_used: Instant,

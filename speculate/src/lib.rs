@@ -1,7 +1,8 @@
 //! Speculative decoding logic: token trees, dynamic expansion, lossless verification, budget policy.
 //!
 //! Pure logic shared by the draft service, the target service and the orchestrator: no model
-//! code, no I/O, no async. See `shared/design.md`, section "The token tree".
+//! code, no I/O, no async. The README's Architecture section gives the data flow; each
+//! module documents its part (the tree layout in [`tree`], the verification rule in [`verify`]).
 //!
 //! - [`tree`]: the validated token tree (flat arrays, depth, sibling links, ancestor masks).
 //! - [`draft`]: EAGLE-2 / Spec-LLaVA dynamic tree building, static and chain modes.

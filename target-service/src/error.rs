@@ -1,7 +1,7 @@
 //! The target service's error type and its single mapping to gRPC status.
 
 use specllava_model::ModelError;
-use specllava_service_kit::SessionStoreError;
+use specllava_service_kit::{SessionStoreError, WorkerError};
 use tonic::Status;
 
 /// Everything a target request can fail with.
@@ -46,27 +46,23 @@ pub enum TargetError {
     /// The session's context would exceed the model's maximum.
     #[error("context full: {0}")]
     ContextFull(String),
+    /// Queue full, worker stopped, or a malformed open / append (the session worker's).
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
     /// The model rejected the input or failed.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// A batched forward failed (shared by all requests of the batch).
     #[error("batched forward failed: {0}")]
     BatchFailed(String),
-    /// The worker queue is full.
-    #[error("target overloaded: the model queue is full ({0} requests)")]
-    QueueFull(usize),
-    /// The worker thread stopped.
-    #[error("the model worker stopped")]
-    WorkerGone,
 }
 
 impl TargetError {
     /// Short stable label for metrics (`errors_total{type=...}`).
     pub fn error_type(&self) -> &'static str {
         match self {
-            TargetError::Session(SessionStoreError::NotFound(_)) => "session_not_found",
-            TargetError::Session(SessionStoreError::AlreadyExists(_)) => "session_exists",
-            TargetError::Session(SessionStoreError::TooLarge { .. }) => "session_too_large",
+            TargetError::Session(e) => e.error_type(),
+            TargetError::Worker(e) => e.error_type(),
             TargetError::StaleKv { .. } => "stale_kv",
             TargetError::RootMismatch { .. } => "root_mismatch",
             TargetError::Tree(_) => "invalid_tree",
@@ -75,8 +71,6 @@ impl TargetError {
             TargetError::ContextFull(_) => "context_full",
             TargetError::Model(e) => e.error_type(),
             TargetError::BatchFailed(_) => "batch_failed",
-            TargetError::QueueFull(_) => "queue_full",
-            TargetError::WorkerGone => "worker_gone",
         }
     }
 }
@@ -85,13 +79,8 @@ impl From<TargetError> for Status {
     fn from(e: TargetError) -> Status {
         let msg = e.to_string();
         let status = match &e {
-            TargetError::Session(SessionStoreError::NotFound(_)) => Status::not_found(msg),
-            TargetError::Session(SessionStoreError::AlreadyExists(_)) => {
-                Status::already_exists(msg)
-            }
-            TargetError::Session(SessionStoreError::TooLarge { .. }) => {
-                Status::resource_exhausted(msg)
-            }
+            TargetError::Session(e) => Status::new(e.code(), msg),
+            TargetError::Worker(e) => Status::new(e.code(), msg),
             TargetError::StaleKv { .. } | TargetError::RootMismatch { .. } => {
                 Status::failed_precondition(msg)
             }
@@ -101,8 +90,6 @@ impl From<TargetError> for Status {
             | TargetError::ContextFull(_) => Status::invalid_argument(msg),
             TargetError::Model(m) if m.is_invalid_input() => Status::invalid_argument(msg),
             TargetError::Model(_) | TargetError::BatchFailed(_) => Status::internal(msg),
-            TargetError::QueueFull(_) => Status::resource_exhausted(msg),
-            TargetError::WorkerGone => Status::unavailable(msg),
         };
         // The one place every error of this service becomes a status: count it here.
         specllava_telemetry::metrics().record_error(e.error_type(), status.code());

@@ -4,7 +4,7 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`calibration`]: the start-up verify cost measurement reported by `Info`.
-//! - [`worker`]: the model worker thread (session store + batching verifier).
+//! - [`worker`]: the verify batching the session worker runs.
 //! - [`service`]: the `specllava.v1.Target` gRPC handlers.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use specllava_proto::v1::target_server::TargetServer;
-use specllava_service_kit::{LoadedModel, load_model, serve_grpc};
+use specllava_service_kit::{BatchLimits, load_model, serve_grpc};
 use speculate::TreeLimits;
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -30,13 +30,12 @@ pub use error::TargetError;
 
 /// Loads the model and serves until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let LoadedModel { model, max_context } =
-        load_model("target", &args.model_dir, &args.server).await?;
-    let batch = worker::BatchConfig {
-        max_batch_nodes: args.max_batch_nodes.max(1),
-        max_batch_wait: Duration::from_micros(args.max_batch_wait_us),
-        queue_capacity: args.server.queue_capacity.max(1),
-        max_context,
+    let loaded = load_model("target", &args.model_dir, &args.server).await?;
+    let (model, max_context) = (Arc::clone(&loaded.model), loaded.max_context);
+    let batch = BatchLimits {
+        max_jobs: usize::MAX,
+        max_cost: args.max_batch_nodes.max(1),
+        max_wait: Duration::from_micros(args.max_batch_wait_us),
     };
     let verify_costs = if args.calibrate {
         let m = Arc::clone(&model);
@@ -52,23 +51,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let worker = worker::WorkerHandle::spawn(Arc::clone(&model), args.session_limits(), batch)?;
+    let backend = worker::TargetBackend::new(Arc::clone(&model), max_context);
+    let sessions = loaded.start_sessions(
+        "target",
+        backend,
+        args.session_limits(),
+        &args.server,
+        batch,
+    )?;
     let limits = service::RequestLimits {
         tree: TreeLimits {
             max_nodes: args.max_tree_nodes,
             max_depth: args.max_tree_depth,
             vocab_size: model.config().text.vocab_size,
         },
-        image: args.server.image_limits(),
-        max_context,
     };
-    let svc = service::TargetService::new(model, worker, limits, verify_costs);
+    let svc = service::TargetService::new(sessions, limits, loaded.info, verify_costs);
     tracing::info!(
         vocab = limits.tree.vocab_size,
         max_context,
         "target service ready"
     );
-    let server = TargetServer::new(svc).max_decoding_message_size(64 * 1024 * 1024);
+    let server = TargetServer::new(svc).max_decoding_message_size(args.server.max_message_bytes);
     serve_grpc(
         args.listen,
         TargetServer::<service::TargetService>::NAME,

@@ -20,6 +20,7 @@
 //! | `evictions_total` | counter | `reason` | sessions evicted (`ttl`, `lru`, `memory`) |
 //! | `errors_total` | counter | `type`, `status` | errors by the error enum's `error_type()` and the gRPC status code |
 //! | `requests_total` | counter | `rpc` | RPCs handled, by method name |
+//! | `replicas_refused_total` | counter | `kind` | replicas the orchestrator refused as incompatible (`draft`, `target`) |
 
 use std::sync::LazyLock;
 
@@ -72,6 +73,17 @@ impl EncodeLabelSet for ReasonLabel {
     }
 }
 
+/// Labels of `specllava_replicas_refused_total`: the replica kind (`draft`, `target`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KindLabel(pub String);
+
+impl EncodeLabelSet for KindLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        ("kind", self.0.as_str()).encode(encoder.encode_label())
+    }
+}
+
 /// All metrics of a Spec-LLaVA process. Cheap handles: clone or borrow freely.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -99,6 +111,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// RPCs handled, by method.
     pub requests: Family<RpcLabel, Counter>,
+    /// Replicas refused as incompatible, by kind (orchestrator).
+    pub replicas_refused: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -120,6 +134,7 @@ impl Metrics {
             evictions: Family::default(),
             errors: Family::default(),
             requests: Family::default(),
+            replicas_refused: Family::default(),
         };
         registry.register(
             "accepted_tokens_per_step",
@@ -181,6 +196,11 @@ impl Metrics {
             "RPCs handled, by method",
             metrics.requests.clone(),
         );
+        registry.register(
+            "replicas_refused",
+            "Replicas refused as incompatible (vocabulary, special ids, tokenizer), by kind",
+            metrics.replicas_refused.clone(),
+        );
         metrics
     }
 
@@ -197,6 +217,13 @@ impl Metrics {
     /// Counts one RPC of method `rpc` (e.g. `Verify`).
     pub fn record_request(&self, rpc: &str) {
         self.requests.get_or_create(&RpcLabel(rpc.to_owned())).inc();
+    }
+
+    /// Counts one replica of `kind` (`draft`, `target`) refused as incompatible.
+    pub fn record_refused_replica(&self, kind: &str) {
+        self.replicas_refused
+            .get_or_create(&KindLabel(kind.to_owned()))
+            .inc();
     }
 
     /// Counts one session eviction for `reason` (`ttl`, `lru`, `memory`).

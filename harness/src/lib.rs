@@ -1,0 +1,282 @@
+//! Starting the Spec-LLaVA service binaries as real processes on loopback ports, for the
+//! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
+//! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
+//! (graceful drain) then kill.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Failures starting or reaching the services.
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    /// A binary is missing.
+    #[error("service binary {0} not found (build with `cargo build --release --bins`)")]
+    MissingBinary(PathBuf),
+    /// Spawning failed.
+    #[error("spawning {name}: {source}")]
+    Spawn {
+        /// Binary name.
+        name: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A service exited early.
+    #[error("{name} exited during start-up ({status}); its log is {log}")]
+    Exited {
+        /// Binary name.
+        name: String,
+        /// Exit status.
+        status: ExitStatus,
+        /// Log file (or where its output went).
+        log: String,
+    },
+    /// A service did not become healthy in time.
+    #[error("{name} at {addr} was not healthy after {secs} s; its log is {log}")]
+    Timeout {
+        /// Binary name.
+        name: String,
+        /// Address.
+        addr: String,
+        /// Seconds waited.
+        secs: u64,
+        /// Log file (or where its output went).
+        log: String,
+    },
+    /// A free port could not be found.
+    #[error("no free loopback port: {0}")]
+    Port(std::io::Error),
+    /// A bad endpoint.
+    #[error("endpoint {0}: {1}")]
+    Endpoint(String, tonic::transport::Error),
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> Result<u16, ServiceError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(ServiceError::Port)?;
+    Ok(l.local_addr().map_err(ServiceError::Port)?.port())
+}
+
+/// How to start one service process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    bin: PathBuf,
+    addr: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log_filter: String,
+    log_file: Option<PathBuf>,
+}
+
+impl Launch {
+    /// Runs `bin`, which will listen on `addr` (`host:port`; pass it in the arguments or
+    /// environment too). Output is inherited and `RUST_LOG` is `warn` unless set.
+    pub fn new(bin: impl Into<PathBuf>, addr: impl Into<String>) -> Self {
+        Self {
+            bin: bin.into(),
+            addr: addr.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            log_filter: "warn".into(),
+            log_file: None,
+        }
+    }
+
+    /// Adds command-line arguments.
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Adds environment variables. Every flag of every service is also a `SPECLLAVA_*`
+    /// variable and unknown variables are ignored, so settings a given build may not have
+    /// yet can go through the environment.
+    pub fn envs<K: AsRef<str>, V: AsRef<str>>(
+        mut self,
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.env.extend(
+            env.into_iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())),
+        );
+        self
+    }
+
+    /// The `RUST_LOG` filter of the process.
+    pub fn log_filter(mut self, filter: impl Into<String>) -> Self {
+        self.log_filter = filter.into();
+        self
+    }
+
+    /// Sends stdout and stderr to `path` instead of inheriting them.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_file = Some(path.into());
+        self
+    }
+
+    /// Starts the process.
+    pub fn spawn(self) -> Result<ServiceProcess, ServiceError> {
+        let name = self.bin.file_name().map_or_else(
+            || self.bin.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        if !self.bin.exists() {
+            return Err(ServiceError::MissingBinary(self.bin));
+        }
+        let spawn_err = |source| ServiceError::Spawn {
+            name: name.clone(),
+            source,
+        };
+        let mut command = Command::new(&self.bin);
+        command
+            .args(&self.args)
+            .env("RUST_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        if let Some(log) = &self.log_file {
+            let out = std::fs::File::create(log).map_err(spawn_err)?;
+            let err = out.try_clone().map_err(spawn_err)?;
+            command.stdout(out).stderr(err);
+        }
+        let child = command.spawn().map_err(spawn_err)?;
+        Ok(ServiceProcess {
+            name,
+            addr: self.addr,
+            log: self.log_file,
+            child,
+        })
+    }
+}
+
+/// A running service process; stopped (SIGTERM, then kill) on drop.
+pub struct ServiceProcess {
+    /// Binary name.
+    pub name: String,
+    /// Address it listens on (`host:port`).
+    pub addr: String,
+    /// Where its stdout/stderr go (`None`: inherited).
+    pub log: Option<PathBuf>,
+    child: Child,
+}
+
+impl ServiceProcess {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Sends SIGTERM and waits for the exit (graceful shutdown), killing the process
+    /// after 10 s; returns the exit status.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if let Some(st) = self.wait_exit(Duration::from_secs(10)) {
+            return Some(st);
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    fn log_name(&self) -> String {
+        self.log
+            .as_ref()
+            .map_or_else(|| "stderr".into(), |l| l.display().to_string())
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+/// Spawns `bin_dir/name args...` listening on `addr`, with `env` set, its output in
+/// `log_dir/name.log` and `RUST_LOG` from this process (default `warn`).
+pub fn spawn(
+    bin_dir: &Path,
+    name: &str,
+    addr: String,
+    args: &[String],
+    env: &[(&str, String)],
+    log_dir: &Path,
+) -> Result<ServiceProcess, ServiceError> {
+    Launch::new(bin_dir.join(name), addr)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .log_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .log_file(log_dir.join(format!("{name}.log")))
+        .spawn()
+}
+
+/// A lazily connecting channel to `http://addr`.
+pub fn channel(addr: &str) -> Result<Channel, ServiceError> {
+    let uri = if addr.starts_with("http") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri.clone())
+        .map_err(|e| ServiceError::Endpoint(uri.clone(), e))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
+/// Waits until the process answers the gRPC health check with SERVING (overall status);
+/// fails when it exits first or `timeout` passes.
+pub async fn wait_healthy(p: &mut ServiceProcess, timeout: Duration) -> Result<(), ServiceError> {
+    let start = Instant::now();
+    let mut client = HealthClient::new(channel(&p.addr)?);
+    loop {
+        if let Some(status) = p.try_wait() {
+            return Err(ServiceError::Exited {
+                name: p.name.clone(),
+                status,
+                log: p.log_name(),
+            });
+        }
+        let req = HealthCheckRequest {
+            service: String::new(),
+        };
+        if let Ok(r) = client.check(req).await
+            && r.into_inner().status == ServingStatus::Serving as i32
+        {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(ServiceError::Timeout {
+                name: p.name.clone(),
+                addr: p.addr.clone(),
+                secs: timeout.as_secs(),
+                log: p.log_name(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,125 @@
+//! Speculation statistics of one generation, and the summary built from them.
+
+use std::time::Duration;
+
+use specllava_proto::v1 as pb;
+use specllava_service_kit::convert::nanos;
+
+/// Statistics accumulated during a generation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Verify steps.
+    pub steps: u32,
+    /// Steps that verified a drafted tree (not root-only).
+    pub spec_steps: u32,
+    /// Draft nodes proposed.
+    pub drafted: u32,
+    /// Draft tokens accepted.
+    pub accepted: u32,
+    /// `reached[d]`: drafted steps whose accepted path reached depth `d + 1`.
+    pub reached: Vec<u32>,
+    /// Drafting time reported by the draft.
+    pub draft_ns: u64,
+    /// Forward time reported by the target.
+    pub verify_ns: u64,
+    /// Round trips minus the services' own time.
+    pub network_ns: u64,
+    /// Prefill time (open / append).
+    pub prefill_ns: u64,
+    /// Whether a draft stream was used.
+    pub speculative: bool,
+}
+
+impl Stats {
+    /// A drafted tree that came back after `rtt_ns`.
+    pub fn record_draft(&mut self, tree: &pb::DraftTree, rtt_ns: u64) {
+        self.draft_ns += tree.draft_ns;
+        self.network_ns += rtt_ns.saturating_sub(tree.draft_ns);
+    }
+
+    /// A verify answer that came back after `rtt_ns`; `drafted` when the tree came from
+    /// the draft.
+    pub fn record_verify(&mut self, resp: &pb::VerifyResponse, rtt_ns: u64, drafted: bool) {
+        self.steps += 1;
+        self.verify_ns += resp.forward_ns;
+        self.network_ns += rtt_ns.saturating_sub(resp.total_ns);
+        if drafted {
+            self.spec_steps += 1;
+            self.drafted += resp.proposed;
+            self.accepted += resp.accepted;
+            let a = resp.accepted as usize;
+            if self.reached.len() < a {
+                self.reached.resize(a, 0);
+            }
+            for r in &mut self.reached[..a] {
+                *r += 1;
+            }
+        }
+    }
+
+    /// The summary's statistics for `generated` tokens over `total` wall time, the first
+    /// token after `ttft`.
+    pub fn summary(&self, generated: u32, total: Duration, ttft: Duration) -> pb::SpeculationStats {
+        let decode_secs = total.saturating_sub(ttft).as_secs_f64();
+        pb::SpeculationStats {
+            steps: self.steps,
+            drafted: self.drafted,
+            accepted: self.accepted,
+            mean_accepted_length: if self.steps == 0 {
+                0.0
+            } else {
+                generated as f32 / self.steps as f32
+            },
+            acceptance_per_depth: self
+                .reached
+                .iter()
+                .map(|&r| {
+                    if self.spec_steps == 0 {
+                        0.0
+                    } else {
+                        r as f32 / self.spec_steps as f32
+                    }
+                })
+                .collect(),
+            draft_ns: self.draft_ns,
+            verify_ns: self.verify_ns,
+            network_ns: self.network_ns,
+            total_ns: nanos(total),
+            time_to_first_token_ns: nanos(ttft),
+            prefill_ns: self.prefill_ns,
+            speculative: self.speculative,
+            tokens_per_second: if decode_secs > 0.0 {
+                (generated.saturating_sub(1)) as f32 / decode_secs as f32
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acceptance_per_depth_counts_drafted_steps_only() {
+        let mut s = Stats::default();
+        let resp = |accepted, proposed| pb::VerifyResponse {
+            accepted,
+            proposed,
+            forward_ns: 10,
+            total_ns: 12,
+            ..Default::default()
+        };
+        s.record_verify(&resp(2, 4), 20, true);
+        s.record_verify(&resp(0, 4), 20, true);
+        s.record_verify(&resp(0, 0), 20, false);
+        assert_eq!((s.steps, s.spec_steps, s.drafted, s.accepted), (3, 2, 8, 2));
+        assert_eq!(s.reached, vec![1, 1]);
+        assert_eq!(s.network_ns, 24);
+        let sum = s.summary(5, Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(sum.acceptance_per_depth, vec![0.5, 0.5]);
+        assert_eq!(sum.tokens_per_second, 4.0);
+        assert!((sum.mean_accepted_length - 5.0 / 3.0).abs() < 1e-6);
+    }
+}

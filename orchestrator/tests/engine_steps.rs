@@ -1,0 +1,484 @@
+//! The generation loop's steps against in-process fake draft and target replicas (no
+//! processes, no models): speculative output equals target-only output, and the
+//! recovery paths (evicted target session, lost target replica, failing draft,
+//! incompatible draft) keep it so.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use orchestrator::clients::{ReplicaApi, ReplicaKind, TreeStream};
+use orchestrator::engine::{Engine, EngineConfig, EngineParts, GenParams, Interrupted};
+use orchestrator::plan::SpecSettings;
+use orchestrator::routing::{Replica, ReplicaSet};
+use orchestrator::session::Conversation;
+use orchestrator::text::Detokenize;
+use specllava_proto::v1 as pb;
+use specllava_service_kit::compat::TokenizerIdentity;
+use speculate::{SamplingParams, TreeMode};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+const VOCAB: u32 = 50;
+const IMAGE: u32 = 49;
+const EOS: u32 = 2;
+
+/// The fake target's next token after `t` (its "model").
+fn target_next(t: u32) -> u32 {
+    (t * 7 + 3) % 43 + 5
+}
+
+/// The fake draft's guess: right except after multiples of 3.
+fn draft_next(t: u32) -> u32 {
+    if t % 3 == 0 {
+        (target_next(t) + 1) % 43 + 5
+    } else {
+        target_next(t)
+    }
+}
+
+fn model_info(vocab_size: u32) -> pb::ModelInfo {
+    pb::ModelInfo {
+        vocab_size,
+        image_token_id: IMAGE,
+        num_image_tokens: 1,
+        eos_token_ids: vec![EOS],
+        bos_token_id: None,
+        max_context: 10_000,
+        tokenizer_fingerprint: String::new(),
+    }
+}
+
+/// Failures to inject, keyed by replica address.
+#[derive(Default)]
+struct Faults {
+    /// Verify answers this code once.
+    verify_once: HashMap<SocketAddr, Code>,
+    /// The draft stream fails at this step.
+    draft_fails_at: Option<usize>,
+    /// Vocabulary size the draft reports.
+    draft_vocab: Option<u32>,
+}
+
+/// In-process draft and target replicas: sessions are token histories.
+#[derive(Default)]
+struct Fake {
+    targets: Mutex<HashMap<(SocketAddr, String), Vec<u32>>>,
+    drafts: Arc<Mutex<HashMap<String, Vec<u32>>>>,
+    faults: Mutex<Faults>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn log(&self, call: impl Into<String>) {
+        self.calls.lock().unwrap().push(call.into());
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaApi for Fake {
+    async fn open_session(
+        &self,
+        kind: ReplicaKind,
+        r: &Replica,
+        req: pb::OpenSessionRequest,
+    ) -> Result<pb::OpenSessionResponse, Status> {
+        self.log(format!("open {kind} {}", r.addr));
+        let kv_len = req.token_ids.len() as u64 - 1;
+        match kind {
+            ReplicaKind::Target => {
+                self.targets
+                    .lock()
+                    .unwrap()
+                    .insert((r.addr, req.session_id), req.token_ids);
+            }
+            ReplicaKind::Draft => {
+                self.drafts
+                    .lock()
+                    .unwrap()
+                    .insert(req.session_id, req.token_ids);
+            }
+        }
+        Ok(pb::OpenSessionResponse {
+            kv_len,
+            num_image_tokens: 1,
+            prefill_ns: 1,
+        })
+    }
+
+    async fn append(
+        &self,
+        kind: ReplicaKind,
+        r: &Replica,
+        req: pb::AppendRequest,
+    ) -> Result<pb::AppendResponse, Status> {
+        self.log(format!("append {kind}"));
+        let keep = req.keep_kv_len as usize;
+        let update = |h: &mut Vec<u32>| {
+            h.truncate(keep);
+            h.extend(&req.token_ids);
+            h.len() as u64 - 1
+        };
+        let kv_len = match kind {
+            ReplicaKind::Target => {
+                let mut t = self.targets.lock().unwrap();
+                let h = t
+                    .get_mut(&(r.addr, req.session_id.clone()))
+                    .ok_or_else(|| Status::not_found("no session"))?;
+                update(h)
+            }
+            ReplicaKind::Draft => {
+                let mut d = self.drafts.lock().unwrap();
+                let h = d
+                    .get_mut(&req.session_id)
+                    .ok_or_else(|| Status::not_found("no session"))?;
+                update(h)
+            }
+        };
+        Ok(pb::AppendResponse {
+            kv_len,
+            forward_ns: 1,
+        })
+    }
+
+    async fn close_session(
+        &self,
+        kind: ReplicaKind,
+        r: &Replica,
+        req: pb::CloseSessionRequest,
+    ) -> Result<pb::CloseSessionResponse, Status> {
+        self.log(format!("close {kind}"));
+        let existed = match kind {
+            ReplicaKind::Target => self
+                .targets
+                .lock()
+                .unwrap()
+                .remove(&(r.addr, req.session_id))
+                .is_some(),
+            ReplicaKind::Draft => self
+                .drafts
+                .lock()
+                .unwrap()
+                .remove(&req.session_id)
+                .is_some(),
+        };
+        Ok(pb::CloseSessionResponse { existed })
+    }
+
+    async fn verify(
+        &self,
+        r: &Replica,
+        req: pb::VerifyRequest,
+    ) -> Result<pb::VerifyResponse, Status> {
+        if let Some(code) = self.faults.lock().unwrap().verify_once.remove(&r.addr) {
+            self.log(format!("verify fails {code:?}"));
+            // The session is gone (evicted, or the replica restarted).
+            self.targets
+                .lock()
+                .unwrap()
+                .remove(&(r.addr, req.session_id.clone()));
+            return Err(Status::new(code, "injected"));
+        }
+        let mut sessions = self.targets.lock().unwrap();
+        let history = sessions
+            .get_mut(&(r.addr, req.session_id))
+            .ok_or_else(|| Status::not_found("no session"))?;
+        assert_eq!(
+            req.expected_kv_len,
+            history.len() as u64 - 1,
+            "stale kv_len"
+        );
+        let tree = req.tree.unwrap();
+        assert_eq!(tree.tokens[0], *history.last().unwrap(), "root");
+        let max = req.stop.unwrap().max_new_tokens as usize;
+        // Greedy verification: descend while the target's token is a child.
+        let (mut node, mut emitted, mut path) = (0usize, Vec::new(), vec![0u32]);
+        loop {
+            let x = target_next(tree.tokens[node]);
+            emitted.push(x);
+            let child = (0..tree.tokens.len())
+                .find(|&c| tree.parents[c] == node as i32 && tree.tokens[c] == x);
+            match child {
+                Some(c) if emitted.len() < max => {
+                    path.push(c as u32);
+                    node = c;
+                }
+                _ => break,
+            }
+        }
+        path.truncate(emitted.len());
+        history.extend(&emitted);
+        let finish = if emitted.len() >= max {
+            pb::FinishReason::Length
+        } else {
+            pb::FinishReason::Unspecified
+        };
+        Ok(pb::VerifyResponse {
+            accepted: emitted.len() as u32 - 1,
+            proposed: tree.tokens.len() as u32 - 1,
+            kv_len: history.len() as u64 - 1,
+            finish: finish as i32,
+            forward_ns: 10,
+            total_ns: 12,
+            batch_size: 1,
+            emitted,
+            accepted_path: path,
+        })
+    }
+
+    async fn target_info(&self, _: &Replica) -> Result<pb::InfoResponse, Status> {
+        Ok(pb::InfoResponse {
+            model: Some(model_info(VOCAB)),
+            max_tree_nodes: 64,
+            max_tree_depth: 16,
+            verify_costs: Vec::new(),
+        })
+    }
+
+    async fn draft_info(&self, _: &Replica) -> Result<pb::DraftInfoResponse, Status> {
+        let vocab = self.faults.lock().unwrap().draft_vocab.unwrap_or(VOCAB);
+        Ok(pb::DraftInfoResponse {
+            model: Some(model_info(vocab)),
+            max_depth: 16,
+            max_branching: 16,
+            max_budget: 255,
+        })
+    }
+
+    async fn speculate(
+        &self,
+        _: &Replica,
+        requests: mpsc::Receiver<pb::SpeculateRequest>,
+    ) -> Result<TreeStream, Status> {
+        let drafts = Arc::clone(&self.drafts);
+        let fails_at = self.faults.lock().unwrap().draft_fails_at;
+        let mut step = 0;
+        let trees = ReceiverStream::new(requests).map(move |req| {
+            step += 1;
+            if fails_at == Some(step) {
+                return Err(Status::internal("injected draft failure"));
+            }
+            let mut d = drafts.lock().unwrap();
+            let history = d
+                .get_mut(&req.session_id)
+                .ok_or_else(|| Status::not_found("no draft session"))?;
+            history.extend(&req.new_tokens);
+            let depth = req.params.unwrap_or_default().depth as usize;
+            let mut tokens = vec![*history.last().unwrap()];
+            for i in 0..depth {
+                tokens.push(draft_next(tokens[i]));
+            }
+            let n = tokens.len();
+            Ok(pb::DraftTree {
+                tree: Some(pb::TokenTree {
+                    tokens,
+                    parents: (0..n as i32).map(|i| i - 1).collect(),
+                    scores: vec![0.0; n],
+                }),
+                levels: depth as u32,
+                drafted_nodes: depth as u32,
+                draft_ns: 5,
+            })
+        });
+        Ok(Box::pin(trees))
+    }
+}
+
+struct Chars;
+
+impl Detokenize for Chars {
+    fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        Ok(ids
+            .iter()
+            .map(|&i| char::from(b'a' + (i % 26) as u8))
+            .collect())
+    }
+}
+
+fn set(kind: ReplicaKind, addrs: &[&str]) -> Arc<ReplicaSet> {
+    let set = ReplicaSet::new(kind, addrs.iter().map(|a| a.to_string()).collect());
+    set.apply_resolved(addrs.iter().map(|a| a.parse().unwrap()).collect(), true);
+    Arc::new(set)
+}
+
+fn engine(fake: Arc<Fake>, targets: &[&str]) -> Engine {
+    Engine::new(EngineParts {
+        targets: set(ReplicaKind::Target, targets),
+        ..parts(fake)
+    })
+    .unwrap()
+}
+
+/// The generated tokens and the summary of one turn.
+async fn run(
+    engine: &Engine,
+    mode: Option<TreeMode>,
+) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
+    let mut conv = Conversation::new("s1".into(), Vec::new());
+    conv.history = vec![1, 10, 11, 12];
+    let params = GenParams {
+        max_new_tokens: 24,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    let spec = SpecSettings {
+        mode,
+        depth: 4,
+        branching: 0,
+        budget: 0,
+    };
+    let (tx, mut rx) = mpsc::channel(256);
+    engine.generate(&mut conv, 4, &params, &spec, &tx).await?;
+    drop(tx);
+    let (mut tokens, mut summary) = (Vec::new(), None);
+    while let Some(msg) = rx.recv().await {
+        match msg.unwrap().event.unwrap() {
+            pb::generate_response::Event::Chunk(c) => tokens.extend(c.token_ids),
+            pb::generate_response::Event::Summary(s) => summary = Some(s),
+        }
+    }
+    assert_eq!(
+        conv.history[4..],
+        tokens[..],
+        "the history holds the answer"
+    );
+    Ok((tokens, summary.expect("a summary")))
+}
+
+/// Makes the target at `addr` fail its next verify with `code` (dropping the session).
+fn fail_verify_once(fake: &Fake, addr: &str, code: Code) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    fake.faults.lock().unwrap().verify_once.insert(addr, code);
+}
+
+/// What target-only decoding emits.
+fn expected() -> Vec<u32> {
+    let mut t = 12;
+    (0..24)
+        .map(|_| {
+            t = target_next(t);
+            t
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn speculative_output_equals_target_only_output() {
+    let fake = Arc::new(Fake::default());
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+    let (plain, s0) = run(&e, None).await.ok().unwrap();
+    assert_eq!(plain, expected());
+    assert!(!s0.stats.unwrap().speculative);
+    let (spec, s1) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(spec, plain);
+    let stats = s1.stats.unwrap();
+    assert!(stats.speculative);
+    assert!(stats.accepted > 0, "the draft is mostly right: {stats:?}");
+    assert!(stats.steps < 24, "fewer steps than tokens: {stats:?}");
+    assert_eq!(s1.finish, pb::FinishReason::Length as i32);
+    assert_eq!(s1.usage.unwrap().completion_tokens, 24);
+}
+
+#[tokio::test]
+async fn an_evicted_target_session_is_re_prefilled_and_the_output_is_unchanged() {
+    let fake = Arc::new(Fake::default());
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::NotFound);
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    assert!(summary.stats.unwrap().speculative);
+    let calls = fake.calls.lock().unwrap().clone();
+    let opens = calls
+        .iter()
+        .filter(|c| c.starts_with("open target"))
+        .count();
+    assert_eq!(opens, 2, "re-opened once: {calls:?}");
+}
+
+#[tokio::test]
+async fn a_lost_target_replica_is_replaced_and_the_output_is_unchanged() {
+    let fake = Arc::new(Fake::default());
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::Unavailable);
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
+    let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+}
+
+#[tokio::test]
+async fn too_many_recoveries_fail_the_turn() {
+    let fake = Arc::new(Fake::default());
+    let e = Engine::new(EngineParts {
+        cfg: EngineConfig {
+            max_recoveries: 0,
+            ..EngineConfig::default()
+        },
+        ..parts(Arc::clone(&fake))
+    })
+    .unwrap();
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::NotFound);
+    match run(&e, None).await {
+        Err(Interrupted::Failed(err)) => assert!(err.to_string().contains("injected"), "{err}"),
+        other => panic!("expected a failure, got {:?}", other.map(|(t, _)| t)),
+    }
+}
+
+fn parts(fake: Arc<Fake>) -> EngineParts {
+    EngineParts {
+        replicas: fake,
+        tokenizer: Arc::new(Chars),
+        identity: TokenizerIdentity {
+            vocab_size: VOCAB,
+            bos_token_id: None,
+            eos_token_id: EOS,
+            image_token_id: IMAGE,
+            fingerprint: String::new(),
+        },
+        drafts: set(ReplicaKind::Draft, &["127.0.0.1:7100"]),
+        targets: set(ReplicaKind::Target, &["127.0.0.1:7000"]),
+        cfg: EngineConfig::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_draft_falls_back_to_target_only_mid_turn() {
+    let fake = Arc::new(Fake::default());
+    fake.faults.lock().unwrap().draft_fails_at = Some(3);
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    let stats = summary.stats.unwrap();
+    assert!(stats.speculative && stats.drafted > 0, "{stats:?}");
+    assert!(
+        stats.drafted < 4 * stats.steps,
+        "target-only after the failure: {stats:?}"
+    );
+    let calls = fake.calls.lock().unwrap().clone();
+    assert!(
+        calls.iter().any(|c| c == "close draft"),
+        "the draft session is closed: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_incompatible_draft_is_refused_and_never_used() {
+    let fake = Arc::new(Fake::default());
+    fake.faults.lock().unwrap().draft_vocab = Some(VOCAB + 16);
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+    let report = e.check_replicas(ReplicaKind::Target).await;
+    assert_eq!(report.compatible, 1);
+    let report = e.check_replicas(ReplicaKind::Draft).await;
+    assert_eq!(report.compatible, 0);
+    assert_eq!(report.refused.len(), 1);
+    assert!(
+        report.refused[0].contains("vocabulary mismatch: draft=66, target=50"),
+        "{report:?}"
+    );
+    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    assert!(!summary.stats.unwrap().speculative);
+    let calls = fake.calls.lock().unwrap().clone();
+    assert!(!calls.iter().any(|c| c.contains("draft")), "{calls:?}");
+}

@@ -1,0 +1,291 @@
+//! Every mapping between the wire messages (`specllava.v1`) and the domain types of
+//! [`speculate`], in one place. Handlers and the orchestrator call these; nothing else
+//! reads a proto enum or applies a wire default (`top_p` 0, `max_new_tokens` 0, empty
+//! scores) on its own.
+
+use std::time::Duration;
+
+use specllava_proto::v1 as pb;
+use speculate::{
+    DraftParams, FinishReason, SamplingError, SamplingParams, StopConditions, TokenTree, TreeError,
+    TreeLimits, TreeMode, VerifyCostTable, VerifyOutcome,
+};
+
+/// What `Info` reports of a loaded model.
+pub fn model_info(
+    model: &specllava_model::Llava,
+    max_context: usize,
+    tokenizer_fingerprint: String,
+) -> pb::ModelInfo {
+    let cfg = model.config();
+    pb::ModelInfo {
+        vocab_size: cfg.text.vocab_size as u32,
+        image_token_id: cfg.image_token_id,
+        num_image_tokens: model.num_image_tokens() as u32,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        bos_token_id: cfg.bos_token_id,
+        max_context: max_context as u64,
+        tokenizer_fingerprint,
+    }
+}
+
+/// A duration in whole nanoseconds, saturating (the unit of every `*_ns` field).
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The wire tree mode (unknown values read as dynamic, the default).
+pub fn tree_mode_from_proto(mode: i32) -> TreeMode {
+    match pb::TreeMode::try_from(mode).unwrap_or(pb::TreeMode::Dynamic) {
+        pb::TreeMode::Dynamic => TreeMode::Dynamic,
+        pb::TreeMode::Static => TreeMode::Static,
+        pb::TreeMode::Chain => TreeMode::Chain,
+    }
+}
+
+/// The tree mode on the wire.
+pub fn tree_mode_to_proto(mode: TreeMode) -> pb::TreeMode {
+    match mode {
+        TreeMode::Dynamic => pb::TreeMode::Dynamic,
+        TreeMode::Static => pb::TreeMode::Static,
+        TreeMode::Chain => pb::TreeMode::Chain,
+    }
+}
+
+/// The public API's speculation mode: a tree shape, or `None` for target-only decoding
+/// (unknown values read as dynamic, the default).
+pub fn speculation_mode_from_proto(mode: i32) -> Option<TreeMode> {
+    match pb::SpeculationMode::try_from(mode).unwrap_or(pb::SpeculationMode::Dynamic) {
+        pb::SpeculationMode::Dynamic => Some(TreeMode::Dynamic),
+        pb::SpeculationMode::Chain => Some(TreeMode::Chain),
+        pb::SpeculationMode::Static => Some(TreeMode::Static),
+        pb::SpeculationMode::Off => None,
+    }
+}
+
+/// Draft params as sent (unset: all zero, a root-only dynamic tree).
+pub fn draft_params_from_proto(p: Option<pb::DraftParams>) -> DraftParams {
+    let p = p.unwrap_or_default();
+    DraftParams {
+        mode: tree_mode_from_proto(p.mode),
+        depth: p.depth as usize,
+        branching: p.branching as usize,
+        budget: p.budget as usize,
+    }
+}
+
+/// Draft params on the wire.
+pub fn draft_params_to_proto(p: &DraftParams) -> pb::DraftParams {
+    pb::DraftParams {
+        mode: tree_mode_to_proto(p.mode) as i32,
+        depth: p.depth as u32,
+        branching: p.branching as u32,
+        budget: p.budget as u32,
+    }
+}
+
+/// Sampling params from their wire fields, validated. `top_p` 0 (unset) means 1 (off).
+pub fn sampling_from_parts(
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    seed: u64,
+) -> Result<SamplingParams, SamplingError> {
+    let s = SamplingParams {
+        temperature,
+        top_k: top_k as usize,
+        top_p: if top_p == 0.0 { 1.0 } else { top_p },
+        seed,
+    };
+    s.validate()?;
+    Ok(s)
+}
+
+/// Wire sampling params, validated (see [`sampling_from_parts`]).
+pub fn sampling_from_proto(p: Option<pb::SamplingParams>) -> Result<SamplingParams, SamplingError> {
+    let p = p.unwrap_or_default();
+    sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
+}
+
+/// Sampling params on the wire.
+pub fn sampling_to_proto(s: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_k: u32::try_from(s.top_k).unwrap_or(u32::MAX),
+        top_p: s.top_p,
+        seed: s.seed,
+    }
+}
+
+/// Wire stop conditions (`max_new_tokens` 0 = no limit).
+pub fn stop_from_proto(p: Option<pb::StopConditions>) -> StopConditions {
+    let p = p.unwrap_or_default();
+    StopConditions {
+        eos_token_ids: p.eos_token_ids,
+        max_new_tokens: if p.max_new_tokens == 0 {
+            usize::MAX
+        } else {
+            p.max_new_tokens as usize
+        },
+    }
+}
+
+/// The finish reason on the wire (`None`: not finished).
+pub fn finish_to_proto(f: Option<FinishReason>) -> pb::FinishReason {
+    match f {
+        None => pb::FinishReason::Unspecified,
+        Some(FinishReason::Eos) => pb::FinishReason::Eos,
+        Some(FinishReason::Length) => pb::FinishReason::Length,
+    }
+}
+
+/// A wire finish reason (unknown values read as unspecified).
+pub fn finish_from_proto(f: i32) -> pb::FinishReason {
+    pb::FinishReason::try_from(f).unwrap_or(pb::FinishReason::Unspecified)
+}
+
+/// A tree on the wire.
+pub fn tree_to_proto(t: &TokenTree) -> pb::TokenTree {
+    pb::TokenTree {
+        tokens: t.tokens().to_vec(),
+        parents: t.parents().to_vec(),
+        scores: t.scores().to_vec(),
+    }
+}
+
+/// A wire tree, validated against `limits` (empty scores read as all 0).
+pub fn tree_from_proto(t: pb::TokenTree, limits: &TreeLimits) -> Result<TokenTree, TreeError> {
+    let scores = if t.scores.is_empty() {
+        vec![0.0; t.tokens.len()]
+    } else {
+        t.scores
+    };
+    TokenTree::new(t.tokens, t.parents, scores, limits)
+}
+
+/// The verification outcome a `VerifyResponse` reports (its finish reason left out: the
+/// orchestrator reads it from the response).
+pub fn verify_outcome_from_proto(r: &pb::VerifyResponse) -> VerifyOutcome {
+    VerifyOutcome {
+        accepted_path: r.accepted_path.iter().map(|&i| i as usize).collect(),
+        emitted: r.emitted.clone(),
+        proposed: r.proposed as usize,
+        accepted: r.accepted as usize,
+        finish: None,
+    }
+}
+
+/// A verification outcome on the wire (the service-side fields, timing and KV length, are
+/// the caller's).
+pub fn verify_outcome_to_proto(o: &VerifyOutcome) -> pb::VerifyResponse {
+    pb::VerifyResponse {
+        emitted: o.emitted.clone(),
+        accepted_path: o.accepted_path.iter().map(|&i| i as u32).collect(),
+        accepted: o.accepted as u32,
+        proposed: o.proposed as u32,
+        finish: finish_to_proto(o.finish) as i32,
+        ..Default::default()
+    }
+}
+
+/// A target's measured verify costs (`InfoResponse.verify_costs`) as the budget policy's
+/// table; an error when they are not a full nodes x batch grid.
+pub fn verify_cost_table(costs: &[pb::VerifyCost]) -> Result<VerifyCostTable, String> {
+    let axis = |f: fn(&pb::VerifyCost) -> u32| {
+        let mut v: Vec<usize> = costs.iter().map(|c| f(c) as usize).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (nodes, batches) = (axis(|c| c.nodes), axis(|c| c.batch));
+    // Batch-major grid, as VerifyCostTable wants it; a missing point rejects the report.
+    let grid: Option<Vec<f64>> = batches
+        .iter()
+        .flat_map(|&b| nodes.iter().map(move |&n| (b, n)))
+        .map(|(b, n)| {
+            costs
+                .iter()
+                .find(|c| c.batch as usize == b && c.nodes as usize == n)
+                .map(|c| c.forward_ns as f64)
+        })
+        .collect();
+    let grid = grid.ok_or_else(|| "not a full nodes x batch grid".to_owned())?;
+    VerifyCostTable::new(nodes, batches, grid).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_defaults() {
+        let s = sampling_from_proto(None).unwrap();
+        assert_eq!(s.top_p, 1.0, "top_p 0 (unset) is off");
+        assert!(sampling_from_parts(0.5, 0, 1.5, 0).is_err());
+        assert_eq!(stop_from_proto(None).max_new_tokens, usize::MAX);
+        assert_eq!(tree_mode_from_proto(99), TreeMode::Dynamic);
+        assert_eq!(
+            speculation_mode_from_proto(pb::SpeculationMode::Off as i32),
+            None
+        );
+        let limits = TreeLimits {
+            max_nodes: 8,
+            max_depth: 4,
+            vocab_size: 10,
+        };
+        let t = tree_from_proto(
+            pb::TokenTree {
+                tokens: vec![1, 2],
+                parents: vec![-1, 0],
+                scores: vec![],
+            },
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(t.scores(), &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn round_trips() {
+        for mode in [TreeMode::Dynamic, TreeMode::Static, TreeMode::Chain] {
+            let p = DraftParams {
+                mode,
+                depth: 3,
+                branching: 2,
+                budget: 7,
+            };
+            assert_eq!(draft_params_from_proto(Some(draft_params_to_proto(&p))), p);
+        }
+        let s = SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            top_p: 0.9,
+            seed: 42,
+        };
+        let w = sampling_to_proto(&s);
+        assert_eq!(
+            sampling_from_parts(w.temperature, w.top_k, w.top_p, w.seed).unwrap(),
+            s
+        );
+        let o = VerifyOutcome {
+            accepted_path: vec![0, 2],
+            emitted: vec![5, 6],
+            proposed: 4,
+            accepted: 1,
+            finish: None,
+        };
+        assert_eq!(verify_outcome_from_proto(&verify_outcome_to_proto(&o)), o);
+    }
+
+    #[test]
+    fn verify_costs_need_a_full_grid() {
+        let c = |nodes, batch, forward_ns| pb::VerifyCost {
+            nodes,
+            batch,
+            forward_ns,
+        };
+        let full = [c(1, 1, 10), c(4, 1, 20), c(1, 4, 30), c(4, 4, 40)];
+        assert!(verify_cost_table(&full).is_ok());
+        assert!(verify_cost_table(&full[..3]).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The session RPCs both model services serve the same way (`OpenSession`, `Append`,
+//! `CloseSession`): validate, decode the images off the async runtime, hand the work to
+//! the session worker and answer.
+
+use std::sync::Arc;
+
+use specllava_model::{ImageLimits, Llava};
+use specllava_proto::v1 as pb;
+
+use crate::prefill::prepare_prefill;
+use crate::worker::{SessionBackend, WorkerError, WorkerHandle};
+
+/// The shared session handlers of a model service over its worker.
+pub struct SessionRpc<B: SessionBackend> {
+    model: Arc<Llava>,
+    worker: WorkerHandle<B>,
+    image: ImageLimits,
+    max_context: usize,
+}
+
+impl<B: SessionBackend> SessionRpc<B> {
+    /// Handlers for `model`'s sessions, owned by `worker`; histories longer than
+    /// `max_context` tokens are refused.
+    pub fn new(
+        model: Arc<Llava>,
+        worker: WorkerHandle<B>,
+        image: ImageLimits,
+        max_context: usize,
+    ) -> Self {
+        Self {
+            model,
+            worker,
+            image,
+            max_context,
+        }
+    }
+
+    /// The worker (for the service's batched RPC).
+    pub fn worker(&self) -> &WorkerHandle<B> {
+        &self.worker
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Llava> {
+        &self.model
+    }
+
+    /// `OpenSession`: prefills all history tokens but the last (the root).
+    pub async fn open(
+        &self,
+        r: pb::OpenSessionRequest,
+    ) -> Result<pb::OpenSessionResponse, B::Error> {
+        specllava_telemetry::metrics().record_request("OpenSession");
+        if r.session_id.is_empty() {
+            return Err(WorkerError::InvalidArgument("session_id must not be empty".into()).into());
+        }
+        if r.token_ids.len() > self.max_context {
+            return Err(WorkerError::ContextFull(format!(
+                "{} tokens exceed the context of {}",
+                r.token_ids.len(),
+                self.max_context
+            ))
+            .into());
+        }
+        let images = prepare_prefill(&self.model, self.image, &r.token_ids, r.images)
+            .await
+            .map_err(WorkerError::InvalidArgument)?;
+        let out = self
+            .worker
+            .open(r.session_id.clone(), r.token_ids, images)
+            .await?;
+        tracing::info!(session = %r.session_id, kv_len = out.kv_len, "session opened");
+        Ok(pb::OpenSessionResponse {
+            kv_len: out.kv_len,
+            num_image_tokens: self.model.num_image_tokens() as u32,
+            prefill_ns: out.forward_ns,
+        })
+    }
+
+    /// `Append`: truncates the session's KV, then appends tokens (the last becomes the root).
+    pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
+        specllava_telemetry::metrics().record_request("Append");
+        let images = prepare_prefill(&self.model, self.image, &r.token_ids, r.images)
+            .await
+            .map_err(WorkerError::InvalidArgument)?;
+        let out = self
+            .worker
+            .append(r.session_id, r.keep_kv_len, r.token_ids, images)
+            .await?;
+        Ok(pb::AppendResponse {
+            kv_len: out.kv_len,
+            forward_ns: out.forward_ns,
+        })
+    }
+
+    /// `CloseSession`: frees the session (closing an unknown one is not an error).
+    pub async fn close(
+        &self,
+        r: pb::CloseSessionRequest,
+    ) -> Result<pb::CloseSessionResponse, B::Error> {
+        specllava_telemetry::metrics().record_request("CloseSession");
+        let id = r.session_id;
+        let existed = self.worker.close(id.clone()).await?;
+        tracing::info!(session = %id, existed, "session closed");
+        Ok(pb::CloseSessionResponse { existed })
+    }
+}
+
+/// Implements a model service's gRPC trait (`Draft`, `Target`): the session RPCs
+/// (`OpenSession`, `Append`, `CloseSession`) delegate to the [`SessionRpc`] in field
+/// `$sessions`; the service's own RPCs follow in the block.
+///
+/// ```ignore
+/// specllava_service_kit::model_service! {
+///     sessions: sessions;
+///     impl Draft for DraftService {
+///         async fn info(&self, ...) -> ... { ... }
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! model_service {
+    (sessions: $sessions:ident; impl $service:ident for $ty:ident { $($rest:tt)* }) => {
+        #[::tonic::async_trait]
+        impl $service for $ty {
+            async fn open_session(
+                &self,
+                request: ::tonic::Request<::specllava_proto::v1::OpenSessionRequest>,
+            ) -> ::std::result::Result<
+                ::tonic::Response<::specllava_proto::v1::OpenSessionResponse>,
+                ::tonic::Status,
+            > {
+                Ok(::tonic::Response::new(self.$sessions.open(request.into_inner()).await?))
+            }
+
+            async fn append(
+                &self,
+                request: ::tonic::Request<::specllava_proto::v1::AppendRequest>,
+            ) -> ::std::result::Result<
+                ::tonic::Response<::specllava_proto::v1::AppendResponse>,
+                ::tonic::Status,
+            > {
+                Ok(::tonic::Response::new(self.$sessions.append(request.into_inner()).await?))
+            }
+
+            async fn close_session(
+                &self,
+                request: ::tonic::Request<::specllava_proto::v1::CloseSessionRequest>,
+            ) -> ::std::result::Result<
+                ::tonic::Response<::specllava_proto::v1::CloseSessionResponse>,
+                ::tonic::Status,
+            > {
+                Ok(::tonic::Response::new(self.$sessions.close(request.into_inner()).await?))
+            }
+
+            $($rest)*
+        }
+    };
+}

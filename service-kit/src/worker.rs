@@ -1,0 +1,806 @@
+//! The session worker both model services run: one OS thread that owns the
+//! service's sessions (KV caches) and runs every forward pass; gRPC handlers
+//! talk to it through a cheap clonable [`WorkerHandle`] (bounded queue, `oneshot`
+//! replies), as TGI's queue actor does.
+//!
+//! The worker knows sessions, not models: opening, appending to and closing a
+//! session, collecting queued jobs into a batch ([`collect_batch`]: distinct
+//! sessions, a job and a cost limit, a short wait, jobs whose caller went away
+//! skipped) and the TTL sweep are here. What a service does with a batch (the
+//! draft's level-by-level drafting, the target's packed verification) is its
+//! [`SessionBackend`].
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::oneshot;
+use tonic::Code;
+
+use crate::convert::nanos;
+use crate::sessions::{SessionState, SessionStore, SessionStoreError};
+
+/// Failures of the worker layer, shared by both model services (each service's
+/// error enum wraps it and maps it to a gRPC status with [`WorkerError::code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A malformed open / append request.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The history would exceed the session's context.
+    #[error("context full: {0}")]
+    ContextFull(String),
+    /// The worker's queue is full.
+    #[error("{role} overloaded: the model queue is full ({capacity} requests)")]
+    QueueFull {
+        /// `draft` or `target`.
+        role: &'static str,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The worker thread stopped.
+    #[error("the model worker stopped")]
+    WorkerGone,
+}
+
+impl WorkerError {
+    /// Short stable label for metrics (`errors_total{type=...}`).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            WorkerError::InvalidArgument(_) => "invalid_argument",
+            WorkerError::ContextFull(_) => "context_full",
+            WorkerError::QueueFull { .. } => "queue_full",
+            WorkerError::WorkerGone => "worker_gone",
+        }
+    }
+
+    /// The gRPC status code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
+            WorkerError::InvalidArgument(_) | WorkerError::ContextFull(_) => Code::InvalidArgument,
+            WorkerError::QueueFull { .. } => Code::ResourceExhausted,
+            WorkerError::WorkerGone => Code::Unavailable,
+        }
+    }
+}
+
+/// Result of a prefill (open / append).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillOutcome {
+    /// KV rows of the session after the prefill (the history minus the root).
+    pub kv_len: u64,
+    /// Time of the prefill.
+    pub forward_ns: u64,
+}
+
+/// Why an append failed, and whether the session survived it.
+#[derive(Debug)]
+pub struct AppendError<E> {
+    /// The failure.
+    pub error: E,
+    /// The KV may be partially written: the worker drops the session rather than keep a
+    /// corrupt one (the caller re-opens it from the history).
+    pub drop_session: bool,
+}
+
+impl<E> AppendError<E> {
+    /// A rejected request; the session is unchanged.
+    pub fn rejected(error: impl Into<E>) -> Self {
+        Self {
+            error: error.into(),
+            drop_session: false,
+        }
+    }
+
+    /// A failure that left the session unusable.
+    pub fn corrupted(error: impl Into<E>) -> Self {
+        Self {
+            error: error.into(),
+            drop_session: true,
+        }
+    }
+}
+
+/// A job the worker batches: it names its session and what it costs of the batch budget.
+pub trait BatchJob {
+    /// The session the job works on (one job per session per batch).
+    fn session_id(&self) -> &str;
+    /// Units of [`BatchLimits::max_cost`] the job takes (the target: tree nodes).
+    fn cost(&self) -> usize {
+        1
+    }
+}
+
+/// What a model service plugs into the worker: its per-session state, its batch job and
+/// how it prefills and runs batches.
+pub trait SessionBackend: Send + 'static {
+    /// Per-session state (its KV cache).
+    type Session: SessionState + Send + 'static;
+    /// The one kind of batched job (draft: speculate; target: verify).
+    type Job: BatchJob + Send + 'static;
+    /// The answer to one job.
+    type Output: Send + 'static;
+    /// The service's error type.
+    type Error: From<WorkerError> + From<SessionStoreError> + Send + 'static;
+
+    /// A new session whose KV holds `prefix` (with `images` at its placeholders) and whose
+    /// uncomputed root is `root`.
+    fn open(
+        &mut self,
+        prefix: &[u32],
+        root: u32,
+        images: &[Tensor],
+    ) -> Result<Self::Session, Self::Error>;
+
+    /// Truncates `session` to `keep_kv_len` KV rows, then appends `tokens` (not empty; the
+    /// last becomes the root).
+    fn append(
+        &mut self,
+        session: &mut Self::Session,
+        keep_kv_len: u64,
+        tokens: Vec<u32>,
+        images: &[Tensor],
+    ) -> Result<(), AppendError<Self::Error>>;
+
+    /// KV rows the session holds.
+    fn kv_len(session: &Self::Session) -> u64;
+
+    /// Runs one batch (distinct sessions) and answers every job of it.
+    fn run_batch(&mut self, sessions: &mut SessionStore<Self::Session>, batch: Vec<Queued<Self>>);
+
+    /// Called with the number of jobs that left the queue (batched or skipped because
+    /// their caller went away), before the batch runs.
+    fn dequeued(&mut self, _jobs: usize) {}
+}
+
+/// The reply channel of a request to the worker.
+pub type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// A queued batch job and where its answer goes.
+pub struct Queued<B: SessionBackend + ?Sized> {
+    /// The job.
+    pub job: B::Job,
+    /// Its reply channel.
+    pub reply: Reply<B::Output, B::Error>,
+}
+
+impl<B: SessionBackend + ?Sized> Queued<B> {
+    /// Answers the job (a caller that went away is not an error).
+    pub fn answer(self, result: Result<B::Output, B::Error>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A request to the worker.
+pub enum Command<B: SessionBackend + ?Sized> {
+    /// Open a session.
+    Open {
+        /// Session id.
+        id: String,
+        /// History (all prefilled but the last).
+        tokens: Vec<u32>,
+        /// Preprocessed images, one per placeholder.
+        images: Vec<Tensor>,
+        /// Answer.
+        reply: Reply<PrefillOutcome, B::Error>,
+    },
+    /// Truncate a session, then append tokens.
+    Append {
+        /// Session id.
+        id: String,
+        /// KV rows to keep.
+        keep_kv_len: u64,
+        /// Tokens to append (the last becomes the root).
+        tokens: Vec<u32>,
+        /// Preprocessed images, one per placeholder.
+        images: Vec<Tensor>,
+        /// Answer.
+        reply: Reply<PrefillOutcome, B::Error>,
+    },
+    /// Close a session.
+    Close {
+        /// Session id.
+        id: String,
+        /// Whether it existed.
+        reply: Reply<bool, B::Error>,
+    },
+    /// A batched job.
+    Batch(Queued<B>),
+}
+
+/// How jobs are grouped into one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Maximum jobs (sessions) in one batch.
+    pub max_jobs: usize,
+    /// Maximum summed [`BatchJob::cost`] of one batch (a first job over it still runs alone).
+    pub max_cost: usize,
+    /// Longest wait for more jobs once one is queued.
+    pub max_wait: Duration,
+}
+
+/// Settings of a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    /// Capacity of the command queue (full answers RESOURCE_EXHAUSTED).
+    pub queue_capacity: usize,
+    /// Batch forming.
+    pub batch: BatchLimits,
+    /// How often idle sessions are swept (TTL).
+    pub expiry_tick: Duration,
+}
+
+/// Cheap clonable handle to a worker thread.
+pub struct WorkerHandle<B: SessionBackend> {
+    tx: SyncSender<Command<B>>,
+    capacity: usize,
+    role: &'static str,
+}
+
+impl<B: SessionBackend> Clone for WorkerHandle<B> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            capacity: self.capacity,
+            role: self.role,
+        }
+    }
+}
+
+impl<B: SessionBackend> WorkerHandle<B> {
+    /// Starts the worker thread (`{role}-model`) owning `sessions` and `backend`.
+    pub fn spawn(
+        role: &'static str,
+        backend: B,
+        sessions: SessionStore<B::Session>,
+        cfg: WorkerConfig,
+    ) -> std::io::Result<Self> {
+        let capacity = cfg.queue_capacity.max(1);
+        let (tx, rx) = sync_channel(capacity);
+        let worker = Worker {
+            role,
+            backend,
+            sessions,
+            cfg,
+            backlog: VecDeque::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("{role}-model"))
+            .spawn(move || worker.run(rx))?;
+        Ok(Self { tx, capacity, role })
+    }
+
+    /// Queues a command built around a fresh reply channel and awaits the answer.
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T, B::Error>) -> Command<B>,
+    ) -> Result<T, B::Error> {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(make(reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(WorkerError::QueueFull {
+                    role: self.role,
+                    capacity: self.capacity,
+                }
+                .into());
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(WorkerError::WorkerGone.into()),
+        }
+        rx.await
+            .map_err(|_| B::Error::from(WorkerError::WorkerGone))?
+    }
+
+    /// Opens a session: prefills all tokens but the last (the root).
+    pub async fn open(
+        &self,
+        id: String,
+        tokens: Vec<u32>,
+        images: Vec<Tensor>,
+    ) -> Result<PrefillOutcome, B::Error> {
+        self.call(|reply| Command::Open {
+            id,
+            tokens,
+            images,
+            reply,
+        })
+        .await
+    }
+
+    /// Truncates a session to `keep_kv_len` KV rows, then appends `tokens` (all computed
+    /// but the last, the new root).
+    pub async fn append(
+        &self,
+        id: String,
+        keep_kv_len: u64,
+        tokens: Vec<u32>,
+        images: Vec<Tensor>,
+    ) -> Result<PrefillOutcome, B::Error> {
+        self.call(|reply| Command::Append {
+            id,
+            keep_kv_len,
+            tokens,
+            images,
+            reply,
+        })
+        .await
+    }
+
+    /// Closes a session; returns whether it existed.
+    pub async fn close(&self, id: String) -> Result<bool, B::Error> {
+        self.call(|reply| Command::Close { id, reply }).await
+    }
+
+    /// Queues a job for the next batch and awaits its answer.
+    pub async fn submit(&self, job: B::Job) -> Result<B::Output, B::Error> {
+        self.call(|reply| Command::Batch(Queued { job, reply }))
+            .await
+    }
+}
+
+struct Worker<B: SessionBackend> {
+    role: &'static str,
+    backend: B,
+    sessions: SessionStore<B::Session>,
+    cfg: WorkerConfig,
+    /// Commands received while collecting a batch that must run after it.
+    backlog: VecDeque<Command<B>>,
+}
+
+impl<B: SessionBackend> Worker<B> {
+    fn run(mut self, rx: Receiver<Command<B>>) {
+        tracing::info!("{} model worker started", self.role);
+        let tick = self.cfg.expiry_tick.max(Duration::from_millis(1));
+        let mut last_expiry = Instant::now();
+        loop {
+            if last_expiry.elapsed() > tick {
+                for id in self.sessions.expire(Instant::now()) {
+                    tracing::info!(session = %id, "session expired");
+                }
+                last_expiry = Instant::now();
+            }
+            let cmd = match self.backlog.pop_front() {
+                Some(c) => c,
+                None => match rx.recv_timeout(tick) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            match cmd {
+                Command::Open {
+                    id,
+                    tokens,
+                    images,
+                    reply,
+                } => {
+                    let _ = reply.send(self.open(&id, &tokens, &images));
+                }
+                Command::Append {
+                    id,
+                    keep_kv_len,
+                    tokens,
+                    images,
+                    reply,
+                } => {
+                    let _ = reply.send(self.append(&id, keep_kv_len, tokens, &images));
+                }
+                Command::Close { id, reply } => {
+                    let _ = reply.send(Ok(self.sessions.remove(&id)));
+                }
+                Command::Batch(first) => {
+                    let collected = collect_batch(
+                        first,
+                        &rx,
+                        &mut self.backlog,
+                        &self.cfg.batch,
+                        self.sessions.len(),
+                    );
+                    self.backend.dequeued(collected.dequeued);
+                    if !collected.batch.is_empty() {
+                        self.backend.run_batch(&mut self.sessions, collected.batch);
+                    }
+                }
+            }
+        }
+        tracing::info!("{} model worker stopped", self.role);
+    }
+
+    fn open(
+        &mut self,
+        id: &str,
+        tokens: &[u32],
+        images: &[Tensor],
+    ) -> Result<PrefillOutcome, B::Error> {
+        if self.sessions.contains(id) {
+            return Err(SessionStoreError::AlreadyExists(id.to_owned()).into());
+        }
+        let (&root, prefix) = tokens
+            .split_last()
+            .ok_or_else(|| WorkerError::InvalidArgument("no tokens".into()))?;
+        let t0 = Instant::now();
+        let session = self.backend.open(prefix, root, images)?;
+        let forward_ns = nanos(t0.elapsed());
+        let kv_len = B::kv_len(&session);
+        for evicted in self.sessions.insert(id, session)? {
+            tracing::info!(session = %evicted, "session evicted (LRU)");
+        }
+        Ok(PrefillOutcome { kv_len, forward_ns })
+    }
+
+    fn append(
+        &mut self,
+        id: &str,
+        keep_kv_len: u64,
+        tokens: Vec<u32>,
+        images: &[Tensor],
+    ) -> Result<PrefillOutcome, B::Error> {
+        if tokens.is_empty() {
+            return Err(WorkerError::InvalidArgument("no tokens".into()).into());
+        }
+        let session = self.sessions.get_mut(id)?;
+        let t0 = Instant::now();
+        if let Err(e) = self.backend.append(session, keep_kv_len, tokens, images) {
+            if e.drop_session {
+                self.sessions.remove(id);
+            }
+            return Err(e.error);
+        }
+        let forward_ns = nanos(t0.elapsed());
+        let kv_len = B::kv_len(session);
+        for evicted in self.sessions.update(id) {
+            tracing::info!(session = %evicted, "session evicted (LRU)");
+        }
+        Ok(PrefillOutcome { kv_len, forward_ns })
+    }
+}
+
+/// A batch taken off the queue.
+pub struct Collected<B: SessionBackend + ?Sized> {
+    /// The jobs to run (distinct sessions, callers still waiting).
+    pub batch: Vec<Queued<B>>,
+    /// Jobs that left the queue: the batch plus those skipped because their caller went away.
+    pub dequeued: usize,
+}
+
+/// Drains queued jobs into one batch, starting with `first`: jobs join while the batch
+/// has fewer than `max_jobs` jobs, its cost stays within `max_cost`, it has fewer jobs than
+/// there are `live_sessions`, and `max_wait` has not passed. A job whose caller went away
+/// is dropped, never run. The first command that cannot join (another kind, a second job
+/// of a session already in the batch, a job over the cost budget) ends the collection and
+/// is put back at the front of `backlog`, so per-session order is kept.
+pub fn collect_batch<B: SessionBackend + ?Sized>(
+    first: Queued<B>,
+    rx: &Receiver<Command<B>>,
+    backlog: &mut VecDeque<Command<B>>,
+    limits: &BatchLimits,
+    live_sessions: usize,
+) -> Collected<B> {
+    let mut dequeued = 1;
+    let mut batch = Vec::new();
+    let mut cost = 0;
+    if first.reply.is_closed() {
+        tracing::debug!(
+            session = first.job.session_id(),
+            "caller went away, job dropped"
+        );
+    } else {
+        cost = first.job.cost();
+        batch.push(first);
+    }
+    let deadline = Instant::now() + limits.max_wait;
+    while batch.len() < limits.max_jobs && cost < limits.max_cost && batch.len() < live_sessions {
+        let next = match backlog.pop_front() {
+            Some(c) => c,
+            None => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(deadline - now) {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            }
+        };
+        match next {
+            Command::Batch(q) if q.reply.is_closed() => {
+                tracing::debug!(
+                    session = q.job.session_id(),
+                    "caller went away, job dropped"
+                );
+                dequeued += 1;
+            }
+            Command::Batch(q)
+                if cost + q.job.cost() <= limits.max_cost
+                    && !batch
+                        .iter()
+                        .any(|b| b.job.session_id() == q.job.session_id()) =>
+            {
+                cost += q.job.cost();
+                dequeued += 1;
+                batch.push(q);
+            }
+            other => {
+                backlog.push_front(other);
+                break;
+            }
+        }
+    }
+    Collected { batch, dequeued }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sessions::SessionLimits;
+    use std::sync::{Arc, Mutex};
+
+    /// A job of `cost` units on session `id`, answered with its tag.
+    struct Job {
+        id: &'static str,
+        cost: usize,
+        tag: u32,
+    }
+
+    impl BatchJob for Job {
+        fn session_id(&self) -> &str {
+            self.id
+        }
+        fn cost(&self) -> usize {
+            self.cost
+        }
+    }
+
+    struct Fake(u64);
+    impl SessionState for Fake {
+        fn bytes(&self) -> usize {
+            1
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum FakeError {
+        #[error(transparent)]
+        Worker(#[from] WorkerError),
+        #[error(transparent)]
+        Session(#[from] SessionStoreError),
+    }
+
+    /// Records the tags of every batch it runs.
+    #[derive(Default)]
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<u32>>>>,
+        dequeued: Arc<Mutex<usize>>,
+    }
+
+    impl SessionBackend for Recorder {
+        type Session = Fake;
+        type Job = Job;
+        type Output = u32;
+        type Error = FakeError;
+
+        fn open(&mut self, prefix: &[u32], _: u32, _: &[Tensor]) -> Result<Fake, FakeError> {
+            Ok(Fake(prefix.len() as u64))
+        }
+        fn append(
+            &mut self,
+            s: &mut Fake,
+            keep: u64,
+            tokens: Vec<u32>,
+            _: &[Tensor],
+        ) -> Result<(), AppendError<FakeError>> {
+            if keep > s.0 {
+                return Err(AppendError::rejected(WorkerError::InvalidArgument(
+                    "beyond".into(),
+                )));
+            }
+            s.0 = keep + tokens.len() as u64 - 1;
+            Ok(())
+        }
+        fn kv_len(s: &Fake) -> u64 {
+            s.0
+        }
+        fn run_batch(&mut self, _: &mut SessionStore<Fake>, batch: Vec<Queued<Self>>) {
+            self.batches
+                .lock()
+                .unwrap()
+                .push(batch.iter().map(|q| q.job.tag).collect());
+            for q in batch {
+                let tag = q.job.tag;
+                q.answer(Ok(tag));
+            }
+        }
+        fn dequeued(&mut self, jobs: usize) {
+            *self.dequeued.lock().unwrap() += jobs;
+        }
+    }
+
+    type Rx = oneshot::Receiver<Result<u32, FakeError>>;
+
+    fn job(id: &'static str, cost: usize, tag: u32) -> (Queued<Recorder>, Rx) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Queued {
+                job: Job { id, cost, tag },
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn limits(max_jobs: usize, max_cost: usize, wait_ms: u64) -> BatchLimits {
+        BatchLimits {
+            max_jobs,
+            max_cost,
+            max_wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    fn tags(c: &Collected<Recorder>) -> Vec<u32> {
+        c.batch.iter().map(|q| q.job.tag).collect()
+    }
+
+    /// Queues `jobs` on a fresh channel; the receivers are kept alive in the result.
+    fn queue(jobs: Vec<(Queued<Recorder>, Rx)>) -> (Receiver<Command<Recorder>>, Vec<Rx>) {
+        let (tx, rx) = sync_channel(64);
+        let mut keep = Vec::new();
+        for (q, r) in jobs {
+            tx.send(Command::Batch(q)).unwrap();
+            keep.push(r);
+        }
+        (rx, keep)
+    }
+
+    #[test]
+    fn nothing_joins_once_the_wait_is_over() {
+        // Even jobs already queued: they form the next batch.
+        let (rx, _keep) = queue(vec![job("b", 1, 1)]);
+        let (first, _r) = job("a", 1, 0);
+        let c = collect_batch(first, &rx, &mut VecDeque::new(), &limits(10, 100, 0), 10);
+        assert_eq!(tags(&c), vec![0]);
+        assert_eq!(rx.try_iter().count(), 1);
+    }
+
+    #[test]
+    fn batch_stops_at_the_job_limit() {
+        let (rx, _keep) = queue(
+            (1..5)
+                .map(|i| job(["b", "c", "d", "e"][i - 1], 1, i as u32))
+                .collect(),
+        );
+        let (first, _r) = job("a", 1, 0);
+        let mut backlog = VecDeque::new();
+        let c = collect_batch(first, &rx, &mut backlog, &limits(3, 100, 20), 10);
+        assert_eq!(tags(&c), vec![0, 1, 2]);
+        assert_eq!(c.dequeued, 3);
+        // The rest stays queued for the next batch.
+        assert!(backlog.is_empty());
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn batch_stops_at_the_cost_budget_and_keeps_the_job_that_did_not_fit() {
+        let (rx, _keep) = queue(vec![job("b", 4, 1), job("c", 4, 2), job("d", 1, 3)]);
+        let (first, _r) = job("a", 3, 0);
+        let mut backlog = VecDeque::new();
+        let c = collect_batch(first, &rx, &mut backlog, &limits(10, 8, 20), 10);
+        // 3 + 4 fits, + 4 does not: "c" opens the next batch (d waits behind it, in order).
+        assert_eq!(tags(&c), vec![0, 1]);
+        assert!(matches!(backlog.front(), Some(Command::Batch(q)) if q.job.tag == 2));
+        // A first job over the budget still runs, alone.
+        let (big, _r) = job("z", 50, 9);
+        let c = collect_batch(big, &rx, &mut backlog, &limits(10, 8, 20), 10);
+        assert_eq!(tags(&c), vec![9]);
+    }
+
+    #[test]
+    fn one_job_per_session_and_no_more_jobs_than_sessions() {
+        let (rx, _keep) = queue(vec![job("b", 1, 1), job("a", 1, 2), job("c", 1, 3)]);
+        let (first, _r) = job("a", 1, 0);
+        let mut backlog = VecDeque::new();
+        let c = collect_batch(first, &rx, &mut backlog, &limits(10, 100, 20), 10);
+        // The second job of "a" ends the batch and runs next, before "c".
+        assert_eq!(tags(&c), vec![0, 1]);
+        assert!(matches!(backlog.front(), Some(Command::Batch(q)) if q.job.tag == 2));
+        let (rx, _keep) = queue(vec![job("b", 1, 1), job("c", 1, 2)]);
+        let (first, _r) = job("a", 1, 0);
+        // Only two live sessions: no use waiting for a third job.
+        let c = collect_batch(first, &rx, &mut VecDeque::new(), &limits(10, 100, 1000), 2);
+        assert_eq!(tags(&c), vec![0, 1]);
+    }
+
+    #[test]
+    fn waits_up_to_max_wait_for_more_jobs() {
+        let (tx, rx) = sync_channel::<Command<Recorder>>(8);
+        let (late, _late_rx) = job("b", 1, 1);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            tx.send(Command::Batch(late)).map_err(|_| ()).unwrap();
+            tx
+        });
+        let (first, _r) = job("a", 1, 0);
+        let started = Instant::now();
+        let c = collect_batch(first, &rx, &mut VecDeque::new(), &limits(10, 100, 2000), 2);
+        assert_eq!(tags(&c), vec![0, 1], "a job within the wait joins");
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        let tx = sender.join().unwrap();
+        // Without more jobs the wait ends at the deadline.
+        let (first, _r) = job("a", 1, 0);
+        let started = Instant::now();
+        let c = collect_batch(first, &rx, &mut VecDeque::new(), &limits(10, 100, 20), 10);
+        assert_eq!(tags(&c), vec![0]);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        drop(tx);
+    }
+
+    #[test]
+    fn jobs_whose_caller_went_away_are_not_run() {
+        let (b, b_rx) = job("b", 1, 1);
+        let (c, c_rx) = job("c", 1, 2);
+        let (tx, rx) = sync_channel(8);
+        tx.send(Command::Batch(b)).map_err(|_| ()).unwrap();
+        tx.send(Command::Batch(c)).map_err(|_| ()).unwrap();
+        drop(b_rx);
+        let (first, first_rx) = job("a", 1, 0);
+        drop(first_rx);
+        let collected = collect_batch(first, &rx, &mut VecDeque::new(), &limits(10, 100, 20), 10);
+        assert_eq!(tags(&collected), vec![2]);
+        assert_eq!(collected.dequeued, 3, "dropped jobs still leave the queue");
+        drop(c_rx);
+    }
+
+    #[tokio::test]
+    async fn the_worker_runs_sessions_and_batches() {
+        let backend = Recorder::default();
+        let batches = Arc::clone(&backend.batches);
+        let dequeued = Arc::clone(&backend.dequeued);
+        let store = SessionStore::new(SessionLimits {
+            max_sessions: 10,
+            max_bytes: 100,
+            ttl: Duration::from_secs(60),
+        });
+        let cfg = WorkerConfig {
+            queue_capacity: 8,
+            batch: limits(10, 100, 50),
+            expiry_tick: Duration::from_millis(100),
+        };
+        let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
+        let opened = w.open("a".into(), vec![1, 2, 3], vec![]).await.unwrap();
+        assert_eq!(opened.kv_len, 2);
+        w.open("b".into(), vec![1], vec![]).await.unwrap();
+        assert!(matches!(
+            w.open("a".into(), vec![1], vec![]).await,
+            Err(FakeError::Session(SessionStoreError::AlreadyExists(_)))
+        ));
+        assert!(matches!(
+            w.append("a".into(), 9, vec![4], vec![]).await,
+            Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
+        ));
+        assert_eq!(
+            w.append("a".into(), 1, vec![4, 5], vec![])
+                .await
+                .unwrap()
+                .kv_len,
+            2
+        );
+        let (x, y) = tokio::join!(
+            w.submit(Job {
+                id: "a",
+                cost: 1,
+                tag: 7
+            }),
+            w.submit(Job {
+                id: "b",
+                cost: 1,
+                tag: 8
+            })
+        );
+        assert_eq!((x.unwrap(), y.unwrap()), (7, 8));
+        assert_eq!(batches.lock().unwrap().iter().flatten().count(), 2);
+        assert_eq!(*dequeued.lock().unwrap(), 2);
+        assert!(w.close("a".into()).await.unwrap());
+        assert!(!w.close("a".into()).await.unwrap());
+    }
+}
