@@ -173,12 +173,17 @@ impl PackedMatrix {
             2 | 3 => 2,
             _ => 1,
         };
+        // Rows split into tiles of near-equal height (16 rows: 6 + 5 + 5, not 6 + 6 + 4), so no
+        // tile is left with too few accumulators to hide the FMA latency.
+        let tiles = rows.div_ceil(MAX_TILE_ROWS);
         let mut p = panels.start;
         while p < panels.end {
             let group = group_max.min(panels.end - p);
-            for r0 in (0..rows).step_by(MAX_TILE_ROWS) {
-                let tile_rows = (rows - r0).min(MAX_TILE_ROWS);
+            let mut r0 = 0;
+            for t in 0..tiles {
+                let tile_rows = (rows - r0).div_ceil(tiles - t);
                 self.tile(kernel, x, r0, tile_rows, p, group, y);
+                r0 += tile_rows;
             }
             p += group;
         }
