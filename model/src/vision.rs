@@ -12,8 +12,8 @@
 use candle_core::{D, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
-use crate::error::{ModelError, Result};
 use crate::cpu::CpuClipLayer;
+use crate::error::{ModelError, Result};
 use crate::llava::Backend;
 use crate::nn::{Activation, LayerNorm, Linear};
 use crate::weights::Weights;

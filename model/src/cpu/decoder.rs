@@ -9,7 +9,6 @@
 
 use std::sync::Mutex;
 
-
 use super::attention::{Heads, attend};
 use super::gemm::PackedMatrix;
 use super::load::{format_of, pack_stacked, vec_of};

@@ -57,4 +57,3 @@ pub(crate) fn pack_stacked(
         format,
     ))
 }
-
