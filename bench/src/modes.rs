@@ -62,6 +62,7 @@ impl Mode {
             depth,
             branching,
             budget,
+            disable_draft_ahead: false,
         }
     }
 

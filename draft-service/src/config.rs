@@ -33,6 +33,10 @@ pub struct Args {
     /// Maximum node budget M a request may ask for.
     #[arg(long, env = "SPECLLAVA_MAX_BUDGET", default_value_t = 255)]
     pub max_budget: usize,
+    /// Pre-draft each session's likely next tree in spare time while the target verifies
+    /// (draft-ahead), for requests that ask for it. `--draft-ahead false` turns it off.
+    #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub draft_ahead: bool,
     /// Flags shared with the target service.
     #[command(flatten)]
     pub server: ModelServerArgs,

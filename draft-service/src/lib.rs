@@ -5,12 +5,17 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`session`]: per-session state and resynchronisation with the history.
-//! - [`worker`]: the draft batching the session worker runs (level-batched drafting).
+//! - [`run`]: one tree being drafted, level by level.
+//! - [`ahead`]: draft-ahead, pre-drafting the likely next tree in spare time.
+//! - [`worker`]: the draft batching the session worker runs (level-batched drafting, and
+//!   draft-ahead when idle).
 //! - [`service`]: the `specllava.v1.Draft` gRPC handlers.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
+pub mod ahead;
 pub mod config;
 pub mod error;
+pub mod run;
 pub mod service;
 pub mod session;
 pub mod topk;
@@ -36,7 +41,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_cost: usize::MAX,
         max_wait: Duration::from_micros(args.max_batch_wait_us),
     };
-    let backend = worker::DraftBackend::new(Arc::clone(&loaded.model), max_context);
+    let backend = worker::DraftBackend::new(
+        Arc::clone(&loaded.model),
+        max_context,
+        args.draft_ahead,
+        args.max_batch_sessions,
+    );
     let sessions =
         loaded.start_sessions("draft", backend, args.session_limits(), &args.server, batch)?;
     let limits = service::RequestLimits {

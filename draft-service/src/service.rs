@@ -12,7 +12,16 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::DraftError;
-use crate::worker::{DraftBackend, SpeculateJob};
+use crate::worker::{AheadOutcome, DraftBackend, SpeculateJob};
+
+/// The wire form of a draft-ahead outcome.
+fn ahead_to_proto(a: AheadOutcome) -> pb::AheadOutcome {
+    match a {
+        AheadOutcome::None => pb::AheadOutcome::None,
+        AheadOutcome::Hit => pb::AheadOutcome::Hit,
+        AheadOutcome::Miss => pb::AheadOutcome::Miss,
+    }
+}
 
 /// Tree limits of the draft service.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +113,7 @@ specllava_service_kit::model_service! {
                             new_tokens: msg.new_tokens,
                             accepted_path: msg.accepted_path,
                             params: limits.clamp(draft_params_from_proto(msg.params)),
+                            draft_ahead: msg.draft_ahead,
                             span: tracing::Span::current(),
                         };
                         let reply = match worker.submit(job).await {
@@ -112,6 +122,8 @@ specllava_service_kit::model_service! {
                                 levels: d.levels,
                                 drafted_nodes: d.drafted_nodes,
                                 draft_ns: d.draft_ns,
+                                ahead: ahead_to_proto(d.ahead) as i32,
+                                ahead_ns: d.ahead_ns,
                             }),
                             Err(e) => Err(Status::from(e)),
                         };

@@ -12,6 +12,8 @@
 use specllava_model::KvCache;
 use specllava_service_kit::SessionState;
 
+use crate::ahead::Ahead;
+
 /// One session on the draft.
 pub struct DraftSession {
     /// Committed KV: a prefix of the history.
@@ -20,6 +22,9 @@ pub struct DraftSession {
     pub feed: Vec<u32>,
     /// The last tree sent, while its rows are pending in `kv`.
     pub last: Option<LastTree>,
+    /// The next tree, pre-drafted in spare time from a guess of the last tree's outcome
+    /// (its rows are pending in `kv` behind the last tree's).
+    pub ahead: Option<Ahead>,
 }
 
 impl SessionState for DraftSession {
@@ -35,6 +40,8 @@ pub struct LastTree {
     pub tokens: Vec<u32>,
     /// Parents of the tree sent.
     pub parents: Vec<i32>,
+    /// Draft scores of the tree sent (cumulative log-probabilities).
+    pub scores: Vec<f32>,
     /// Pending KV row of each tree node, if it was forwarded.
     pub rows: Vec<Option<usize>>,
     /// Number of pending rows holding the fed chain (which ends with the root).
@@ -110,6 +117,7 @@ mod tests {
         LastTree {
             tokens: vec![10, 11, 21, 12, 13],
             parents: vec![-1, 0, 0, 1, 3],
+            scores: vec![0.0, -0.1, -0.2, -0.3, -0.4],
             rows: vec![Some(1), Some(2), Some(3), Some(4), None],
             fed: 2,
         }

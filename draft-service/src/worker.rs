@@ -1,23 +1,29 @@
 //! The draft service's batching: the [`SessionBackend`] its session worker runs.
 //!
-//! Speculate requests queued together are drafted together: the backend
-//! advances every session's [`TreeBuilder`] level by level and runs ONE
-//! [`Llava::forward_batch`] per level for all of them. Sessions, the queue and
-//! batch collection are the generic worker's ([`specllava_service_kit::worker`]).
+//! Speculate requests queued together are drafted together: the backend advances every
+//! session's [`DraftRun`] level by level and runs ONE [`Llava::forward_batch`] per level for
+//! all of them. When the queue is empty, the worker's spare time goes to draft-ahead
+//! ([`crate::ahead`]): the sessions just answered pre-draft their likely next tree, one
+//! batched level per idle slot, so a waiting request is never held up by more than one
+//! level. Sessions, the queue and batch collection are the generic worker's
+//! ([`specllava_service_kit::worker`]).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use specllava_model::{Llava, TreeBatchItem};
+use specllava_model::{KvCache, Llava, TreeBatchItem};
 use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{
     AppendError, BatchJob, Queued, Reply, SessionBackend, WorkerHandle,
 };
 use specllava_service_kit::{SessionStore, prefilled_kv};
-use speculate::{DraftParams, TokenTree, TreeBuilder};
+use speculate::{DraftParams, TokenTree};
 
+use crate::ahead::{Ahead, Redeemed, Stage};
 use crate::error::DraftError;
+use crate::run::{DraftRun, LevelInput};
 use crate::session::{DraftSession, LastTree, plan_sync};
 use crate::topk::top_k_log_probs;
 
@@ -29,12 +35,30 @@ pub struct DraftBackend {
     model: Arc<Llava>,
     /// Maximum KV rows (+ tree) of a session.
     max_context: usize,
+    /// Whether this replica pre-drafts for requests that ask for it.
+    draft_ahead: bool,
+    /// Most sessions pre-drafted in one batched level.
+    max_ahead_sessions: usize,
+    /// Sessions whose pre-draft wants spare time, oldest first.
+    ahead_queue: VecDeque<String>,
 }
 
 impl DraftBackend {
-    /// Drafts with `model`, keeping every session within `max_context` positions.
-    pub fn new(model: Arc<Llava>, max_context: usize) -> Self {
-        Self { model, max_context }
+    /// Drafts with `model`, keeping every session within `max_context` positions. With
+    /// `draft_ahead`, spare time pre-drafts up to `max_ahead_sessions` sessions per level.
+    pub fn new(
+        model: Arc<Llava>,
+        max_context: usize,
+        draft_ahead: bool,
+        max_ahead_sessions: usize,
+    ) -> Self {
+        Self {
+            model,
+            max_context,
+            draft_ahead,
+            max_ahead_sessions: max_ahead_sessions.max(1),
+            ahead_queue: VecDeque::new(),
+        }
     }
 }
 
@@ -49,9 +73,23 @@ pub struct SpeculateJob {
     pub accepted_path: Vec<u32>,
     /// Tree shape.
     pub params: DraftParams,
+    /// Pre-draft the likely next tree after answering (if the replica allows it).
+    pub draft_ahead: bool,
     /// The caller's span: the worker's `draft.tree` span for this job is its child, so
     /// drafting shows up in the request's trace.
     pub span: tracing::Span,
+}
+
+/// What became of the pre-draft a request found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AheadOutcome {
+    /// No guess was complete (off, nothing to guess, or the request came first).
+    #[default]
+    None,
+    /// The guess was right: the pre-drafted work was used.
+    Hit,
+    /// The guess was wrong: the pre-drafted rows were dropped.
+    Miss,
 }
 
 /// A drafted tree.
@@ -65,6 +103,10 @@ pub struct Drafted {
     pub drafted_nodes: u32,
     /// Time from dequeue to reply.
     pub draft_ns: u64,
+    /// What became of the pre-draft this request found.
+    pub ahead: AheadOutcome,
+    /// Spare-time drafting this tree holds (a hit's pre-drafted levels).
+    pub ahead_ns: u64,
 }
 
 impl BatchJob for SpeculateJob {
@@ -73,22 +115,18 @@ impl BatchJob for SpeculateJob {
     }
 }
 
-/// One session being drafted.
+/// One session being drafted for a request.
 struct Job {
     id: String,
     session: DraftSession,
-    builder: TreeBuilder,
-    /// Pending KV row of every partial-tree node that was forwarded.
-    rows: Vec<Option<usize>>,
-    fed: usize,
-    forwarded: bool,
-    levels: u32,
+    run: DraftRun,
+    draft_ahead: bool,
+    ahead: AheadOutcome,
+    ahead_ns: u64,
     started: Instant,
     reply: Reply<Drafted, DraftError>,
     /// Covers this job in the worker, from dequeue to reply (child of the request span).
     span: tracing::Span,
-    /// This level's request: nodes expanded and the first logits row to read.
-    expansion: Option<(Vec<usize>, usize, usize)>,
 }
 
 impl SessionBackend for DraftBackend {
@@ -107,6 +145,7 @@ impl SessionBackend for DraftBackend {
             kv: prefilled_kv(&self.model, prefix, images)?,
             feed: vec![root],
             last: None,
+            ahead: None,
         })
     }
 
@@ -127,6 +166,7 @@ impl SessionBackend for DraftBackend {
         }
         s.kv.discard_pending();
         s.last = None;
+        s.ahead = None;
         let mut feed = if keep <= committed {
             s.kv.rollback(keep as usize)
                 .map_err(AppendError::rejected)?;
@@ -152,10 +192,15 @@ impl SessionBackend for DraftBackend {
     fn run_batch(&mut self, sessions: &mut SessionStore<DraftSession>, batch: Vec<Queued<Self>>) {
         self.draft_batch(sessions, batch);
     }
+
+    fn idle_work(&mut self, sessions: &mut SessionStore<DraftSession>) -> bool {
+        self.pre_draft_level(sessions)
+    }
 }
 
 impl DraftBackend {
-    /// Syncs a session with the new history and prepares its tree builder.
+    /// Syncs a session with the new history (using its pre-draft on a hit) and prepares the
+    /// run that drafts its tree.
     fn start_job(
         &self,
         sessions: &mut SessionStore<DraftSession>,
@@ -177,6 +222,92 @@ impl DraftBackend {
                 return None;
             }
         };
+        let redeemed = session
+            .ahead
+            .take()
+            .map(|a| a.redeem(&job.new_tokens, &job.accepted_path, &job.params));
+        let (ahead, ahead_ns, pre_drafted) = match self.sync_session(&mut session, &job, redeemed) {
+            Ok(x) => x,
+            Err(e) => {
+                // Should not happen; drop the session rather than keep a corrupt one.
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        };
+        let run = match pre_drafted {
+            Some(run) => run,
+            None => {
+                let mut params = job.params;
+                let room = self
+                    .max_context
+                    .saturating_sub(session.kv.committed_len() + session.feed.len());
+                params.depth = params.depth.min(room);
+                DraftRun::new(session.feed.clone(), None, &params)
+            }
+        };
+        let p = *run.params();
+        let span = tracing::info_span!(
+            parent: &job.span,
+            "draft.tree",
+            depth = p.depth,
+            branching = p.branching,
+            budget = p.budget,
+            fed = run.feed().len(),
+            ahead = ?ahead,
+            levels = tracing::field::Empty,
+            drafted_nodes = tracing::field::Empty,
+        );
+        Some(Job {
+            id: job.session_id,
+            session,
+            run,
+            draft_ahead: job.draft_ahead,
+            ahead,
+            ahead_ns,
+            started,
+            reply,
+            span,
+        })
+    }
+
+    /// Brings the session's KV in line with the history the request reports: on a
+    /// draft-ahead hit, commits the guessed path and hands back the pre-drafted run (its rows
+    /// kept and renumbered); otherwise commits what the last tree's rows can give
+    /// ([`plan_sync`]) and drops the rest.
+    fn sync_session(
+        &self,
+        session: &mut DraftSession,
+        job: &SpeculateJob,
+        redeemed: Option<Redeemed>,
+    ) -> Result<(AheadOutcome, u64, Option<DraftRun>), DraftError> {
+        let outcome = match &redeemed {
+            Some(Redeemed::Hit { .. }) => "hit",
+            Some(Redeemed::Miss) => "miss",
+            Some(Redeemed::Late) => "late",
+            None => "",
+        };
+        if let Some(Redeemed::Hit {
+            commit_rows,
+            run,
+            root,
+            spent_ns,
+        }) = redeemed
+        {
+            let keep = run.as_ref().map(|r| r.forwarded_rows()).unwrap_or_default();
+            session.kv.commit_keeping(&commit_rows, &keep)?;
+            session.last = None;
+            session.feed = vec![root];
+            let saved = if run.is_some() { spent_ns } else { 0 };
+            specllava_telemetry::metrics().record_draft_ahead(outcome, saved as f64 * 1e-9);
+            let run = run.map(|mut r| {
+                r.remap_rows(|row| keep.binary_search(&row).expect("a kept row"));
+                *r
+            });
+            return Ok((AheadOutcome::Hit, saved, run));
+        }
+        if !outcome.is_empty() {
+            specllava_telemetry::metrics().record_draft_ahead(outcome, 0.0);
+        }
         let plan = plan_sync(
             &session.feed,
             session.last.as_ref(),
@@ -186,43 +317,16 @@ impl DraftBackend {
         session.last = None;
         if plan.commit_rows.is_empty() {
             session.kv.discard_pending();
-        } else if let Err(e) = session.kv.commit(&plan.commit_rows) {
-            // Should not happen; drop the session rather than keep a corrupt one.
-            let _ = reply.send(Err(e.into()));
-            return None;
+        } else {
+            session.kv.commit(&plan.commit_rows)?;
         }
         session.feed = plan.feed;
-        let root = *session.feed.last().expect("feed is never empty");
-        let mut params = job.params;
-        let room = self
-            .max_context
-            .saturating_sub(session.kv.committed_len() + session.feed.len());
-        params.depth = params.depth.min(room);
-        let builder = TreeBuilder::new(root, &params);
-        let fed = session.feed.len();
-        let span = tracing::info_span!(
-            parent: &job.span,
-            "draft.tree",
-            depth = params.depth,
-            branching = params.branching,
-            budget = params.budget,
-            fed,
-            levels = tracing::field::Empty,
-            drafted_nodes = tracing::field::Empty,
-        );
-        Some(Job {
-            id: job.session_id,
-            session,
-            builder,
-            rows: Vec::new(),
-            fed,
-            forwarded: false,
-            levels: 0,
-            started,
-            reply,
-            span,
-            expansion: None,
-        })
+        let ahead = if outcome == "miss" {
+            AheadOutcome::Miss
+        } else {
+            AheadOutcome::None
+        };
+        Ok((ahead, 0, None))
     }
 
     /// Drafts the trees of a batch of sessions, one batched forward per level.
@@ -236,143 +340,205 @@ impl DraftBackend {
         }
         let mut done: Vec<Job> = Vec::with_capacity(jobs.len());
         while !jobs.is_empty() {
-            // Ask every builder for its next level; finished ones leave the batch.
+            // Ask every run for its next level; finished ones leave the batch.
             let mut active = Vec::with_capacity(jobs.len());
+            let mut inputs = Vec::with_capacity(jobs.len());
             for mut job in jobs.drain(..) {
-                match job.builder.next_expansion() {
-                    Some((expand, k)) => {
-                        let first_row = job.session.kv.pending_len();
-                        job.expansion = Some((expand, k, first_row));
+                let first_row = job.session.kv.pending_len();
+                match job.run.next_level(first_row) {
+                    Ok(Some(input)) => {
+                        inputs.push(input);
                         active.push(job);
                     }
-                    None => done.push(job),
+                    Ok(None) => done.push(job),
+                    Err(e) => fail_job(sessions, job, e.to_string()),
                 }
             }
             if active.is_empty() {
                 break;
             }
-            match self.forward_level(&mut active) {
-                Ok(()) => jobs = active,
+            let kvs = active.iter_mut().map(|j| &mut j.session.kv);
+            match self.forward(kvs, &inputs) {
+                Ok(logits) => {
+                    for (mut job, rows) in active.into_iter().zip(logits) {
+                        match job.run.take_logits(&rows) {
+                            Ok(()) => jobs.push(job),
+                            Err(e) => fail_job(sessions, job, e.to_string()),
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "batched draft forward failed");
                     let msg = e.to_string();
-                    for mut job in active {
-                        job.session.kv.discard_pending();
-                        sessions.put_back(&job.id, job.session);
-                        let _ = job.reply.send(Err(DraftError::BatchFailed(msg.clone())));
+                    for job in active {
+                        fail_job(sessions, job, msg.clone());
                     }
                 }
             }
         }
         for job in done {
-            finish_job(sessions, job);
+            self.finish_job(sessions, job);
         }
     }
 
-    /// Runs one batched forward for this level of every active job and hands
-    /// each builder its children.
-    fn forward_level(&self, active: &mut [Job]) -> Result<(), DraftError> {
-        let mut inputs: Vec<(Vec<u32>, Vec<i32>)> = Vec::with_capacity(active.len());
-        for job in active.iter_mut() {
-            let (expand, _, first_row) = job.expansion.as_ref().expect("set above");
-            let partial = job.builder.partial();
-            if !job.forwarded {
-                // First level: feed the uncomputed history chain; its last row is the root.
-                let tokens = job.session.feed.clone();
-                let parents: Vec<i32> = (0..tokens.len() as i32).map(|i| i - 1).collect();
-                job.rows = vec![Some(first_row + tokens.len() - 1)];
-                inputs.push((tokens, parents));
-            } else {
-                let tokens: Vec<u32> = expand.iter().map(|&e| partial.tokens[e]).collect();
-                let parents = expand
-                    .iter()
-                    .map(|&e| {
-                        let p = partial.parents[e] as usize;
-                        job.rows
-                            .get(p)
-                            .copied()
-                            .flatten()
-                            .map(|r| r as i32)
-                            .ok_or_else(|| {
-                                DraftError::BatchFailed(format!(
-                                    "node {e}: parent {p} was never forwarded"
-                                ))
-                            })
-                    })
-                    .collect::<Result<Vec<i32>, _>>()?;
-                if job.rows.len() < partial.len() {
-                    job.rows.resize(partial.len(), None);
-                }
-                for (i, &e) in expand.iter().enumerate() {
-                    job.rows[e] = Some(first_row + i);
-                }
-                inputs.push((tokens, parents));
+    /// One batched forward of `inputs[i]` over `kvs[i]`; the logits rows of each item.
+    fn forward<'a>(
+        &self,
+        kvs: impl Iterator<Item = &'a mut KvCache>,
+        inputs: &[LevelInput],
+    ) -> Result<Vec<Vec<Vec<f32>>>, DraftError> {
+        let mut items: Vec<TreeBatchItem<'_>> = kvs
+            .zip(inputs)
+            .map(|(kv, (tokens, parents))| TreeBatchItem {
+                kv,
+                tokens,
+                parents,
+            })
+            .collect();
+        self.model
+            .forward_batch(&mut items)?
+            .into_iter()
+            .map(|l| {
+                l.to_vec2::<f32>()
+                    .map_err(|e| DraftError::BatchFailed(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Answers a job with its tree, puts its session back with the tree's rows pending and,
+    /// when asked, starts pre-drafting the next tree.
+    fn finish_job(&mut self, sessions: &mut SessionStore<DraftSession>, mut job: Job) {
+        let forwarded = job.run.forwarded();
+        let fed = job.run.feed().len();
+        let levels = job.run.levels();
+        let params = *job.run.params();
+        let (outcome, rows) = job.run.finish();
+        job.session.last = forwarded.then(|| LastTree {
+            tokens: outcome.tree.tokens().to_vec(),
+            parents: outcome.tree.parents().to_vec(),
+            scores: outcome.tree.scores().to_vec(),
+            rows,
+            fed,
+        });
+        if self.draft_ahead && job.draft_ahead {
+            job.session.ahead = job
+                .session
+                .last
+                .as_ref()
+                .and_then(|last| Ahead::start(last, params));
+            if job.session.ahead.is_some() && !self.ahead_queue.contains(&job.id) {
+                self.ahead_queue.push_back(job.id.clone());
             }
         }
-        let logits = {
-            let mut items: Vec<TreeBatchItem<'_>> = active
-                .iter_mut()
-                .zip(&inputs)
-                .map(|(job, (tokens, parents))| TreeBatchItem {
-                    kv: &mut job.session.kv,
-                    tokens,
-                    parents,
-                })
-                .collect();
-            self.model.forward_batch(&mut items)?
-        };
-        for (job, logits) in active.iter_mut().zip(logits) {
-            let (expand, k, _) = job.expansion.take().expect("set above");
-            let rows = logits
-                .to_vec2::<f32>()
-                .map_err(|e| DraftError::BatchFailed(e.to_string()))?;
-            let children: Vec<Vec<(u32, f32)>> = if !job.forwarded {
-                vec![top_k_log_probs(
-                    rows.last().expect("feed is never empty"),
-                    k,
-                )]
-            } else {
-                debug_assert_eq!(rows.len(), expand.len());
-                rows.iter().map(|r| top_k_log_probs(r, k)).collect()
-            };
-            job.forwarded = true;
-            job.levels += 1;
-            job.builder
-                .add_children(children)
-                .map_err(|e| DraftError::BatchFailed(format!("tree builder: {e}")))?;
+        for evicted in sessions.put_back(&job.id, job.session) {
+            tracing::info!(session = %evicted, "session evicted (LRU)");
         }
-        Ok(())
+        let draft_time = job.started.elapsed();
+        specllava_telemetry::metrics()
+            .draft_latency_seconds
+            .observe(draft_time.as_secs_f64());
+        job.span.record("levels", levels);
+        job.span.record("drafted_nodes", outcome.drafted_nodes);
+        let drafted = Drafted {
+            levels,
+            drafted_nodes: outcome.drafted_nodes as u32,
+            draft_ns: nanos(draft_time),
+            tree: outcome.tree,
+            ahead: job.ahead,
+            ahead_ns: job.ahead_ns,
+        };
+        let _ = job.reply.send(Ok(drafted));
+    }
+
+    /// Spare time: advances the pre-drafts of up to `max_ahead_sessions` queued sessions by
+    /// one batched level (a leaf probe or a tree level). Returns whether it did any work.
+    fn pre_draft_level(&mut self, sessions: &mut SessionStore<DraftSession>) -> bool {
+        if self.ahead_queue.is_empty() {
+            return false;
+        }
+        let started = Instant::now();
+        let mut picked: Vec<(String, DraftSession, usize)> = Vec::new();
+        let mut inputs: Vec<LevelInput> = Vec::new();
+        while picked.len() < self.max_ahead_sessions {
+            let Some(id) = self.ahead_queue.pop_front() else {
+                break;
+            };
+            let Ok(mut s) = sessions.take(&id) else {
+                continue; // closed or evicted meanwhile
+            };
+            let first_row = s.kv.pending_len();
+            let input = match s.ahead.as_mut().map(|a| &mut a.stage) {
+                Some(Stage::Leaf { token, parent_row }) => {
+                    Ok(Some((vec![*token], vec![*parent_row as i32])))
+                }
+                Some(Stage::Tree(run)) => run.next_level(first_row),
+                None => Ok(None),
+            };
+            match input {
+                Ok(Some(input)) if s.kv.used_len() + input.0.len() < self.max_context => {
+                    inputs.push(input);
+                    picked.push((id, s, first_row));
+                }
+                Ok(None) => {
+                    // Complete: it waits for the next request as it is.
+                    sessions.put_back(&id, s);
+                }
+                _ => {
+                    // No room left, or a broken run: drop it.
+                    s.ahead = None;
+                    sessions.put_back(&id, s);
+                }
+            }
+        }
+        if picked.is_empty() {
+            return !self.ahead_queue.is_empty();
+        }
+        let kvs = picked.iter_mut().map(|(_, s, _)| &mut s.kv);
+        let logits = self.forward(kvs, &inputs);
+        let share = nanos(started.elapsed()) / picked.len() as u64;
+        let room = |s: &DraftSession| self.max_context.saturating_sub(s.kv.used_len() + 1);
+        for (i, (id, mut s, first_row)) in picked.into_iter().enumerate() {
+            let advanced = match (&logits, s.ahead.as_mut()) {
+                (Ok(logits), Some(a)) => {
+                    a.spent_ns += share;
+                    match &mut a.stage {
+                        Stage::Leaf { .. } => {
+                            let next = top_k_log_probs(logits[i].last().map_or(&[], |r| r), 1);
+                            match next.first() {
+                                Some(&(next, _)) => {
+                                    let max_depth = self.max_context.saturating_sub(
+                                        s.kv.committed_len() + a.guess.commit_rows.len() + 2,
+                                    );
+                                    a.leaf_forwarded(first_row, next, max_depth);
+                                    true
+                                }
+                                None => false,
+                            }
+                        }
+                        Stage::Tree(run) => run.take_logits(&logits[i]).is_ok(),
+                    }
+                }
+                _ => false,
+            };
+            if !advanced {
+                s.ahead = None;
+            } else if s.ahead.as_mut().is_some_and(|a| a.wants_work()) && room(&s) > 0 {
+                self.ahead_queue.push_back(id.clone());
+            }
+            sessions.put_back(&id, s);
+        }
+        if let Err(e) = logits {
+            tracing::warn!(error = %e, "pre-draft forward failed; pre-drafts dropped");
+        }
+        true
     }
 }
 
-/// Answers a job with its tree and puts its session back with the tree's rows pending.
-fn finish_job(sessions: &mut SessionStore<DraftSession>, mut job: Job) {
-    let outcome = job.builder.finish();
-    let rows: Vec<Option<usize>> = outcome
-        .drafted_ids
-        .iter()
-        .map(|&id| job.rows.get(id).copied().flatten())
-        .collect();
-    job.session.last = job.forwarded.then(|| LastTree {
-        tokens: outcome.tree.tokens().to_vec(),
-        parents: outcome.tree.parents().to_vec(),
-        rows,
-        fed: job.fed,
-    });
-    for evicted in sessions.put_back(&job.id, job.session) {
-        tracing::info!(session = %evicted, "session evicted (LRU)");
-    }
-    let draft_time = job.started.elapsed();
-    specllava_telemetry::metrics()
-        .draft_latency_seconds
-        .observe(draft_time.as_secs_f64());
-    job.span.record("levels", job.levels);
-    job.span.record("drafted_nodes", outcome.drafted_nodes);
-    let drafted = Drafted {
-        levels: job.levels,
-        drafted_nodes: outcome.drafted_nodes as u32,
-        draft_ns: nanos(draft_time),
-        tree: outcome.tree,
-    };
-    let _ = job.reply.send(Ok(drafted));
+/// Answers a job with an error and puts its session back with nothing pending.
+fn fail_job(sessions: &mut SessionStore<DraftSession>, mut job: Job, msg: String) {
+    job.session.kv.discard_pending();
+    job.session.last = None;
+    job.session.ahead = None;
+    sessions.put_back(&job.id, job.session);
+    let _ = job.reply.send(Err(DraftError::BatchFailed(msg)));
 }

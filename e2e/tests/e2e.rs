@@ -34,6 +34,7 @@ fn spec(
         depth,
         branching,
         budget,
+        disable_draft_ahead: false,
     }
 }
 

@@ -32,6 +32,7 @@ fn generate_request(session_id: &str, max_new_tokens: u32) -> pb::GenerateReques
             depth: 3,
             branching: 2,
             budget: 6,
+            ..Default::default()
         }),
     }
 }

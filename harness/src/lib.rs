@@ -190,6 +190,12 @@ impl ServiceProcess {
         None
     }
 
+    /// Kills the process at once (SIGKILL: a crash, no draining) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit (graceful shutdown), killing the process
     /// after 10 s; returns the exit status.
     pub fn terminate(&mut self) -> Option<ExitStatus> {

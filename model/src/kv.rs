@@ -145,6 +145,14 @@ impl KvCache {
     /// Keeps the pending rows at `path` (a root-to-node chain of pending indices) appended in
     /// order to the committed rows; drops all other pending rows.
     pub fn commit(&mut self, path: &[usize]) -> Result<()> {
+        self.commit_keeping(path, &[])
+    }
+
+    /// Commits `path` like [`KvCache::commit`], but keeps the pending rows `keep` (increasing,
+    /// all after the last path row; each a child of the path's last node or of an earlier kept
+    /// row) pending, renumbered `0..keep.len()` in order: a subtree drafted below the path
+    /// survives its commit (the draft's pre-drafted tree on a draft-ahead hit).
+    pub fn commit_keeping(&mut self, path: &[usize], keep: &[usize]) -> Result<()> {
         let n = self.pending.len();
         for (i, &p) in path.iter().enumerate() {
             if p >= n {
@@ -160,11 +168,46 @@ impl KvCache {
                 )));
             }
         }
-        let identity = path.iter().enumerate().all(|(i, &p)| i == p);
-        if !identity && !path.is_empty() {
+        let mut kept: Vec<PendingNode> = Vec::with_capacity(keep.len());
+        for (j, &p) in keep.iter().enumerate() {
+            let after = if j == 0 { path.last() } else { keep.get(j - 1) };
+            if p >= n || after.is_some_and(|&a| p <= a) {
+                return Err(ModelError::InvalidInput(format!(
+                    "kept row {p} is out of range or out of order ({n} pending nodes)"
+                )));
+            }
+            let node = &self.pending[p];
+            let parent = match node.parent {
+                Some(q) if path.last() == Some(&q) => None,
+                Some(q) => match keep[..j].iter().position(|&k| k == q) {
+                    Some(new) => Some(new),
+                    None => {
+                        return Err(ModelError::InvalidInput(format!(
+                            "kept row {p} hangs below row {q}, which is neither kept nor the path's end"
+                        )));
+                    }
+                },
+                None if path.is_empty() => None,
+                None => {
+                    return Err(ModelError::InvalidInput(format!(
+                        "kept row {p} is a root but the path is not empty"
+                    )));
+                }
+            };
+            kept.push(PendingNode {
+                parent,
+                depth: node.depth.saturating_sub(path.len()),
+            });
+        }
+        // Rows to keep, in their new order: the path's, then the kept subtree's. Their
+        // indices increase and rows[i] >= i, so moving them down in order never overwrites
+        // a row still to be moved.
+        let rows: Vec<usize> = path.iter().chain(keep).copied().collect();
+        let identity = rows.iter().enumerate().all(|(i, &p)| i == p);
+        if !identity {
             match &mut self.storage {
                 Storage::Tensors(layers) => {
-                    let idx: Vec<u32> = path.iter().map(|&p| (self.committed + p) as u32).collect();
+                    let idx: Vec<u32> = rows.iter().map(|&p| (self.committed + p) as u32).collect();
                     let idx = Tensor::new(idx.as_slice(), &self.device)?;
                     for layer in layers.iter_mut().flatten() {
                         let k = layer.k.index_select(&idx, 1)?;
@@ -174,11 +217,9 @@ impl KvCache {
                     }
                 }
                 Storage::Host(layers) => {
-                    // Path indices increase and path[i] >= i, so moving rows down in order
-                    // never overwrites a row still to be moved.
                     let row = self.num_kv_heads * self.head_dim;
                     for layer in layers.iter_mut() {
-                        for (i, &p) in path.iter().enumerate() {
+                        for (i, &p) in rows.iter().enumerate() {
                             let (src, dst) =
                                 ((self.committed + p) * row, (self.committed + i) * row);
                             layer.k.copy_within(src..src + row, dst);
@@ -189,7 +230,7 @@ impl KvCache {
             }
         }
         self.committed += path.len();
-        self.pending.clear();
+        self.pending = kept;
         Ok(())
     }
 

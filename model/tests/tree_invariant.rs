@@ -172,6 +172,42 @@ fn commit_then_continue_equals_only_the_path_fed() {
 }
 
 #[test]
+fn commit_keeping_a_subtree_equals_feeding_its_path_then_the_subtree() {
+    for (s, (backend, tol)) in specs()
+        .into_iter()
+        .flat_map(|s| backends().map(|b| (s.clone(), b)))
+    {
+        let (_dir, m) = model_with(&s, backend);
+        let base = session(&m, &s, 2, 3);
+        // A drafted tree: chain 0 -> 1 -> 2 plus a sibling 3 of node 1.
+        let mut kv = base.fork().unwrap();
+        m.forward_tree(&mut kv, &[21, 22, 23, 24], &[-1, 0, 1, 0])
+            .unwrap();
+        // A subtree pre-drafted below node 2 (rows 4..7): 4 -> 5, 4 -> 6.
+        m.forward_tree(&mut kv, &[31, 32, 33], &[2, 4, 4]).unwrap();
+        kv.commit_keeping(&[0, 1, 2], &[4, 5, 6]).unwrap();
+        assert_eq!(kv.committed_len(), base.committed_len() + 3);
+        assert_eq!(kv.pending_len(), 3);
+        // Extend the kept subtree below its node 1 (token 32) and read the logits.
+        let got = m.forward_tree(&mut kv, &[41], &[1]).unwrap();
+        let mut r = base.fork().unwrap();
+        let want = sequential(&m, &mut r, &[21, 22, 23, 31, 32, 41]);
+        let d = max_abs_diff(&got.squeeze(0).unwrap(), &want);
+        assert!(d <= tol, "{s:?} {backend:?}: diff {d}");
+        // Committing the kept subtree's path works like any commit.
+        kv.commit(&[0, 1, 3]).unwrap();
+        assert_eq!(kv.committed_len(), base.committed_len() + 6);
+        let mut bad = base.fork().unwrap();
+        m.forward_tree(&mut bad, &[21, 22, 23], &[-1, 0, 0])
+            .unwrap();
+        // Out of order, not below the path's end, a root with a non-empty path.
+        assert!(bad.commit_keeping(&[0], &[2, 1]).is_err());
+        assert!(bad.commit_keeping(&[0, 1], &[2]).is_err());
+        assert!(bad.commit_keeping(&[], &[0, 1]).is_ok());
+    }
+}
+
+#[test]
 fn packed_batch_equals_individual_calls() {
     for (s, (backend, tol)) in specs()
         .into_iter()

@@ -62,6 +62,10 @@ pub struct Args {
     /// Timeout of one draft step before falling back to target-only, in milliseconds.
     #[arg(long, env = "SPECLLAVA_DRAFT_TIMEOUT_MS", default_value_t = 10_000)]
     pub draft_timeout_ms: u64,
+    /// Ask the draft to pre-draft each session's likely next tree while the target verifies
+    /// (draft-ahead); a request can still turn it off. `--draft-ahead false` turns it off.
+    #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub draft_ahead: bool,
     /// Timeout of one call to a target replica, in milliseconds.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 60_000)]
     pub target_timeout_ms: u64,
@@ -152,6 +156,7 @@ impl Args {
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             draft_timeout: Duration::from_millis(self.draft_timeout_ms),
+            draft_ahead: self.draft_ahead,
             target_timeout: Duration::from_millis(self.target_timeout_ms),
             target_attempts: self.target_attempts.max(1),
             max_recoveries: self.max_recoveries,
@@ -190,12 +195,14 @@ mod tests {
         assert_eq!(
             (
                 cfg.draft_timeout,
+                cfg.draft_ahead,
                 cfg.target_timeout,
                 cfg.target_attempts,
                 cfg.max_recoveries
             ),
             (
                 defaults.draft_timeout,
+                defaults.draft_ahead,
                 defaults.target_timeout,
                 defaults.target_attempts,
                 defaults.max_recoveries

@@ -37,8 +37,9 @@ use crate::clients::{ReplicaApi, ReplicaKind, TreeStream};
 use crate::error::OrchestratorError;
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
-use crate::session::{Conversation, ReplicaSession, kv_rows};
+use crate::session::{Conversation, ReplicaSession};
 use crate::stats::Stats;
+use crate::sync::{PlannedSync, SyncReply, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
 
 /// Validated sampling and stopping parameters of one generation.
@@ -59,6 +60,8 @@ pub struct GenParams {
 pub struct EngineConfig {
     /// One draft step longer than this falls back to target-only.
     pub draft_timeout: Duration,
+    /// Whether drafts are asked to pre-draft while the target verifies (draft-ahead).
+    pub draft_ahead: bool,
     /// Timeout of one target call.
     pub target_timeout: Duration,
     /// Attempts to pin and sync a target replica before a turn fails.
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             draft_timeout: Duration::from_secs(10),
+            draft_ahead: true,
             target_timeout: Duration::from_secs(60),
             target_attempts: 3,
             max_recoveries: 3,
@@ -156,8 +160,12 @@ struct Turn<'a> {
     eos: Vec<u32>,
     tree_limits: TreeLimits,
     max_context: u64,
-    /// The draft stream; `None`: target-only.
+    /// The target's model (what the draft is checked against).
+    target_model: pb::ModelInfo,
+    /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
     draft: Option<DraftStream>,
+    /// The draft session's sync, running in the background while the target decodes.
+    draft_setup: Option<DraftSetup>,
     text: TextStream,
     generated: u32,
     first_token_at: Option<Duration>,
@@ -167,6 +175,22 @@ struct Turn<'a> {
     recoveries: usize,
     /// History length before this turn's answer.
     prompt_len: usize,
+}
+
+/// How a turn's draft starts.
+enum DraftStart {
+    /// The draft session is in sync already.
+    Ready,
+    /// Its sync runs in the background.
+    Running(DraftSetup),
+    /// No draft for this turn.
+    Unavailable,
+}
+
+/// A draft session's sync running as a task of its own.
+struct DraftSetup {
+    planned: PlannedSync,
+    task: tokio::task::JoinHandle<Result<SyncReply, Status>>,
 }
 
 /// The tree a step verifies.
@@ -317,7 +341,8 @@ impl Engine {
     // ---------------------------------------------------------------------------------
     // Replica sessions
 
-    /// Opens the session on `rs` or brings it up to date with the history.
+    /// Opens the session on `rs` or brings it up to date with the history; returns the
+    /// replica's prefill time.
     async fn sync(
         &self,
         kind: ReplicaKind,
@@ -326,60 +351,36 @@ impl Engine {
         history: &[u32],
         images: &[Vec<u8>],
     ) -> Result<u64, OrchestratorError> {
-        let r = Arc::clone(rs.pin.replica());
-        if !rs.opened {
-            let req = pb::OpenSessionRequest {
-                session_id: conv_id.to_owned(),
-                images: images.to_vec(),
-                token_ids: history.to_vec(),
-            };
-            let resp = match self.replicas.open_session(kind, &r, req).await {
-                Ok(r) => r,
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    // A previous incarnation is still there: replace it.
-                    self.close_on(kind, &r, conv_id).await;
-                    rs.opened = false;
-                    return Err(replica_err(kind, &r, s));
-                }
-                Err(s) => return Err(replica_err(kind, &r, s)),
-            };
-            rs.opened = true;
-            rs.synced = history.len();
-            rs.kv_len = resp.kv_len;
-            rs.num_image_tokens = resp.num_image_tokens;
-            return Ok(resp.prefill_ns);
-        }
-        if rs.synced == history.len() {
-            return Ok(0);
-        }
         let image_id = self.identity.image_token_id;
-        let keep_h = rs.synced.min(history.len()).max(1) - 1;
-        let keep = kv_rows(history, keep_h, image_id, rs.num_image_tokens);
-        let skip_images = history[..keep_h].iter().filter(|&&t| t == image_id).count();
-        let tokens = history[keep_h..].to_vec();
-        let n_images = tokens.iter().filter(|&&t| t == image_id).count();
-        let req = pb::AppendRequest {
-            session_id: conv_id.to_owned(),
-            keep_kv_len: keep,
-            token_ids: tokens,
-            images: images
-                .get(skip_images..skip_images + n_images)
-                .ok_or_else(|| {
-                    OrchestratorError::Internal(format!(
-                        "history holds more image placeholders than the session has images ({})",
-                        images.len()
-                    ))
-                })?
-                .to_vec(),
+        let Some(planned) = plan_sync(kind, rs, conv_id, history, images, image_id)? else {
+            return Ok(0);
         };
-        let resp = self
-            .replicas
-            .append(kind, &r, req)
-            .await
-            .map_err(|s| replica_err(kind, &r, s))?;
-        rs.synced = history.len();
-        rs.kv_len = resp.kv_len;
-        Ok(resp.forward_ns)
+        let reply = planned.run(self.replicas.as_ref()).await;
+        self.finish_sync(rs, conv_id, &planned, reply).await
+    }
+
+    /// Records a sync's answer in `rs`. A session that already exists where it was to be
+    /// opened (a previous incarnation) is closed, so that the next attempt replaces it.
+    async fn finish_sync(
+        &self,
+        rs: &mut ReplicaSession,
+        conv_id: &str,
+        planned: &PlannedSync,
+        reply: Result<SyncReply, Status>,
+    ) -> Result<u64, OrchestratorError> {
+        match reply {
+            Ok(reply) => {
+                planned.apply(rs, &reply);
+                Ok(reply.forward_ns)
+            }
+            Err(s) => {
+                if planned.opens() && s.code() == Code::AlreadyExists {
+                    self.close_on(planned.kind, &planned.replica, conv_id).await;
+                    rs.opened = false;
+                }
+                Err(replica_err(planned.kind, &planned.replica, s))
+            }
+        }
     }
 
     /// Closes a session on a replica (best effort).
@@ -476,14 +477,9 @@ impl Engine {
         Err(last_err.unwrap_or(OrchestratorError::NoReplica(ReplicaKind::Target)))
     }
 
-    /// Pins, checks (against `target`) and syncs the draft; `false` when no draft can be
-    /// used.
-    async fn ensure_draft(
-        &self,
-        conv: &mut Conversation,
-        stats: &mut Stats,
-        target: Option<&pb::ModelInfo>,
-    ) -> bool {
+    /// Pins and checks a draft and starts syncing the conversation's draft session in the
+    /// background (the target decodes meanwhile: the first token never waits for the draft).
+    async fn start_draft_sync(&self, conv: &mut Conversation) -> DraftStart {
         if conv
             .draft
             .as_ref()
@@ -491,35 +487,111 @@ impl Engine {
         {
             match self.drafts.pin(None) {
                 Some(pin) => conv.draft = Some(ReplicaSession::new(pin)),
-                None => return false,
+                None => return DraftStart::Unavailable,
             }
         }
         let d = conv.draft.as_mut().expect("pinned above");
         let r = Arc::clone(d.pin.replica());
-        let synced = match self.checked_info(ReplicaKind::Draft, &r, target).await {
-            Ok(_) => {
-                self.sync(ReplicaKind::Draft, d, &conv.id, &conv.history, &conv.images)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match synced {
-            Ok(ns) => {
-                stats.prefill_ns += ns;
-                true
+        if let Err(e) = self.checked_info(ReplicaKind::Draft, &r, None).await {
+            self.draft_failed(conv, e).await;
+            return DraftStart::Unavailable;
+        }
+        let image_id = self.identity.image_token_id;
+        match plan_sync(
+            ReplicaKind::Draft,
+            d,
+            &conv.id,
+            &conv.history,
+            &conv.images,
+            image_id,
+        ) {
+            Ok(None) => DraftStart::Ready,
+            Ok(Some(planned)) => {
+                let replicas = Arc::clone(&self.replicas);
+                let call = planned.clone();
+                let task = tokio::spawn(async move { call.run(replicas.as_ref()).await });
+                DraftStart::Running(DraftSetup { planned, task })
             }
             Err(e) => {
-                tracing::warn!(error = %e, "draft unavailable, continuing target-only");
-                if e.is_replica_code(Code::NotFound) {
-                    d.opened = false;
-                } else {
-                    conv.draft = None;
-                    if e.is_replica_code(Code::Unavailable) {
-                        // The replica may have gone: see the set as DNS sees it now.
-                        self.drafts.refresh().await;
-                    }
-                }
+                self.draft_failed(conv, e).await;
+                DraftStart::Unavailable
+            }
+        }
+    }
+
+    /// Takes the result of the turn's background draft sync when it is done (or, with
+    /// `wait`, waits for it) and, unless `wait`, attaches the draft to the turn.
+    async fn join_draft(&self, conv: &mut Conversation, turn: &mut Turn<'_>, wait: bool) {
+        if turn
+            .draft_setup
+            .as_ref()
+            .is_none_or(|s| !wait && !s.task.is_finished())
+        {
+            return;
+        }
+        let setup = turn.draft_setup.take().expect("checked above");
+        if self.finish_draft_setup(conv, setup).await && !wait {
+            self.attach_draft(conv, turn).await;
+        }
+    }
+
+    /// Waits for a background draft sync and records its outcome; whether it succeeded.
+    async fn finish_draft_setup(&self, conv: &mut Conversation, setup: DraftSetup) -> bool {
+        let reply = setup
+            .task
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("draft sync task: {e}"))));
+        let id = conv.id.clone();
+        let Some(d) = conv.draft.as_mut() else {
+            return false;
+        };
+        match self.finish_sync(d, &id, &setup.planned, reply).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.draft_failed(conv, e).await;
                 false
+            }
+        }
+    }
+
+    /// Checks the synced draft against the turn's target and opens its speculate stream.
+    async fn attach_draft(&self, conv: &mut Conversation, turn: &mut Turn<'_>) {
+        let Some(d) = conv.draft.as_ref() else {
+            return;
+        };
+        let r = Arc::clone(d.pin.replica());
+        if let Err(e) = self
+            .checked_info(ReplicaKind::Draft, &r, Some(&turn.target_model))
+            .await
+        {
+            self.draft_failed(conv, e).await;
+            return;
+        }
+        let (requests, rx) = mpsc::channel::<pb::SpeculateRequest>(2);
+        match self.replicas.speculate(&r, rx).await {
+            Ok(trees) => {
+                turn.draft = Some(DraftStream { requests, trees });
+                turn.stats.speculative = true;
+            }
+            Err(s) => {
+                tracing::warn!(status = %s, "cannot open the speculate stream, continuing target-only");
+            }
+        }
+    }
+
+    /// Forgets a draft that failed (a lost session is reopened next time; a replica that
+    /// failed is unpinned and the set refreshed).
+    async fn draft_failed(&self, conv: &mut Conversation, e: OrchestratorError) {
+        tracing::warn!(error = %e, "draft unavailable, continuing target-only");
+        if e.is_replica_code(Code::NotFound) {
+            if let Some(d) = conv.draft.as_mut() {
+                d.opened = false;
+            }
+        } else {
+            conv.draft = None;
+            if e.is_replica_code(Code::Unavailable) {
+                // The replica may have gone: see the set as DNS sees it now.
+                self.drafts.refresh().await;
             }
         }
     }
@@ -540,6 +612,24 @@ impl Engine {
         // Counts this turn in the load the budget policy sizes trees for.
         let _active = Active::enter(&self.active);
         let mut turn = self.begin(conv, params, spec).await?;
+        match self.decode(conv, &mut turn, tx).await {
+            Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
+            Err(e) => {
+                // Keep knowing what the draft session holds (it is closed with the rest).
+                self.join_draft(conv, &mut turn, true).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The turn's steps, until it finishes or fails.
+    async fn decode(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        let params = turn.params;
         while turn.generated < params.max_new_tokens {
             if tx.is_closed() {
                 return Err(Interrupted::Cancelled);
@@ -550,8 +640,8 @@ impl Engine {
                 turn.finish = pb::FinishReason::Length;
                 break;
             }
-            let proposal = self.draft_step(conv, &mut turn, room).await;
-            let Some(verified) = self.verify_step(conv, &mut turn, &proposal).await? else {
+            let proposal = self.draft_step(conv, turn, room).await;
+            let Some(verified) = self.verify_step(conv, turn, &proposal).await? else {
                 // The target session was recovered: draft and verify again.
                 continue;
             };
@@ -559,16 +649,16 @@ impl Engine {
                 turn.finish = pb::FinishReason::Length;
                 break;
             }
-            self.record_step(&mut turn, proposal, &verified);
-            if self.emit(conv, &mut turn, &verified.resp, tx).await? == Flow::Stop {
+            self.record_step(turn, proposal, &verified);
+            if self.emit(conv, turn, &verified.resp, tx).await? == Flow::Stop {
                 break;
             }
         }
-        self.end(conv, turn, prompt_tokens, tx).await
+        Ok(())
     }
 
-    /// Pins and syncs the target (and the draft, when speculating) and opens the draft
-    /// stream.
+    /// Starts the draft session's sync in the background (when speculating), pins and
+    /// syncs the target, and attaches the draft if it is ready already.
     async fn begin<'a>(
         &self,
         conv: &mut Conversation,
@@ -577,7 +667,23 @@ impl Engine {
     ) -> Result<Turn<'a>, Interrupted> {
         let started = Instant::now();
         let mut stats = Stats::default();
-        let info = self.ensure_target(conv, &mut stats).await?;
+        // The draft session syncs while the target's does (and while the target decodes,
+        // if it takes longer).
+        let draft_start = if spec.mode.is_some() {
+            self.start_draft_sync(conv).await
+        } else {
+            DraftStart::Unavailable
+        };
+        let info = match self.ensure_target(conv, &mut stats).await {
+            Ok(info) => info,
+            Err(e) => {
+                if let DraftStart::Running(setup) = draft_start {
+                    // Keep knowing what the draft session holds.
+                    self.finish_draft_setup(conv, setup).await;
+                }
+                return Err(e.into());
+            }
+        };
         let model = info.model.clone().unwrap_or_default();
         let eos: Vec<u32> = if params.ignore_eos {
             Vec::new()
@@ -591,19 +697,12 @@ impl Engine {
             max_depth: info.max_tree_depth as usize,
             vocab_size: model.vocab_size as usize,
         };
-        let mut draft = None;
-        if spec.mode.is_some() && self.ensure_draft(conv, &mut stats, Some(&model)).await {
-            let d = conv.draft.as_ref().expect("ensured");
-            let (requests, rx) = mpsc::channel::<pb::SpeculateRequest>(2);
-            match self.replicas.speculate(d.pin.replica(), rx).await {
-                Ok(trees) => draft = Some(DraftStream { requests, trees }),
-                Err(s) => {
-                    tracing::warn!(status = %s, "cannot open the speculate stream, continuing target-only");
-                }
-            }
-        }
-        stats.speculative = draft.is_some();
-        Ok(Turn {
+        let (ready, draft_setup) = match draft_start {
+            DraftStart::Ready => (true, None),
+            DraftStart::Running(setup) => (false, Some(setup)),
+            DraftStart::Unavailable => (false, None),
+        };
+        let mut turn = Turn {
             params,
             spec,
             started,
@@ -611,7 +710,9 @@ impl Engine {
             eos,
             tree_limits,
             max_context: model.max_context,
-            draft,
+            target_model: model,
+            draft: None,
+            draft_setup,
             text: TextStream::new(params.stop.clone()),
             generated: 0,
             first_token_at: None,
@@ -619,7 +720,13 @@ impl Engine {
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             prompt_len: conv.history.len(),
-        })
+        };
+        if ready {
+            self.attach_draft(conv, &mut turn).await;
+        } else {
+            self.join_draft(conv, &mut turn, false).await;
+        }
+        Ok(turn)
     }
 
     /// The tree to verify this step: the draft's, or a root-only tree without a draft.
@@ -640,6 +747,9 @@ impl Engine {
             },
             drafted: false,
         };
+        if turn.draft.is_none() {
+            self.join_draft(conv, turn, false).await;
+        }
         let Some(stream) = turn.draft.as_mut() else {
             return root_only;
         };
@@ -660,6 +770,7 @@ impl Engine {
             new_tokens: conv.history[d.synced..].to_vec(),
             accepted_path: std::mem::take(&mut turn.last_path),
             params: Some(draft_params_to_proto(&p)),
+            draft_ahead: turn.spec.draft_ahead && self.cfg.draft_ahead,
         };
         let t0 = Instant::now();
         let got = if stream.requests.send(req).await.is_ok() {
@@ -890,7 +1001,11 @@ impl Engine {
         let msg = pb::GenerateResponse {
             event: Some(pb::generate_response::Event::Summary(summary)),
         };
-        tx.send(Ok(msg)).await.map_err(|_| Interrupted::Cancelled)
+        let sent = tx.send(Ok(msg)).await;
+        // A draft sync still running (a short turn) is waited for after the answer, so the
+        // conversation knows what its draft session holds.
+        self.join_draft(conv, &mut turn, true).await;
+        sent.map_err(|_| Interrupted::Cancelled)
     }
 }
 

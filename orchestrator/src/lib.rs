@@ -8,6 +8,7 @@
 //! - [`routing`]: replica sets (DNS, refresh) and session pinning.
 //! - [`clients`]: the replica calls (a small trait, gRPC behind it).
 //! - [`session`]: conversations and their replica state.
+//! - [`sync`]: the call that brings a replica session up to date with the history.
 //! - [`engine`]: the generation loop in steps, fallback, recovery and the
 //!   compatibility check of replicas.
 //! - [`plan`]: the budget policy's prior and each step's tree shape.
@@ -25,6 +26,7 @@ pub mod routing;
 pub mod service;
 pub mod session;
 pub mod stats;
+pub mod sync;
 pub mod text;
 
 use std::sync::Arc;

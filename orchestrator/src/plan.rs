@@ -74,6 +74,8 @@ pub struct SpecSettings {
     pub branching: usize,
     /// M override (0 = policy).
     pub budget: usize,
+    /// Whether the draft may pre-draft the next tree while the target verifies.
+    pub draft_ahead: bool,
 }
 
 /// The tree shape of step `step`: the request's overrides first, then the policy's
@@ -132,6 +134,7 @@ mod tests {
             depth,
             branching: 0,
             budget: 0,
+            draft_ahead: true,
         }
     }
 

@@ -158,6 +158,7 @@ fn spec_settings(s: Option<pb::SpeculationConfig>) -> SpecSettings {
         depth: s.depth as usize,
         branching: s.branching as usize,
         budget: s.budget as usize,
+        draft_ahead: !s.disable_draft_ahead,
     }
 }
 

@@ -28,6 +28,12 @@ pub struct Stats {
     pub prefill_ns: u64,
     /// Whether a draft stream was used.
     pub speculative: bool,
+    /// Draft-ahead guesses that were right.
+    pub ahead_hits: u32,
+    /// Draft-ahead guesses that were wrong.
+    pub ahead_misses: u32,
+    /// Spare-time drafting the hits saved.
+    pub ahead_saved_ns: u64,
 }
 
 impl Stats {
@@ -35,6 +41,14 @@ impl Stats {
     pub fn record_draft(&mut self, tree: &pb::DraftTree, rtt_ns: u64) {
         self.draft_ns += tree.draft_ns;
         self.network_ns += rtt_ns.saturating_sub(tree.draft_ns);
+        match pb::AheadOutcome::try_from(tree.ahead) {
+            Ok(pb::AheadOutcome::Hit) => {
+                self.ahead_hits += 1;
+                self.ahead_saved_ns += tree.ahead_ns;
+            }
+            Ok(pb::AheadOutcome::Miss) => self.ahead_misses += 1,
+            _ => {}
+        }
     }
 
     /// A verify answer that came back after `rtt_ns`; `drafted` when the tree came from
@@ -88,6 +102,9 @@ impl Stats {
             time_to_first_token_ns: nanos(ttft),
             prefill_ns: self.prefill_ns,
             speculative: self.speculative,
+            ahead_hits: self.ahead_hits,
+            ahead_misses: self.ahead_misses,
+            ahead_saved_ns: self.ahead_saved_ns,
             tokens_per_second: if decode_secs > 0.0 {
                 (generated.saturating_sub(1)) as f32 / decode_secs as f32
             } else {

@@ -280,6 +280,7 @@ impl ReplicaApi for Fake {
                 levels: depth as u32,
                 drafted_nodes: depth as u32,
                 draft_ns: 5,
+                ..Default::default()
             })
         });
         Ok(Box::pin(trees))
@@ -329,6 +330,7 @@ async fn run(
         depth: 4,
         branching: 0,
         budget: 0,
+        draft_ahead: true,
     };
     let (tx, mut rx) = mpsc::channel(256);
     engine.generate(&mut conv, 4, &params, &spec, &tx).await?;

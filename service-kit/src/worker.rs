@@ -11,7 +11,9 @@
 //! [`SessionBackend`].
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
+};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -148,6 +150,13 @@ pub trait SessionBackend: Send + 'static {
 
     /// Runs one batch (distinct sessions) and answers every job of it.
     fn run_batch(&mut self, sessions: &mut SessionStore<Self::Session>, batch: Vec<Queued<Self>>);
+
+    /// Spare-time work, run while the queue is empty: one bounded unit (the draft: one
+    /// batched pre-draft level), so a request arriving meanwhile waits for at most one unit.
+    /// Returns whether it did anything (`false`: the worker blocks on the queue).
+    fn idle_work(&mut self, _sessions: &mut SessionStore<Self::Session>) -> bool {
+        false
+    }
 
     /// Called with the number of jobs that left the queue (batched or skipped because
     /// their caller went away), before the batch runs.
@@ -362,10 +371,19 @@ impl<B: SessionBackend> Worker<B> {
             }
             let cmd = match self.backlog.pop_front() {
                 Some(c) => c,
-                None => match rx.recv_timeout(tick) {
+                None => match rx.try_recv() {
                     Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        if self.backend.idle_work(&mut self.sessions) {
+                            continue;
+                        }
+                        match rx.recv_timeout(tick) {
+                            Ok(c) => c,
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
                 },
             };
             match cmd {

@@ -21,8 +21,11 @@
 //! | `errors_total` | counter | `type`, `status` | errors by the error enum's `error_type()` and the gRPC status code |
 //! | `requests_total` | counter | `rpc` | RPCs handled, by method name |
 //! | `replicas_refused_total` | counter | `kind` | replicas the orchestrator refused as incompatible (`draft`, `target`) |
+//! | `draft_ahead_total` | counter | `outcome` | draft-ahead guesses judged by the next request (`hit`, `miss`, `late`) |
+//! | `draft_ahead_saved_seconds_total` | counter | | spare-time drafting the hits' requests did not wait for |
 
 use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -73,6 +76,17 @@ impl EncodeLabelSet for ReasonLabel {
     }
 }
 
+/// Labels of `specllava_draft_ahead_total`: what became of a pre-draft (`hit`, `miss`, `late`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutcomeLabel(pub &'static str);
+
+impl EncodeLabelSet for OutcomeLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        ("outcome", self.0).encode(encoder.encode_label())
+    }
+}
+
 /// Labels of `specllava_replicas_refused_total`: the replica kind (`draft`, `target`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KindLabel(pub String);
@@ -113,6 +127,10 @@ pub struct Metrics {
     pub requests: Family<RpcLabel, Counter>,
     /// Replicas refused as incompatible, by kind (orchestrator).
     pub replicas_refused: Family<KindLabel, Counter>,
+    /// Draft-ahead guesses, by outcome (draft).
+    pub draft_ahead: Family<OutcomeLabel, Counter>,
+    /// Spare-time drafting used by hits, in seconds (draft).
+    pub draft_ahead_saved_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -135,6 +153,8 @@ impl Metrics {
             errors: Family::default(),
             requests: Family::default(),
             replicas_refused: Family::default(),
+            draft_ahead: Family::default(),
+            draft_ahead_saved_seconds: Counter::default(),
         };
         registry.register(
             "accepted_tokens_per_step",
@@ -201,7 +221,26 @@ impl Metrics {
             "Replicas refused as incompatible (vocabulary, special ids, tokenizer), by kind",
             metrics.replicas_refused.clone(),
         );
+        registry.register(
+            "draft_ahead",
+            "Draft-ahead guesses judged by the next request, by outcome (hit, miss, late)",
+            metrics.draft_ahead.clone(),
+        );
+        registry.register(
+            "draft_ahead_saved_seconds",
+            "Spare-time drafting that requests hitting a pre-draft did not wait for",
+            metrics.draft_ahead_saved_seconds.clone(),
+        );
         metrics
+    }
+
+    /// Counts one draft-ahead outcome (`hit`, `miss`, `late`); a hit also adds the
+    /// spare-time drafting it saved.
+    pub fn record_draft_ahead(&self, outcome: &'static str, saved_seconds: f64) {
+        self.draft_ahead.get_or_create(&OutcomeLabel(outcome)).inc();
+        if saved_seconds > 0.0 {
+            self.draft_ahead_saved_seconds.inc_by(saved_seconds);
+        }
     }
 
     /// Counts one error of type `error_type` answered with gRPC status `code`.

@@ -53,6 +53,9 @@ struct Args {
     /// Budget M (0 = policy).
     #[arg(long, env = "SPECLLAVA_BUDGET", default_value_t = 0)]
     budget: u32,
+    /// Do not let the draft pre-draft while the target verifies (draft-ahead).
+    #[arg(long, env = "SPECLLAVA_NO_DRAFT_AHEAD")]
+    no_draft_ahead: bool,
     /// Stop strings (repeatable; comma-separated in the environment variable).
     #[arg(long, env = "SPECLLAVA_STOP", value_delimiter = ',')]
     stop: Vec<String>,
@@ -95,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             depth: args.depth,
             branching: args.branching,
             budget: args.budget,
+            disable_draft_ahead: args.no_draft_ahead,
         }),
     };
     println!("USER: {}", args.prompt);

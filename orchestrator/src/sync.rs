@@ -1,0 +1,143 @@
+//! Bringing a replica session up to date with a conversation's history: which call it takes
+//! (`OpenSession` for a new session, `Append` of the tokens it lacks, nothing when in sync),
+//! making it, and recording the answer in the [`ReplicaSession`].
+//!
+//! The call owns its request and replica handle, so it can run as a task of its own: the
+//! draft session of a turn syncs in the background while the target already decodes
+//! ([`crate::engine`]).
+
+use std::sync::Arc;
+
+use specllava_proto::v1 as pb;
+use tonic::Status;
+
+use crate::clients::{ReplicaApi, ReplicaKind};
+use crate::error::OrchestratorError;
+use crate::routing::Replica;
+use crate::session::{ReplicaSession, kv_rows};
+
+/// The call that syncs a session.
+#[derive(Debug, Clone)]
+pub enum SyncCall {
+    /// Open the session with the whole history.
+    Open(pb::OpenSessionRequest),
+    /// Truncate the session's KV and append the tokens it lacks.
+    Append(pb::AppendRequest),
+}
+
+/// What the replica answered.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncReply {
+    /// KV rows the session holds now.
+    pub kv_len: u64,
+    /// KV rows per image placeholder (`OpenSession` only).
+    pub num_image_tokens: Option<u32>,
+    /// Prefill time the replica reports.
+    pub forward_ns: u64,
+}
+
+/// A sync to make: the call, the replica and the history length it brings the session to.
+#[derive(Clone)]
+pub struct PlannedSync {
+    /// Which replica kind.
+    pub kind: ReplicaKind,
+    /// The replica.
+    pub replica: Arc<Replica>,
+    /// The call.
+    pub call: SyncCall,
+    /// History tokens the session knows once the call succeeds.
+    pub synced: usize,
+}
+
+/// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
+/// when it is in sync already.
+pub fn plan_sync(
+    kind: ReplicaKind,
+    rs: &ReplicaSession,
+    conv_id: &str,
+    history: &[u32],
+    images: &[Vec<u8>],
+    image_token_id: u32,
+) -> Result<Option<PlannedSync>, OrchestratorError> {
+    let replica = Arc::clone(rs.pin.replica());
+    let planned = |call| {
+        Ok(Some(PlannedSync {
+            kind,
+            replica,
+            call,
+            synced: history.len(),
+        }))
+    };
+    if !rs.opened {
+        return planned(SyncCall::Open(pb::OpenSessionRequest {
+            session_id: conv_id.to_owned(),
+            images: images.to_vec(),
+            token_ids: history.to_vec(),
+        }));
+    }
+    if rs.synced == history.len() {
+        return Ok(None);
+    }
+    let keep_h = rs.synced.min(history.len()).max(1) - 1;
+    let keep = kv_rows(history, keep_h, image_token_id, rs.num_image_tokens);
+    let skip_images = history[..keep_h]
+        .iter()
+        .filter(|&&t| t == image_token_id)
+        .count();
+    let tokens = history[keep_h..].to_vec();
+    let n_images = tokens.iter().filter(|&&t| t == image_token_id).count();
+    let images = images
+        .get(skip_images..skip_images + n_images)
+        .ok_or_else(|| {
+            OrchestratorError::Internal(format!(
+                "history holds more image placeholders than the session has images ({})",
+                images.len()
+            ))
+        })?
+        .to_vec();
+    planned(SyncCall::Append(pb::AppendRequest {
+        session_id: conv_id.to_owned(),
+        keep_kv_len: keep,
+        token_ids: tokens,
+        images,
+    }))
+}
+
+impl PlannedSync {
+    /// Makes the call.
+    pub async fn run(&self, replicas: &dyn ReplicaApi) -> Result<SyncReply, Status> {
+        match &self.call {
+            SyncCall::Open(req) => replicas
+                .open_session(self.kind, &self.replica, req.clone())
+                .await
+                .map(|r| SyncReply {
+                    kv_len: r.kv_len,
+                    num_image_tokens: Some(r.num_image_tokens),
+                    forward_ns: r.prefill_ns,
+                }),
+            SyncCall::Append(req) => replicas
+                .append(self.kind, &self.replica, req.clone())
+                .await
+                .map(|r| SyncReply {
+                    kv_len: r.kv_len,
+                    num_image_tokens: None,
+                    forward_ns: r.forward_ns,
+                }),
+        }
+    }
+
+    /// Records a successful call in `rs`.
+    pub fn apply(&self, rs: &mut ReplicaSession, reply: &SyncReply) {
+        rs.opened = true;
+        rs.synced = self.synced;
+        rs.kv_len = reply.kv_len;
+        if let Some(n) = reply.num_image_tokens {
+            rs.num_image_tokens = n;
+        }
+    }
+
+    /// Whether the call opens the session.
+    pub fn opens(&self) -> bool {
+        matches!(self.call, SyncCall::Open(_))
+    }
+}
