@@ -64,6 +64,12 @@ pub struct ServerStats {
     pub time_to_first_token_ns: u64,
     /// Whether the draft was used.
     pub speculative: bool,
+    /// Draft-ahead guesses that were right.
+    pub ahead_hits: u32,
+    /// Draft-ahead guesses that were wrong.
+    pub ahead_misses: u32,
+    /// Spare-time drafting the hits saved, ns.
+    pub ahead_saved_ns: u64,
 }
 
 impl From<SpeculationStats> for ServerStats {
@@ -78,6 +84,9 @@ impl From<SpeculationStats> for ServerStats {
             network_ns: s.network_ns,
             prefill_ns: s.prefill_ns,
             total_ns: s.total_ns,
+            ahead_hits: s.ahead_hits,
+            ahead_misses: s.ahead_misses,
+            ahead_saved_ns: s.ahead_saved_ns,
             time_to_first_token_ns: s.time_to_first_token_ns,
             speculative: s.speculative,
         }

@@ -99,7 +99,8 @@ struct RunArgs {
     /// Rounds per (sampling, concurrency); medians are over rounds.
     #[arg(long, env = "SPECLLAVA_BENCH_REPEATS")]
     repeats: Option<usize>,
-    /// Modes at concurrency 1 (comma list: target-only, chain:L, static:D,K,M, dynamic:D,K,M, adaptive).
+    /// Modes at concurrency 1 (comma list: target-only, chain:L, static:D,K,M, dynamic:D,K,M,
+    /// adaptive; a `/no-ahead` suffix turns draft-ahead off).
     #[arg(long, env = "SPECLLAVA_BENCH_MODES", value_delimiter = ',')]
     modes: Option<Vec<String>>,
     /// Modes at concurrency > 1.
@@ -246,12 +247,14 @@ fn sizing(quick: bool) -> Sizing {
             max_new_tokens: 32,
             repeats: 3,
             modes: vec![
-                m("chain:2"),
                 m("chain:4"),
+                m("chain:4/no-ahead"),
                 m("chain:6"),
                 m("static:3,3,12"),
                 m("dynamic:5,3,16"),
+                m("dynamic:5,3,16/no-ahead"),
                 m("adaptive"),
+                m("adaptive/no-ahead"),
             ],
             concurrent_modes: vec![m("chain:4"), m("dynamic:5,3,16"), m("adaptive")],
             concurrency: vec![1, 4, 16],
@@ -435,7 +438,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
                 .filter(|r| r.mode == m && r.sampling == sampling && r.concurrency == concurrency)
                 .collect()
         };
-        let base = cell(Mode::TargetOnly);
+        let base = cell(Mode::TARGET_ONLY);
         for m in modes {
             summaries.extend(report::summarise(&cell(m), &base, &items));
         }

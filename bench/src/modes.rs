@@ -6,10 +6,20 @@ use std::str::FromStr;
 use serde::Serialize;
 use specllava_proto::v1::{GenerationParams, SpeculationConfig, SpeculationMode};
 
-/// One decoding mode, as sent to the orchestrator.
+/// One decoding mode, as sent to the orchestrator: a tree shape, with or without draft-ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Mode {
+    /// What is drafted each step.
+    #[serde(flatten)]
+    pub shape: Shape,
+    /// Whether the draft pre-drafts the next tree while the target verifies.
+    pub draft_ahead: bool,
+}
+
+/// A tree shape (or none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Mode {
+pub enum Shape {
     /// No speculation: the baseline every other mode is compared with.
     TargetOnly,
     /// A chain of `len` draft tokens (K = 1).
@@ -40,59 +50,101 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The baseline: no speculation.
+    pub const TARGET_ONLY: Mode = Mode {
+        shape: Shape::TargetOnly,
+        draft_ahead: false,
+    };
+
+    /// `shape` with draft-ahead (the services' default).
+    pub fn new(shape: Shape) -> Self {
+        Self {
+            draft_ahead: !matches!(shape, Shape::TargetOnly),
+            shape,
+        }
+    }
+
     /// The speculation settings of a request in this mode.
     pub fn speculation(&self) -> SpeculationConfig {
-        let (mode, depth, branching, budget) = match *self {
-            Mode::TargetOnly => (SpeculationMode::Off, 0, 0, 0),
-            Mode::Chain { len } => (SpeculationMode::Chain, len, 1, len),
-            Mode::Static {
+        let (mode, depth, branching, budget) = match self.shape {
+            Shape::TargetOnly => (SpeculationMode::Off, 0, 0, 0),
+            Shape::Chain { len } => (SpeculationMode::Chain, len, 1, len),
+            Shape::Static {
                 depth,
                 branching,
                 budget,
             } => (SpeculationMode::Static, depth, branching, budget),
-            Mode::Dynamic {
+            Shape::Dynamic {
                 depth,
                 branching,
                 budget,
             } => (SpeculationMode::Dynamic, depth, branching, budget),
-            Mode::Adaptive => (SpeculationMode::Dynamic, 0, 0, 0),
+            Shape::Adaptive => (SpeculationMode::Dynamic, 0, 0, 0),
         };
         SpeculationConfig {
             mode: mode as i32,
             depth,
             branching,
             budget,
-            disable_draft_ahead: false,
+            disable_draft_ahead: !self.draft_ahead,
         }
     }
 
     /// Whether this is the baseline.
     pub fn is_baseline(&self) -> bool {
-        matches!(self, Mode::TargetOnly)
+        matches!(self.shape, Shape::TargetOnly)
     }
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.shape)?;
+        if !self.draft_ahead && !self.is_baseline() {
+            write!(f, "/no-ahead")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Mode::TargetOnly => write!(f, "target-only"),
-            Mode::Chain { len } => write!(f, "chain:{len}"),
-            Mode::Static {
+            Shape::TargetOnly => write!(f, "target-only"),
+            Shape::Chain { len } => write!(f, "chain:{len}"),
+            Shape::Static {
                 depth,
                 branching,
                 budget,
             } => write!(f, "static:{depth},{branching},{budget}"),
-            Mode::Dynamic {
+            Shape::Dynamic {
                 depth,
                 branching,
                 budget,
             } => write!(f, "dynamic:{depth},{branching},{budget}"),
-            Mode::Adaptive => write!(f, "adaptive"),
+            Shape::Adaptive => write!(f, "adaptive"),
         }
     }
 }
 
 impl FromStr for Mode {
+    type Err = String;
+
+    /// A shape (see [`Shape`]'s `FromStr`), optionally followed by `/no-ahead`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_suffix("/no-ahead") {
+            Some(shape) => {
+                let shape: Shape = shape.parse()?;
+                Ok(Mode {
+                    shape,
+                    draft_ahead: false,
+                })
+            }
+            None => s.parse().map(Mode::new),
+        }
+    }
+}
+
+impl FromStr for Shape {
     type Err = String;
 
     /// `target-only` (or `off`), `chain:L`, `static:D,K,M`, `dynamic:D,K,M`, `adaptive`.
@@ -109,21 +161,21 @@ impl FromStr for Mode {
             _ => Err(format!("mode {s:?}: expected three positive numbers D,K,M")),
         };
         match (kind, nums.as_slice()) {
-            ("target-only" | "off", []) => Ok(Mode::TargetOnly),
-            ("adaptive", []) => Ok(Mode::Adaptive),
-            ("chain", [len]) if *len > 0 => Ok(Mode::Chain { len: *len }),
-            ("static", n) => dkm(n).map(|(depth, branching, budget)| Mode::Static {
+            ("target-only" | "off", []) => Ok(Shape::TargetOnly),
+            ("adaptive", []) => Ok(Shape::Adaptive),
+            ("chain", [len]) if *len > 0 => Ok(Shape::Chain { len: *len }),
+            ("static", n) => dkm(n).map(|(depth, branching, budget)| Shape::Static {
                 depth,
                 branching,
                 budget,
             }),
-            ("dynamic", n) => dkm(n).map(|(depth, branching, budget)| Mode::Dynamic {
+            ("dynamic", n) => dkm(n).map(|(depth, branching, budget)| Shape::Dynamic {
                 depth,
                 branching,
                 budget,
             }),
             _ => Err(format!(
-                "unknown mode {s:?} (target-only, chain:L, static:D,K,M, dynamic:D,K,M, adaptive)"
+                "unknown mode {s:?} (target-only, chain:L, static:D,K,M, dynamic:D,K,M, adaptive; /no-ahead turns draft-ahead off)"
             )),
         }
     }
@@ -182,19 +234,29 @@ mod tests {
             "static:3,2,8",
             "dynamic:4,3,16",
             "adaptive",
+            "adaptive/no-ahead",
+            "chain:4/no-ahead",
         ] {
             let m: Mode = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }
-        assert_eq!("off".parse::<Mode>(), Ok(Mode::TargetOnly));
+        assert_eq!("off".parse::<Mode>(), Ok(Mode::TARGET_ONLY));
         assert!("chain:0".parse::<Mode>().is_err());
         assert!("dynamic:4,3".parse::<Mode>().is_err());
         assert!("tree".parse::<Mode>().is_err());
-        let c = Mode::Chain { len: 4 }.speculation();
+        let c = Mode::new(Shape::Chain { len: 4 }).speculation();
         assert_eq!(
-            (c.mode, c.depth, c.branching, c.budget),
-            (SpeculationMode::Chain as i32, 4, 1, 4)
+            (
+                c.mode,
+                c.depth,
+                c.branching,
+                c.budget,
+                c.disable_draft_ahead
+            ),
+            (SpeculationMode::Chain as i32, 4, 1, 4, false)
         );
-        assert_eq!(Mode::Adaptive.speculation().depth, 0);
+        let a: Mode = "adaptive/no-ahead".parse().unwrap();
+        assert_eq!(a.speculation().depth, 0);
+        assert!(a.speculation().disable_draft_ahead);
     }
 }

@@ -37,12 +37,14 @@ impl Run {
     /// Decode rate: tokens after each request's first, over the summed decode times (from first
     /// to last token), tokens per second. At concurrency 1 this is pure decoding speed.
     pub fn decode_tok_s(&self) -> f64 {
-        let toks: usize = self
-            .results
-            .iter()
-            .map(|r| r.1.tokens.len().saturating_sub(1))
-            .sum();
-        let ns: u64 = self.results.iter().map(|r| r.1.decode_ns()).sum();
+        self.decode_tok_s_where(|_| true)
+    }
+
+    /// The decode rate over the requests whose item index passes `keep`.
+    pub fn decode_tok_s_where(&self, keep: impl Fn(usize) -> bool) -> f64 {
+        let kept = || self.results.iter().filter(|r| keep(r.0));
+        let toks: usize = kept().map(|r| r.1.tokens.len().saturating_sub(1)).sum();
+        let ns: u64 = kept().map(|r| r.1.decode_ns()).sum();
         if ns == 0 {
             0.0
         } else {
@@ -96,6 +98,18 @@ pub struct ModeSummary {
     pub speedup: f64,
     /// Median over repeats of the throughput ratio to target-only of the same repeat.
     pub throughput_speedup: f64,
+    /// Decode speedup over in-domain items only (median over repeats).
+    pub speedup_in_domain: Option<f64>,
+    /// Decode speedup over out-of-domain items only (median over repeats).
+    pub speedup_ood: Option<f64>,
+    /// Draft-ahead hit rate (hits / guesses), all items.
+    pub ahead_hit_rate: Option<f64>,
+    /// Draft-ahead hit rate, in-domain items.
+    pub ahead_hit_rate_in_domain: Option<f64>,
+    /// Draft-ahead hit rate, out-of-domain items.
+    pub ahead_hit_rate_ood: Option<f64>,
+    /// Spare-time drafting the hits saved, as a fraction of the summed drafting time.
+    pub ahead_saved_share: Option<f64>,
     /// Mean tokens emitted per verification step (accepted + 1).
     pub mean_accepted_length: f64,
     /// Mean tokens per step, in-domain items only.
@@ -153,6 +167,30 @@ pub fn summarise(runs: &[&Run], baseline: &[&Run], items: &[EvalItem]) -> Option
         }
         (steps > 0).then(|| toks as f64 / steps as f64)
     };
+    let hit_rate = |domain: Option<Domain>| {
+        let (mut hits, mut guesses) = (0u64, 0u64);
+        for (i, r) in results() {
+            if domain.is_none_or(|d| items[*i].domain == d) {
+                hits += u64::from(r.stats.ahead_hits);
+                guesses += u64::from(r.stats.ahead_hits + r.stats.ahead_misses);
+            }
+        }
+        (guesses > 0).then(|| hits as f64 / guesses as f64)
+    };
+    let domain_speedup = |d: Domain| {
+        let in_d = |i: usize| items.get(i).is_some_and(|it| it.domain == d);
+        if !results().any(|(i, _)| in_d(*i)) {
+            return None;
+        }
+        Some(ratio_medians(runs, baseline, |r| {
+            r.decode_tok_s_where(in_d)
+        }))
+        .filter(|x| x.is_finite())
+    };
+    let saved: u64 = results().map(|(_, r)| r.stats.ahead_saved_ns).sum();
+    let drafting: u64 = results()
+        .map(|(_, r)| r.stats.draft_ns + r.stats.ahead_saved_ns)
+        .sum();
     let total_steps: usize = results().map(|(_, r)| steps_of(r)).sum();
     let max_depth = results()
         .map(|(_, r)| r.stats.acceptance_per_depth.len())
@@ -235,6 +273,12 @@ pub fn summarise(runs: &[&Run], baseline: &[&Run], items: &[EvalItem]) -> Option
         .unwrap_or(0.0),
         speedup: ratio_medians(runs, baseline, Run::decode_tok_s),
         throughput_speedup: ratio_medians(runs, baseline, Run::throughput_tok_s),
+        speedup_in_domain: domain_speedup(Domain::InDomain),
+        speedup_ood: domain_speedup(Domain::OutOfDomain),
+        ahead_hit_rate: hit_rate(None),
+        ahead_hit_rate_in_domain: hit_rate(Some(Domain::InDomain)),
+        ahead_hit_rate_ood: hit_rate(Some(Domain::OutOfDomain)),
+        ahead_saved_share: (drafting > 0 && saved > 0).then(|| saved as f64 / drafting as f64),
         mean_accepted_length: if total_steps > 0 {
             tokens as f64 / total_steps as f64
         } else {
@@ -341,12 +385,12 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(s, "Command: `{}`\n", m.command);
     let _ = writeln!(
         s,
-        "| sampling | conc | mode | decode tok/s | speedup | e2e tok/s | e2e speedup | tokens/step (in / ood) | \
-         acceptance d1..d4 | draft / verify / net / prefill / idle % | TTFT ms | p50 / p99 ms/token | target batch |"
+        "| sampling | conc | mode | decode tok/s | speedup (in / ood) | e2e tok/s | e2e speedup | tokens/step (in / ood) | \
+         acceptance d1..d4 | ahead hit % (in / ood) | draft / verify / net / prefill / idle % | TTFT ms | p50 / p99 ms/token | target batch |"
     );
     let _ = writeln!(
         s,
-        "|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---|---:|"
+        "|---|---:|---|---:|---|---:|---:|---|---|---|---|---:|---|---:|"
     );
     for x in &report.summaries {
         let acc: Vec<String> = x
@@ -358,12 +402,14 @@ pub fn markdown(report: &Report) -> String {
         let t = &x.time_split;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.2}x | {:.1} | {:.2}x | {:.2} ({} / {}) | {} | {:.0} / {:.0} / {:.0} / {:.0} / {:.0} | {:.1} | {:.2} / {:.2} | {} |",
+            "| {} | {} | {} | {:.1} | {:.2}x ({} / {}) | {:.1} | {:.2}x | {:.2} ({} / {}) | {} | {} | {:.0} / {:.0} / {:.0} / {:.0} / {:.0} | {:.1} | {:.2} / {:.2} | {} |",
             x.sampling,
             x.concurrency,
             x.label,
             x.decode_tok_s,
             x.speedup,
+            opt(x.speedup_in_domain, 2),
+            opt(x.speedup_ood, 2),
             x.throughput_tok_s,
             x.throughput_speedup,
             x.mean_accepted_length,
@@ -373,6 +419,15 @@ pub fn markdown(report: &Report) -> String {
                 "-".into()
             } else {
                 acc.join(" ")
+            },
+            match x.ahead_hit_rate {
+                Some(h) => format!(
+                    "{:.0} ({} / {})",
+                    100.0 * h,
+                    opt(x.ahead_hit_rate_in_domain.map(|v| 100.0 * v), 0),
+                    opt(x.ahead_hit_rate_ood.map(|v| 100.0 * v), 0)
+                ),
+                None => "-".into(),
             },
             100.0 * t.draft,
             100.0 * t.verify,
@@ -494,6 +549,7 @@ pub fn render_markdown(
 mod tests {
     use super::*;
     use crate::driver::ServerStats;
+    use crate::modes::Shape;
 
     fn result(tokens: usize, chunks: Vec<(u64, u32)>, steps: u32) -> RequestResult {
         RequestResult {
@@ -535,12 +591,12 @@ mod tests {
         // Baseline: 4 tokens one per step, 100 ns apart after the first.
         let base = [
             run(
-                Mode::TargetOnly,
+                Mode::TARGET_ONLY,
                 0,
                 result(4, vec![(50, 1), (150, 1), (250, 1), (350, 1)], 4),
             ),
             run(
-                Mode::TargetOnly,
+                Mode::TARGET_ONLY,
                 1,
                 result(4, vec![(50, 1), (250, 1), (450, 1), (650, 1)], 4),
             ),
@@ -548,12 +604,12 @@ mod tests {
         // Chain: same 4 tokens in two steps (1 + 3).
         let chain = [
             run(
-                Mode::Chain { len: 3 },
+                Mode::new(Shape::Chain { len: 3 }),
                 0,
                 result(4, vec![(50, 1), (150, 3)], 2),
             ),
             run(
-                Mode::Chain { len: 3 },
+                Mode::new(Shape::Chain { len: 3 }),
                 1,
                 result(4, vec![(50, 1), (250, 3)], 2),
             ),

@@ -38,7 +38,7 @@ pub struct Plan {
 }
 
 fn with_baseline(modes: &[Mode]) -> Vec<Mode> {
-    let mut v = vec![Mode::TargetOnly];
+    let mut v = vec![Mode::TARGET_ONLY];
     v.extend(modes.iter().copied().filter(|m| !m.is_baseline()));
     v
 }
@@ -226,12 +226,16 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modes::Shape;
 
     #[test]
     fn blocks_put_target_only_first_and_limit_concurrent_runs() {
         let plan = Plan {
-            modes: vec![Mode::Chain { len: 2 }, Mode::Adaptive],
-            concurrent_modes: vec![Mode::Adaptive, Mode::TargetOnly],
+            modes: vec![
+                Mode::new(Shape::Chain { len: 2 }),
+                Mode::new(Shape::Adaptive),
+            ],
+            concurrent_modes: vec![Mode::new(Shape::Adaptive), Mode::TARGET_ONLY],
             samplings: vec![Sampling::Greedy, Sampling::Seeded { temperature: 0.7 }],
             concurrency: vec![1, 4],
             concurrent_samplings: vec![Sampling::Greedy],
@@ -242,10 +246,14 @@ mod tests {
         assert_eq!(b.len(), 3);
         assert_eq!(
             b[0].2,
-            vec![Mode::TargetOnly, Mode::Chain { len: 2 }, Mode::Adaptive]
+            vec![
+                Mode::TARGET_ONLY,
+                Mode::new(Shape::Chain { len: 2 }),
+                Mode::new(Shape::Adaptive)
+            ]
         );
         assert_eq!((b[2].0, b[2].1), (Sampling::Greedy, 4));
-        assert_eq!(b[2].2, vec![Mode::TargetOnly, Mode::Adaptive]);
+        assert_eq!(b[2].2, vec![Mode::TARGET_ONLY, Mode::new(Shape::Adaptive)]);
         // 10 items: 2 blocks x 3 rounds x 3 modes x 10 + 3 rounds x 2 modes x 10.
         assert_eq!(plan.total_requests(10), 180 + 60);
         assert_eq!(Plan::pass_len(3, 16), 16);

@@ -18,7 +18,7 @@
 //! authoritative history. Replicas whose model disagrees with the deployment
 //! (vocabulary, special ids, tokenizer) are refused before any session is opened.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,9 +140,14 @@ pub struct Engine {
     policy: Mutex<BudgetPolicy>,
     /// Whether the policy's verify cost comes from a target replica's measurement yet.
     verify_cost_measured: AtomicBool,
-    active: AtomicUsize,
+    /// EMA of the target batch sizes verify answers report (f64 bits): what the policy
+    /// sizes trees for.
+    target_batch: AtomicU64,
     cfg: EngineConfig,
 }
+
+/// EMA rate of [`Engine`]'s target batch size.
+const BATCH_EMA: f64 = 0.1;
 
 /// An open Speculate stream.
 struct DraftStream {
@@ -198,6 +203,8 @@ struct Proposal {
     tree: pb::TokenTree,
     /// Whether the draft proposed it (not a root-only tree).
     drafted: bool,
+    /// The draft round trip minus the draft's own time, when the draft was asked.
+    draft_overhead_ns: Option<u64>,
 }
 
 /// What the target answered for a proposal.
@@ -233,7 +240,7 @@ impl Engine {
             targets: parts.targets,
             reference: OnceCell::new(),
             verify_cost_measured: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
+            target_batch: AtomicU64::new(1.0f64.to_bits()),
             cfg: parts.cfg,
         })
     }
@@ -609,8 +616,6 @@ impl Engine {
         spec: &SpecSettings,
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
-        // Counts this turn in the load the budget policy sizes trees for.
-        let _active = Active::enter(&self.active);
         let mut turn = self.begin(conv, params, spec).await?;
         match self.decode(conv, &mut turn, tx).await {
             Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
@@ -746,6 +751,7 @@ impl Engine {
                 scores: vec![0.0],
             },
             drafted: false,
+            draft_overhead_ns: None,
         };
         if turn.draft.is_none() {
             self.join_draft(conv, turn, false).await;
@@ -785,7 +791,8 @@ impl Engine {
                     .as_ref()
                     .is_some_and(|x| x.tokens.first() == Some(&root)) =>
             {
-                turn.stats.record_draft(&t, nanos(t0.elapsed()));
+                let rtt = nanos(t0.elapsed());
+                turn.stats.record_draft(&t, rtt);
                 specllava_telemetry::metrics()
                     .drafted_nodes_per_step
                     .observe(f64::from(t.drafted_nodes));
@@ -798,7 +805,11 @@ impl Engine {
                 }
                 let tree = t.tree.expect("checked above");
                 let drafted = tree.tokens.len() > 1;
-                Proposal { tree, drafted }
+                Proposal {
+                    tree,
+                    drafted,
+                    draft_overhead_ns: Some(rtt.saturating_sub(t.draft_ns)),
+                }
             }
             other => {
                 tracing::warn!(?other, "draft step failed, continuing target-only");
@@ -817,7 +828,11 @@ impl Engine {
     /// load, the fallback shape.
     fn choose_params(&self, spec: &SpecSettings, step: u32) -> Option<DraftParams> {
         spec.mode?;
-        let batch = self.active.load(Ordering::Relaxed).max(1);
+        // Trees are sized for the batch they are likely to join: the target batches seen
+        // lately (not the number of active turns, which are rarely all in one batch).
+        let batch = f64::from_bits(self.target_batch.load(Ordering::Relaxed))
+            .round()
+            .max(1.0) as usize;
         let choice = self
             .policy
             .lock()
@@ -894,13 +909,17 @@ impl Engine {
             .accepted_tokens_per_step
             .observe(resp.emitted.len() as f64);
         let nodes = proposal.tree.tokens.len();
+        let batch = resp.batch_size.max(1);
         if let Ok(mut pol) = self.policy.lock() {
-            pol.observe_verify(
-                nodes,
-                resp.batch_size.max(1) as usize,
-                resp.forward_ns as f64,
+            pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
+            pol.observe_overhead(
+                verified.rtt_ns.saturating_sub(resp.forward_ns) as f64,
+                proposal.draft_overhead_ns.map(|ns| ns as f64),
             );
         }
+        let seen = f64::from_bits(self.target_batch.load(Ordering::Relaxed));
+        let ema = seen + BATCH_EMA * (f64::from(batch) - seen);
+        self.target_batch.store(ema.to_bits(), Ordering::Relaxed);
         if proposal.drafted {
             turn.last_path = resp.accepted_path.clone();
             if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits)
@@ -1006,22 +1025,6 @@ impl Engine {
         // conversation knows what its draft session holds.
         self.join_draft(conv, &mut turn, true).await;
         sent.map_err(|_| Interrupted::Cancelled)
-    }
-}
-
-/// A turn counted in [`Engine`]'s active generations while it lives.
-struct Active<'a>(&'a AtomicUsize);
-
-impl<'a> Active<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
-    }
-}
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

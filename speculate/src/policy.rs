@@ -150,17 +150,23 @@ pub struct CostModel {
     pub draft_node_ns: f64,
     /// Verify cost table.
     pub verify: VerifyCostTable,
+    /// Per-step time around the verify forward (round trip, queueing, orchestration), ns.
+    pub verify_overhead_ns: f64,
+    /// Per-step time around drafting when a tree is drafted (round trip), ns.
+    pub draft_overhead_ns: f64,
     /// EMA rate of online updates (0..=1).
     pub alpha: f64,
 }
 
 impl CostModel {
-    /// A cost model with online update rate 0.1.
+    /// A cost model with online update rate 0.1 and no per-step overhead yet (learnt online).
     pub fn new(draft_level_ns: f64, draft_node_ns: f64, verify: VerifyCostTable) -> Self {
         Self {
             draft_level_ns,
             draft_node_ns,
             verify,
+            verify_overhead_ns: 0.0,
+            draft_overhead_ns: 0.0,
             alpha: 0.1,
         }
     }
@@ -175,10 +181,30 @@ impl CostModel {
         self.verify.estimate(nodes, batch)
     }
 
-    /// Estimated time of one step (draft then verify) for `batch` sessions drafting with `params`.
+    /// Estimated time of one step (draft then verify, with their round trips) for `batch`
+    /// sessions drafting with `params`.
     pub fn step_ns(&self, params: &DraftParams, batch: usize) -> f64 {
         let shape = Shape::of(params);
-        self.draft_ns(shape.levels, shape.rows * batch) + self.verify_ns(shape.nodes, batch)
+        let draft = if shape.levels > 0 {
+            self.draft_overhead_ns + self.draft_ns(shape.levels, shape.rows * batch)
+        } else {
+            0.0
+        };
+        draft + self.verify_overhead_ns + self.verify_ns(shape.nodes, batch)
+    }
+
+    /// Online update of the per-step overheads from one step: the verify round trip minus
+    /// its forward, and (`None` without a draft) the draft round trip minus its drafting.
+    pub fn observe_overhead(&mut self, verify_ns: f64, draft_ns: Option<f64>) {
+        let ema = |v: &mut f64, x: f64, a: f64| {
+            if x.is_finite() && x >= 0.0 {
+                *v += a * (x - *v);
+            }
+        };
+        ema(&mut self.verify_overhead_ns, verify_ns, self.alpha);
+        if let Some(d) = draft_ns {
+            ema(&mut self.draft_overhead_ns, d, self.alpha);
+        }
     }
 
     /// Online update from a measured draft: normalised LMS on (per level, per row).
@@ -563,5 +589,10 @@ impl BudgetPolicy {
     /// Refines the verify cost from a measurement.
     pub fn observe_verify(&mut self, nodes: usize, batch: usize, ns: f64) {
         self.cost.observe_verify(nodes, batch, ns);
+    }
+
+    /// Refines the per-step overheads (see [`CostModel::observe_overhead`]).
+    pub fn observe_overhead(&mut self, verify_ns: f64, draft_ns: Option<f64>) {
+        self.cost.observe_overhead(verify_ns, draft_ns);
     }
 }

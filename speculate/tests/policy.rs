@@ -86,6 +86,23 @@ fn costly_drafting_means_no_drafting() {
     assert_eq!(policy.choose(1), DraftParams::none());
 }
 
+#[test]
+fn per_step_overhead_grows_the_tree() {
+    let mut policy = BudgetPolicy::new(cpu(), space());
+    let without = policy.choose(1);
+    // Round trips of 30 ms per step: amortised over more tokens by a bigger tree.
+    for _ in 0..100 {
+        policy.observe_overhead(30.0 * MS, Some(30.0 * MS));
+    }
+    assert!((policy.cost.verify_overhead_ns - 30.0 * MS).abs() < 0.01 * MS);
+    let with = policy.choose(1);
+    let nodes = |p: &DraftParams| if p.depth == 0 { 0 } else { p.budget };
+    assert!(nodes(&with) > nodes(&without), "{without:?} vs {with:?}");
+    // The overhead counts in every estimate: drafting adds its own round trip.
+    let none = policy.estimate(&DraftParams::none(), 1);
+    assert!((none.step_ns - 50.0 * MS).abs() < 0.1 * MS, "{none:?}");
+}
+
 /// A chain verified with the target always taking the best child.
 fn accept_all_step(depth: usize) -> (TokenTree, speculate::VerifyOutcome) {
     let v = 4;

@@ -6,14 +6,15 @@ use specllava_model::{ForwardTimer, Llava, ModelError};
 use specllava_proto::v1 as pb;
 
 /// Tree sizes measured (nodes per session, root included).
-const NODES: [usize; 4] = [1, 4, 16, 64];
-/// Batch sizes measured (sessions per forward).
-const BATCHES: [usize; 2] = [1, 4];
+const NODES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+/// Batch sizes measured (sessions per forward): every batch size the policy may size trees
+/// for under load, so that it never extrapolates.
+const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
 /// Prompt rows on top of the image tokens in every timed session's prefix.
 const PROMPT_ROWS: usize = 32;
 
 /// Times one batched verify forward for every (batch, nodes) of the grid, batch-major:
-/// one warm-up and the median of three runs per point, about thirty forwards in all.
+/// one warm-up and the median of three runs per point (35 points; a few seconds on a CPU).
 /// Tree sizes that would not fit the model's context are left out (all of them: an empty
 /// result).
 pub fn measure_verify_costs(model: &Llava) -> Result<Vec<pb::VerifyCost>, ModelError> {
