@@ -28,7 +28,7 @@ use specllava_service_kit::convert::{
     draft_params_to_proto, finish_from_proto, nanos, sampling_to_proto, tree_from_proto,
     verify_cost_table, verify_outcome_from_proto,
 };
-use speculate::{BudgetPolicy, DraftParams, SamplingParams, TreeLimits};
+use speculate::{AcceptanceStats, BudgetPolicy, DraftParams, SamplingParams, TreeLimits};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
@@ -149,6 +149,10 @@ pub struct Engine {
 /// EMA rate of [`Engine`]'s target batch size.
 const BATCH_EMA: f64 = 0.1;
 
+/// EMA rate of a turn's own acceptance rates (the policy's shared ones learn at 0.02): a
+/// few steps tell how well the draft does on this image and prompt.
+const TURN_ACCEPTANCE_EMA: f64 = 0.2;
+
 /// An open Speculate stream.
 struct DraftStream {
     requests: mpsc::Sender<pb::SpeculateRequest>,
@@ -176,6 +180,9 @@ struct Turn<'a> {
     first_token_at: Option<Duration>,
     /// Accepted path of the last drafted tree, for the draft's next request.
     last_path: Vec<u32>,
+    /// This turn's own acceptance rates (starting from the policy's, learning fast): trees
+    /// grow where the draft agrees with the target and shrink where it does not.
+    acceptance: Option<AcceptanceStats>,
     finish: pb::FinishReason,
     recoveries: usize,
     /// History length before this turn's answer.
@@ -722,6 +729,16 @@ impl Engine {
             generated: 0,
             first_token_at: None,
             last_path: Vec::new(),
+            acceptance: spec.mode.map(|_| {
+                let mut a = self
+                    .policy
+                    .lock()
+                    .expect("policy lock poisoned")
+                    .acceptance
+                    .clone();
+                a.alpha = TURN_ACCEPTANCE_EMA;
+                a
+            }),
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             prompt_len: conv.history.len(),
@@ -760,13 +777,17 @@ impl Engine {
             return root_only;
         };
         let mut p = self
-            .choose_params(turn.spec, turn.stats.steps)
+            .choose_params(turn.spec, turn.stats.steps, turn.acceptance.as_ref())
             .unwrap_or_else(DraftParams::none);
         p.depth = p
             .depth
             .min(room.saturating_sub(1))
             .min(turn.tree_limits.max_depth);
         p.budget = p.budget.min(turn.tree_limits.max_nodes.saturating_sub(1));
+        if p.depth == 0 || p.budget == 0 {
+            // Not drafting this step: no round trip to the draft (it catches up next time).
+            return root_only;
+        }
         let d = conv
             .draft
             .as_mut()
@@ -826,18 +847,24 @@ impl Engine {
 
     /// The step's shape: the request's overrides, the policy's choice for the current
     /// load, the fallback shape.
-    fn choose_params(&self, spec: &SpecSettings, step: u32) -> Option<DraftParams> {
+    fn choose_params(
+        &self,
+        spec: &SpecSettings,
+        step: u32,
+        acceptance: Option<&AcceptanceStats>,
+    ) -> Option<DraftParams> {
         spec.mode?;
         // Trees are sized for the batch they are likely to join: the target batches seen
         // lately (not the number of active turns, which are rarely all in one batch).
         let batch = f64::from_bits(self.target_batch.load(Ordering::Relaxed))
             .round()
             .max(1.0) as usize;
-        let choice = self
-            .policy
-            .lock()
-            .expect("policy lock poisoned")
-            .choose(batch);
+        let policy = self.policy.lock().expect("policy lock poisoned");
+        let choice = match acceptance {
+            Some(a) => policy.choose_for(a, batch),
+            None => policy.choose(batch),
+        };
+        drop(policy);
         choose_params(&self.cfg.plan, spec, &choice, step)
     }
 
@@ -922,10 +949,14 @@ impl Engine {
         self.target_batch.store(ema.to_bits(), Ordering::Relaxed);
         if proposal.drafted {
             turn.last_path = resp.accepted_path.clone();
-            if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits)
-                && let Ok(mut pol) = self.policy.lock()
-            {
-                pol.observe(&tree, &verify_outcome_from_proto(resp));
+            if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
+                let outcome = verify_outcome_from_proto(resp);
+                if let Some(a) = turn.acceptance.as_mut() {
+                    a.observe(&tree, &outcome);
+                }
+                if let Ok(mut pol) = self.policy.lock() {
+                    pol.observe(&tree, &outcome);
+                }
             }
         }
         if turn.first_token_at.is_none() {

@@ -547,6 +547,13 @@ impl BudgetPolicy {
     /// Candidates: no drafting, chains of every depth, dynamic trees (K >= 2, M >= D). Ties go to
     /// the cheaper candidate found first.
     pub fn choose(&self, batch_size: usize) -> DraftParams {
+        self.choose_for(&self.acceptance, batch_size)
+    }
+
+    /// [`BudgetPolicy::choose`] with the acceptance rates of one request (e.g. learnt from
+    /// its own steps, starting from the policy's): a request whose draft agrees with the
+    /// target more or less than the average gets a bigger or smaller tree.
+    pub fn choose_for(&self, acceptance: &AcceptanceStats, batch_size: usize) -> DraftParams {
         let batch = batch_size.max(1);
         let mut best = DraftParams::none();
         let mut best_rate = self.estimate(&best, batch).tokens_per_second;
@@ -560,14 +567,11 @@ impl BudgetPolicy {
             }
         };
         for d in 1..=self.space.max_depth {
-            consider(
-                DraftParams::chain(d),
-                1.0 + self.acceptance.chain_acceptance(d),
-            );
+            consider(DraftParams::chain(d), 1.0 + acceptance.chain_acceptance(d));
         }
         for k in 2..=self.space.max_branching {
             for d in 1..=self.space.max_depth {
-                let curve = self.acceptance.dynamic_curve(d, k, self.space.max_budget);
+                let curve = acceptance.dynamic_curve(d, k, self.space.max_budget);
                 for (m, &acc) in curve.iter().enumerate().skip(d.max(2)) {
                     consider(DraftParams::dynamic(d, k, m), 1.0 + acc);
                 }

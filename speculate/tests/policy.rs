@@ -87,6 +87,27 @@ fn costly_drafting_means_no_drafting() {
 }
 
 #[test]
+fn a_request_whose_draft_disagrees_gets_a_smaller_tree() {
+    let policy = BudgetPolicy::new(gpu(), space());
+    let shared = policy.choose(1);
+    let mut poor = policy.acceptance.clone();
+    poor.alpha = 0.2;
+    // The target never takes the draft's children: acceptance falls towards 0.
+    let (tree, _) = accept_all_step(4);
+    let reject = speculate::VerifyOutcome {
+        accepted_path: vec![0],
+        emitted: vec![999],
+        ..accept_all_step(4).1
+    };
+    for _ in 0..30 {
+        poor.observe(&tree, &reject);
+    }
+    let mine = policy.choose_for(&poor, 1);
+    let nodes = |p: &DraftParams| if p.depth == 0 { 0 } else { p.budget };
+    assert!(nodes(&mine) < nodes(&shared), "{shared:?} vs {mine:?}");
+}
+
+#[test]
 fn per_step_overhead_grows_the_tree() {
     let mut policy = BudgetPolicy::new(cpu(), space());
     let without = policy.choose(1);
