@@ -939,8 +939,10 @@ impl Engine {
         let batch = resp.batch_size.max(1);
         if let Ok(mut pol) = self.policy.lock() {
             pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
+            // The round trip minus the target's own time (queueing for batch-mates is not
+            // a per-step cost the tree size can amortise: it is other sessions' work).
             pol.observe_overhead(
-                verified.rtt_ns.saturating_sub(resp.forward_ns) as f64,
+                verified.rtt_ns.saturating_sub(resp.total_ns) as f64,
                 proposal.draft_overhead_ns.map(|ns| ns as f64),
             );
         }

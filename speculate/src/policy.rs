@@ -150,7 +150,7 @@ pub struct CostModel {
     pub draft_node_ns: f64,
     /// Verify cost table.
     pub verify: VerifyCostTable,
-    /// Per-step time around the verify forward (round trip, queueing, orchestration), ns.
+    /// Per-step time around the verify call (network and RPC), ns.
     pub verify_overhead_ns: f64,
     /// Per-step time around drafting when a tree is drafted (round trip), ns.
     pub draft_overhead_ns: f64,
