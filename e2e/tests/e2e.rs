@@ -775,9 +775,9 @@ async fn reflection_health_and_measured_verify_cost() {
         .iter()
         .map(|c| (c.batch, c.nodes))
         .collect();
-    let expected: Vec<(u32, u32)> = [1, 4]
+    let expected: Vec<(u32, u32)> = [1, 2, 4, 8, 16]
         .into_iter()
-        .flat_map(|b| [1, 4, 16, 64].into_iter().map(move |n| (b, n)))
+        .flat_map(|b| [1, 2, 4, 8, 16, 32, 64].into_iter().map(move |n| (b, n)))
         .collect();
     assert_eq!(grid, expected);
     assert!(
