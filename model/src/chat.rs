@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -32,7 +32,7 @@ pub const LLAVA15_TEMPLATE: &str = "{% for message in messages %}{% if message['
 const ANSWER_SENTINEL: &str = "\u{E000}answer\u{E000}";
 
 /// One part of a message's content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Part {
     /// Text.
@@ -45,7 +45,7 @@ pub enum Part {
 }
 
 /// A message's content: a plain string or a list of parts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
     /// Plain text.
@@ -55,7 +55,7 @@ pub enum Content {
 }
 
 /// One message of a conversation, as templates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
     pub role: String,
