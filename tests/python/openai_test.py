@@ -44,6 +44,7 @@ def main() -> int:
         sys.path.insert(0, tmp)
         gen = importlib.import_module("specllava.v1.generation_pb2")
         gen_grpc = importlib.import_module("specllava.v1.generation_pb2_grpc")
+        common = importlib.import_module("specllava.v1.common_pb2")
         channel = grpc.insecure_channel(args.grpc_endpoint)
         stub = gen_grpc.GenerationStub(channel)
 
@@ -94,7 +95,7 @@ def main() -> int:
             return tokens, text, finish, usage
 
         def check(messages, sampling, g_tokens, g_summary, what):
-            finish = "length" if g_summary.finish == gen.FINISH_REASON_LENGTH else "stop"
+            finish = "length" if g_summary.finish == common.FINISH_REASON_LENGTH else "stop"
             for stream in (False, True):
                 tokens, text, fin, usage = http_run(messages, sampling, stream)
                 label = f"{what} ({'stream' if stream else 'non-stream'})"
@@ -118,7 +119,7 @@ def main() -> int:
         session = stub.CreateSession(gen.CreateSessionRequest(image=image)).session_id
         t1_tokens, t1 = grpc_run(p1, greedy, session_id=session)
         t2_tokens, t2 = grpc_run(p2, greedy, session_id=session)
-        stub.CloseSession(gen.CloseSessionRequest(session_id=session))
+        stub.CloseSession(common.CloseSessionRequest(session_id=session))
         _, t1_text, _, _ = http_run([user(p1, True)], greedy, False)
         assert t1_text == t1.text, (t1_text, t1.text)
         conversation = [user(p1, True), {"role": "assistant", "content": t1_text}, user(p2, False)]
