@@ -34,7 +34,7 @@ pub mod weights;
 
 pub use ::image::DynamicImage;
 pub use candle_core::{DType, Device, Tensor};
-pub use chat::ChatTurn;
+pub use chat::{ChatTemplate, ChatTurn, Message};
 pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
 pub use error::ModelError;
 pub use image::{ImageLimits, ImageProcessor, decode_image};

@@ -128,6 +128,16 @@ impl LlavaTokenizer {
         self.image
     }
 
+    /// The special token strings (what a chat template's `bos_token`... are).
+    pub fn special_tokens(&self) -> crate::chat::SpecialTokens {
+        let text = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
+        crate::chat::SpecialTokens {
+            bos_token: self.bos.map(text),
+            eos_token: text(self.eos),
+            image_token: text(self.image),
+        }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

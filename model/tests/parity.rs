@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::max_abs_diff;
 use serde_json::Value;
-use specllava_model::chat::{ChatTurn, render_continuation, render_llava15};
+use specllava_model::chat::{ChatTemplate, ChatTurn, Message, turns_to_messages};
 use specllava_model::{Backend, Device, ImageLimits, KvCache, Llava, LlavaTokenizer, Tensor};
 
 const LOGIT_TOL: f32 = 1e-4;
@@ -246,9 +246,21 @@ fn tokenizer_and_chat_template_reproduce_input_ids() {
         let m = Llava::load(&dir, &Device::Cpu).unwrap();
         let tok = LlavaTokenizer::from_file(dir.join("tokenizer.json")).unwrap();
         assert_eq!(tok.image_token_id(), m.config().image_token_id);
+        // The checkpoint's own template, as `transformers` rendered it.
+        let template = ChatTemplate::from_model_dir(&dir, tok.special_tokens()).unwrap();
+        assert!(
+            template
+                .source()
+                .to_string()
+                .ends_with("chat_template.jinja"),
+            "{}",
+            template.source()
+        );
         for case in cases(&dir) {
             let turns = case.turns();
-            let text = render_llava15(&turns, true);
+            let text = template
+                .render(&turns_to_messages(&turns, true), true)
+                .unwrap();
             assert_eq!(
                 text,
                 case.meta["prompt_text"].as_str().unwrap(),
@@ -270,12 +282,19 @@ fn tokenizer_and_chat_template_reproduce_input_ids() {
             assert_eq!(expanded, case.ids("input_ids"), "{}", case.name);
             if turns.len() > 1 {
                 // Turn-by-turn encoding (KV reuse) gives the same ids as the whole render.
-                let first = tok
-                    .encode(&render_llava15(&turns[..1], true), true)
+                let first = template
+                    .render(&turns_to_messages(&turns[..1], true), false)
                     .unwrap();
-                let next = tok
-                    .encode_continuation(&render_continuation(&turns[1].user))
+                let first = tok.encode(&first, true).unwrap();
+                let cont = template
+                    .continuation(&Message::user(&turns[1].user, false))
                     .unwrap();
+                let mut next = tok.encode_continuation(&cont).unwrap();
+                // The answer already ends with `</s>`, which the continuation starts with.
+                let eos = tok.eos_token_id();
+                if first.last() == Some(&eos) && next.first() == Some(&eos) {
+                    next.remove(0);
+                }
                 assert_eq!([first, next].concat(), ids, "{}", case.name);
             }
         }

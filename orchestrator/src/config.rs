@@ -78,6 +78,49 @@ pub struct Args {
     /// or `127.0.0.1:0` for any free port). Unset: no metrics endpoint.
     #[arg(long, env = "SPECLLAVA_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`,
+    /// `/health`) on this address (e.g. `0.0.0.0:8000`). Unset: no HTTP API.
+    #[arg(long, env = "SPECLLAVA_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// The model name the HTTP API lists and accepts in `model` (default: the name of
+    /// the model directory).
+    #[arg(long, env = "SPECLLAVA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Largest HTTP request body, in bytes (413 above).
+    #[arg(long, env = "SPECLLAVA_HTTP_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub http_max_body_bytes: usize,
+    /// Conversations kept after an HTTP request, with their replica sessions, so that a
+    /// request re-sending the conversation reuses their KV (least recently used evicted;
+    /// idle ones closed after --session-ttl-s). 0: none kept.
+    #[arg(
+        long,
+        env = "SPECLLAVA_HTTP_CACHED_CONVERSATIONS",
+        default_value_t = 64
+    )]
+    pub http_cached_conversations: usize,
+    /// Fetch `http://` image URLs in chat messages (at most --max-image-bytes, within
+    /// --remote-image-timeout-ms). Off: only `data:` URLs are accepted.
+    #[arg(long, env = "SPECLLAVA_ALLOW_REMOTE_IMAGES")]
+    pub allow_remote_images: bool,
+    /// Timeout of one remote image fetch, in milliseconds.
+    #[arg(
+        long,
+        env = "SPECLLAVA_REMOTE_IMAGE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub remote_image_timeout_ms: u64,
+    /// Bearer tokens the HTTP API accepts, comma-separated (with --api-keys-file: either).
+    /// None: no authentication.
+    #[arg(
+        long,
+        env = "SPECLLAVA_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// File of bearer tokens the HTTP API accepts, one per line (`#` comments).
+    #[arg(long, env = "SPECLLAVA_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,

@@ -1,4 +1,5 @@
-//! The orchestrator's error type and its single mapping to gRPC status.
+//! The orchestrator's error type and its mappings to the wire: gRPC status and HTTP status
+//! (both here, so the two APIs answer the same failure the same way).
 
 use tonic::{Code, Status};
 
@@ -10,6 +11,9 @@ pub enum OrchestratorError {
     /// Malformed request (empty prompt, bad image, bad sampling params...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The request is larger than a limit (image bytes or pixels).
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// Unknown session.
     #[error("unknown session {0:?}")]
     SessionNotFound(String),
@@ -52,6 +56,7 @@ impl OrchestratorError {
     pub fn error_type(&self) -> &'static str {
         match self {
             OrchestratorError::InvalidArgument(_) => "invalid_argument",
+            OrchestratorError::TooLarge(_) => "too_large",
             OrchestratorError::SessionNotFound(_) => "session_not_found",
             OrchestratorError::SessionBusy(_) => "session_busy",
             OrchestratorError::Overloaded(_) => "overloaded",
@@ -62,6 +67,51 @@ impl OrchestratorError {
         }
     }
 
+    /// The HTTP status of this error (the OpenAI-compatible API); follows the gRPC mapping,
+    /// except that oversized input is `413 Payload Too Large`.
+    pub fn http_status(&self) -> u16 {
+        if let OrchestratorError::TooLarge(_) = self {
+            return 413;
+        }
+        match self.grpc_code() {
+            Code::InvalidArgument | Code::OutOfRange => 400,
+            Code::NotFound => 404,
+            Code::FailedPrecondition => 409,
+            Code::ResourceExhausted => 429,
+            Code::Unavailable => 503,
+            Code::DeadlineExceeded => 504,
+            Code::Cancelled => 499,
+            _ => 500,
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    fn grpc_code(&self) -> Code {
+        match self {
+            OrchestratorError::InvalidArgument(_) | OrchestratorError::TooLarge(_) => {
+                Code::InvalidArgument
+            }
+            OrchestratorError::SessionNotFound(_) => Code::NotFound,
+            OrchestratorError::SessionBusy(_) => Code::FailedPrecondition,
+            OrchestratorError::Overloaded(_) => Code::ResourceExhausted,
+            OrchestratorError::NoReplica(_) | OrchestratorError::Incompatible { .. } => {
+                Code::Unavailable
+            }
+            OrchestratorError::Replica { status, .. } => match status.code() {
+                // A replica's invalid-argument is the client's request; anything else is ours.
+                Code::InvalidArgument | Code::ResourceExhausted => status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            OrchestratorError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Counts this error in `errors_total` (done once, where it becomes a wire status).
+    pub fn record(&self) {
+        specllava_telemetry::metrics().record_error(self.error_type(), self.grpc_code());
+    }
+
     /// Whether the replica call failed with this gRPC code.
     pub fn is_replica_code(&self, code: Code) -> bool {
         matches!(self, OrchestratorError::Replica { status, .. } if status.code() == code)
@@ -70,27 +120,7 @@ impl OrchestratorError {
 
 impl From<OrchestratorError> for Status {
     fn from(e: OrchestratorError) -> Status {
-        let msg = e.to_string();
-        let status = match &e {
-            OrchestratorError::InvalidArgument(_) => Status::invalid_argument(msg),
-            OrchestratorError::SessionNotFound(_) => Status::not_found(msg),
-            OrchestratorError::SessionBusy(_) => Status::failed_precondition(msg),
-            OrchestratorError::Overloaded(_) => Status::resource_exhausted(msg),
-            OrchestratorError::NoReplica(_) | OrchestratorError::Incompatible { .. } => {
-                Status::unavailable(msg)
-            }
-            OrchestratorError::Replica { status, .. } => match status.code() {
-                // A replica's invalid-argument is the client's request; anything else is ours.
-                Code::InvalidArgument | Code::ResourceExhausted => Status::new(status.code(), msg),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-                    Status::unavailable(msg)
-                }
-                _ => Status::internal(msg),
-            },
-            OrchestratorError::Internal(_) => Status::internal(msg),
-        };
-        // The one place every error of this service becomes a status: count it here.
-        specllava_telemetry::metrics().record_error(e.error_type(), status.code());
-        status
+        e.record();
+        Status::new(e.grpc_code(), e.to_string())
     }
 }

@@ -1,4 +1,5 @@
-//! Orchestrator: the public Spec-LLaVA gRPC API (`specllava.v1.Generation`).
+//! Orchestrator: the public Spec-LLaVA APIs: gRPC (`specllava.v1.Generation`) and, when
+//! `--http-listen` is set, the OpenAI-compatible HTTP API (`/v1/chat/completions`).
 //!
 //! It owns the tokenizer, the chat template and each session's authoritative
 //! token history; routes each session to one draft and one target replica;
@@ -14,14 +15,22 @@
 //! - [`plan`]: the budget policy's prior and each step's tree shape.
 //! - [`stats`]: speculation statistics and the summary.
 //! - [`text`]: incremental detokenization and stop strings.
-//! - [`service`]: the gRPC handlers, validation and limits.
+//! - [`prompt`]: the checkpoint's chat template, tokenization, prompt checks.
+//! - [`frontend`]: what both APIs share: admission, validation, running a turn.
+//! - [`service`]: the gRPC handlers.
+//! - [`prefix`]: conversations kept for KV reuse by requests whose prompt extends them.
+//! - [`http`]: the OpenAI-compatible HTTP API.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
 pub mod clients;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod frontend;
+pub mod http;
 pub mod plan;
+pub mod prefix;
+pub mod prompt;
 pub mod routing;
 pub mod service;
 pub mod session;
@@ -33,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use specllava_model::{ImageLimits, LlavaTokenizer};
+use specllava_model::{ChatTemplate, ImageLimits, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
 use specllava_service_kit::compat::TokenizerIdentity;
 use specllava_service_kit::serve_grpc;
@@ -54,6 +63,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?
     };
     let tokenizer = Arc::new(tokenizer);
+    let template = ChatTemplate::from_model_dir(&args.model_dir, tokenizer.special_tokens())
+        .context("loading the chat template")?;
+    tracing::info!(source = %template.source(), "chat template");
     let identity = TokenizerIdentity::of(&tokenizer);
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let drafts = Arc::new(
@@ -101,9 +113,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.max_sessions,
         Duration::from_secs(args.session_ttl_s),
     ));
+    let cached = Arc::new(prefix::PrefixCache::new(
+        args.http_cached_conversations,
+        Duration::from_secs(args.session_ttl_s),
+    ));
     {
-        // Close idle sessions on their replicas.
-        let (sessions, engine) = (Arc::clone(&sessions), Arc::clone(&engine));
+        // Close idle sessions (and cached HTTP conversations) on their replicas.
+        let (sessions, cached, engine) = (
+            Arc::clone(&sessions),
+            Arc::clone(&cached),
+            Arc::clone(&engine),
+        );
         let period = Duration::from_millis(args.session_sweep_ms.max(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -114,10 +134,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     tracing::info!(session = %c.id, "session expired");
                     engine.close_replicas(&mut c).await;
                 }
+                for mut c in cached.expire() {
+                    tracing::debug!(session = %c.id, "cached conversation expired");
+                    engine.close_replicas(&mut c).await;
+                }
             }
         });
     }
-    let limits = service::ApiLimits {
+    let limits = frontend::ApiLimits {
         image: ImageLimits {
             max_bytes: args.max_image_bytes,
             max_pixels: args.max_image_pixels,
@@ -126,13 +150,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         default_max_new_tokens: args.default_max_new_tokens,
         max_new_tokens_limit: args.max_new_tokens_limit,
     };
-    let svc = service::GenerationService::new(
-        engine,
+    let prompter = Arc::new(prompt::Prompter::new(
         tokenizer,
+        template,
+        args.max_prompt_tokens,
+    ));
+    let front = Arc::new(frontend::Frontend::new(
+        engine,
+        prompter,
         sessions,
         args.max_concurrent_requests,
         limits,
-    );
+    ));
+    let http_server = match args.http_listen {
+        Some(addr) => {
+            let cfg = http::HttpConfig::from_args(&args)?;
+            Some(http::spawn(addr, cfg, Arc::clone(&front), cached, Arc::clone(&targets)).await?)
+        }
+        None => None,
+    };
+    let svc = service::GenerationService::new(front);
 
     let server = GenerationServer::new(svc)
         .max_decoding_message_size(args.max_image_bytes.saturating_add(1024 * 1024));
@@ -145,6 +182,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     if let Some(task) = discovery {
         task.abort();
+    }
+    if let Some(server) = http_server {
+        server.shutdown().await;
     }
     tracing::info!("orchestrator stopped");
     Ok(())

@@ -1,0 +1,170 @@
+//! What both public APIs (gRPC and OpenAI-compatible HTTP) share: admission under the
+//! concurrency limit, validation of sampling parameters and images, prompts, and running one
+//! turn on the engine. The APIs only translate their requests into these calls.
+
+use std::sync::Arc;
+
+use specllava_model::{ImageLimits, ModelError, decode_image};
+use specllava_proto::v1 as pb;
+use specllava_service_kit::convert::{sampling_from_parts, speculation_mode_from_proto};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::Status;
+
+use crate::engine::{Engine, GenParams, Interrupted};
+use crate::error::OrchestratorError;
+use crate::plan::SpecSettings;
+use crate::prompt::Prompter;
+use crate::session::{Conversation, Registry};
+
+/// Request limits of the public APIs.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Image decoding limits.
+    pub image: ImageLimits,
+    /// Maximum prompt tokens per turn.
+    pub max_prompt_tokens: usize,
+    /// max_new_tokens when the request leaves it 0.
+    pub default_max_new_tokens: u32,
+    /// Largest accepted max_new_tokens.
+    pub max_new_tokens_limit: u32,
+}
+
+/// The shared front door of the public APIs.
+pub struct Frontend {
+    /// The generation engine.
+    pub engine: Arc<Engine>,
+    /// Chat template and tokenizer.
+    pub prompter: Arc<Prompter>,
+    /// Multi-turn sessions of the gRPC API.
+    pub sessions: Arc<Registry>,
+    requests: Arc<Semaphore>,
+    /// The limits.
+    pub limits: ApiLimits,
+}
+
+impl Frontend {
+    /// A front door admitting `max_concurrent_requests` generations at a time.
+    pub fn new(
+        engine: Arc<Engine>,
+        prompter: Arc<Prompter>,
+        sessions: Arc<Registry>,
+        max_concurrent_requests: usize,
+        limits: ApiLimits,
+    ) -> Self {
+        Self {
+            engine,
+            prompter,
+            sessions,
+            requests: Arc::new(Semaphore::new(max_concurrent_requests)),
+            limits,
+        }
+    }
+
+    /// A slot for one generation; RESOURCE_EXHAUSTED (never a queue) when all are taken.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, OrchestratorError> {
+        Arc::clone(&self.requests)
+            .try_acquire_owned()
+            .map_err(|_| OrchestratorError::Overloaded("too many concurrent requests".into()))
+    }
+
+    /// Decodes an image under the limits, off the async runtime.
+    pub async fn check_image(&self, bytes: &[u8]) -> Result<(), OrchestratorError> {
+        let limits = self.limits.image;
+        if bytes.len() > limits.max_bytes {
+            return Err(OrchestratorError::TooLarge(format!(
+                "image of {} bytes exceeds the limit of {} bytes",
+                bytes.len(),
+                limits.max_bytes
+            )));
+        }
+        let bytes = bytes.to_vec();
+        tokio::task::spawn_blocking(move || decode_image(&bytes, &limits).map(|_| ()))
+            .await
+            .map_err(|e| OrchestratorError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                ModelError::ImageTooLarge(m) => OrchestratorError::TooLarge(m),
+                e => OrchestratorError::InvalidArgument(e.to_string()),
+            })
+    }
+
+    /// Validated generation parameters (the server default for `max_new_tokens` 0).
+    pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
+        let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
+            .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
+        if p.max_new_tokens > self.limits.max_new_tokens_limit {
+            return Err(OrchestratorError::InvalidArgument(format!(
+                "max_new_tokens {} exceeds the limit of {}",
+                p.max_new_tokens, self.limits.max_new_tokens_limit
+            )));
+        }
+        Ok(GenParams {
+            max_new_tokens: if p.max_new_tokens == 0 {
+                self.limits.default_max_new_tokens
+            } else {
+                p.max_new_tokens
+            },
+            sampling,
+            stop: p.stop,
+            ignore_eos: p.ignore_eos,
+        })
+    }
+
+    /// Runs `f` with the prompter on a blocking thread (tokenization never runs on the async
+    /// executor).
+    pub async fn prompt<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Prompter) -> Result<T, OrchestratorError> + Send + 'static,
+    ) -> Result<T, OrchestratorError> {
+        let prompter = Arc::clone(&self.prompter);
+        tokio::task::spawn_blocking(move || f(&prompter))
+            .await
+            .map_err(|e| OrchestratorError::Internal(e.to_string()))?
+    }
+
+    /// Generates one turn of `conv` after `prompt` (appended to its history), streaming into
+    /// `tx`. When the client went away or the turn failed, the conversation's replica sessions
+    /// are closed (a later turn re-prefills from the history).
+    pub async fn run_turn(
+        &self,
+        conv: &mut Conversation,
+        prompt: &[u32],
+        prompt_tokens: u32,
+        params: &GenParams,
+        spec: &SpecSettings,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        let before = conv.history.len();
+        conv.history.extend_from_slice(prompt);
+        let res = self
+            .engine
+            .generate(conv, prompt_tokens, params, spec, tx)
+            .await;
+        match &res {
+            Ok(()) => {}
+            Err(Interrupted::Cancelled) => {
+                tracing::info!(session = %conv.id, "client cancelled, closing the session on the replicas");
+                self.engine.close_replicas(conv).await;
+            }
+            Err(Interrupted::Failed(e)) => {
+                tracing::warn!(session = %conv.id, error = %e, error_type = e.error_type(), "generation failed");
+                if conv.turns == 0 && before == 0 {
+                    conv.history.clear();
+                }
+                self.engine.close_replicas(conv).await;
+            }
+        }
+        res
+    }
+}
+
+/// The speculation settings of a request (defaults: dynamic tree, sized by the policy).
+pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> SpecSettings {
+    let s = s.unwrap_or_default();
+    SpecSettings {
+        mode: speculation_mode_from_proto(s.mode),
+        depth: s.depth as usize,
+        branching: s.branching as usize,
+        budget: s.budget as usize,
+        draft_ahead: !s.disable_draft_ahead,
+    }
+}

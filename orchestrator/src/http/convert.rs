@@ -1,0 +1,199 @@
+//! Translation of an OpenAI chat-completions request into what the shared front door takes:
+//! chat-template messages, the images in placeholder order, and `GenerationParams` (validated
+//! by the same code as the gRPC API's).
+
+use specllava_model::Message;
+use specllava_model::chat::{Content, Part};
+use specllava_proto::v1 as pb;
+
+use super::error::ApiError;
+use super::types::{ChatCompletionRequest, ContentPart, MessageContent, Stop};
+
+/// Most stop strings a request may carry.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// A request checked and translated.
+#[derive(Debug)]
+pub struct Translated {
+    /// The conversation, images as `{"type": "image"}` parts.
+    pub messages: Vec<Message>,
+    /// The image URLs, one per image part, in order.
+    pub image_urls: Vec<String>,
+    /// Sampling and stopping (validated further by the front door).
+    pub params: pb::GenerationParams,
+}
+
+/// Checks the request's fields and translates it.
+pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n", "only n = 1 is supported"));
+    }
+    if req.logprobs {
+        return Err(ApiError::bad("logprobs", "logprobs are not supported"));
+    }
+    if req
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.as_array().is_some_and(Vec::is_empty))
+    {
+        return Err(ApiError::bad("tools", "tools are not supported"));
+    }
+    let max_new_tokens = req.max_completion_tokens.or(req.max_tokens);
+    if max_new_tokens == Some(0) {
+        return Err(ApiError::bad(
+            "max_completion_tokens",
+            "max_completion_tokens must be at least 1",
+        ));
+    }
+    // OpenAI's default temperature is 1; an unseeded sampled request gets a random seed.
+    let temperature = req.temperature.unwrap_or(1.0);
+    let seed = match req.seed {
+        Some(s) => u64::try_from(s).map_err(|_| ApiError::bad("seed", "seed must be >= 0"))?,
+        None => rand::random(),
+    };
+    if req.top_p == Some(0.0) {
+        return Err(ApiError::bad("top_p", "top_p must be in (0, 1]"));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::bad(
+            "stop",
+            format!("at most {MAX_STOP_STRINGS} stop strings"),
+        ));
+    }
+    let (messages, image_urls) = translate_messages(req.messages)?;
+    Ok(Translated {
+        messages,
+        image_urls,
+        params: pb::GenerationParams {
+            max_new_tokens: max_new_tokens.unwrap_or(0),
+            temperature,
+            top_p: req.top_p.unwrap_or(0.0),
+            top_k: req.top_k.unwrap_or(0),
+            seed,
+            stop,
+            ignore_eos: req.ignore_eos,
+        },
+    })
+}
+
+fn translate_messages(
+    messages: Vec<super::types::ChatMessage>,
+) -> Result<(Vec<Message>, Vec<String>), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages", "messages must not be empty"));
+    }
+    if !messages.iter().any(|m| m.role == "user") {
+        return Err(ApiError::bad("messages", "no user message"));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    let mut urls = Vec::new();
+    for (i, m) in messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!(
+                        "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
+                    ),
+                ));
+            }
+        };
+        let content = match m.content {
+            Some(MessageContent::Text(t)) => Content::Text(t),
+            Some(MessageContent::Parts(parts)) => {
+                let mut out_parts = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match p {
+                        ContentPart::Text { text } => out_parts.push(Part::Text { text }),
+                        ContentPart::ImageUrl { image_url } if role == "user" => {
+                            urls.push(image_url.url().to_owned());
+                            out_parts.push(Part::Image);
+                        }
+                        ContentPart::ImageUrl { .. } => {
+                            return Err(ApiError::bad(
+                                "messages",
+                                format!("messages[{i}]: only user messages may carry images"),
+                            ));
+                        }
+                    }
+                }
+                Content::Parts(out_parts)
+            }
+            None if role == "assistant" => Content::Text(String::new()),
+            None => {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!("messages[{i}]: content is missing"),
+                ));
+            }
+        };
+        out.push(Message {
+            role: role.to_owned(),
+            content,
+        });
+    }
+    Ok((out, urls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: serde_json::Value) -> Result<Translated, ApiError> {
+        translate(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn translates_parts_params_and_defaults() {
+        let t = req(serde_json::json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": "Sure?"}],
+            "max_tokens": 7, "temperature": 0, "seed": 3, "stop": "\n"
+        }))
+        .unwrap();
+        assert_eq!(t.image_urls, ["data:image/png;base64,AAAA"]);
+        assert_eq!(t.messages.len(), 4);
+        assert_eq!(t.messages[1], Message::user("What is this?", true));
+        assert_eq!(
+            (t.params.max_new_tokens, t.params.temperature, t.params.seed),
+            (7, 0.0, 3)
+        );
+        assert_eq!(t.params.stop, ["\n"]);
+        let d = req(serde_json::json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap();
+        assert_eq!((d.params.max_new_tokens, d.params.temperature), (0, 1.0));
+    }
+
+    #[test]
+    fn refuses_what_is_not_served() {
+        let bad = |j: serde_json::Value, param: &str| match req(j) {
+            Err(ApiError::BadRequest { param: Some(p), .. }) => assert_eq!(p, param),
+            other => panic!("{other:?}"),
+        };
+        let user = serde_json::json!([{"role": "user", "content": "hi"}]);
+        bad(serde_json::json!({"messages": user, "n": 2}), "n");
+        bad(serde_json::json!({"messages": user, "seed": -1}), "seed");
+        bad(
+            serde_json::json!({"messages": user, "max_tokens": 0}),
+            "max_completion_tokens",
+        );
+        bad(serde_json::json!({"messages": []}), "messages");
+        bad(
+            serde_json::json!({"messages": [{"role": "tool", "content": "x"}]}),
+            "messages",
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! The OpenAI-compatible HTTP API (axum, on its own port): `POST /v1/chat/completions`
+//! (streaming or not), `GET /v1/models`, `GET /health`. The same front door and engine as
+//! the gRPC API serve it; this layer only translates.
+//!
+//! - [`types`]: the OpenAI wire types and our documented extensions.
+//! - [`convert`]: request -> chat-template messages, image URLs, generation parameters.
+//! - [`images`]: `data:` URLs, remote URLs (refused unless allowed).
+//! - [`stream`]: the engine's output -> one completion or Server-Sent Events.
+//! - [`routes`]: the handlers.
+//! - [`error`]: errors in OpenAI's JSON shape.
+
+pub mod convert;
+pub mod error;
+pub mod images;
+pub mod routes;
+pub mod stream;
+pub mod types;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::Args;
+use crate::frontend::Frontend;
+use crate::prefix::PrefixCache;
+use crate::routing::ReplicaSet;
+use error::ApiError;
+use images::RemoteImages;
+
+/// Settings of the HTTP API (from flags).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The name `/v1/models` lists and `model` must match.
+    pub model_name: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Remote image URLs.
+    pub remote_images: RemoteImages,
+    /// Accepted bearer tokens; empty: no authentication.
+    pub api_keys: HashSet<String>,
+}
+
+impl HttpConfig {
+    /// The settings the flags give (reads the API key file).
+    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
+        let mut api_keys: HashSet<String> = args
+            .api_keys
+            .iter()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if let Some(path) = &args.api_keys_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key file {}", path.display()))?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(Self {
+            model_name: args
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| default_model_name(&args.model_dir)),
+            max_body_bytes: args.http_max_body_bytes,
+            remote_images: RemoteImages {
+                allow: args.allow_remote_images,
+                timeout: Duration::from_millis(args.remote_image_timeout_ms),
+            },
+            api_keys,
+        })
+    }
+}
+
+/// The model directory's name (`models/target` -> `target`).
+fn default_model_name(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name()
+        .map_or_else(|| "specllava".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// What the handlers share.
+pub struct AppState {
+    front: Arc<Frontend>,
+    cached: Arc<PrefixCache>,
+    targets: Arc<ReplicaSet>,
+    model_name: String,
+    image_token_id: u32,
+    remote_images: RemoteImages,
+    api_keys: HashSet<String>,
+    started: u64,
+}
+
+/// The router of the API over `state`.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/models", get(routes::models))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ));
+    Router::new()
+        .route("/health", get(routes::health))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <key>` when keys are configured.
+async fn authenticate(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !app.api_keys.is_empty() {
+        let key = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !key.is_some_and(|k| app.api_keys.contains(k)) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// A running HTTP server.
+pub struct HttpServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl HttpServer {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server failed"),
+            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+        }
+    }
+}
+
+/// Binds `addr` and serves the API on a task.
+pub async fn spawn(
+    addr: SocketAddr,
+    cfg: HttpConfig,
+    front: Arc<Frontend>,
+    cached: Arc<PrefixCache>,
+    targets: Arc<ReplicaSet>,
+) -> anyhow::Result<HttpServer> {
+    let image_token_id = front.prompter.image_token_id();
+    let state = Arc::new(AppState {
+        front,
+        cached,
+        targets,
+        model_name: cfg.model_name.clone(),
+        image_token_id,
+        remote_images: cfg.remote_images,
+        api_keys: cfg.api_keys,
+        started: routes::unix_now(),
+    });
+    let app = router(state, cfg.max_body_bytes);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {addr}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %cfg.model_name, "OpenAI-compatible HTTP API listening");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok(HttpServer { addr, stop, task })
+}

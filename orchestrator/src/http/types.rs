@@ -1,0 +1,304 @@
+//! The OpenAI chat-completions wire types (the subset served), plus the documented
+//! extensions: request `top_k`, `ignore_eos`, `return_token_ids`; response `speculation`
+//! (statistics) and per-choice `token_ids`.
+
+use serde::{Deserialize, Serialize};
+use specllava_proto::v1 as pb;
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The model; must be the served one when given.
+    pub model: Option<String>,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Token budget (legacy name).
+    pub max_tokens: Option<u32>,
+    /// Token budget.
+    pub max_completion_tokens: Option<u32>,
+    /// Softmax temperature, default 1; 0 = greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus mass in (0, 1].
+    pub top_p: Option<f32>,
+    /// Extension: top-k, 0 = off.
+    pub top_k: Option<u32>,
+    /// Sampling seed.
+    pub seed: Option<i64>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Choices; only 1.
+    pub n: Option<u32>,
+    /// Server-Sent Events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Extension: do not stop at end-of-sequence.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Extension: return the generated token ids with each choice / chunk.
+    #[serde(default)]
+    pub return_token_ids: bool,
+    /// Log probabilities (not served).
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Tools (not served).
+    pub tools: Option<serde_json::Value>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// One message.
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    /// Text or parts; may be null for an assistant message.
+    pub content: Option<MessageContent>,
+}
+
+/// A message's content.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Text and image parts.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    /// Text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// An image by URL (`data:` always; `http(s)` when allowed).
+    ImageUrl {
+        /// The URL.
+        image_url: ImageUrl,
+    },
+}
+
+/// `image_url`: `{"url": ...}` or the URL itself.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    /// `{"url": "...", "detail": ...}`.
+    Object {
+        /// The URL.
+        url: String,
+    },
+    /// The URL.
+    Url(String),
+}
+
+impl ImageUrl {
+    /// The URL.
+    pub fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+        }
+    }
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    /// Prompt tokens (an image counts once, as its placeholder).
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Their sum.
+    pub total_tokens: u32,
+}
+
+impl From<&pb::Usage> for Usage {
+    fn from(u: &pb::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// Extension: the speculation statistics of the generation (as the gRPC summary's).
+#[derive(Debug, Clone, Serialize)]
+pub struct Speculation {
+    /// Verification steps (target forwards).
+    pub steps: u32,
+    /// Draft nodes proposed.
+    pub drafted: u32,
+    /// Draft tokens accepted.
+    pub accepted: u32,
+    /// Mean tokens emitted per step.
+    pub mean_accepted_length: f32,
+    /// Fraction of steps whose accepted path reached each depth (index 0 = depth 1).
+    pub acceptance_per_depth: Vec<f32>,
+    /// Whether the draft was used.
+    pub speculative: bool,
+    /// Decoding speed after the first token.
+    pub tokens_per_second: f32,
+    /// Time drafting.
+    pub draft_ns: u64,
+    /// Time verifying.
+    pub verify_ns: u64,
+    /// Time in the network and queues.
+    pub network_ns: u64,
+    /// Time prefilling.
+    pub prefill_ns: u64,
+    /// Time to the first token.
+    pub time_to_first_token_ns: u64,
+    /// Wall time.
+    pub total_ns: u64,
+}
+
+impl From<&pb::SpeculationStats> for Speculation {
+    fn from(s: &pb::SpeculationStats) -> Self {
+        Self {
+            steps: s.steps,
+            drafted: s.drafted,
+            accepted: s.accepted,
+            mean_accepted_length: s.mean_accepted_length,
+            acceptance_per_depth: s.acceptance_per_depth.clone(),
+            speculative: s.speculative,
+            tokens_per_second: s.tokens_per_second,
+            draft_ns: s.draft_ns,
+            verify_ns: s.verify_ns,
+            network_ns: s.network_ns,
+            prefill_ns: s.prefill_ns,
+            time_to_first_token_ns: s.time_to_first_token_ns,
+            total_ns: s.total_ns,
+        }
+    }
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    /// The answer.
+    pub content: String,
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    /// 0.
+    pub index: u32,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// Extension (`return_token_ids`): the generated ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// A non-streamed completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<Choice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// Extension: speculation statistics.
+    pub speculation: Speculation,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// `assistant` in the first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkChoice {
+    /// 0.
+    pub index: u32,
+    /// The increment.
+    pub delta: Delta,
+    /// Set in the last chunk of the choice.
+    pub finish_reason: Option<&'static str>,
+    /// Extension (`return_token_ids`): the ids this chunk adds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// One Server-Sent Event of a streamed completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same for every chunk of a completion.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model.
+    pub model: String,
+    /// One choice (none in the usage chunk).
+    pub choices: Vec<ChunkChoice>,
+    /// Token counts, in the extra last chunk with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Extension: speculation statistics, in the chunk carrying `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<Speculation>,
+}
+
+/// `GET /v1/models` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Model {
+    /// The name clients put in `model`.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds (start of the server).
+    pub created: u64,
+    /// `specllava`.
+    pub owned_by: &'static str,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The served model.
+    pub data: Vec<Model>,
+}
