@@ -536,12 +536,19 @@ impl Engine {
     /// Takes the result of the turn's background draft sync when it is done (or, with
     /// `wait`, waits for it) and, unless `wait`, attaches the draft to the turn.
     async fn join_draft(&self, conv: &mut Conversation, turn: &mut Turn<'_>, wait: bool) {
-        if turn
-            .draft_setup
-            .as_ref()
-            .is_none_or(|s| !wait && !s.task.is_finished())
-        {
+        let Some(setup) = turn.draft_setup.as_ref() else {
             return;
+        };
+        if !wait && !setup.task.is_finished() {
+            // Let the sync task run if it shares this thread (a current-thread runtime).
+            tokio::task::yield_now().await;
+            if !turn
+                .draft_setup
+                .as_ref()
+                .is_some_and(|s| s.task.is_finished())
+            {
+                return;
+            }
         }
         let setup = turn.draft_setup.take().expect("checked above");
         if self.finish_draft_setup(conv, setup).await && !wait {

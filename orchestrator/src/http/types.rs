@@ -171,6 +171,12 @@ pub struct Speculation {
     pub time_to_first_token_ns: u64,
     /// Wall time.
     pub total_ns: u64,
+    /// Draft-ahead guesses that were right (the next tree was pre-drafted).
+    pub ahead_hits: u32,
+    /// Draft-ahead guesses that were wrong.
+    pub ahead_misses: u32,
+    /// Drafting time the hits saved.
+    pub ahead_saved_ns: u64,
 }
 
 impl From<&pb::SpeculationStats> for Speculation {
@@ -189,6 +195,9 @@ impl From<&pb::SpeculationStats> for Speculation {
             prefill_ns: s.prefill_ns,
             time_to_first_token_ns: s.time_to_first_token_ns,
             total_ns: s.total_ns,
+            ahead_hits: s.ahead_hits,
+            ahead_misses: s.ahead_misses,
+            ahead_saved_ns: s.ahead_saved_ns,
         }
     }
 }
