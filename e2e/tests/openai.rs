@@ -32,6 +32,8 @@ async fn demo_cluster(http: &str, extra: &[&str]) -> Cluster {
     let mut cfg = ClusterConfig::new("mha_default_l-2_untied", "gqa_default_l-2_sharded");
     cfg.draft_model = Some(root.join("models/draft"));
     cfg.target_model = root.join("models/target");
+    // The verify-cost calibration is not what these tests are about (e2e.rs checks it).
+    cfg.target_args = vec!["--calibrate".into(), "false".into()];
     cfg.orchestrator_args = ["--http-listen", http]
         .iter()
         .chain(extra)
