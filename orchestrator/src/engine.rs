@@ -557,11 +557,16 @@ impl Engine {
     }
 
     /// Waits for a background draft sync and records its outcome; whether it succeeded.
-    async fn finish_draft_setup(&self, conv: &mut Conversation, setup: DraftSetup) -> bool {
-        let reply = setup
-            .task
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("draft sync task: {e}"))));
+    async fn finish_draft_setup(&self, conv: &mut Conversation, mut setup: DraftSetup) -> bool {
+        let reply = match tokio::time::timeout(self.cfg.draft_timeout, &mut setup.task).await {
+            Ok(joined) => {
+                joined.unwrap_or_else(|e| Err(Status::internal(format!("draft sync task: {e}"))))
+            }
+            Err(_) => {
+                setup.task.abort();
+                Err(Status::deadline_exceeded("draft session sync timed out"))
+            }
+        };
         let id = conv.id.clone();
         let Some(d) = conv.draft.as_mut() else {
             return false;
