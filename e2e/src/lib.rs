@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use specllava_harness::{Launch, ServiceProcess};
 
+use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_client::DraftClient;
 use specllava_proto::v1::generation_client::GenerationClient;
 use specllava_proto::v1::target_client::TargetClient;
@@ -269,6 +270,43 @@ impl Cluster {
         DraftClient::connect(self.draft.as_ref().expect("draft started").url())
             .await
             .expect("connect draft")
+    }
+
+    /// Whether the target still holds `session` (a stale Verify is rejected without side
+    /// effects: FAILED_PRECONDITION if it exists, NOT_FOUND if not).
+    pub async fn target_has(&self, session: &str) -> bool {
+        let req = pb::VerifyRequest {
+            session_id: session.into(),
+            expected_kv_len: u64::MAX,
+            tree: Some(pb::TokenTree {
+                tokens: vec![1],
+                parents: vec![-1],
+                scores: vec![],
+            }),
+            sampling: None,
+            stop: None,
+        };
+        match self.target_client().await.verify(req).await {
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Whether the draft still holds `session` (an Append beyond its length is rejected
+    /// without side effects: INVALID_ARGUMENT if it exists, NOT_FOUND if not).
+    pub async fn draft_has(&self, session: &str) -> bool {
+        let req = pb::AppendRequest {
+            session_id: session.into(),
+            keep_kv_len: u64::MAX,
+            token_ids: vec![1],
+            images: vec![],
+        };
+        match self.draft_client().await.append(req).await {
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Err(s) if s.code() == tonic::Code::InvalidArgument => true,
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
 

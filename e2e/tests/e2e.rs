@@ -306,45 +306,6 @@ async fn c_concurrent_sessions_match_solo_runs() {
     }
 }
 
-/// Whether the target still holds `session` (a stale Verify is rejected
-/// without side effects: FAILED_PRECONDITION if it exists, NOT_FOUND if not).
-async fn target_has(cluster: &Cluster, session: &str) -> bool {
-    let mut t = cluster.target_client().await;
-    let req = pb::VerifyRequest {
-        session_id: session.into(),
-        expected_kv_len: u64::MAX,
-        tree: Some(pb::TokenTree {
-            tokens: vec![1],
-            parents: vec![-1],
-            scores: vec![],
-        }),
-        sampling: None,
-        stop: None,
-    };
-    match t.verify(req).await {
-        Err(s) if s.code() == Code::NotFound => false,
-        Err(s) if s.code() == Code::FailedPrecondition => true,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-/// Whether the draft still holds `session` (Append beyond its length is
-/// rejected without side effects: INVALID_ARGUMENT if it exists).
-async fn draft_has(cluster: &Cluster, session: &str) -> bool {
-    let mut d = cluster.draft_client().await;
-    let req = pb::AppendRequest {
-        session_id: session.into(),
-        keep_kv_len: u64::MAX,
-        token_ids: vec![1],
-        images: vec![],
-    };
-    match d.append(req).await {
-        Err(s) if s.code() == Code::NotFound => false,
-        Err(s) if s.code() == Code::InvalidArgument => true,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_cancelling_mid_stream_frees_both_sides() {
     let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
@@ -372,17 +333,17 @@ async fn d_cancelling_mid_stream_frees_both_sides() {
         Some(pb::generate_response::Event::Chunk(_))
     ));
     assert!(
-        target_has(&cluster, &session).await,
+        cluster.target_has(&session).await,
         "the session is open on the target while generating"
     );
     assert!(
-        draft_has(&cluster, &session).await,
+        cluster.draft_has(&session).await,
         "the session is open on the draft while generating"
     );
     drop(stream);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if !target_has(&cluster, &session).await && !draft_has(&cluster, &session).await {
+        if !cluster.target_has(&session).await && !cluster.draft_has(&session).await {
             break;
         }
         assert!(

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use specllava_e2e::{Cluster, ClusterConfig, fixture_image, free_port, workspace_root};
-use specllava_proto::v1 as pb;
-use tonic::Code;
 
 const API_KEY: &str = "sekret";
 
@@ -100,41 +98,6 @@ fn assert_error(got: (u16, Value), status: u16, kind: &str) -> Value {
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
     assert!(e.get("param").is_some() && e.get("code").is_some(), "{e}");
     e.clone()
-}
-
-/// Whether the target still holds `session` (see e2e.rs).
-async fn target_has(cluster: &Cluster, session: &str) -> bool {
-    let req = pb::VerifyRequest {
-        session_id: session.into(),
-        expected_kv_len: u64::MAX,
-        tree: Some(pb::TokenTree {
-            tokens: vec![1],
-            parents: vec![-1],
-            scores: vec![],
-        }),
-        sampling: None,
-        stop: None,
-    };
-    match cluster.target_client().await.verify(req).await {
-        Err(s) if s.code() == Code::NotFound => false,
-        Err(s) if s.code() == Code::FailedPrecondition => true,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-/// Whether the draft still holds `session` (see e2e.rs).
-async fn draft_has(cluster: &Cluster, session: &str) -> bool {
-    let req = pb::AppendRequest {
-        session_id: session.into(),
-        keep_kv_len: u64::MAX,
-        token_ids: vec![1],
-        images: vec![],
-    };
-    match cluster.draft_client().await.append(req).await {
-        Err(s) if s.code() == Code::NotFound => false,
-        Err(s) if s.code() == Code::InvalidArgument => true,
-        other => panic!("unexpected {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,13 +241,13 @@ async fn errors_limits_and_a_client_leaving_mid_stream() {
     let e = assert_error(post(addr, &good), 429, "rate_limit_error");
     assert_eq!(e["code"], "rate_limit_exceeded");
     assert!(
-        target_has(&cluster, &session).await,
+        cluster.target_has(&session).await,
         "generating on the target"
     );
     drop(lines);
     drop(conn);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while target_has(&cluster, &session).await || draft_has(&cluster, &session).await {
+    while cluster.target_has(&session).await || cluster.draft_has(&session).await {
         assert!(
             Instant::now() < deadline,
             "sessions not freed after the client left"
