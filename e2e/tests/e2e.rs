@@ -151,9 +151,14 @@ async fn a_greedy_and_b_seeded_speculative_equal_target_only() {
     )
     .await
     .unwrap();
+    // Steps taken while the draft session is still syncing in the background
+    // are target-only (one token, nothing drafted), so judge the drafted steps:
+    // every drafted token is accepted, except where the last chain runs past
+    // max_tokens (at most one chain, 6 tokens, is cut).
     let s = stats(&chain);
+    assert!(s.drafted >= 12, "the draft took part: {s:?}");
     assert!(
-        s.mean_accepted_length > 4.0,
+        s.accepted + 6 >= s.drafted,
         "draft == target accepts whole chains: {s:?}"
     );
     assert_eq!(s.acceptance_per_depth.first().copied(), Some(1.0));
