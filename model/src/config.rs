@@ -318,19 +318,19 @@ fn resolve_text(raw: &RawText) -> Result<TextConfig> {
     // LlamaConfig defaults (transformers).
     let hidden_size = raw.hidden_size.unwrap_or(4096);
     let num_attention_heads = raw.num_attention_heads.unwrap_or(32);
-    if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+    if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
         return Err(ModelError::Config(format!(
             "text_config.hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
         )));
     }
     let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+    if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(ModelError::Config(format!(
             "text_config.num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
         )));
     }
     let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(ModelError::Config(format!(
             "text_config.head_dim ({head_dim}) must be even for rotary embeddings"
         )));
@@ -388,7 +388,7 @@ fn resolve_vision(raw: Option<&RawVision>) -> Result<VisionConfig> {
             }
         }
     };
-    if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(ModelError::Config(format!(
             "vision_config.hidden_size ({}) is not a multiple of num_attention_heads ({})",
             cfg.hidden_size, cfg.num_attention_heads

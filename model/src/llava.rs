@@ -279,7 +279,7 @@ impl Llava {
             let run = i - start;
             let count = if run == 1 {
                 1
-            } else if run % n_img == 0 {
+            } else if run.is_multiple_of(n_img) {
                 run / n_img
             } else {
                 return Err(ModelError::InvalidInput(format!(

@@ -32,7 +32,7 @@ fn target_next(t: u32) -> u32 {
 
 /// The fake draft's guess: right except after multiples of 3.
 fn draft_next(t: u32) -> u32 {
-    if t % 3 == 0 {
+    if t.is_multiple_of(3) {
         (target_next(t) + 1) % 43 + 5
     } else {
         target_next(t)

@@ -23,6 +23,12 @@ pub const PANEL: usize = 16;
 /// Largest number of rows one register tile holds.
 const MAX_TILE_ROWS: usize = 6;
 
+/// Largest number of panels one register tile holds.
+const MAX_TILE_PANELS: usize = 8;
+
+/// A register tile's results, rows x (panels x [`PANEL`]) columns.
+type TileAcc = [[f32; PANEL * MAX_TILE_PANELS]; MAX_TILE_ROWS];
+
 /// Multiply-adds below which a product runs on the calling thread alone (a thread hand-off
 /// costs more than it saves).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
@@ -137,6 +143,11 @@ impl PackedMatrix {
     /// `y[r] = x[r] W^T + b` for `rows` rows; `x` is `[rows, in]`, `y` is `[rows, out]`.
     /// Splits the panels over the CPU pool when the product is large enough.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.matmul_with(Kernel::detect(), x, rows, y);
+    }
+
+    /// [`PackedMatrix::matmul`] with a given instruction set.
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_dim, "input size");
         assert_eq!(y.len(), rows * self.out_dim, "output size");
         if rows == 0 {
@@ -149,30 +160,37 @@ impl PackedMatrix {
             (4 * pool::threads()).min(self.panels)
         };
         if parts <= 1 {
-            self.matmul_panels(x, rows, 0..self.panels, SharedOut::new(y));
+            self.matmul_panels(kernel, x, rows, 0..self.panels, SharedOut::new(y));
             return;
         }
         let out = SharedOut::new(y);
+        // Whole tiles per part where the panels allow (a part may be left empty).
+        let group = kernel.panels_per_tile(rows);
         let per = self.panels.div_ceil(parts);
+        let per = if per >= group {
+            per.next_multiple_of(group)
+        } else {
+            per
+        };
         pool::parallel_for(parts, &|part| {
             let start = part * per;
             let end = (start + per).min(self.panels);
             if start < end {
-                self.matmul_panels(x, rows, start..end, out);
+                self.matmul_panels(kernel, x, rows, start..end, out);
             }
         });
     }
 
     /// Computes output panels `panels` of every row (writes only their columns of `y`).
-    fn matmul_panels(&self, x: &[f32], rows: usize, panels: std::ops::Range<usize>, y: SharedOut) {
-        let kernel = Kernel::detect();
-        // Panels per tile: few rows leave registers for several panels at once, which keeps
-        // enough independent accumulators in flight to hide the FMA latency.
-        let group_max = match rows {
-            1 => 4,
-            2 | 3 => 2,
-            _ => 1,
-        };
+    fn matmul_panels(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        rows: usize,
+        panels: std::ops::Range<usize>,
+        y: SharedOut,
+    ) {
+        let group_max = kernel.panels_per_tile(rows);
         // Rows split into tiles of near-equal height (16 rows: 6 + 5 + 5, not 6 + 6 + 4), so no
         // tile is left with too few accumulators to hide the FMA latency.
         let tiles = rows.div_ceil(MAX_TILE_ROWS);
@@ -201,11 +219,23 @@ impl PackedMatrix {
         group: usize,
         y: SharedOut,
     ) {
-        let mut acc = [[0f32; PANEL * 4]; MAX_TILE_ROWS];
+        let mut acc: TileAcc = [[0f32; PANEL * MAX_TILE_PANELS]; MAX_TILE_ROWS];
         let k = self.in_dim;
         let xs = &x[r0 * k..(r0 + rows) * k];
         let span = k * PANEL;
         match (&self.data, kernel) {
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::F32(w), Kernel::Avx512) => unsafe {
+                avx512::tile::<avx512::F32>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::F16(w), Kernel::Avx512) => unsafe {
+                avx512::tile::<avx512::F16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (PanelData::Bf16(w), Kernel::Avx512) => unsafe {
+                avx512::tile::<avx512::Bf16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+            },
             #[cfg(target_arch = "x86_64")]
             (PanelData::F32(w), Kernel::Avx2) => unsafe {
                 avx2::tile::<avx2::F32>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
@@ -255,33 +285,76 @@ impl PackedMatrix {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2,
     Portable,
 }
 
 impl Kernel {
+    /// The best instruction set this CPU has, capped by `SPECLLAVA_CPU_KERNEL`
+    /// (`portable`, `avx2` or `avx512`).
     fn detect() -> Kernel {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *KERNEL.get_or_init(|| {
-            if std::env::var_os("SPECLLAVA_CPU_PORTABLE").is_some() {
-                return Kernel::Portable;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Kernel::Avx2;
-            }
-            Kernel::Portable
+            let cap = match std::env::var("SPECLLAVA_CPU_KERNEL").as_deref() {
+                Ok("portable") => Kernel::Portable,
+                Ok("avx2") => Kernel::Avx2,
+                _ => Kernel::Avx512,
+            };
+            Kernel::available()
+                .into_iter()
+                .find(|k| k.rank() <= cap.rank())
+                .unwrap_or(Kernel::Portable)
         })
+    }
+
+    /// The instruction sets this CPU supports, best first.
+    fn available() -> Vec<Kernel> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                kernels.push(Kernel::Avx512);
+            }
+            if avx2 {
+                kernels.push(Kernel::Avx2);
+            }
+        }
+        kernels.push(Kernel::Portable);
+        kernels
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Kernel::Portable => 0,
+            Kernel::Avx2 => 1,
+            Kernel::Avx512 => 2,
+        }
+    }
+
+    /// Panels per register tile of `rows` rows: few rows leave registers for several panels
+    /// at once, which keeps enough independent accumulators in flight to hide the FMA
+    /// latency (16 vector registers with AVX2, 32 with AVX-512).
+    fn panels_per_tile(self, rows: usize) -> usize {
+        match (self, rows) {
+            (Kernel::Avx512, 1) => 8,
+            (Kernel::Avx512, _) => 4,
+            (_, 1) => 4,
+            (_, 2 | 3) => 2,
+            _ => 1,
+        }
     }
 }
 
-/// Names the instruction set the products of this process use ("avx2+fma+f16c" or
-/// "portable").
+/// Names the instruction set the products of this process use ("avx512f",
+/// "avx2+fma+f16c" or "portable").
 pub fn kernel_name() -> &'static str {
     match Kernel::detect() {
+        Kernel::Avx512 => "avx512f",
         Kernel::Avx2 => "avx2+fma+f16c",
         Kernel::Portable => "portable",
     }
@@ -296,7 +369,7 @@ fn portable_tile<W: Copy>(
     w: &[W],
     span: usize,
     group: usize,
-    acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+    acc: &mut TileAcc,
     widen: impl Fn(W) -> f32,
 ) {
     for g in 0..group {
@@ -352,7 +425,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{MAX_TILE_ROWS, PANEL};
+    use super::{PANEL, TileAcc};
 
     /// Elements ahead of the current k row that the kernel prefetches.
     const PREFETCH_AHEAD: usize = 16 * PANEL;
@@ -408,7 +481,7 @@ mod avx2 {
         w: &[W::Elem],
         span: usize,
         group: usize,
-        acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+        acc: &mut TileAcc,
     ) {
         assert!(x.len() >= rows * k && w.len() >= group * span);
         unsafe {
@@ -437,7 +510,7 @@ mod avx2 {
         k: usize,
         w: &[W::Elem],
         span: usize,
-        acc: &mut [[f32; PANEL * 4]; MAX_TILE_ROWS],
+        acc: &mut TileAcc,
     ) {
         let mut a = [[[_mm256_setzero_ps(); 2]; P]; R];
         let xp = x.as_ptr();
@@ -461,11 +534,151 @@ mod avx2 {
         }
         for r in 0..R {
             for p in 0..P {
-                // SAFETY: acc rows hold 4 panels of 16 lanes.
+                // SAFETY: acc rows hold MAX_TILE_PANELS panels of 16 lanes.
                 unsafe {
                     _mm256_storeu_ps(acc[r].as_mut_ptr().add(p * PANEL), a[r][p][0]);
                     _mm256_storeu_ps(acc[r].as_mut_ptr().add(p * PANEL + 8), a[r][p][1]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512F register tiles: one 16-lane register per panel row, up to 6 rows x 4 panels
+    //! of accumulators in the 32 vector registers. The same per-element FMA chain as
+    //! [`super::avx2`], so both give the same bits.
+
+    use std::arch::x86_64::*;
+
+    use super::{PANEL, TileAcc};
+
+    /// Elements ahead of the current k row that the kernel prefetches.
+    const PREFETCH_AHEAD: usize = 16 * PANEL;
+
+    /// How 16 stored weights become 16 f32 lanes.
+    pub trait Widen {
+        type Elem: Copy;
+        /// # Safety
+        /// `p` must point at 16 readable elements; the CPU must have AVX-512F.
+        unsafe fn load16(p: *const Self::Elem) -> __m512;
+    }
+
+    pub struct F32;
+    pub struct F16;
+    pub struct Bf16;
+
+    impl Widen for F32 {
+        type Elem = f32;
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    }
+
+    impl Widen for F16 {
+        type Elem = u16;
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+    }
+
+    impl Widen for Bf16 {
+        type Elem = u16;
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            unsafe {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            }
+        }
+    }
+
+    /// Dispatches to a tile with compile-time rows and panels (registers, not memory).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `w` holds `group` panels of `span` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile<W: Widen>(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[W::Elem],
+        span: usize,
+        group: usize,
+        acc: &mut TileAcc,
+    ) {
+        assert!(x.len() >= rows * k && w.len() >= group * span);
+        unsafe {
+            match (rows, group) {
+                (1, 1) => tile_rp::<W, 1, 1>(x, k, w, span, acc),
+                (1, 2) => tile_rp::<W, 1, 2>(x, k, w, span, acc),
+                (1, 3) => tile_rp::<W, 1, 3>(x, k, w, span, acc),
+                (1, 4) => tile_rp::<W, 1, 4>(x, k, w, span, acc),
+                (1, 5) => tile_rp::<W, 1, 5>(x, k, w, span, acc),
+                (1, 6) => tile_rp::<W, 1, 6>(x, k, w, span, acc),
+                (1, 7) => tile_rp::<W, 1, 7>(x, k, w, span, acc),
+                (1, 8) => tile_rp::<W, 1, 8>(x, k, w, span, acc),
+                (2, 1) => tile_rp::<W, 2, 1>(x, k, w, span, acc),
+                (2, 2) => tile_rp::<W, 2, 2>(x, k, w, span, acc),
+                (2, 3) => tile_rp::<W, 2, 3>(x, k, w, span, acc),
+                (2, 4) => tile_rp::<W, 2, 4>(x, k, w, span, acc),
+                (3, 1) => tile_rp::<W, 3, 1>(x, k, w, span, acc),
+                (3, 2) => tile_rp::<W, 3, 2>(x, k, w, span, acc),
+                (3, 3) => tile_rp::<W, 3, 3>(x, k, w, span, acc),
+                (3, 4) => tile_rp::<W, 3, 4>(x, k, w, span, acc),
+                (4, 1) => tile_rp::<W, 4, 1>(x, k, w, span, acc),
+                (4, 2) => tile_rp::<W, 4, 2>(x, k, w, span, acc),
+                (4, 3) => tile_rp::<W, 4, 3>(x, k, w, span, acc),
+                (4, 4) => tile_rp::<W, 4, 4>(x, k, w, span, acc),
+                (5, 1) => tile_rp::<W, 5, 1>(x, k, w, span, acc),
+                (5, 2) => tile_rp::<W, 5, 2>(x, k, w, span, acc),
+                (5, 3) => tile_rp::<W, 5, 3>(x, k, w, span, acc),
+                (5, 4) => tile_rp::<W, 5, 4>(x, k, w, span, acc),
+                (6, 1) => tile_rp::<W, 6, 1>(x, k, w, span, acc),
+                (6, 2) => tile_rp::<W, 6, 2>(x, k, w, span, acc),
+                (6, 3) => tile_rp::<W, 6, 3>(x, k, w, span, acc),
+                (6, 4) => tile_rp::<W, 6, 4>(x, k, w, span, acc),
+                _ => unreachable!("tile shape {rows}x{group}"),
+            }
+        }
+    }
+
+    // Index loops over the register tile read best as written (and unroll fully).
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_rp<W: Widen, const R: usize, const P: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W::Elem],
+        span: usize,
+        acc: &mut TileAcc,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); P]; R];
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        for kk in 0..k {
+            for p in 0..P {
+                // SAFETY: panel p, row kk, 16 elements lie inside `w` (checked by the caller).
+                let wv = unsafe {
+                    let base = wp.add(p * span + kk * PANEL);
+                    // Ask for the panel's bytes a few rows of k ahead of their use.
+                    _mm_prefetch::<_MM_HINT_T0>(base.add(PREFETCH_AHEAD) as *const i8);
+                    W::load16(base)
+                };
+                for r in 0..R {
+                    // SAFETY: row r, column kk of x is inside `x`.
+                    let xv = unsafe { _mm512_set1_ps(*xp.add(r * k + kk)) };
+                    a[r][p] = _mm512_fmadd_ps(xv, wv, a[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                // SAFETY: acc rows hold MAX_TILE_PANELS panels of 16 lanes.
+                unsafe { _mm512_storeu_ps(acc[r].as_mut_ptr().add(p * PANEL), a[r][p]) };
             }
         }
     }
@@ -524,12 +737,17 @@ mod tests {
                 }
                 let b = data(out, 99);
                 let m = PackedMatrix::pack(&w, out, inp, Some(b.clone()), format);
-                for rows in [1, 2, 3, 4, 6, 7, 13, 64] {
+                for rows in [1, 2, 3, 4, 5, 6, 7, 13, 64] {
                     let x = data(rows * inp, rows as u64);
-                    let mut y = vec![f32::NAN; rows * out];
-                    m.matmul(&x, rows, &mut y);
                     let want = reference(&x, rows, &w, out, inp, Some(&b));
-                    assert_eq!(y, want, "out {out} in {inp} rows {rows} {format:?}");
+                    for kernel in Kernel::available() {
+                        let mut y = vec![f32::NAN; rows * out];
+                        m.matmul_with(kernel, &x, rows, &mut y);
+                        assert_eq!(
+                            y, want,
+                            "out {out} in {inp} rows {rows} {format:?} {kernel:?}"
+                        );
+                    }
                 }
             }
         }
@@ -556,10 +774,14 @@ mod tests {
         let (out, inp) = (1000, 512);
         let w = data(out * inp, 11);
         let m = PackedMatrix::pack(&w, out, inp, None, WeightFormat::F32);
-        let rows = 5;
-        let x = data(rows * inp, 12);
-        let mut y = vec![0f32; rows * out];
-        m.matmul(&x, rows, &mut y);
-        assert_eq!(y, reference(&x, rows, &w, out, inp, None));
+        for rows in [1, 5, 16] {
+            let x = data(rows * inp, 12);
+            let want = reference(&x, rows, &w, out, inp, None);
+            for kernel in Kernel::available() {
+                let mut y = vec![0f32; rows * out];
+                m.matmul_with(kernel, &x, rows, &mut y);
+                assert_eq!(y, want, "rows {rows} {kernel:?}");
+            }
+        }
     }
 }

@@ -7,14 +7,15 @@
 //!   packed once at load time in the
 //!   checkpoint's precision ([`gemm`]), multi-threaded products on a spinning worker pool
 //!   ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention over host KV rows
-//!   ([`attention`]). AVX2 + FMA + F16C kernels are chosen at run time, with a portable fallback
-//!   that gives the same bits.
+//!   ([`attention`]). The products run AVX-512F or AVX2 + FMA + F16C register tiles chosen at
+//!   run time (the element-wise kernels AVX2), with a portable fallback; all give the same
+//!   bits.
 //! - **CUDA / Metal devices**, or [`crate::Backend::Candle`] on the CPU: candle's own kernels
 //!   ([`crate::llama::Decoder`]); nothing here is used, and a GPU build compiles without it
 //!   mattering.
 //!
-//! `SPECLLAVA_CPU_THREADS` caps the worker threads; `SPECLLAVA_CPU_PORTABLE=1` forces the
-//! portable kernels.
+//! `SPECLLAVA_CPU_THREADS` caps the worker threads; `SPECLLAVA_CPU_KERNEL=avx2` or `=portable`
+//! caps the instruction set (for comparisons: the results are the same).
 
 pub(crate) mod attention;
 pub(crate) mod decoder;
@@ -27,7 +28,7 @@ pub(crate) mod vision;
 pub(crate) use decoder::{CpuDecoder, LogitRows};
 pub(crate) use vision::CpuClipLayer;
 
-/// Whether the AVX2 + FMA + F16C kernels are in use (decided once per process).
+/// Whether SIMD kernels (AVX2 + FMA + F16C or better) are in use (decided once per process).
 pub(crate) fn simd_enabled() -> bool {
     static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SIMD.get_or_init(|| gemm::kernel_name() != "portable")

@@ -181,7 +181,7 @@ impl Pool {
             let mut polls = 0u32;
             while !self.has_work() {
                 polls += 1;
-                if polls % 64 == 0 && idle_since.elapsed() > SPIN {
+                if polls.is_multiple_of(64) && idle_since.elapsed() > SPIN {
                     self.sleep_until_work();
                     break;
                 }
