@@ -330,6 +330,14 @@ impl KvCache {
     }
 
     /// The host buffers of every layer (CPU backend), `None` for a tensor cache.
+    pub(crate) fn host_layers(&self) -> Option<&[HostLayerKv]> {
+        match &self.storage {
+            Storage::Host(layers) => Some(layers),
+            Storage::Tensors(_) => None,
+        }
+    }
+
+    /// The per-layer host buffers, for writing new rows (CPU backend only).
     pub(crate) fn host_layers_mut(&mut self) -> Option<&mut [HostLayerKv]> {
         match &mut self.storage {
             Storage::Host(layers) => Some(layers),

@@ -19,19 +19,30 @@ pub(crate) struct Heads {
     pub head_dim: usize,
 }
 
-/// Multiply-adds below which a segment's attention runs on the calling thread alone.
+/// Multiply-adds below which a layer's attention runs on the calling thread alone.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-/// Attention of `n` new rows. Row `i`'s query heads are `q[i * q_stride..][..heads * head_dim]`
-/// (rope applied); `kv` holds the session's rows `[rows, kv_heads * head_dim]` of this layer;
-/// writes `out` `[n, heads * head_dim]`.
+/// One session's part of a layer's attention: its new rows and the KV rows they read.
+pub(crate) struct SegmentAttention<'a> {
+    /// The session's rows of this layer, `[rows, kv_heads * head_dim]` (new rows included).
+    pub kv: &'a HostLayerKv,
+    /// Which rows each new row sees.
+    pub visible: &'a Visibility,
+    /// New rows.
+    pub n: usize,
+    /// The segment's first row in the layer's `q` and `out`.
+    pub start: usize,
+}
+
+/// Attention of every segment's new rows. Row `i`'s query heads are
+/// `q[i * q_stride..][..heads * head_dim]` (rope applied); writes `out`
+/// `[rows, heads * head_dim]`. The (row, head) jobs of all segments are shared out over the
+/// CPU pool together, so sessions of one row each still keep both cores busy.
 pub(crate) fn attend(
     shape: Heads,
     q: &[f32],
     q_stride: usize,
-    kv: &HostLayerKv,
-    visible: &Visibility,
-    n: usize,
+    segments: &[SegmentAttention<'_>],
     out: &mut [f32],
 ) {
     let Heads {
@@ -40,38 +51,55 @@ pub(crate) fn attend(
         head_dim,
     } = shape;
     let width = heads * head_dim;
-    let macs: usize = (0..n).map(|i| visible.count(i)).sum::<usize>() * width * 2;
+    // The first job of each segment, and the total.
+    let mut first_job = Vec::with_capacity(segments.len() + 1);
+    let mut jobs = 0;
+    let mut visible_rows = 0;
+    for seg in segments {
+        first_job.push(jobs);
+        jobs += seg.n * heads;
+        visible_rows += (0..seg.n).map(|i| seg.visible.count(i)).sum::<usize>();
+    }
+    first_job.push(jobs);
+    let macs = visible_rows * width * 2;
     let parts = if macs < PARALLEL_MIN_MACS {
         1
     } else {
-        (4 * pool::threads()).min(n * heads)
+        (4 * pool::threads()).min(jobs)
     };
-    let jobs = n * heads;
-    let per = jobs.div_ceil(parts);
+    let per = jobs.div_ceil(parts.max(1));
     let out_ptr = OutPtr(out.as_mut_ptr(), out.len());
     let run = |part: usize| {
         let mut scores = Vec::new();
-        for job in part * per..((part + 1) * per).min(jobs) {
-            let (i, h) = (job / heads, job % heads);
+        let (lo, hi) = (part * per, ((part + 1) * per).min(jobs));
+        let mut si = first_job.partition_point(|&f| f <= lo).saturating_sub(1);
+        for job in lo..hi {
+            while job >= first_job[si + 1] {
+                si += 1;
+            }
+            let seg = &segments[si];
+            let local = job - first_job[si];
+            let (i, h) = (local / heads, local % heads);
+            let row = seg.start + i;
             let g = h / (heads / kv_heads);
-            let qh = &q[i * q_stride + h * head_dim..][..head_dim];
+            let qh = &q[row * q_stride + h * head_dim..][..head_dim];
             // SAFETY: each (row, head) slice of `out` is written by exactly one job.
-            let oh = unsafe { out_ptr.slice(i * width + h * head_dim, head_dim) };
+            let oh = unsafe { out_ptr.slice(row * width + h * head_dim, head_dim) };
             one_head(
                 qh,
-                &kv.k,
-                &kv.v,
+                &seg.kv.k,
+                &seg.kv.v,
                 kv_heads,
                 head_dim,
                 g,
-                visible,
+                seg.visible,
                 i,
                 &mut scores,
                 oh,
             );
         }
     };
-    if parts == 1 {
+    if parts <= 1 {
         run(0);
     } else {
         pool::parallel_for(parts, &run);

@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use super::attention::{Heads, attend};
+use super::attention::{Heads, SegmentAttention, attend};
 use super::gemm::PackedMatrix;
 use super::load::{format_of, pack_stacked, vec_of};
 use super::ops::{add_rms_norm, gated_activation, rope_heads};
@@ -292,25 +292,32 @@ impl CpuDecoder {
             }
             let mut start = 0;
             for (si, seg) in segments.iter().enumerate() {
-                let kv = &mut kvs[si];
-                let layer_kv = &mut kv.host_layers_mut().expect("host cache")[li];
+                let layer_kv = &mut kvs[si].host_layers_mut().expect("host cache")[li];
                 for i in 0..seg.n {
                     let src = &qkv[(start + i) * qkv_dim..][..qkv_dim];
                     let dst = (offsets[si] + i) * kv_dim;
                     layer_kv.k[dst..dst + kv_dim].copy_from_slice(&src[q_dim..q_dim + kv_dim]);
                     layer_kv.v[dst..dst + kv_dim].copy_from_slice(&src[q_dim + kv_dim..]);
                 }
-                attend(
-                    self.shape,
-                    &qkv[start * qkv_dim..],
-                    qkv_dim,
-                    layer_kv,
-                    &seg.visible,
-                    seg.n,
-                    &mut attn[start * q_dim..(start + seg.n) * q_dim],
-                );
                 start += seg.n;
             }
+            let mut start = 0;
+            let parts: Vec<SegmentAttention<'_>> = segments
+                .iter()
+                .zip(kvs.iter())
+                .map(|(seg, kv)| {
+                    let part = SegmentAttention {
+                        kv: &kv.host_layers().expect("host cache")[li],
+                        visible: &seg.visible,
+                        n: seg.n,
+                        start,
+                    };
+                    start += seg.n;
+                    part
+                })
+                .collect();
+            attend(self.shape, qkv, qkv_dim, &parts, attn);
+            drop(parts);
             layer.o.matmul(attn, total, proj);
             add_rms_norm(&mut x, Some(proj), &layer.post_norm, self.eps, normed);
             layer.gate_up.matmul(normed, total, gate_up);

@@ -2,7 +2,7 @@
 //! [`crate::vision`], on slices, with q/k/v packed into one weight and attention reading the
 //! image's rows in place (every patch sees every patch).
 
-use super::attention::{Heads, attend};
+use super::attention::{Heads, SegmentAttention, attend};
 use super::gemm::PackedMatrix;
 use super::load::{pack_stacked, vec_of};
 use super::ops::{activate_in_place, add_in_place, layer_norm};
@@ -71,26 +71,31 @@ impl CpuClipLayer {
         self.qkv.matmul(&normed, rows, &mut qkv);
         let mut attn = vec![0f32; rows * h];
         let visible = Visibility::full(seq, seq);
-        for b in 0..images {
-            let img = &qkv[b * seq * 3 * h..(b + 1) * seq * 3 * h];
-            let mut kv = HostLayerKv {
-                k: Vec::with_capacity(seq * h),
-                v: Vec::with_capacity(seq * h),
-            };
-            for row in img.chunks_exact(3 * h) {
-                kv.k.extend_from_slice(&row[h..2 * h]);
-                kv.v.extend_from_slice(&row[2 * h..]);
-            }
-            attend(
-                self.shape,
-                img,
-                3 * h,
-                &kv,
-                &visible,
-                seq,
-                &mut attn[b * seq * h..(b + 1) * seq * h],
-            );
-        }
+        let kvs: Vec<HostLayerKv> = qkv
+            .chunks_exact(seq * 3 * h)
+            .map(|img| {
+                let mut kv = HostLayerKv {
+                    k: Vec::with_capacity(seq * h),
+                    v: Vec::with_capacity(seq * h),
+                };
+                for row in img.chunks_exact(3 * h) {
+                    kv.k.extend_from_slice(&row[h..2 * h]);
+                    kv.v.extend_from_slice(&row[2 * h..]);
+                }
+                kv
+            })
+            .collect();
+        let parts: Vec<SegmentAttention<'_>> = kvs
+            .iter()
+            .enumerate()
+            .map(|(b, kv)| SegmentAttention {
+                kv,
+                visible: &visible,
+                n: seq,
+                start: b * seq,
+            })
+            .collect();
+        attend(self.shape, &qkv, 3 * h, &parts, &mut attn);
         let mut proj = vec![0f32; rows * h];
         self.out.matmul(&attn, rows, &mut proj);
         add_in_place(x, &proj);
