@@ -204,10 +204,47 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Parses a comma-split mode list. A piece that starts with a digit continues the previous
+/// mode's numbers (`dynamic:5,3,16` arrives as `dynamic:5`, `3`, `16`).
 fn parse_modes(list: &[String]) -> Result<Vec<Mode>> {
-    list.iter()
+    let mut joined: Vec<String> = Vec::new();
+    for piece in list {
+        match joined.last_mut() {
+            Some(last) if piece.starts_with(|c: char| c.is_ascii_digit()) => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => joined.push(piece.clone()),
+        }
+    }
+    joined
+        .iter()
         .map(|s| s.parse::<Mode>().map_err(anyhow::Error::msg))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_lists_keep_the_commas_of_tree_shapes() {
+        let list: Vec<String> = "target-only,dynamic:5,3,16,chain:4/no-ahead,static:3,3,12"
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let modes = parse_modes(&list).unwrap();
+        let names: Vec<String> = modes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "target-only",
+                "dynamic:5,3,16",
+                "chain:4/no-ahead",
+                "static:3,3,12"
+            ]
+        );
+    }
 }
 
 /// Default and quick sizes.
