@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`routing`]: replica sets (DNS, refresh) and session pinning.
+//! - [`health`]: replicas out of rotation after a failure, retried with backoff.
 //! - [`clients`]: the replica calls (a small trait, gRPC behind it).
 //! - [`session`]: conversations and their replica state.
 //! - [`sync`]: the call that brings a replica session up to date with the history.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod health;
 pub mod http;
 pub mod plan;
 pub mod prefix;
