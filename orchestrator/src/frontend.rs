@@ -143,14 +143,14 @@ impl Frontend {
             Ok(()) => {}
             Err(Interrupted::Cancelled) => {
                 tracing::info!(session = %conv.id, "client cancelled, closing the session on the replicas");
-                self.engine.close_replicas(conv).await;
+                self.engine.close_replicas(conv);
             }
             Err(Interrupted::Failed(e)) => {
                 tracing::warn!(session = %conv.id, error = %e, error_type = e.error_type(), "generation failed");
                 if conv.turns == 0 && before == 0 {
                     conv.history.clear();
                 }
-                self.engine.close_replicas(conv).await;
+                self.engine.close_replicas(conv);
             }
         }
         res

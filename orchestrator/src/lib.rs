@@ -72,11 +72,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let drafts = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Draft, args.draft_endpoints.clone())
-            .with_connect_timeout(connect_timeout),
+            .with_connect_timeout(connect_timeout)
+            .with_backoff(args.backoff()),
     );
     let targets = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Target, args.target_endpoints.clone())
-            .with_connect_timeout(connect_timeout),
+            .with_connect_timeout(connect_timeout)
+            .with_backoff(args.backoff()),
     );
     let n_draft = drafts.refresh().await;
     let n_target = targets.refresh().await;
@@ -134,11 +136,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 for conv in sessions.expire() {
                     let mut c = conv.lock().await;
                     tracing::info!(session = %c.id, "session expired");
-                    engine.close_replicas(&mut c).await;
+                    engine.close_replicas(&mut c);
                 }
                 for mut c in cached.expire() {
                     tracing::debug!(session = %c.id, "cached conversation expired");
-                    engine.close_replicas(&mut c).await;
+                    engine.close_replicas(&mut c);
                 }
             }
         });
