@@ -146,8 +146,8 @@ pub struct Args {
     /// in milliseconds.
     #[arg(long, env = "SPECLLAVA_SESSION_SWEEP_MS", default_value_t = 5_000)]
     pub session_sweep_ms: u64,
-    /// Attempts to pin and sync a target replica (re-pinning after a failure) before a
-    /// turn fails.
+    /// Attempts to sync a target replica (after an eviction, a stale session, a refused
+    /// replica) before a turn fails; each target that fails is replaced on top of these.
     #[arg(long, env = "SPECLLAVA_TARGET_ATTEMPTS", default_value_t = 3)]
     pub target_attempts: usize,
     /// Target re-prefills from the history per step (an evicted session, a failover to

@@ -71,7 +71,9 @@ pub struct EngineConfig {
     pub draft_ahead: bool,
     /// Deadline of every target call (a target missing it fails over).
     pub target_timeout: Duration,
-    /// Attempts to pin and sync a target replica before a turn fails.
+    /// Attempts to sync a target replica (after an eviction, a stale session, a refused
+    /// replica) before a turn fails; on top of these, each target replica that fails is
+    /// replaced by another one in rotation.
     pub target_attempts: usize,
     /// Target re-prefills (a lost session, a failover to another replica) per step, and
     /// draft replacements per turn, before giving up.
@@ -479,7 +481,10 @@ impl Engine {
         stats: &mut Stats,
     ) -> Result<pb::InfoResponse, OrchestratorError> {
         let mut last_err = None;
-        for _attempt in 0..self.cfg.target_attempts {
+        // A failed replica is out of rotation, so each one costs one attempt at most: the
+        // turn fails over to every target in rotation before it fails.
+        let attempts = self.cfg.target_attempts + self.targets.replicas().len();
+        for _attempt in 0..attempts {
             if !self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id) {
                 if let Some(e) = &last_err {
                     tracing::warn!(error = %e, "no target replica left");

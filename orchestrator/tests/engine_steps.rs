@@ -483,6 +483,26 @@ async fn a_stuck_target_misses_its_deadline_and_another_takes_the_session() {
 }
 
 #[tokio::test]
+async fn the_turn_fails_over_to_the_last_target_in_rotation() {
+    // More failed replicas than --target-attempts: every one is tried once, then the
+    // healthy one serves the turn.
+    let targets = [
+        "127.0.0.1:7000",
+        "127.0.0.1:7001",
+        "127.0.0.1:7002",
+        "127.0.0.1:7003",
+        "127.0.0.1:7004",
+    ];
+    let fake = Arc::new(Fake::default());
+    let e = short_deadlines(Arc::clone(&fake), &targets);
+    for a in &targets[..4] {
+        fake.faults.lock().unwrap().stuck.push(a.parse().unwrap());
+    }
+    let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+}
+
+#[tokio::test]
 async fn with_every_target_stuck_the_turn_fails_unavailable_within_the_deadline() {
     let fake = Arc::new(Fake::default());
     let e = short_deadlines(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
