@@ -348,6 +348,29 @@ impl Engine {
         report
     }
 
+    /// Probes every replica on probation (failed, backoff over) with an `Info` call under
+    /// its deadline, all at once: an answer puts it back in rotation, a failure keeps it
+    /// out for a doubled backoff. Run periodically, so that a replica that came back takes
+    /// sessions again without a client's request being the test.
+    pub async fn probe_replicas(&self) {
+        let probes = [
+            (ReplicaKind::Target, &self.targets),
+            (ReplicaKind::Draft, &self.drafts),
+        ]
+        .into_iter()
+        .flat_map(|(kind, set)| set.replicas().into_iter().map(move |r| (kind, r)))
+        .filter(|(_, r)| r.on_probation() && !r.is_gone() && !r.is_refused())
+        .map(|(kind, r)| async move {
+            // The outcome is recorded by the call itself ([`Guarded`]).
+            let answered = match kind {
+                ReplicaKind::Target => self.replicas.target_info(&r).await.is_ok(),
+                ReplicaKind::Draft => self.replicas.draft_info(&r).await.is_ok(),
+            };
+            tracing::debug!(%kind, replica = %r.addr, answered, "replica probed");
+        });
+        futures::future::join_all(probes).await;
+    }
+
     /// Replaces the budget policy's verify-cost prior by the first target replica's
     /// start-up measurement (online updates refine it from then on). Replicas are assumed
     /// to run on the same kind of device.

@@ -1,6 +1,7 @@
 //! Replica health: a replica that fails a call is out of rotation at once and becomes
-//! eligible again after an exponential backoff (its next use is the probe: a success
-//! puts it back for good, a failure doubles the backoff, up to a maximum).
+//! eligible again after an exponential backoff. Then it is on probation: a probe (or its
+//! next use, when no healthy replica is left) tells; a success puts it back for good, a
+//! failure doubles the backoff, up to a maximum.
 //!
 //! The bookkeeping is done where every replica call passes
 //! ([`crate::clients::Guarded`]), so routing ([`crate::routing::ReplicaSet::pin`]) only
@@ -58,6 +59,13 @@ impl Health {
     pub fn is_available(&self, now: Instant) -> bool {
         let s = self.state.lock().expect("health lock poisoned");
         s.down_until.is_none_or(|t| now >= t)
+    }
+
+    /// Whether the replica's backoff is over but no call has succeeded since it failed:
+    /// time to probe it.
+    pub fn on_probation(&self, now: Instant) -> bool {
+        let s = self.state.lock().expect("health lock poisoned");
+        s.failures > 0 && s.down_until.is_none_or(|t| now >= t)
     }
 
     /// Consecutive failures so far (0: healthy).
@@ -120,11 +128,13 @@ mod tests {
         assert_eq!(h.mark_down(&b, t0), Some(100 * MS));
         assert!(!h.is_available(t0));
         assert!(!h.is_available(t0 + 99 * MS));
+        assert!(!h.on_probation(t0 + 99 * MS));
         // Failures of calls made before it went down do not extend the backoff.
         assert_eq!(h.mark_down(&b, t0 + 50 * MS), None);
         assert_eq!(h.failures(), 1);
         // Backoff over: eligible again; a failed retry doubles the backoff.
         assert!(h.is_available(t0 + 100 * MS));
+        assert!(h.on_probation(t0 + 100 * MS));
         assert_eq!(h.mark_down(&b, t0 + 100 * MS), Some(200 * MS));
         assert!(!h.is_available(t0 + 299 * MS));
         assert!(h.is_available(t0 + 300 * MS));
@@ -133,6 +143,7 @@ mod tests {
         assert!(!h.mark_up());
         assert_eq!(h.failures(), 0);
         assert!(h.is_available(t0));
+        assert!(!h.on_probation(t0 + 400 * MS));
         assert_eq!(h.mark_down(&b, t0 + 400 * MS), Some(100 * MS));
     }
 }

@@ -113,6 +113,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    {
+        // Replicas whose backoff is over are probed, so they come back without a request
+        // being the test.
+        let engine = Arc::clone(&engine);
+        let period = args.backoff().base.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                engine.probe_replicas().await;
+            }
+        });
+    }
     let sessions = Arc::new(session::Registry::new(
         args.max_sessions,
         Duration::from_secs(args.session_ttl_s),

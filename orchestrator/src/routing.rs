@@ -98,6 +98,12 @@ impl Replica {
         !self.is_gone() && !self.is_refused() && self.health.is_available(Instant::now())
     }
 
+    /// Whether the replica failed and its backoff is over, with no success since: it is
+    /// probed, and takes sessions only when no healthy replica is left.
+    pub fn on_probation(&self) -> bool {
+        self.health.on_probation(Instant::now())
+    }
+
     /// Takes the replica out of rotation after a failed call (transport error, timeout,
     /// UNAVAILABLE...), for a backoff that doubles with each failed retry.
     pub fn mark_down(&self, kind: ReplicaKind, why: &tonic::Status) {
@@ -264,14 +270,21 @@ impl ReplicaSet {
     }
 
     /// Pins a new session to the available replica with the fewest pinned sessions,
-    /// avoiding `exclude` when another one is available; `None` when no replica is in
-    /// rotation (gone, refused, or out after a failure).
+    /// avoiding `exclude` and replicas on probation when another one is available; `None`
+    /// when no replica is in rotation (gone, refused, or out after a failure).
     pub fn pin(&self, exclude: Option<SocketAddr>) -> Option<Pin> {
         let replicas = self.replicas.read().expect("replica lock poisoned");
         let pick = replicas
             .iter()
             .filter(|r| r.is_available())
-            .min_by_key(|r| (Some(r.addr) == exclude, r.pinned(), r.addr))?;
+            .min_by_key(|r| {
+                (
+                    Some(r.addr) == exclude,
+                    r.on_probation(),
+                    r.pinned(),
+                    r.addr,
+                )
+            })?;
         pick.pinned.fetch_add(1, Ordering::Relaxed);
         Some(Pin {
             replica: Arc::clone(pick),
@@ -356,12 +369,21 @@ mod tests {
             &tonic::Status::deadline_exceeded("stuck"),
         );
         assert!(set.pin(None).is_none());
-        // After the backoff the failed replica is tried again; an answer keeps it in.
+        // After the backoff both are on probation and may be tried again; an answer puts
+        // one back for good, and it is preferred to the one still on probation.
         tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(a.replica().on_probation() && moved.replica().on_probation());
         let retry = set.pin(Some(moved.replica().addr)).unwrap();
         assert_eq!(retry.replica().addr, addr("10.0.0.1:7000"));
         retry.replica().mark_up(ReplicaKind::Target);
-        assert!(retry.replica().is_available());
+        assert!(retry.replica().is_available() && !retry.replica().on_probation());
+        for _ in 0..2 {
+            assert_eq!(
+                set.pin(None).unwrap().replica().addr,
+                addr("10.0.0.1:7000"),
+                "the healthy replica first, however many sessions it has"
+            );
+        }
     }
 
     #[tokio::test]

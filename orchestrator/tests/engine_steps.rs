@@ -459,6 +459,34 @@ async fn a_target_cut_off_mid_verify_fails_over_and_the_output_is_unchanged() {
     );
 }
 
+#[tokio::test]
+async fn a_replica_on_probation_is_probed_back_into_rotation() {
+    let fake = Arc::new(Fake::default());
+    let backoff = Backoff {
+        base: std::time::Duration::from_millis(50),
+        max: std::time::Duration::from_millis(50),
+    };
+    let targets = ReplicaSet::new(ReplicaKind::Target, vec![]).with_backoff(backoff);
+    targets.apply_resolved(vec!["127.0.0.1:7000".parse().unwrap()], true);
+    let targets = Arc::new(targets);
+    let e = Engine::new(EngineParts {
+        targets: Arc::clone(&targets),
+        ..parts(Arc::clone(&fake))
+    })
+    .unwrap();
+    let r = targets.replicas().remove(0);
+    r.mark_down(ReplicaKind::Target, &Status::unavailable("down"));
+    // Out of rotation: no probe yet, and no target for a turn.
+    e.probe_replicas().await;
+    assert!(!r.is_available());
+    assert!(matches!(run(&e, None).await, Err(Interrupted::Failed(_))));
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    assert!(r.on_probation());
+    e.probe_replicas().await;
+    assert!(r.is_available() && !r.on_probation(), "answered its probe");
+    assert_eq!(run(&e, None).await.ok().unwrap().0, expected());
+}
+
 fn short_deadlines(fake: Arc<Fake>, targets: &[&str]) -> Engine {
     Engine::new(EngineParts {
         targets: set(ReplicaKind::Target, targets),
