@@ -89,6 +89,8 @@ pub struct Service {
     pub addr: String,
     /// `127.0.0.1:port` of its `/metrics` endpoint, when started with one.
     pub metrics_addr: Option<String>,
+    /// How it was started (for [`Service::restart`]).
+    launch: Launch,
 }
 
 impl Service {
@@ -129,13 +131,27 @@ impl Service {
             launch = launch.log_file(log);
         }
         let process = launch
+            .clone()
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         Self {
             process,
             addr,
             metrics_addr,
+            launch,
         }
+    }
+
+    /// Starts the service again, same binary, flags and address (after it was killed),
+    /// and waits for its health.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        self.process = self
+            .launch
+            .clone()
+            .spawn()
+            .unwrap_or_else(|e| panic!("restarting {}: {e}", self.addr));
+        wait_healthy(self, Duration::from_secs(120)).await;
     }
 
     /// `http://addr`.
@@ -167,6 +183,10 @@ pub struct ClusterConfig {
     pub env: Vec<(String, String)>,
     /// Start every service with a `/metrics` endpoint on a free port.
     pub metrics: bool,
+    /// Target replicas to start (at least 1), all behind the orchestrator.
+    pub target_replicas: usize,
+    /// Draft replicas to start (when `draft_model` is set; at least 1).
+    pub draft_replicas: usize,
 }
 
 impl ClusterConfig {
@@ -180,16 +200,29 @@ impl ClusterConfig {
             target_args: Vec::new(),
             env: Vec::new(),
             metrics: false,
+            target_replicas: 1,
+            draft_replicas: 1,
         }
+    }
+
+    /// `targets` target and `drafts` draft replicas behind the orchestrator.
+    pub fn replicas(mut self, targets: usize, drafts: usize) -> Self {
+        self.target_replicas = targets.max(1);
+        self.draft_replicas = drafts.max(1);
+        self
     }
 }
 
 /// The three services.
 pub struct Cluster {
-    /// Draft service (if started).
+    /// Draft service (if started): the first draft replica.
     pub draft: Option<Service>,
-    /// Target service.
+    /// Target service: the first target replica.
     pub target: Service,
+    /// Draft replicas beyond the first.
+    pub more_drafts: Vec<Service>,
+    /// Target replicas beyond the first.
+    pub more_targets: Vec<Service>,
     /// Orchestrator.
     pub orchestrator: Service,
 }
@@ -213,42 +246,68 @@ impl Cluster {
             "2000".into(),
         ];
         target_args.extend(cfg.target_args.iter().cloned());
-        let mut target =
-            Service::start_with("specllava-target", &target_args, &cfg.env, cfg.metrics);
-        let mut draft = cfg.draft_model.as_ref().map(|m| {
-            Service::start_with(
-                "specllava-draft",
-                &["--model-dir".into(), path(m)],
-                &cfg.env,
-                cfg.metrics,
-            )
-        });
-        wait_healthy(&mut target, Duration::from_secs(120)).await;
-        if let Some(d) = draft.as_mut() {
-            wait_healthy(d, Duration::from_secs(120)).await;
-        }
-        let draft_endpoints = match (&cfg.draft_endpoints, &draft) {
-            (Some(e), _) => e.clone(),
-            (None, Some(d)) => d.addr.clone(),
-            (None, None) => String::new(),
+        let mut targets: Vec<Service> = (0..cfg.target_replicas.max(1))
+            .map(|_| Service::start_with("specllava-target", &target_args, &cfg.env, cfg.metrics))
+            .collect();
+        let mut drafts: Vec<Service> = match &cfg.draft_model {
+            Some(m) => (0..cfg.draft_replicas.max(1))
+                .map(|_| {
+                    Service::start_with(
+                        "specllava-draft",
+                        &["--model-dir".into(), path(m)],
+                        &cfg.env,
+                        cfg.metrics,
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
         };
+        for svc in targets.iter_mut().chain(drafts.iter_mut()) {
+            wait_healthy(svc, Duration::from_secs(120)).await;
+        }
+        let addrs = |svcs: &[Service]| {
+            svcs.iter()
+                .map(|s| s.addr.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let draft_endpoints = cfg
+            .draft_endpoints
+            .clone()
+            .unwrap_or_else(|| addrs(&drafts));
 
         let mut orch_args = vec![
             "--model-dir".into(),
             path(&cfg.target_model),
             "--target-endpoints".into(),
-            target.addr.clone(),
+            addrs(&targets),
             format!("--draft-endpoints={draft_endpoints}"),
         ];
         orch_args.extend(cfg.orchestrator_args.iter().cloned());
         let mut orchestrator =
             Service::start_with("specllava-orchestrator", &orch_args, &cfg.env, cfg.metrics);
         wait_healthy(&mut orchestrator, Duration::from_secs(60)).await;
+        let target = targets.remove(0);
+        let draft = (!drafts.is_empty()).then(|| drafts.remove(0));
         Self {
             draft,
             target,
+            more_drafts: drafts,
+            more_targets: targets,
             orchestrator,
         }
+    }
+
+    /// Every target replica, the first one first.
+    pub fn targets(&self) -> Vec<&Service> {
+        std::iter::once(&self.target)
+            .chain(&self.more_targets)
+            .collect()
+    }
+
+    /// Every draft replica, the first one first.
+    pub fn drafts(&self) -> Vec<&Service> {
+        self.draft.iter().chain(&self.more_drafts).collect()
     }
 
     /// A client of the public API.
@@ -272,41 +331,57 @@ impl Cluster {
             .expect("connect draft")
     }
 
-    /// Whether the target still holds `session` (a stale Verify is rejected without side
-    /// effects: FAILED_PRECONDITION if it exists, NOT_FOUND if not).
+    /// Whether the (first) target still holds `session`.
     pub async fn target_has(&self, session: &str) -> bool {
-        let req = pb::VerifyRequest {
-            session_id: session.into(),
-            expected_kv_len: u64::MAX,
-            tree: Some(pb::TokenTree {
-                tokens: vec![1],
-                parents: vec![-1],
-                scores: vec![],
-            }),
-            sampling: None,
-            stop: None,
-        };
-        match self.target_client().await.verify(req).await {
-            Err(s) if s.code() == tonic::Code::NotFound => false,
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => true,
-            other => panic!("unexpected {other:?}"),
-        }
+        target_holds(&self.target, session).await
     }
 
-    /// Whether the draft still holds `session` (an Append beyond its length is rejected
-    /// without side effects: INVALID_ARGUMENT if it exists, NOT_FOUND if not).
+    /// Whether the (first) draft still holds `session`.
     pub async fn draft_has(&self, session: &str) -> bool {
-        let req = pb::AppendRequest {
-            session_id: session.into(),
-            keep_kv_len: u64::MAX,
-            token_ids: vec![1],
-            images: vec![],
-        };
-        match self.draft_client().await.append(req).await {
-            Err(s) if s.code() == tonic::Code::NotFound => false,
-            Err(s) if s.code() == tonic::Code::InvalidArgument => true,
-            other => panic!("unexpected {other:?}"),
-        }
+        draft_holds(self.draft.as_ref().expect("draft started"), session).await
+    }
+}
+
+/// Whether the target replica `svc` holds `session` (a stale Verify is rejected without
+/// side effects: FAILED_PRECONDITION if it exists, NOT_FOUND if not).
+pub async fn target_holds(svc: &Service, session: &str) -> bool {
+    let req = pb::VerifyRequest {
+        session_id: session.into(),
+        expected_kv_len: u64::MAX,
+        tree: Some(pb::TokenTree {
+            tokens: vec![1],
+            parents: vec![-1],
+            scores: vec![],
+        }),
+        sampling: None,
+        stop: None,
+    };
+    let mut client = TargetClient::connect(svc.url())
+        .await
+        .expect("connect target");
+    match client.verify(req).await {
+        Err(s) if s.code() == tonic::Code::NotFound => false,
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => true,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Whether the draft replica `svc` holds `session` (an Append beyond its length is
+/// rejected without side effects: INVALID_ARGUMENT if it exists, NOT_FOUND if not).
+pub async fn draft_holds(svc: &Service, session: &str) -> bool {
+    let req = pb::AppendRequest {
+        session_id: session.into(),
+        keep_kv_len: u64::MAX,
+        token_ids: vec![1],
+        images: vec![],
+    };
+    let mut client = DraftClient::connect(svc.url())
+        .await
+        .expect("connect draft");
+    match client.append(req).await {
+        Err(s) if s.code() == tonic::Code::NotFound => false,
+        Err(s) if s.code() == tonic::Code::InvalidArgument => true,
+        other => panic!("unexpected {other:?}"),
     }
 }
 

@@ -620,6 +620,8 @@ async fn unreachable_draft_falls_back_to_target_only_and_limits_apply() {
         target_args: vec![],
         env: vec![],
         metrics: false,
+        target_replicas: 1,
+        draft_replicas: 1,
     };
     let cluster = Cluster::start(cfg).await;
     let base = generate(

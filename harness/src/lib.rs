@@ -196,11 +196,26 @@ impl ServiceProcess {
         let _ = self.child.wait();
     }
 
-    /// Sends SIGTERM and waits for the exit (graceful shutdown), killing the process
-    /// after 10 s; returns the exit status.
-    pub fn terminate(&mut self) -> Option<ExitStatus> {
+    /// Pauses the process (SIGSTOP: a stuck replica; its sockets stay open).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a paused process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
         // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits for the exit (graceful shutdown), killing the process
+    /// after 10 s; returns the exit status. A paused process is resumed to see it.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.signal(libc::SIGCONT);
         if let Some(st) = self.wait_exit(Duration::from_secs(10)) {
             return Some(st);
         }

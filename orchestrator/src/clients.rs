@@ -1,8 +1,13 @@
 //! How the engine talks to replicas: a small client trait ([`ReplicaApi`]) with the
 //! gRPC implementation ([`GrpcReplicas`]) over each replica's channel, so that the
-//! generation loop can be tested with in-process fakes.
+//! generation loop can be tested with in-process fakes; and [`Guarded`], which every
+//! call goes through: a deadline on each call and the replica's health kept from the
+//! outcome.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_client::DraftClient;
@@ -15,6 +20,7 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::error::is_replica_failure;
 use crate::routing::Replica;
 
 /// The two kinds of model replica.
@@ -178,5 +184,138 @@ impl ReplicaApi for GrpcReplicas {
             .speculate(ReceiverStream::new(requests))
             .await?;
         Ok(Box::pin(resp.into_inner()))
+    }
+}
+
+/// The deadline of every call to a replica, by replica kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Deadline of a draft call.
+    pub draft: Duration,
+    /// Deadline of a target call.
+    pub target: Duration,
+}
+
+impl Deadlines {
+    /// The deadline of a call to a `kind` replica.
+    pub fn of(&self, kind: ReplicaKind) -> Duration {
+        match kind {
+            ReplicaKind::Draft => self.draft,
+            ReplicaKind::Target => self.target,
+        }
+    }
+}
+
+/// [`ReplicaApi`] with a deadline on every call (the replica kind's), keeping the
+/// replicas' health: a call that fails because of the replica (a missed deadline, a
+/// transport error... see [`is_replica_failure`]) takes it out of rotation at once; any
+/// answer puts it back. `CloseSession` (best-effort cleanup, often of a session on a
+/// replica that just failed) has the deadline but says nothing about health. The
+/// `Speculate` deadline covers opening the stream; each tree is waited for under the draft
+/// timeout by the engine.
+pub struct Guarded {
+    inner: Arc<dyn ReplicaApi>,
+    deadlines: Deadlines,
+}
+
+impl Guarded {
+    /// `inner` with `deadlines`.
+    pub fn new(inner: Arc<dyn ReplicaApi>, deadlines: Deadlines) -> Self {
+        Self { inner, deadlines }
+    }
+
+    /// Runs one call under the kind's deadline.
+    async fn within<T>(
+        &self,
+        kind: ReplicaKind,
+        what: &str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let limit = self.deadlines.of(kind);
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "{kind} {what} got no answer within {} ms",
+                limit.as_millis()
+            )))
+        })
+    }
+
+    /// Runs one call to `replica` under the kind's deadline and records its outcome.
+    async fn call<T>(
+        &self,
+        kind: ReplicaKind,
+        replica: &Replica,
+        what: &str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let res = self.within(kind, what, call).await;
+        match &res {
+            Err(s) if is_replica_failure(s) => replica.mark_down(kind, s),
+            _ => replica.mark_up(kind),
+        }
+        res
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaApi for Guarded {
+    async fn open_session(
+        &self,
+        kind: ReplicaKind,
+        replica: &Replica,
+        req: pb::OpenSessionRequest,
+    ) -> Result<pb::OpenSessionResponse, Status> {
+        let call = self.inner.open_session(kind, replica, req);
+        self.call(kind, replica, "OpenSession", call).await
+    }
+
+    async fn append(
+        &self,
+        kind: ReplicaKind,
+        replica: &Replica,
+        req: pb::AppendRequest,
+    ) -> Result<pb::AppendResponse, Status> {
+        let call = self.inner.append(kind, replica, req);
+        self.call(kind, replica, "Append", call).await
+    }
+
+    async fn close_session(
+        &self,
+        kind: ReplicaKind,
+        replica: &Replica,
+        req: pb::CloseSessionRequest,
+    ) -> Result<pb::CloseSessionResponse, Status> {
+        let call = self.inner.close_session(kind, replica, req);
+        self.within(kind, "CloseSession", call).await
+    }
+
+    async fn verify(
+        &self,
+        replica: &Replica,
+        req: pb::VerifyRequest,
+    ) -> Result<pb::VerifyResponse, Status> {
+        let call = self.inner.verify(replica, req);
+        self.call(ReplicaKind::Target, replica, "Verify", call)
+            .await
+    }
+
+    async fn target_info(&self, replica: &Replica) -> Result<pb::InfoResponse, Status> {
+        let call = self.inner.target_info(replica);
+        self.call(ReplicaKind::Target, replica, "Info", call).await
+    }
+
+    async fn draft_info(&self, replica: &Replica) -> Result<pb::DraftInfoResponse, Status> {
+        let call = self.inner.draft_info(replica);
+        self.call(ReplicaKind::Draft, replica, "Info", call).await
+    }
+
+    async fn speculate(
+        &self,
+        replica: &Replica,
+        requests: mpsc::Receiver<pb::SpeculateRequest>,
+    ) -> Result<TreeStream, Status> {
+        let call = self.inner.speculate(replica, requests);
+        self.call(ReplicaKind::Draft, replica, "Speculate", call)
+            .await
     }
 }

@@ -6,6 +6,7 @@ use clap::Parser;
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;
+use crate::health::Backoff;
 use crate::plan::PlanConfig;
 
 /// Orchestrator: the public Generation API; routes sessions to draft and target replicas.
@@ -59,16 +60,30 @@ pub struct Args {
     /// Multi-turn sessions unused this long are closed, in seconds.
     #[arg(long, env = "SPECLLAVA_SESSION_TTL_S", default_value_t = 600)]
     pub session_ttl_s: u64,
-    /// Timeout of one draft step before falling back to target-only, in milliseconds.
-    #[arg(long, env = "SPECLLAVA_DRAFT_TIMEOUT_MS", default_value_t = 10_000)]
+    /// Deadline of every call to a draft replica and of one draft step, in milliseconds:
+    /// a draft missing it is out of rotation and the turn goes on without it (or with
+    /// another draft replica).
+    #[arg(long, env = "SPECLLAVA_DRAFT_TIMEOUT_MS", default_value_t = 2_000)]
     pub draft_timeout_ms: u64,
     /// Ask the draft to pre-draft each session's likely next tree while the target verifies
     /// (draft-ahead); a request can still turn it off. `--draft-ahead false` turns it off.
     #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
     pub draft_ahead: bool,
-    /// Timeout of one call to a target replica, in milliseconds.
-    #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 60_000)]
+    /// Deadline of every call to a target replica (open, append, verify, close...), in
+    /// milliseconds: a target missing it is out of rotation and its sessions fail over.
+    #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 10_000)]
     pub target_timeout_ms: u64,
+    /// How long a failed replica stays out of rotation before it is tried again, in
+    /// milliseconds; doubled after each failed retry, up to --replica-backoff-max-ms.
+    #[arg(long, env = "SPECLLAVA_REPLICA_BACKOFF_MS", default_value_t = 500)]
+    pub replica_backoff_ms: u64,
+    /// Longest time a failed replica stays out of rotation, in milliseconds.
+    #[arg(
+        long,
+        env = "SPECLLAVA_REPLICA_BACKOFF_MAX_MS",
+        default_value_t = 30_000
+    )]
+    pub replica_backoff_max_ms: u64,
     /// Re-resolve the draft and target endpoints (DNS) this often, in seconds, so new
     /// replicas take new sessions and vanished ones hand theirs over (re-prefilled from
     /// the history); 0 = only at start and after a replica failure.
@@ -131,12 +146,12 @@ pub struct Args {
     /// in milliseconds.
     #[arg(long, env = "SPECLLAVA_SESSION_SWEEP_MS", default_value_t = 5_000)]
     pub session_sweep_ms: u64,
-    /// Attempts to pin and sync a target replica (re-pinning after a failure) before a
-    /// turn fails.
+    /// Attempts to sync a target replica (after an eviction, a stale session, a refused
+    /// replica) before a turn fails; each target that fails is replaced on top of these.
     #[arg(long, env = "SPECLLAVA_TARGET_ATTEMPTS", default_value_t = 3)]
     pub target_attempts: usize,
-    /// Lost target sessions (evicted, replica gone) re-prefilled from the history per
-    /// turn before the turn fails.
+    /// Target re-prefills from the history per step (an evicted session, a failover to
+    /// another replica), and draft replicas replaced per turn, before giving up.
     #[arg(long, env = "SPECLLAVA_MAX_RECOVERIES", default_value_t = 3)]
     pub max_recoveries: usize,
     /// Budget policy prior: cost of one draft level, in nanoseconds (refined online).
@@ -195,6 +210,15 @@ pub struct Args {
 }
 
 impl Args {
+    /// The backoff of failed replicas these flags give.
+    pub fn backoff(&self) -> Backoff {
+        let base = Duration::from_millis(self.replica_backoff_ms);
+        Backoff {
+            base,
+            max: Duration::from_millis(self.replica_backoff_max_ms).max(base),
+        }
+    }
+
     /// The engine settings these flags give.
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -235,6 +259,7 @@ mod tests {
         let cfg = args.engine_config();
         let defaults = EngineConfig::default();
         assert_eq!(cfg.plan, defaults.plan);
+        assert_eq!(args.backoff(), Backoff::default());
         assert_eq!(
             (
                 cfg.draft_timeout,

@@ -13,10 +13,16 @@
 //! and [`Engine::end`] streams the summary.
 //!
 //! Correctness never depends on the draft: every emitted token comes from the
-//! target's `Verify`, so losing the draft only costs speed. Replica failures
-//! (NOT_FOUND after eviction, UNAVAILABLE) are recovered by re-prefilling from the
-//! authoritative history. Replicas whose model disagrees with the deployment
-//! (vocabulary, special ids, tokenizer) are refused before any session is opened.
+//! target's `Verify`, so losing the draft only costs speed (another draft replica takes
+//! over when one is in rotation). A lost target session (NOT_FOUND after eviction) is
+//! re-prefilled from the authoritative history; a failed target replica (transport error,
+//! UNAVAILABLE, UNKNOWN, a missed deadline: [`is_replica_failure`]) is out of rotation at
+//! once and the session fails over: it is re-pinned to another target and re-prefilled
+//! there with the history so far, so the client's stream never sees the failure. The
+//! client hears UNAVAILABLE only when no target replica is left. Every replica call has a
+//! deadline ([`Guarded`]); sessions are closed on replicas in the background.
+//! Replicas whose model disagrees with the deployment (vocabulary, special ids, tokenizer)
+//! are refused before any session is opened.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +39,8 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
-use crate::clients::{ReplicaApi, ReplicaKind, TreeStream};
-use crate::error::OrchestratorError;
+use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind, TreeStream};
+use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession};
@@ -58,15 +64,19 @@ pub struct GenParams {
 /// Engine settings (operating decisions, all from flags).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// One draft step longer than this falls back to target-only.
+    /// Deadline of every draft call and of one draft step (a step longer than this falls
+    /// back to target-only; the draft replica is out of rotation).
     pub draft_timeout: Duration,
     /// Whether drafts are asked to pre-draft while the target verifies (draft-ahead).
     pub draft_ahead: bool,
-    /// Timeout of one target call.
+    /// Deadline of every target call (a target missing it fails over).
     pub target_timeout: Duration,
-    /// Attempts to pin and sync a target replica before a turn fails.
+    /// Attempts to sync a target replica (after an eviction, a stale session, a refused
+    /// replica) before a turn fails; on top of these, each target replica that fails is
+    /// replaced by another one in rotation.
     pub target_attempts: usize,
-    /// Lost target sessions re-prefilled per turn before it fails.
+    /// Target re-prefills (a lost session, a failover to another replica) per step, and
+    /// draft replacements per turn, before giving up.
     pub max_recoveries: usize,
     /// The budget policy's prior, search space, probing and fallback shape.
     pub plan: PlanConfig,
@@ -75,9 +85,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            draft_timeout: Duration::from_secs(10),
+            draft_timeout: Duration::from_millis(2_000),
             draft_ahead: true,
-            target_timeout: Duration::from_secs(60),
+            target_timeout: Duration::from_millis(10_000),
             target_attempts: 3,
             max_recoveries: 3,
             plan: PlanConfig::default(),
@@ -184,7 +194,10 @@ struct Turn<'a> {
     /// grow where the draft agrees with the target and shrink where it does not.
     acceptance: Option<AcceptanceStats>,
     finish: pb::FinishReason,
+    /// Target re-prefills in the current step.
     recoveries: usize,
+    /// Draft replicas replaced in this turn.
+    draft_failovers: usize,
     /// History length before this turn's answer.
     prompt_len: usize,
 }
@@ -238,9 +251,13 @@ fn replica_err(kind: ReplicaKind, r: &Replica, status: Status) -> OrchestratorEr
 impl Engine {
     /// An engine over the given replica sets; fails when the policy prior is malformed.
     pub fn new(parts: EngineParts) -> Result<Self, speculate::CostError> {
+        let deadlines = Deadlines {
+            draft: parts.cfg.draft_timeout,
+            target: parts.cfg.target_timeout,
+        };
         Ok(Self {
             policy: Mutex::new(parts.cfg.plan.policy()?),
-            replicas: parts.replicas,
+            replicas: Arc::new(Guarded::new(parts.replicas, deadlines)),
             tokenizer: parts.tokenizer,
             identity: parts.identity,
             drafts: parts.drafts,
@@ -331,6 +348,29 @@ impl Engine {
         report
     }
 
+    /// Probes every replica on probation (failed, backoff over) with an `Info` call under
+    /// its deadline, all at once: an answer puts it back in rotation, a failure keeps it
+    /// out for a doubled backoff. Run periodically, so that a replica that came back takes
+    /// sessions again without a client's request being the test.
+    pub async fn probe_replicas(&self) {
+        let probes = [
+            (ReplicaKind::Target, &self.targets),
+            (ReplicaKind::Draft, &self.drafts),
+        ]
+        .into_iter()
+        .flat_map(|(kind, set)| set.replicas().into_iter().map(move |r| (kind, r)))
+        .filter(|(_, r)| r.on_probation() && !r.is_gone() && !r.is_refused())
+        .map(|(kind, r)| async move {
+            // The outcome is recorded by the call itself ([`Guarded`]).
+            let answered = match kind {
+                ReplicaKind::Target => self.replicas.target_info(&r).await.is_ok(),
+                ReplicaKind::Draft => self.replicas.draft_info(&r).await.is_ok(),
+            };
+            tracing::debug!(%kind, replica = %r.addr, answered, "replica probed");
+        });
+        futures::future::join_all(probes).await;
+    }
+
     /// Replaces the budget policy's verify-cost prior by the first target replica's
     /// start-up measurement (online updates refine it from then on). Replicas are assumed
     /// to run on the same kind of device.
@@ -389,7 +429,13 @@ impl Engine {
             }
             Err(s) => {
                 if planned.opens() && s.code() == Code::AlreadyExists {
-                    self.close_on(planned.kind, &planned.replica, conv_id).await;
+                    close_session(
+                        self.replicas.as_ref(),
+                        planned.kind,
+                        &planned.replica,
+                        conv_id,
+                    )
+                    .await;
                     rs.opened = false;
                 }
                 Err(replica_err(planned.kind, &planned.replica, s))
@@ -397,29 +443,57 @@ impl Engine {
         }
     }
 
-    /// Closes a session on a replica (best effort).
-    async fn close_on(&self, kind: ReplicaKind, r: &Replica, id: &str) {
-        let req = pb::CloseSessionRequest {
-            session_id: id.to_owned(),
-        };
-        if let Err(s) = self.replicas.close_session(kind, r, req).await {
-            tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
+    /// Closes a session on a replica in the background (best effort, under the call's
+    /// deadline): a stuck replica never holds up the caller.
+    fn close_in_background(&self, kind: ReplicaKind, r: Arc<Replica>, id: &str) {
+        let replicas = Arc::clone(&self.replicas);
+        let id = id.to_owned();
+        tokio::spawn(async move { close_session(replicas.as_ref(), kind, &r, &id).await });
+    }
+
+    /// Closes the conversation's sessions on both replicas, in the background (they
+    /// reopen from the history if the conversation continues).
+    pub fn close_replicas(&self, conv: &mut Conversation) {
+        for (kind, rs) in [
+            (ReplicaKind::Target, conv.target.as_mut()),
+            (ReplicaKind::Draft, conv.draft.as_mut()),
+        ] {
+            if let Some(rs) = rs.filter(|rs| rs.opened) {
+                rs.opened = false;
+                self.close_in_background(kind, Arc::clone(rs.pin.replica()), &conv.id);
+            }
         }
     }
 
-    /// Closes the conversation's sessions on both replicas (they reopen from
-    /// the history if the conversation continues).
-    pub async fn close_replicas(&self, conv: &mut Conversation) {
-        if let Some(t) = conv.target.as_mut().filter(|t| t.opened) {
-            t.opened = false;
-            let r = Arc::clone(t.pin.replica());
-            self.close_on(ReplicaKind::Target, &r, &conv.id).await;
+    /// Keeps `slot` pinned to a `kind` replica in rotation: when its replica is out
+    /// (failed, gone, refused), the session moves to another one, avoiding the one it
+    /// leaves (where it is closed in the background). Whether a replica is pinned.
+    fn ensure_pinned(
+        &self,
+        kind: ReplicaKind,
+        slot: &mut Option<ReplicaSession>,
+        id: &str,
+    ) -> bool {
+        if slot
+            .as_ref()
+            .is_some_and(|rs| rs.pin.replica().is_available())
+        {
+            return true;
         }
-        if let Some(d) = conv.draft.as_mut().filter(|d| d.opened) {
-            d.opened = false;
-            let r = Arc::clone(d.pin.replica());
-            self.close_on(ReplicaKind::Draft, &r, &conv.id).await;
+        let set = match kind {
+            ReplicaKind::Draft => &self.drafts,
+            ReplicaKind::Target => &self.targets,
+        };
+        let left = slot.take();
+        let exclude = left.as_ref().map(|rs| rs.pin.replica().addr);
+        if let Some(rs) = left.filter(|rs| rs.opened) {
+            self.close_in_background(kind, Arc::clone(rs.pin.replica()), id);
         }
+        *slot = set.pin(exclude).map(ReplicaSession::new);
+        if let (Some(from), Some(to)) = (exclude, slot.as_ref()) {
+            tracing::info!(%kind, %from, to = %to.pin.replica().addr, session = id, "session re-pinned");
+        }
+        slot.is_some()
     }
 
     /// Pins a compatible target, checks it and syncs it, re-pinning / re-prefilling on
@@ -430,18 +504,15 @@ impl Engine {
         stats: &mut Stats,
     ) -> Result<pb::InfoResponse, OrchestratorError> {
         let mut last_err = None;
-        for _attempt in 0..self.cfg.target_attempts {
-            if conv
-                .target
-                .as_ref()
-                .is_none_or(|t| t.pin.replica().is_gone() || t.pin.replica().is_refused())
-            {
-                let exclude = conv.target.as_ref().map(|t| t.pin.replica().addr);
-                let pin = self
-                    .targets
-                    .pin(exclude)
-                    .ok_or(OrchestratorError::NoReplica(ReplicaKind::Target))?;
-                conv.target = Some(ReplicaSession::new(pin));
+        // A failed replica is out of rotation, so each one costs one attempt at most: the
+        // turn fails over to every target in rotation before it fails.
+        let attempts = self.cfg.target_attempts + self.targets.replicas().len();
+        for _attempt in 0..attempts {
+            if !self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id) {
+                if let Some(e) = &last_err {
+                    tracing::warn!(error = %e, "no target replica left");
+                }
+                return Err(OrchestratorError::NoReplica(ReplicaKind::Target));
             }
             let t = conv.target.as_mut().expect("pinned above");
             let r = Arc::clone(t.pin.replica());
@@ -474,17 +545,15 @@ impl Engine {
                     t.opened = false;
                     last_err = Some(e);
                 }
-                Err(e)
-                    if e.is_replica_code(Code::Unavailable)
-                        || e.is_replica_code(Code::AlreadyExists) =>
-                {
+                Err(e) if e.is_replica_failure() => {
+                    // Out of rotation already (every call feeds the replica's health): the
+                    // next attempt re-pins. The replica may have gone: see the set as DNS
+                    // sees it now.
                     tracing::warn!(error = %e, "target replica failed, re-pinning");
-                    if e.is_replica_code(Code::Unavailable) {
-                        conv.target = None;
-                        self.targets.refresh().await;
-                    }
+                    self.targets.refresh().await;
                     last_err = Some(e);
                 }
+                Err(e) if e.is_replica_code(Code::AlreadyExists) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -494,15 +563,8 @@ impl Engine {
     /// Pins and checks a draft and starts syncing the conversation's draft session in the
     /// background (the target decodes meanwhile: the first token never waits for the draft).
     async fn start_draft_sync(&self, conv: &mut Conversation) -> DraftStart {
-        if conv
-            .draft
-            .as_ref()
-            .is_none_or(|d| d.pin.replica().is_gone() || d.pin.replica().is_refused())
-        {
-            match self.drafts.pin(None) {
-                Some(pin) => conv.draft = Some(ReplicaSession::new(pin)),
-                None => return DraftStart::Unavailable,
-            }
+        if !self.ensure_pinned(ReplicaKind::Draft, &mut conv.draft, &conv.id) {
+            return DraftStart::Unavailable;
         }
         let d = conv.draft.as_mut().expect("pinned above");
         let r = Arc::clone(d.pin.replica());
@@ -615,7 +677,7 @@ impl Engine {
             }
         } else {
             conv.draft = None;
-            if e.is_replica_code(Code::Unavailable) {
+            if e.is_replica_failure() {
                 // The replica may have gone: see the set as DNS sees it now.
                 self.drafts.refresh().await;
             }
@@ -753,6 +815,7 @@ impl Engine {
             }),
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
+            draft_failovers: 0,
             prompt_len: conv.history.len(),
         };
         if ready {
@@ -812,12 +875,15 @@ impl Engine {
             draft_ahead: turn.spec.draft_ahead && self.cfg.draft_ahead,
         };
         let t0 = Instant::now();
-        let got = if stream.requests.send(req).await.is_ok() {
-            d.synced = conv.history.len();
-            tokio::time::timeout(self.cfg.draft_timeout, stream.trees.next()).await
-        } else {
-            Ok(Some(Err(Status::unavailable("draft stream closed"))))
-        };
+        d.synced = conv.history.len();
+        // The request and its tree under one deadline: a stuck draft holds up one step.
+        let got = tokio::time::timeout(self.cfg.draft_timeout, async {
+            match stream.requests.send(req).await {
+                Ok(()) => stream.trees.next().await,
+                Err(_) => Some(Err(Status::unavailable("draft stream closed"))),
+            }
+        })
+        .await;
         match got {
             Ok(Some(Ok(t)))
                 if t.tree
@@ -845,15 +911,53 @@ impl Engine {
                 }
             }
             other => {
-                tracing::warn!(?other, "draft step failed, continuing target-only");
-                turn.draft = None;
-                if let Some(d) = conv.draft.as_mut() {
-                    d.opened = false;
-                    let r = Arc::clone(d.pin.replica());
-                    self.close_on(ReplicaKind::Draft, &r, &conv.id).await;
-                }
+                let failure = match other {
+                    Err(_) => Some(Status::deadline_exceeded(format!(
+                        "no draft tree within {} ms",
+                        self.cfg.draft_timeout.as_millis()
+                    ))),
+                    Ok(None) => Some(Status::unavailable("the draft stream ended")),
+                    Ok(Some(Err(s))) => is_replica_failure(&s).then_some(s),
+                    Ok(Some(Ok(_))) => None,
+                };
+                tracing::warn!(failure = ?failure, "draft step failed, continuing target-only");
+                self.draft_lost(conv, turn, failure).await;
                 root_only
             }
+        }
+    }
+
+    /// Drops the turn's draft after a failed step: its session (state unknown now) is
+    /// closed in the background. When the replica itself failed (`failure`), it is out of
+    /// rotation and another draft replica, if one is in rotation, takes over: its session
+    /// syncs in the background while the target decodes (at most `max_recoveries` times a
+    /// turn).
+    async fn draft_lost(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        failure: Option<Status>,
+    ) {
+        turn.draft = None;
+        let Some(d) = conv.draft.as_mut() else {
+            return;
+        };
+        let r = Arc::clone(d.pin.replica());
+        if std::mem::take(&mut d.opened) {
+            self.close_in_background(ReplicaKind::Draft, Arc::clone(&r), &conv.id);
+        }
+        let Some(why) = failure else {
+            return;
+        };
+        r.mark_down(ReplicaKind::Draft, &why);
+        if turn.draft_failovers >= self.cfg.max_recoveries {
+            return;
+        }
+        turn.draft_failovers += 1;
+        match self.start_draft_sync(conv).await {
+            DraftStart::Ready => self.attach_draft(conv, turn).await,
+            DraftStart::Running(setup) => turn.draft_setup = Some(setup),
+            DraftStart::Unavailable => {}
         }
     }
 
@@ -902,34 +1006,31 @@ impl Engine {
         };
         let r = Arc::clone(target.pin.replica());
         let t0 = Instant::now();
-        let resp = match tokio::time::timeout(
-            self.cfg.target_timeout,
-            self.replicas.verify(&r, req),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(s))
-                if turn.recoveries < self.cfg.max_recoveries
-                    && matches!(s.code(), Code::NotFound | Code::Unavailable) =>
-            {
-                // Evicted or replica lost: re-prefill from the history and retry.
-                tracing::warn!(status = %s, "target session lost, re-prefilling");
+        let resp = match self.replicas.verify(&r, req).await {
+            Ok(resp) => resp,
+            Err(s) => {
+                let failed = is_replica_failure(&s);
+                if !(failed || s.code() == Code::NotFound)
+                    || turn.recoveries >= self.cfg.max_recoveries
+                {
+                    return Err(replica_err(ReplicaKind::Target, &r, s).into());
+                }
                 turn.recoveries += 1;
-                target.opened = false;
-                if s.code() == Code::Unavailable {
-                    conv.target = None;
+                if failed {
+                    // The replica is out of rotation (its call said so): fail over to
+                    // another one, re-prefilled with the history so far.
+                    tracing::warn!(replica = %r.addr, status = %s, "target replica failed mid-turn, failing over");
                     self.targets.refresh().await;
+                } else {
+                    // Evicted: re-prefill from the history.
+                    tracing::warn!(status = %s, "target session lost, re-prefilling");
+                    target.opened = false;
                 }
                 self.ensure_target(conv, &mut turn.stats).await?;
                 return Ok(None);
             }
-            Ok(Err(s)) => return Err(replica_err(ReplicaKind::Target, &r, s).into()),
-            Err(_) => {
-                let s = Status::deadline_exceeded("verify timed out");
-                return Err(replica_err(ReplicaKind::Target, &r, s).into());
-            }
         };
+        turn.recoveries = 0;
         let rtt_ns = nanos(t0.elapsed());
         if !resp.emitted.is_empty() {
             conv.history.extend_from_slice(&resp.emitted);
@@ -1086,4 +1187,14 @@ async fn send_chunk(
         })),
     };
     tx.send(Ok(chunk)).await.map_err(|_| Interrupted::Cancelled)
+}
+
+/// Closes `id` on a replica (best effort: a failure is only logged).
+async fn close_session(replicas: &dyn ReplicaApi, kind: ReplicaKind, r: &Replica, id: &str) {
+    let req = pb::CloseSessionRequest {
+        session_id: id.to_owned(),
+    };
+    if let Err(s) = replicas.close_session(kind, r, req).await {
+        tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
+    }
 }

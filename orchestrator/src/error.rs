@@ -23,7 +23,7 @@ pub enum OrchestratorError {
     /// Too many sessions or concurrent requests.
     #[error("over capacity: {0}")]
     Overloaded(String),
-    /// No replica of a kind is reachable.
+    /// No replica of a kind is in rotation (every one failed, or none is configured).
     #[error("no {0} replica available")]
     NoReplica(ReplicaKind),
     /// A replica's model disagrees with the deployment (refused, never used).
@@ -100,7 +100,7 @@ impl OrchestratorError {
             OrchestratorError::Replica { status, .. } => match status.code() {
                 // A replica's invalid-argument is the client's request; anything else is ours.
                 Code::InvalidArgument | Code::ResourceExhausted => status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Code::Unavailable,
+                _ if is_replica_failure(status) => Code::Unavailable,
                 _ => Code::Internal,
             },
             OrchestratorError::Internal(_) => Code::Internal,
@@ -112,15 +112,84 @@ impl OrchestratorError {
         specllava_telemetry::metrics().record_error(self.error_type(), self.grpc_code());
     }
 
+    /// Whether this is a replica call that failed because of the replica (see
+    /// [`is_replica_failure`]): the session moves to another replica.
+    pub fn is_replica_failure(&self) -> bool {
+        matches!(self, OrchestratorError::Replica { status, .. } if is_replica_failure(status))
+    }
+
     /// Whether the replica call failed with this gRPC code.
     pub fn is_replica_code(&self, code: Code) -> bool {
         matches!(self, OrchestratorError::Replica { status, .. } if status.code() == code)
     }
 }
 
+/// Whether a replica call's status means the replica failed (is down, stuck or cut off)
+/// rather than that the request was wrong: transport errors and UNAVAILABLE (refused or
+/// broken connection), UNKNOWN (a response cut off by a dying peer), DEADLINE_EXCEEDED
+/// (no answer within the call's deadline) and CANCELLED (the peer cancelled the call).
+/// Such a replica is taken out of rotation and its sessions move to another one; any other
+/// status (INVALID_ARGUMENT, NOT_FOUND...) is about the request and is never retried
+/// elsewhere.
+pub fn is_replica_failure(status: &Status) -> bool {
+    // A status made on this side from a transport error carries that error as its source
+    // (whatever code the HTTP/2 error maps to); a replica's own answers never do.
+    let transport = std::error::Error::source(status).is_some();
+    transport
+        || matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+        )
+}
+
 impl From<OrchestratorError> for Status {
     fn from(e: OrchestratorError) -> Status {
         e.record();
         Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(status: Status) -> OrchestratorError {
+        OrchestratorError::Replica {
+            kind: ReplicaKind::Target,
+            addr: "127.0.0.1:1".into(),
+            status,
+        }
+    }
+
+    #[test]
+    fn replica_failures_fail_over_and_client_errors_do_not() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+        ] {
+            let e = replica(Status::new(code, "x"));
+            assert!(e.is_replica_failure(), "{code:?}");
+            assert_eq!(e.grpc_code(), Code::Unavailable, "{code:?}");
+        }
+        for code in [Code::InvalidArgument, Code::NotFound, Code::Internal] {
+            assert!(
+                !replica(Status::new(code, "x")).is_replica_failure(),
+                "{code:?}"
+            );
+        }
+        assert_eq!(
+            replica(Status::invalid_argument("x")).grpc_code(),
+            Code::InvalidArgument
+        );
+        // A transport error is a failure whatever code it maps to.
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let cut = Status::from_error(Box::new(io));
+        assert!(replica(cut).is_replica_failure());
+        assert_eq!(
+            Status::from(OrchestratorError::NoReplica(ReplicaKind::Target)).code(),
+            Code::Unavailable
+        );
     }
 }

@@ -123,7 +123,9 @@ impl Frontend {
 
     /// Generates one turn of `conv` after `prompt` (appended to its history), streaming into
     /// `tx`. When the client went away or the turn failed, the conversation's replica sessions
-    /// are closed (a later turn re-prefills from the history).
+    /// are closed (a later turn re-prefills from the history); a failed turn leaves the
+    /// conversation as it was before it (neither its prompt nor a partial answer stays in
+    /// the history), so retrying it answers as an undisturbed turn would.
     pub async fn run_turn(
         &self,
         conv: &mut Conversation,
@@ -143,14 +145,12 @@ impl Frontend {
             Ok(()) => {}
             Err(Interrupted::Cancelled) => {
                 tracing::info!(session = %conv.id, "client cancelled, closing the session on the replicas");
-                self.engine.close_replicas(conv).await;
+                self.engine.close_replicas(conv);
             }
             Err(Interrupted::Failed(e)) => {
                 tracing::warn!(session = %conv.id, error = %e, error_type = e.error_type(), "generation failed");
-                if conv.turns == 0 && before == 0 {
-                    conv.history.clear();
-                }
-                self.engine.close_replicas(conv).await;
+                conv.truncate_history(before);
+                self.engine.close_replicas(conv);
             }
         }
         res

@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`routing`]: replica sets (DNS, refresh) and session pinning.
+//! - [`health`]: replicas out of rotation after a failure, retried with backoff.
 //! - [`clients`]: the replica calls (a small trait, gRPC behind it).
 //! - [`session`]: conversations and their replica state.
 //! - [`sync`]: the call that brings a replica session up to date with the history.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod health;
 pub mod http;
 pub mod plan;
 pub mod prefix;
@@ -70,11 +72,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let drafts = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Draft, args.draft_endpoints.clone())
-            .with_connect_timeout(connect_timeout),
+            .with_connect_timeout(connect_timeout)
+            .with_backoff(args.backoff()),
     );
     let targets = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Target, args.target_endpoints.clone())
-            .with_connect_timeout(connect_timeout),
+            .with_connect_timeout(connect_timeout)
+            .with_backoff(args.backoff()),
     );
     let n_draft = drafts.refresh().await;
     let n_target = targets.refresh().await;
@@ -109,6 +113,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    {
+        // Replicas whose backoff is over are probed, so they come back without a request
+        // being the test.
+        let engine = Arc::clone(&engine);
+        let period = args.backoff().base.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                engine.probe_replicas().await;
+            }
+        });
+    }
     let sessions = Arc::new(session::Registry::new(
         args.max_sessions,
         Duration::from_secs(args.session_ttl_s),
@@ -132,11 +150,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 for conv in sessions.expire() {
                     let mut c = conv.lock().await;
                     tracing::info!(session = %c.id, "session expired");
-                    engine.close_replicas(&mut c).await;
+                    engine.close_replicas(&mut c);
                 }
                 for mut c in cached.expire() {
                     tracing::debug!(session = %c.id, "cached conversation expired");
-                    engine.close_replicas(&mut c).await;
+                    engine.close_replicas(&mut c);
                 }
             }
         });

@@ -1,6 +1,7 @@
 //! Replica sets: the draft and target replicas, resolved from `host:port`
 //! endpoints (a DNS name resolving to several addresses is several replicas),
-//! and session pinning (least pinned sessions first).
+//! and session pinning (least pinned sessions first, among the replicas in rotation:
+//! a replica that failed is out until its backoff ends, see [`crate::health`]).
 //!
 //! [`ReplicaSet::refresh`] re-resolves the endpoints; replicas that disappear
 //! are marked gone (their sessions re-prefill elsewhere) and new ones join.
@@ -12,13 +13,14 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use specllava_proto::v1 as pb;
 use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::clients::ReplicaKind;
+use crate::health::{Backoff, Health};
 
 /// Connect timeout of a replica channel unless the set says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +56,10 @@ pub struct Replica {
     gone: AtomicBool,
     /// Set when the replica's model disagrees with the deployment: never pinned.
     refused: AtomicBool,
+    /// Whether it is in rotation (out for a backoff after a failure).
+    health: Health,
+    /// The backoff of a failure.
+    backoff: Backoff,
     /// Model information, fetched once and checked by the engine.
     pub info: OnceCell<ReplicaInfo>,
 }
@@ -74,8 +80,44 @@ impl Replica {
             pinned: AtomicUsize::new(0),
             gone: AtomicBool::new(false),
             refused: AtomicBool::new(false),
+            health: Health::default(),
+            backoff: Backoff::default(),
             info: OnceCell::new(),
         })
+    }
+
+    /// Sets the backoff of the replica's failures.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Whether new calls may go to the replica: in the set, compatible, and not out of
+    /// rotation after a failure (a replica whose backoff is over is tried again).
+    pub fn is_available(&self) -> bool {
+        !self.is_gone() && !self.is_refused() && self.health.is_available(Instant::now())
+    }
+
+    /// Whether the replica failed and its backoff is over, with no success since: it is
+    /// probed, and takes sessions only when no healthy replica is left.
+    pub fn on_probation(&self) -> bool {
+        self.health.on_probation(Instant::now())
+    }
+
+    /// Takes the replica out of rotation after a failed call (transport error, timeout,
+    /// UNAVAILABLE...), for a backoff that doubles with each failed retry.
+    pub fn mark_down(&self, kind: ReplicaKind, why: &tonic::Status) {
+        if let Some(wait) = self.health.mark_down(&self.backoff, Instant::now()) {
+            tracing::warn!(%kind, addr = %self.addr, code = ?why.code(), error = why.message(), backoff_ms = wait.as_millis() as u64, "replica out of rotation");
+            specllava_telemetry::metrics().record_error("replica_down", why.code());
+        }
+    }
+
+    /// Puts the replica back in rotation after a call it answered.
+    pub fn mark_up(&self, kind: ReplicaKind) {
+        if self.health.mark_up() {
+            tracing::info!(%kind, addr = %self.addr, "replica back in rotation");
+        }
     }
 
     /// Whether the replica left the set.
@@ -121,6 +163,7 @@ impl Drop for Pin {
 pub struct ReplicaSet {
     kind: ReplicaKind,
     connect_timeout: Duration,
+    backoff: Backoff,
     endpoints: Vec<String>,
     replicas: RwLock<Vec<Arc<Replica>>>,
 }
@@ -143,6 +186,7 @@ impl ReplicaSet {
         Self {
             kind,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            backoff: Backoff::default(),
             endpoints,
             replicas: RwLock::new(Vec::new()),
         }
@@ -151,6 +195,12 @@ impl ReplicaSet {
     /// Sets the connect timeout of the replicas' channels.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the backoff of failed replicas (replicas resolved from now on).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
         self
     }
 
@@ -207,6 +257,7 @@ impl ReplicaSet {
             }
             match Replica::new(addr, self.connect_timeout) {
                 Ok(r) => {
+                    let r = r.with_backoff(self.backoff);
                     tracing::info!(kind = %self.kind, %addr, "replica added");
                     replicas.push(Arc::new(r));
                 }
@@ -218,14 +269,22 @@ impl ReplicaSet {
         replicas.len()
     }
 
-    /// Pins a new session to the replica with the fewest pinned sessions,
-    /// avoiding `exclude` when another replica exists (refused replicas never).
+    /// Pins a new session to the available replica with the fewest pinned sessions,
+    /// avoiding `exclude` and replicas on probation when another one is available; `None`
+    /// when no replica is in rotation (gone, refused, or out after a failure).
     pub fn pin(&self, exclude: Option<SocketAddr>) -> Option<Pin> {
         let replicas = self.replicas.read().expect("replica lock poisoned");
         let pick = replicas
             .iter()
-            .filter(|r| !r.is_gone() && !r.is_refused())
-            .min_by_key(|r| (Some(r.addr) == exclude, r.pinned(), r.addr))?;
+            .filter(|r| r.is_available())
+            .min_by_key(|r| {
+                (
+                    Some(r.addr) == exclude,
+                    r.on_probation(),
+                    r.pinned(),
+                    r.addr,
+                )
+            })?;
         pick.pinned.fetch_add(1, Ordering::Relaxed);
         Some(Pin {
             replica: Arc::clone(pick),
@@ -283,6 +342,48 @@ mod tests {
         drop(c);
         assert_eq!(b.replica().pinned(), 1);
         assert_eq!(set.refresh().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_replica_is_out_of_rotation_until_its_backoff_ends() {
+        let backoff = Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(1),
+        };
+        let set = ReplicaSet::new(ReplicaKind::Target, vec![]).with_backoff(backoff);
+        set.apply_resolved(vec![addr("10.0.0.1:7000"), addr("10.0.0.2:7000")], true);
+        let a = set.pin(None).unwrap();
+        assert_eq!(a.replica().addr, addr("10.0.0.1:7000"));
+        a.replica()
+            .mark_down(ReplicaKind::Target, &tonic::Status::unavailable("dead"));
+        assert!(!a.replica().is_available());
+        // New sessions and re-pins avoid it, however few sessions it has.
+        for _ in 0..3 {
+            assert_eq!(set.pin(None).unwrap().replica().addr, addr("10.0.0.2:7000"));
+        }
+        let moved = set.pin(Some(a.replica().addr)).unwrap();
+        assert_eq!(moved.replica().addr, addr("10.0.0.2:7000"));
+        // None in rotation: no pin at all (the client hears UNAVAILABLE).
+        moved.replica().mark_down(
+            ReplicaKind::Target,
+            &tonic::Status::deadline_exceeded("stuck"),
+        );
+        assert!(set.pin(None).is_none());
+        // After the backoff both are on probation and may be tried again; an answer puts
+        // one back for good, and it is preferred to the one still on probation.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(a.replica().on_probation() && moved.replica().on_probation());
+        let retry = set.pin(Some(moved.replica().addr)).unwrap();
+        assert_eq!(retry.replica().addr, addr("10.0.0.1:7000"));
+        retry.replica().mark_up(ReplicaKind::Target);
+        assert!(retry.replica().is_available() && !retry.replica().on_probation());
+        for _ in 0..2 {
+            assert_eq!(
+                set.pin(None).unwrap().replica().addr,
+                addr("10.0.0.1:7000"),
+                "the healthy replica first, however many sessions it has"
+            );
+        }
     }
 
     #[tokio::test]

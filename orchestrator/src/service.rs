@@ -103,7 +103,7 @@ impl Generation for GenerationService {
                     let _ = tx.send(Err(e.into())).await;
                 }
                 if one_shot {
-                    front.engine.close_replicas(conv).await;
+                    front.engine.close_replicas(conv);
                 }
             }
             .instrument(span),
@@ -149,7 +149,7 @@ impl Generation for GenerationService {
         tokio::spawn(
             async move {
                 let mut c = conv.lock().await;
-                engine.close_replicas(&mut c).await;
+                engine.close_replicas(&mut c);
             }
             .instrument(tracing::Span::current()),
         );

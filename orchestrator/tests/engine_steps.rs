@@ -1,6 +1,6 @@
 //! The generation loop's steps against in-process fake draft and target replicas (no
 //! processes, no models): speculative output equals target-only output, and the
-//! recovery paths (evicted target session, lost target replica, failing draft,
+//! recovery paths (evicted target session, lost, cut-off or stuck target replica, failing draft,
 //! incompatible draft) keep it so.
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use orchestrator::clients::{ReplicaApi, ReplicaKind, TreeStream};
 use orchestrator::engine::{Engine, EngineConfig, EngineParts, GenParams, Interrupted};
+use orchestrator::health::Backoff;
 use orchestrator::plan::SpecSettings;
 use orchestrator::routing::{Replica, ReplicaSet};
 use orchestrator::session::Conversation;
@@ -56,6 +57,8 @@ fn model_info(vocab_size: u32) -> pb::ModelInfo {
 struct Faults {
     /// Verify answers this code once.
     verify_once: HashMap<SocketAddr, Code>,
+    /// Every call to these targets hangs (a stuck process).
+    stuck: Vec<SocketAddr>,
     /// The draft stream fails at this step.
     draft_fails_at: Option<usize>,
     /// Vocabulary size the draft reports.
@@ -75,6 +78,21 @@ impl Fake {
     fn log(&self, call: impl Into<String>) {
         self.calls.lock().unwrap().push(call.into());
     }
+
+    /// Never answers when `r` is stuck.
+    async fn hang_if_stuck(&self, r: &Replica) {
+        if self.faults.lock().unwrap().stuck.contains(&r.addr) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The calls so far, once background calls (session closes) have run.
+    async fn calls_settled(&self) -> Vec<String> {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        self.calls.lock().unwrap().clone()
+    }
 }
 
 #[tonic::async_trait]
@@ -85,6 +103,7 @@ impl ReplicaApi for Fake {
         r: &Replica,
         req: pb::OpenSessionRequest,
     ) -> Result<pb::OpenSessionResponse, Status> {
+        self.hang_if_stuck(r).await;
         self.log(format!("open {kind} {}", r.addr));
         let kv_len = req.token_ids.len() as u64 - 1;
         match kind {
@@ -149,6 +168,7 @@ impl ReplicaApi for Fake {
         r: &Replica,
         req: pb::CloseSessionRequest,
     ) -> Result<pb::CloseSessionResponse, Status> {
+        self.hang_if_stuck(r).await;
         self.log(format!("close {kind}"));
         let existed = match kind {
             ReplicaKind::Target => self
@@ -172,6 +192,7 @@ impl ReplicaApi for Fake {
         r: &Replica,
         req: pb::VerifyRequest,
     ) -> Result<pb::VerifyResponse, Status> {
+        self.hang_if_stuck(r).await;
         if let Some(code) = self.faults.lock().unwrap().verify_once.remove(&r.addr) {
             self.log(format!("verify fails {code:?}"));
             // The session is gone (evicted, or the replica restarted).
@@ -299,7 +320,13 @@ impl Detokenize for Chars {
 }
 
 fn set(kind: ReplicaKind, addrs: &[&str]) -> Arc<ReplicaSet> {
-    let set = ReplicaSet::new(kind, addrs.iter().map(|a| a.to_string()).collect());
+    // A failed replica stays out of rotation for the whole test.
+    let backoff = Backoff {
+        base: std::time::Duration::from_secs(60),
+        max: std::time::Duration::from_secs(60),
+    };
+    let set =
+        ReplicaSet::new(kind, addrs.iter().map(|a| a.to_string()).collect()).with_backoff(backoff);
     set.apply_resolved(addrs.iter().map(|a| a.parse().unwrap()).collect(), true);
     Arc::new(set)
 }
@@ -410,6 +437,119 @@ async fn a_lost_target_replica_is_replaced_and_the_output_is_unchanged() {
 }
 
 #[tokio::test]
+async fn a_target_cut_off_mid_verify_fails_over_and_the_output_is_unchanged() {
+    // UNKNOWN: the answer cut off by a dying peer; the replica is out of rotation at once.
+    let fake = Arc::new(Fake::default());
+    fail_verify_once(&fake, "127.0.0.1:7000", Code::Unknown);
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
+    let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    let calls = fake.calls_settled().await;
+    assert!(
+        calls.iter().any(|c| c == "open target 127.0.0.1:7001"),
+        "failed over: {calls:?}"
+    );
+    // New conversations avoid the failed replica (out of rotation for its backoff).
+    fake.calls.lock().unwrap().clear();
+    run(&e, None).await.ok().unwrap();
+    let calls = fake.calls_settled().await;
+    assert!(
+        calls.iter().all(|c| !c.contains("7000")),
+        "the failed replica is out of rotation: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_on_probation_is_probed_back_into_rotation() {
+    let fake = Arc::new(Fake::default());
+    let backoff = Backoff {
+        base: std::time::Duration::from_millis(50),
+        max: std::time::Duration::from_millis(50),
+    };
+    let targets = ReplicaSet::new(ReplicaKind::Target, vec![]).with_backoff(backoff);
+    targets.apply_resolved(vec!["127.0.0.1:7000".parse().unwrap()], true);
+    let targets = Arc::new(targets);
+    let e = Engine::new(EngineParts {
+        targets: Arc::clone(&targets),
+        ..parts(Arc::clone(&fake))
+    })
+    .unwrap();
+    let r = targets.replicas().remove(0);
+    r.mark_down(ReplicaKind::Target, &Status::unavailable("down"));
+    // Out of rotation: no probe yet, and no target for a turn.
+    e.probe_replicas().await;
+    assert!(!r.is_available());
+    assert!(matches!(run(&e, None).await, Err(Interrupted::Failed(_))));
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    assert!(r.on_probation());
+    e.probe_replicas().await;
+    assert!(r.is_available() && !r.on_probation(), "answered its probe");
+    assert_eq!(run(&e, None).await.ok().unwrap().0, expected());
+}
+
+fn short_deadlines(fake: Arc<Fake>, targets: &[&str]) -> Engine {
+    Engine::new(EngineParts {
+        targets: set(ReplicaKind::Target, targets),
+        cfg: EngineConfig {
+            target_timeout: std::time::Duration::from_millis(100),
+            draft_timeout: std::time::Duration::from_millis(100),
+            ..EngineConfig::default()
+        },
+        ..parts(fake)
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_stuck_target_misses_its_deadline_and_another_takes_the_session() {
+    let fake = Arc::new(Fake::default());
+    let e = short_deadlines(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
+    let stuck: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    fake.faults.lock().unwrap().stuck.push(stuck);
+    let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+}
+
+#[tokio::test]
+async fn the_turn_fails_over_to_the_last_target_in_rotation() {
+    // More failed replicas than --target-attempts: every one is tried once, then the
+    // healthy one serves the turn.
+    let targets = [
+        "127.0.0.1:7000",
+        "127.0.0.1:7001",
+        "127.0.0.1:7002",
+        "127.0.0.1:7003",
+        "127.0.0.1:7004",
+    ];
+    let fake = Arc::new(Fake::default());
+    let e = short_deadlines(Arc::clone(&fake), &targets);
+    for a in &targets[..4] {
+        fake.faults.lock().unwrap().stuck.push(a.parse().unwrap());
+    }
+    let (tokens, _) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+}
+
+#[tokio::test]
+async fn with_every_target_stuck_the_turn_fails_unavailable_within_the_deadline() {
+    let fake = Arc::new(Fake::default());
+    let e = short_deadlines(Arc::clone(&fake), &["127.0.0.1:7000", "127.0.0.1:7001"]);
+    for a in ["127.0.0.1:7000", "127.0.0.1:7001"] {
+        fake.faults.lock().unwrap().stuck.push(a.parse().unwrap());
+    }
+    let t0 = std::time::Instant::now();
+    match run(&e, None).await {
+        Err(Interrupted::Failed(err)) => {
+            let status = Status::from(err);
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+        other => panic!("expected a failure, got {:?}", other.map(|(t, _)| t)),
+    }
+    // Each replica is tried once (then out of rotation); closes never hold the turn up.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test]
 async fn too_many_recoveries_fail_the_turn() {
     let fake = Arc::new(Fake::default());
     let e = Engine::new(EngineParts {
@@ -457,7 +597,7 @@ async fn a_failing_draft_falls_back_to_target_only_mid_turn() {
         stats.drafted < 4 * stats.steps,
         "target-only after the failure: {stats:?}"
     );
-    let calls = fake.calls.lock().unwrap().clone();
+    let calls = fake.calls_settled().await;
     assert!(
         calls.iter().any(|c| c == "close draft"),
         "the draft session is closed: {calls:?}"

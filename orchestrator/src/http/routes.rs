@@ -115,7 +115,7 @@ pub async fn chat_completions(
             match res {
                 Ok(()) => {
                     if let Some(mut evicted) = state.cached.put(conv) {
-                        front.engine.close_replicas(&mut evicted).await;
+                        front.engine.close_replicas(&mut evicted);
                     }
                 }
                 Err(Interrupted::Failed(e)) => {
