@@ -178,6 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         GenerationServer::<service::GenerationService>::NAME,
         Routes::new(server),
         args.metrics_addr,
+        std::future::pending(),
     )
     .await?;
     if let Some(task) = discovery {

@@ -63,12 +63,14 @@ impl ModelServerArgs {
         }
     }
 
-    /// Settings of the session worker: these flags plus the service's batch limits.
-    pub fn worker_config(&self, batch: BatchLimits) -> WorkerConfig {
+    /// Settings of the session worker: these flags plus the service's batch limits and
+    /// the context sessions are held to.
+    pub fn worker_config(&self, batch: BatchLimits, max_context: usize) -> WorkerConfig {
         WorkerConfig {
             queue_capacity: self.queue_capacity.max(1),
             batch,
             expiry_tick: Duration::from_millis(self.session_sweep_ms.max(1)),
+            max_context,
         }
     }
 
@@ -106,7 +108,7 @@ impl LoadedModel {
             role,
             backend,
             SessionStore::new(limits).with_metrics(),
-            args.worker_config(batch),
+            args.worker_config(batch, self.max_context),
         )?;
         Ok(SessionRpc::new(
             Arc::clone(&self.model),
