@@ -282,4 +282,55 @@ mod tests {
             assert_eq!(status(&health.reporter, name).await, Status::NotServing);
         }
     }
+
+    #[tokio::test]
+    async fn serve_grpc_reports_not_serving_once_the_worker_dies() {
+        use tonic_health::pb::health_client::HealthClient;
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let (die, dead) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_grpc(
+            addr,
+            "specllava.v1.Test",
+            Routes::default(),
+            None,
+            async move {
+                let _ = dead.await;
+            },
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut client = loop {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"));
+            match endpoint.unwrap().connect().await {
+                Ok(channel) => break HealthClient::new(channel),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the server did not start: {e}"),
+            }
+        };
+        let mut check = async |service: &str| {
+            let resp = client
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            Status::try_from(resp.status).unwrap()
+        };
+        assert_eq!(check("").await, Status::Serving);
+        assert_eq!(check("specllava.v1.Test").await, Status::Serving);
+        drop(die);
+        loop {
+            if check("").await == Status::NotServing {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "health never turned");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(check("specllava.v1.Test").await, Status::NotServing);
+        server.abort();
+    }
 }
