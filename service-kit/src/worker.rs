@@ -536,8 +536,9 @@ impl<B: SessionBackend> Worker<B> {
         tracing::info!("{} model worker stopped", self.role);
     }
 
-    /// After a contained panic in `what`: logs it, counts it, and drops the sessions
-    /// involved (their KV may be half-written; their callers re-open them).
+    /// After a contained panic in `what`: logs it and drops the sessions involved (their KV
+    /// may be half-written; their callers re-open them). Each failed request is counted in
+    /// `errors_total{type="panicked"}` where it becomes a status.
     fn contained(&mut self, panic: &(dyn std::any::Any + Send), what: &str, sessions: &[&str]) {
         tracing::error!(
             panic = panic_message(panic),
@@ -546,7 +547,6 @@ impl<B: SessionBackend> Worker<B> {
              the worker goes on",
             self.role
         );
-        specllava_telemetry::metrics().record_error("panicked", Code::Internal);
         for id in sessions {
             self.sessions.remove(id);
         }
