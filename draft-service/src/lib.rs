@@ -54,6 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_branching: args.max_branching,
         max_budget: args.max_budget,
     };
+    let dead = sessions.worker().stopped();
     let svc = service::DraftService::new(sessions, limits, loaded.info);
     tracing::info!(max_context, "draft service ready");
     let server = DraftServer::new(svc).max_decoding_message_size(args.server.max_message_bytes);
@@ -62,6 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         DraftServer::<service::DraftService>::NAME,
         Routes::new(server),
         args.server.metrics_addr,
+        dead,
     )
     .await?;
     tracing::info!("draft service stopped");

@@ -92,7 +92,10 @@ specllava_service_kit::model_service! {
                         let msg = match msg {
                             Ok(m) => m,
                             Err(status) => {
-                                tracing::debug!(%status, "speculate stream ended by the client");
+                                // A message tonic could not decode (or the client's reset):
+                                // the stream ends with that status, never a silent OK.
+                                tracing::debug!(%status, "speculate stream failed");
+                                let _ = tx.send(Err(status)).await;
                                 return;
                             }
                         };
@@ -108,11 +111,20 @@ specllava_service_kit::model_service! {
                                 .await;
                             return;
                         }
+                        let params = match draft_params_from_proto(msg.params) {
+                            Ok(p) => limits.clamp(p),
+                            Err(e) => {
+                                let _ = tx
+                                    .send(Err(DraftError::InvalidArgument(e.to_string()).into()))
+                                    .await;
+                                return;
+                            }
+                        };
                         let job = SpeculateJob {
                             session_id: session_id.clone(),
                             new_tokens: msg.new_tokens,
                             accepted_path: msg.accepted_path,
-                            params: limits.clamp(draft_params_from_proto(msg.params)),
+                            params,
                             draft_ahead: msg.draft_ahead,
                             span: tracing::Span::current(),
                         };

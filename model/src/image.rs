@@ -10,7 +10,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageReader};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -18,22 +18,40 @@ use crate::config::read_required;
 use crate::error::{ModelError, Result};
 use crate::resample::{Filter, Image8, resize};
 
-/// Limits applied when decoding untrusted image bytes (decompression bombs).
+/// Limits applied when decoding untrusted image bytes (decompression bombs). Everything but
+/// `max_bytes` is checked on the header, before any pixel buffer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
     /// Largest accepted encoded size in bytes.
     pub max_bytes: usize,
     /// Largest accepted width * height.
     pub max_pixels: u64,
+    /// Largest accepted width and height, each.
+    pub max_side: u32,
+    /// Most bytes the decoder may allocate (the decoded buffer and its scratch).
+    pub max_alloc_bytes: u64,
 }
 
 impl Default for ImageLimits {
-    /// 20 MB and 40 megapixels.
+    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory.
     fn default() -> Self {
         ImageLimits {
             max_bytes: 20 * 1024 * 1024,
-            max_pixels: 40_000_000,
+            max_pixels: 16 * 1024 * 1024,
+            max_side: 8192,
+            max_alloc_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+impl ImageLimits {
+    /// The `image` crate's decoder limits for these.
+    fn decoder_limits(&self) -> image::Limits {
+        let mut lim = image::Limits::default();
+        lim.max_image_width = Some(self.max_side);
+        lim.max_image_height = Some(self.max_side);
+        lim.max_alloc = Some(self.max_alloc_bytes);
+        lim
     }
 }
 
@@ -296,8 +314,27 @@ fn center_crop(im: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
     }
 }
 
-/// Decodes image bytes under `limits` (see [`ImageProcessor::decode`]).
+/// Decodes image bytes under `limits` (see [`ImageProcessor::decode`]): one pass over the
+/// bytes, the header checked against the limits before the pixels are decoded.
 pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> {
+    let decoder = checked_decoder(bytes, limits)?;
+    DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(e) => ModelError::ImageTooLarge(format!(
+            "decoding needs more than the limit of {} bytes: {e}",
+            limits.max_alloc_bytes
+        )),
+        e => ModelError::InvalidImage(format!("cannot decode image: {e}")),
+    })
+}
+
+/// Reads only the header of image bytes and checks it against `limits` (format, size,
+/// dimensions, decoded size); returns `(width, height)`. Cheap: no pixel is decoded.
+pub fn check_image_header(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32)> {
+    checked_decoder(bytes, limits).map(|d| d.dimensions())
+}
+
+/// A decoder over `bytes` whose header passed `limits`, with the limits set on it.
+fn checked_decoder<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<impl ImageDecoder + 'a> {
     if bytes.len() > limits.max_bytes {
         return Err(ModelError::ImageTooLarge(format!(
             "{} bytes exceeds the limit of {} bytes",
@@ -305,7 +342,7 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> 
             limits.max_bytes
         )));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ModelError::InvalidImage(e.to_string()))?;
     if reader.format().is_none() {
@@ -313,10 +350,22 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> 
             "unrecognised image format (expected PNG, JPEG or WebP)".into(),
         ));
     }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| ModelError::InvalidImage(format!("cannot read image header: {e}")))?;
-    let pixels = w as u64 * h as u64;
+    reader.limits(limits.decoder_limits());
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(e) => ModelError::ImageTooLarge(format!(
+            "the image exceeds the limits ({} pixels a side, {} bytes to decode): {e}",
+            limits.max_side, limits.max_alloc_bytes
+        )),
+        e => ModelError::InvalidImage(format!("cannot read image header: {e}")),
+    })?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if w > limits.max_side || h > limits.max_side {
+        return Err(ModelError::ImageTooLarge(format!(
+            "{w}x{h} exceeds the limit of {} pixels a side",
+            limits.max_side
+        )));
+    }
     if pixels > limits.max_pixels {
         return Err(ModelError::ImageTooLarge(format!(
             "{w}x{h} = {pixels} pixels exceeds the limit of {} pixels",
@@ -328,18 +377,14 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> 
             "image has zero width or height".into(),
         ));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ModelError::InvalidImage(e.to_string()))?;
-    let mut lim = image::Limits::default();
-    lim.max_image_width = Some(w);
-    lim.max_image_height = Some(h);
-    // Room for the largest decoded representation (16-bit RGBA) plus decoder scratch.
-    lim.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(lim);
-    reader
-        .decode()
-        .map_err(|e| ModelError::InvalidImage(format!("cannot decode image: {e}")))
+    if decoder.total_bytes() > limits.max_alloc_bytes {
+        return Err(ModelError::ImageTooLarge(format!(
+            "{w}x{h} decodes to {} bytes, over the limit of {} bytes",
+            decoder.total_bytes(),
+            limits.max_alloc_bytes
+        )));
+    }
+    Ok(decoder)
 }
 
 #[cfg(test)]
@@ -373,6 +418,74 @@ mod tests {
         assert_eq!(&p.data[0..3], &[0, 0, 0]);
         let first = (8 + 1) * 3;
         assert_eq!(&p.data[first..first + 3], &[0, 0, 7]);
+    }
+
+    /// The CRC-32 of PNG chunks.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A PNG whose header claims `w` x `h` RGB pixels, with no pixel data at all.
+    fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            let mut body = kind.to_vec();
+            body.extend_from_slice(data);
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+        };
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", &[]);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn oversize_headers_are_refused_before_decoding() {
+        let lim = ImageLimits::default();
+        // Well-formed headers: the dimensions are read, and nothing else is needed.
+        assert_eq!(
+            check_image_header(&png_header_only(640, 480), &lim).unwrap(),
+            (640, 480)
+        );
+        for (w, h, what) in [
+            (100_000, 10, "a side"),
+            (6300, 6300, "pixels"),
+            (60_000, 60_000, "a side"),
+        ] {
+            let bytes = png_header_only(w, h);
+            for e in [
+                check_image_header(&bytes, &lim).unwrap_err(),
+                decode_image(&bytes, &lim).unwrap_err(),
+            ] {
+                assert!(
+                    matches!(e, ModelError::ImageTooLarge(_)) && e.to_string().contains(what),
+                    "{w}x{h}: {e}"
+                );
+            }
+        }
+        // The decoded size counts too (3 bytes a pixel here).
+        let tight = ImageLimits {
+            max_alloc_bytes: 1000,
+            ..lim
+        };
+        let e = check_image_header(&png_header_only(100, 100), &tight).unwrap_err();
+        assert!(matches!(e, ModelError::ImageTooLarge(_)), "{e}");
     }
 
     #[test]

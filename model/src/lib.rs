@@ -37,7 +37,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use chat::{ChatTemplate, ChatTurn, Message};
 pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
 pub use error::ModelError;
-pub use image::{ImageLimits, ImageProcessor, decode_image};
+pub use image::{ImageLimits, ImageProcessor, check_image_header, decode_image};
 pub use kv::KvCache;
 pub use llava::{Backend, Llava, TreeBatchItem};
 pub use timing::ForwardTimer;

@@ -41,7 +41,7 @@ fn corrupt_and_oversized_images_are_rejected() {
             &bytes,
             &ImageLimits {
                 max_bytes: 100,
-                max_pixels: u64::MAX,
+                ..lim
             },
         )
         .unwrap_err();
@@ -55,6 +55,7 @@ fn corrupt_and_oversized_images_are_rejected() {
             &ImageLimits {
                 max_bytes: usize::MAX,
                 max_pixels: 9_999,
+                ..lim
             },
         )
         .unwrap_err();

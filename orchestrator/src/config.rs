@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use specllava_model::ImageLimits;
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;
@@ -45,13 +46,24 @@ pub struct Args {
     /// Maximum encoded image size, in bytes.
     #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: usize,
-    /// Maximum decoded image size, in pixels.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    /// Maximum decoded image size, in pixels (checked on the header, before decoding).
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
     pub max_image_pixels: u64,
+    /// Maximum image width and height, each, in pixels (checked on the header).
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+    /// Most memory decoding one image may allocate, in MiB.
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_DECODE_MB", default_value_t = 256)]
+    pub max_image_decode_mb: u64,
     /// Maximum prompt tokens of one turn.
     #[arg(long, env = "SPECLLAVA_MAX_PROMPT_TOKENS", default_value_t = 2048)]
     pub max_prompt_tokens: usize,
-    /// max_new_tokens when a request leaves it 0.
+    /// Maximum prompt text of one turn, in bytes (all messages of an HTTP request
+    /// together); checked before the prompt is tokenized.
+    #[arg(long, env = "SPECLLAVA_MAX_PROMPT_BYTES", default_value_t = 128 * 1024)]
+    pub max_prompt_bytes: usize,
+    /// max_new_tokens when a request leaves it 0 (bounded by the room left in the
+    /// context: the turn then ends with finish reason `length`).
     #[arg(long, env = "SPECLLAVA_DEFAULT_MAX_NEW_TOKENS", default_value_t = 128)]
     pub default_max_new_tokens: u32,
     /// Upper bound on max_new_tokens.
@@ -219,6 +231,16 @@ impl Args {
         }
     }
 
+    /// The image limits these flags give.
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
+            max_side: self.max_image_side,
+            max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
+        }
+    }
+
     /// The engine settings these flags give.
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -252,6 +274,12 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_flag_defaults_are_the_model_defaults() {
+        let args = Args::parse_from(["specllava-orchestrator"]);
+        assert_eq!(args.image_limits(), ImageLimits::default());
+    }
 
     #[test]
     fn flag_defaults_are_the_engine_defaults() {

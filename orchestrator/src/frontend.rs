@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use specllava_model::{ImageLimits, ModelError, decode_image};
+use specllava_model::{ImageLimits, ModelError, check_image_header};
 use specllava_proto::v1 as pb;
 use specllava_service_kit::convert::{sampling_from_parts, speculation_mode_from_proto};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -67,20 +67,12 @@ impl Frontend {
             .map_err(|_| OrchestratorError::Overloaded("too many concurrent requests".into()))
     }
 
-    /// Decodes an image under the limits, off the async runtime.
-    pub async fn check_image(&self, bytes: &[u8]) -> Result<(), OrchestratorError> {
-        let limits = self.limits.image;
-        if bytes.len() > limits.max_bytes {
-            return Err(OrchestratorError::TooLarge(format!(
-                "image of {} bytes exceeds the limit of {} bytes",
-                bytes.len(),
-                limits.max_bytes
-            )));
-        }
-        let bytes = bytes.to_vec();
-        tokio::task::spawn_blocking(move || decode_image(&bytes, &limits).map(|_| ()))
-            .await
-            .map_err(|e| OrchestratorError::Internal(e.to_string()))?
+    /// Checks an image's header under the limits (format, size, dimensions): oversized or
+    /// unreadable images are refused here, before any pixel is decoded; the replicas decode
+    /// it (once each).
+    pub fn check_image(&self, bytes: &[u8]) -> Result<(), OrchestratorError> {
+        check_image_header(bytes, &self.limits.image)
+            .map(|_| ())
             .map_err(|e| match e {
                 ModelError::ImageTooLarge(m) => OrchestratorError::TooLarge(m),
                 e => OrchestratorError::InvalidArgument(e.to_string()),
@@ -157,14 +149,16 @@ impl Frontend {
     }
 }
 
-/// The speculation settings of a request (defaults: dynamic tree, sized by the policy).
-pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> SpecSettings {
+/// The speculation settings of a request (defaults: dynamic tree, sized by the policy); an
+/// unknown `speculation.mode` is refused.
+pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, OrchestratorError> {
     let s = s.unwrap_or_default();
-    SpecSettings {
-        mode: speculation_mode_from_proto(s.mode),
+    Ok(SpecSettings {
+        mode: speculation_mode_from_proto(s.mode)
+            .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?,
         depth: s.depth as usize,
         branching: s.branching as usize,
         budget: s.budget as usize,
         draft_ahead: !s.disable_draft_ahead,
-    }
+    })
 }

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use specllava_model::{ChatTemplate, ImageLimits, LlavaTokenizer};
+use specllava_model::{ChatTemplate, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
 use specllava_service_kit::compat::TokenizerIdentity;
 use specllava_service_kit::serve_grpc;
@@ -160,10 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let limits = frontend::ApiLimits {
-        image: ImageLimits {
-            max_bytes: args.max_image_bytes,
-            max_pixels: args.max_image_pixels,
-        },
+        image: args.image_limits(),
         max_prompt_tokens: args.max_prompt_tokens,
         default_max_new_tokens: args.default_max_new_tokens,
         max_new_tokens_limit: args.max_new_tokens_limit,
@@ -171,7 +168,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let prompter = Arc::new(prompt::Prompter::new(
         tokenizer,
         template,
-        args.max_prompt_tokens,
+        prompt::PromptLimits {
+            max_tokens: args.max_prompt_tokens,
+            max_bytes: args.max_prompt_bytes,
+        },
     ));
     let front = Arc::new(frontend::Frontend::new(
         engine,
@@ -189,13 +189,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let svc = service::GenerationService::new(front);
 
-    let server = GenerationServer::new(svc)
-        .max_decoding_message_size(args.max_image_bytes.saturating_add(1024 * 1024));
+    let server = GenerationServer::new(svc).max_decoding_message_size(
+        args.max_image_bytes
+            .saturating_add(args.max_prompt_bytes)
+            .saturating_add(1024 * 1024),
+    );
     serve_grpc(
         args.listen,
         GenerationServer::<service::GenerationService>::NAME,
         Routes::new(server),
         args.metrics_addr,
+        std::future::pending(),
     )
     .await?;
     if let Some(task) = discovery {

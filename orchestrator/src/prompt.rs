@@ -1,17 +1,28 @@
 //! Prompts: conversations rendered with the checkpoint's chat template, tokenized, and checked
-//! (image placeholders, prompt limit) the same way for both APIs.
+//! (image placeholders, prompt limits) the same way for both APIs. The text's size is checked
+//! before any rendering or tokenizing, so an oversized prompt costs nothing.
 
 use std::sync::Arc;
 
+use specllava_model::chat::{Content, Part};
 use specllava_model::{ChatTemplate, LlavaTokenizer, Message, ModelError};
 
 use crate::error::OrchestratorError;
+
+/// The size limits of one turn's prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptLimits {
+    /// Most tokens (checked after tokenizing).
+    pub max_tokens: usize,
+    /// Most bytes of text, all messages together (checked before anything else).
+    pub max_bytes: usize,
+}
 
 /// Renders and tokenizes prompts. Its methods are CPU work: call them on a blocking thread.
 pub struct Prompter {
     tokenizer: Arc<LlavaTokenizer>,
     template: ChatTemplate,
-    max_prompt_tokens: usize,
+    limits: PromptLimits,
 }
 
 fn model_err(e: ModelError) -> OrchestratorError {
@@ -27,13 +38,24 @@ impl Prompter {
     pub fn new(
         tokenizer: Arc<LlavaTokenizer>,
         template: ChatTemplate,
-        max_prompt_tokens: usize,
+        limits: PromptLimits,
     ) -> Self {
         Self {
             tokenizer,
             template,
-            max_prompt_tokens,
+            limits,
         }
+    }
+
+    /// Refuses text over the byte limit (before it is rendered or tokenized).
+    pub fn check_bytes(&self, bytes: usize) -> Result<(), OrchestratorError> {
+        if bytes > self.limits.max_bytes {
+            return Err(OrchestratorError::TooLarge(format!(
+                "prompt of {bytes} bytes exceeds the limit of {} bytes",
+                self.limits.max_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// The chat template.
@@ -53,6 +75,7 @@ impl Prompter {
         messages: &[Message],
         images: usize,
     ) -> Result<Vec<u32>, OrchestratorError> {
+        self.check_bytes(text_bytes(messages))?;
         let text = self.template.render(messages, true).map_err(model_err)?;
         let bos_in_text = self
             .template
@@ -75,6 +98,7 @@ impl Prompter {
         last_token: Option<u32>,
         prompt: &str,
     ) -> Result<Vec<u32>, OrchestratorError> {
+        self.check_bytes(prompt.len())?;
         let text = self
             .template
             .continuation(&Message::user(prompt, false))
@@ -102,13 +126,47 @@ impl Prompter {
                 self.template.tokens().image_token
             )));
         }
-        if ids.len() > self.max_prompt_tokens {
+        if ids.len() > self.limits.max_tokens {
             return Err(OrchestratorError::InvalidArgument(format!(
                 "prompt of {} tokens exceeds the limit of {}",
                 ids.len(),
-                self.max_prompt_tokens
+                self.limits.max_tokens
             )));
         }
         Ok(ids)
+    }
+}
+
+/// Bytes of text in `messages` (what the prompt byte limit counts).
+pub fn text_bytes(messages: &[Message]) -> usize {
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            Content::Text(t) => t.len(),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text { text } => text.len(),
+                    Part::Image => 0,
+                })
+                .sum(),
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_bytes_counts_every_text_part() {
+        let messages = vec![
+            Message {
+                role: "system".into(),
+                content: Content::Text("abc".into()),
+            },
+            Message::user("héllo", true),
+        ];
+        assert_eq!(text_bytes(&messages), 3 + "héllo".len());
     }
 }

@@ -47,12 +47,14 @@ impl Generation for GenerationService {
             );
         }
         let front = &self.front;
+        // Before anything costly (the image, tokenizing).
+        front.prompter.check_bytes(r.prompt.len())?;
         let params = front.gen_params(r.params.unwrap_or_default())?;
-        let spec = spec_settings(r.speculation);
+        let spec = spec_settings(r.speculation)?;
         let permit = front.admit()?;
         let (conv, one_shot) = if r.session_id.is_empty() {
             if !r.image.is_empty() {
-                front.check_image(&r.image).await?;
+                front.check_image(&r.image)?;
             }
             let images = if r.image.is_empty() {
                 vec![]
@@ -120,7 +122,7 @@ impl Generation for GenerationService {
         specllava_telemetry::metrics().record_request("CreateSession");
         let r = request.into_inner();
         if !r.image.is_empty() {
-            self.front.check_image(&r.image).await?;
+            self.front.check_image(&r.image)?;
         }
         let id = new_session_id();
         let images = if r.image.is_empty() {

@@ -34,13 +34,26 @@ pub fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The wire tree mode (unknown values read as dynamic, the default).
-pub fn tree_mode_from_proto(mode: i32) -> TreeMode {
-    match pb::TreeMode::try_from(mode).unwrap_or(pb::TreeMode::Dynamic) {
+/// An enum field of a request holding a value this server does not know (a newer client,
+/// or garbage): refused rather than read as the default.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown value {value} for the enum field `{field}`")]
+pub struct UnknownEnumValue {
+    /// The field, as the request names it (e.g. `speculation.mode`).
+    pub field: &'static str,
+    /// The value received.
+    pub value: i32,
+}
+
+/// The wire tree mode; `field` names it in the error for an unknown value.
+pub fn tree_mode_from_proto(mode: i32, field: &'static str) -> Result<TreeMode, UnknownEnumValue> {
+    let known =
+        pb::TreeMode::try_from(mode).map_err(|_| UnknownEnumValue { field, value: mode })?;
+    Ok(match known {
         pb::TreeMode::Dynamic => TreeMode::Dynamic,
         pb::TreeMode::Static => TreeMode::Static,
         pb::TreeMode::Chain => TreeMode::Chain,
-    }
+    })
 }
 
 /// The tree mode on the wire.
@@ -52,26 +65,33 @@ pub fn tree_mode_to_proto(mode: TreeMode) -> pb::TreeMode {
     }
 }
 
-/// The public API's speculation mode: a tree shape, or `None` for target-only decoding
-/// (unknown values read as dynamic, the default).
-pub fn speculation_mode_from_proto(mode: i32) -> Option<TreeMode> {
-    match pb::SpeculationMode::try_from(mode).unwrap_or(pb::SpeculationMode::Dynamic) {
+/// The public API's speculation mode (`speculation.mode`): a tree shape, or `None` for
+/// target-only decoding.
+pub fn speculation_mode_from_proto(mode: i32) -> Result<Option<TreeMode>, UnknownEnumValue> {
+    let known = pb::SpeculationMode::try_from(mode).map_err(|_| UnknownEnumValue {
+        field: "speculation.mode",
+        value: mode,
+    })?;
+    Ok(match known {
         pb::SpeculationMode::Dynamic => Some(TreeMode::Dynamic),
         pb::SpeculationMode::Chain => Some(TreeMode::Chain),
         pb::SpeculationMode::Static => Some(TreeMode::Static),
         pb::SpeculationMode::Off => None,
-    }
+    })
 }
 
-/// Draft params as sent (unset: all zero, a root-only dynamic tree).
-pub fn draft_params_from_proto(p: Option<pb::DraftParams>) -> DraftParams {
+/// Draft params as sent (unset: all zero, a root-only dynamic tree); an unknown
+/// `params.mode` is refused.
+pub fn draft_params_from_proto(
+    p: Option<pb::DraftParams>,
+) -> Result<DraftParams, UnknownEnumValue> {
     let p = p.unwrap_or_default();
-    DraftParams {
-        mode: tree_mode_from_proto(p.mode),
+    Ok(DraftParams {
+        mode: tree_mode_from_proto(p.mode, "params.mode")?,
         depth: p.depth as usize,
         branching: p.branching as usize,
         budget: p.budget as usize,
-    }
+    })
 }
 
 /// Draft params on the wire.
@@ -223,10 +243,20 @@ mod tests {
         assert_eq!(s.top_p, 1.0, "top_p 0 (unset) is off");
         assert!(sampling_from_parts(0.5, 0, 1.5, 0).is_err());
         assert_eq!(stop_from_proto(None).max_new_tokens, usize::MAX);
-        assert_eq!(tree_mode_from_proto(99), TreeMode::Dynamic);
+        assert_eq!(
+            tree_mode_from_proto(99, "params.mode")
+                .unwrap_err()
+                .to_string(),
+            "unknown value 99 for the enum field `params.mode`"
+        );
         assert_eq!(
             speculation_mode_from_proto(pb::SpeculationMode::Off as i32),
-            None
+            Ok(None)
+        );
+        assert_eq!(speculation_mode_from_proto(0), Ok(Some(TreeMode::Dynamic)));
+        assert_eq!(
+            speculation_mode_from_proto(7).unwrap_err().field,
+            "speculation.mode"
         );
         let limits = TreeLimits {
             max_nodes: 8,
@@ -254,7 +284,10 @@ mod tests {
                 branching: 2,
                 budget: 7,
             };
-            assert_eq!(draft_params_from_proto(Some(draft_params_to_proto(&p))), p);
+            assert_eq!(
+                draft_params_from_proto(Some(draft_params_to_proto(&p))).unwrap(),
+                p
+            );
         }
         let s = SamplingParams {
             temperature: 0.7,

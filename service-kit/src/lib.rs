@@ -8,6 +8,7 @@
 pub mod compat;
 pub mod convert;
 pub mod device;
+pub mod fault;
 pub mod model_server;
 pub mod prefill;
 pub mod server;
@@ -19,7 +20,7 @@ pub use device::parse_device;
 pub use model_server::{LoadedModel, ModelServerArgs, load_model};
 pub use prefill::{prefilled_kv, prepare_prefill};
 pub use server::{
-    MetricsEndpoint, reflection_services, run_with_telemetry, serve_grpc, shutdown_signal,
+    Health, MetricsEndpoint, reflection_services, run_with_telemetry, serve_grpc, shutdown_signal,
 };
 pub use session_rpc::SessionRpc;
 pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};

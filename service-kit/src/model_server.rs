@@ -31,9 +31,15 @@ pub struct ModelServerArgs {
     /// Maximum encoded image size, in bytes.
     #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: usize,
-    /// Maximum decoded image size, in pixels.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    /// Maximum decoded image size, in pixels (checked on the header, before decoding).
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
     pub max_image_pixels: u64,
+    /// Maximum image width and height, each, in pixels (checked on the header).
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+    /// Most memory decoding one image may allocate, in MiB.
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_DECODE_MB", default_value_t = 256)]
+    pub max_image_decode_mb: u64,
     /// Maximum context (KV rows + tree depth) of a session; 0 = the model's
     /// `max_position_embeddings`.
     #[arg(long, env = "SPECLLAVA_MAX_CONTEXT", default_value_t = 0)]
@@ -63,12 +69,14 @@ impl ModelServerArgs {
         }
     }
 
-    /// Settings of the session worker: these flags plus the service's batch limits.
-    pub fn worker_config(&self, batch: BatchLimits) -> WorkerConfig {
+    /// Settings of the session worker: these flags plus the service's batch limits and
+    /// the context sessions are held to.
+    pub fn worker_config(&self, batch: BatchLimits, max_context: usize) -> WorkerConfig {
         WorkerConfig {
             queue_capacity: self.queue_capacity.max(1),
             batch,
             expiry_tick: Duration::from_millis(self.session_sweep_ms.max(1)),
+            max_context,
         }
     }
 
@@ -77,6 +85,8 @@ impl ModelServerArgs {
         ImageLimits {
             max_bytes: self.max_image_bytes,
             max_pixels: self.max_image_pixels,
+            max_side: self.max_image_side,
+            max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
         }
     }
 }
@@ -106,7 +116,7 @@ impl LoadedModel {
             role,
             backend,
             SessionStore::new(limits).with_metrics(),
-            args.worker_config(batch),
+            args.worker_config(batch, self.max_context),
         )?;
         Ok(SessionRpc::new(
             Arc::clone(&self.model),

@@ -1,6 +1,7 @@
 //! Server helpers: graceful shutdown, the standard gRPC side services, and
 //! [`serve_grpc`], which runs one Spec-LLaVA gRPC service with all of them.
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use tonic::service::Routes;
@@ -9,33 +10,102 @@ use tonic::service::Routes;
 /// protocol) on `listen` with gRPC health, reflection, the tracing layer and, when
 /// `metrics_addr` is set, a Prometheus `/metrics` endpoint; returns after SIGTERM /
 /// ctrl-c once in-flight requests have drained.
+///
+/// Health is SERVING from the start, and turns NOT_SERVING (for `service_name` and the
+/// server as a whole, `""`, which the Kubernetes probes ask about) when `dead` resolves
+/// (the model worker died: the liveness probe restarts the pod) and when the drain starts.
 pub async fn serve_grpc(
     listen: SocketAddr,
     service_name: &'static str,
     routes: Routes,
     metrics_addr: Option<SocketAddr>,
+    dead: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status(service_name, tonic_health::ServingStatus::Serving)
-        .await;
+    let (health, health_service) = Health::new(service_name).await;
+    let watcher = health.not_serving_when(dead, "the model worker died");
     let (reflection_v1, reflection_v1alpha) = reflection_services()?;
     let metrics = MetricsEndpoint::start_if(metrics_addr).await?;
     tracing::info!(%listen, service = service_name, "listening");
-    tonic::transport::Server::builder()
+    let shutdown = {
+        let health = health.clone();
+        // The worker stops once the server drained: that is no death.
+        let watcher = watcher.abort_handle();
+        async move {
+            shutdown_signal().await;
+            watcher.abort();
+            health.not_serving("draining").await;
+        }
+    };
+    let served = tonic::transport::Server::builder()
         .layer(specllava_telemetry::GrpcTraceLayer)
         .add_routes(routes)
-        .add_service(health)
+        .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_shutdown(listen, shutdown_signal())
-        .await?;
+        .serve_with_shutdown(listen, shutdown)
+        .await;
+    watcher.abort();
+    served?;
     if let Some(m) = metrics {
         m.stop().await;
     }
     Ok(())
 }
 
+/// The gRPC health of one service: what the standard health protocol reports for it and
+/// for the server as a whole (`""`).
+#[derive(Clone)]
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    service_name: &'static str,
+}
+
+impl Health {
+    /// SERVING health for `service_name`, and the health service that reports it.
+    pub async fn new(
+        service_name: &'static str,
+    ) -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    ) {
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let health = Self {
+            reporter,
+            service_name,
+        };
+        health.set(tonic_health::ServingStatus::Serving).await;
+        (
+            health,
+            tonic_health::pb::health_server::HealthServer::new(service),
+        )
+    }
+
+    /// Reports NOT_SERVING once `event` resolves, for `why` (a background task).
+    pub fn not_serving_when(
+        &self,
+        event: impl Future<Output = ()> + Send + 'static,
+        why: &'static str,
+    ) -> tokio::task::JoinHandle<()> {
+        let health = self.clone();
+        tokio::spawn(async move {
+            event.await;
+            health.not_serving(why).await;
+        })
+    }
+
+    /// Reports NOT_SERVING from now on, for `why` (logged).
+    pub async fn not_serving(&self, why: &str) {
+        tracing::warn!(service = self.service_name, why, "health: NOT_SERVING");
+        self.set(tonic_health::ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: tonic_health::ServingStatus) {
+        for name in ["", self.service_name] {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
 /// Resolves when the process receives SIGTERM or ctrl-c. Pass it to
 /// `Server::serve_with_shutdown`, which then stops accepting connections and
 /// drains in-flight requests.
@@ -171,4 +241,96 @@ pub async fn run_with_telemetry(
     // The flush blocks on the exporter, which runs on this (multi-threaded) runtime.
     tokio::task::block_in_place(|| drop(telemetry));
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_server::Health as _;
+    use tonic_health::pb::{HealthCheckRequest, health_server::HealthServer};
+
+    async fn status(reporter: &tonic_health::server::HealthReporter, service: &str) -> Status {
+        let svc = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let resp = svc
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: service.into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        Status::try_from(resp.status).unwrap()
+    }
+
+    #[tokio::test]
+    async fn health_turns_not_serving_for_the_service_and_the_server() {
+        let (health, _server): (Health, HealthServer<_>) = Health::new("specllava.v1.Test").await;
+        for name in ["", "specllava.v1.Test"] {
+            assert_eq!(status(&health.reporter, name).await, Status::Serving);
+        }
+        let (die, dead) = tokio::sync::oneshot::channel::<()>();
+        let watcher = health.not_serving_when(
+            async move {
+                let _ = dead.await;
+            },
+            "the model worker died",
+        );
+        assert_eq!(status(&health.reporter, "").await, Status::Serving);
+        drop(die);
+        watcher.await.unwrap();
+        for name in ["", "specllava.v1.Test"] {
+            assert_eq!(status(&health.reporter, name).await, Status::NotServing);
+        }
+    }
+
+    #[tokio::test]
+    async fn serve_grpc_reports_not_serving_once_the_worker_dies() {
+        use tonic_health::pb::health_client::HealthClient;
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let (die, dead) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_grpc(
+            addr,
+            "specllava.v1.Test",
+            Routes::default(),
+            None,
+            async move {
+                let _ = dead.await;
+            },
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut client = loop {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"));
+            match endpoint.unwrap().connect().await {
+                Ok(channel) => break HealthClient::new(channel),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the server did not start: {e}"),
+            }
+        };
+        let mut check = async |service: &str| {
+            let resp = client
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            Status::try_from(resp.status).unwrap()
+        };
+        assert_eq!(check("").await, Status::Serving);
+        assert_eq!(check("specllava.v1.Test").await, Status::Serving);
+        drop(die);
+        loop {
+            if check("").await == Status::NotServing {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "health never turned");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(check("specllava.v1.Test").await, Status::NotServing);
+        server.abort();
+    }
 }

@@ -78,6 +78,8 @@ impl<B: SessionBackend> SessionRpc<B> {
     }
 
     /// `Append`: truncates the session's KV, then appends tokens (the last becomes the root).
+    /// A history longer than the context is refused by the worker before any forward; the
+    /// session is left as it was.
     pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
         specllava_telemetry::metrics().record_request("Append");
         let images = prepare_prefill(&self.model, self.image, &r.token_ids, r.images)

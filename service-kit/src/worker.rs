@@ -9,15 +9,22 @@
 //! skipped) and the TTL sweep are here. What a service does with a batch (the
 //! draft's level-by-level drafting, the target's packed verification) is its
 //! [`SessionBackend`].
+//!
+//! A panic while running a batch (or an open / append) is contained: the requests of
+//! that batch fail with [`WorkerError::Panicked`] (INTERNAL), the sessions involved are
+//! dropped (their KV may be half-written), and the worker goes on serving the others. If
+//! the thread dies anyway, [`WorkerHandle::stopped`] resolves so the server can report
+//! NOT_SERVING on gRPC health.
 
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{
     Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
 };
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
 use crate::convert::nanos;
@@ -44,6 +51,12 @@ pub enum WorkerError {
     /// The worker thread stopped.
     #[error("the model worker stopped")]
     WorkerGone,
+    /// The work this request was part of panicked; its session was dropped.
+    #[error(
+        "internal error: the model worker panicked running this request (its session was \
+         dropped; see the service log)"
+    )]
+    Panicked,
 }
 
 impl WorkerError {
@@ -54,6 +67,7 @@ impl WorkerError {
             WorkerError::ContextFull(_) => "context_full",
             WorkerError::QueueFull { .. } => "queue_full",
             WorkerError::WorkerGone => "worker_gone",
+            WorkerError::Panicked => "panicked",
         }
     }
 
@@ -63,6 +77,7 @@ impl WorkerError {
             WorkerError::InvalidArgument(_) | WorkerError::ContextFull(_) => Code::InvalidArgument,
             WorkerError::QueueFull { .. } => Code::ResourceExhausted,
             WorkerError::WorkerGone => Code::Unavailable,
+            WorkerError::Panicked => Code::Internal,
         }
     }
 }
@@ -163,8 +178,43 @@ pub trait SessionBackend: Send + 'static {
     fn dequeued(&mut self, _jobs: usize) {}
 }
 
-/// The reply channel of a request to the worker.
-pub type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+/// The reply channel of a request to the worker. Dropped unanswered while its thread unwinds
+/// from a panic, it answers [`WorkerError::Panicked`]: the request fails with INTERNAL on
+/// its own instead of reading as a stopped worker.
+pub struct Reply<T, E: From<WorkerError>> {
+    tx: Option<oneshot::Sender<Result<T, E>>>,
+}
+
+impl<T, E: From<WorkerError>> Reply<T, E> {
+    /// A reply channel and the receiver its answer arrives on.
+    pub fn channel() -> (Self, oneshot::Receiver<Result<T, E>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { tx: Some(tx) }, rx)
+    }
+
+    /// Answers; gives the answer back when the caller went away.
+    pub fn send(mut self, result: Result<T, E>) -> Result<(), Result<T, E>> {
+        match self.tx.take() {
+            Some(tx) => tx.send(result),
+            None => Err(result),
+        }
+    }
+
+    /// Whether the caller went away.
+    pub fn is_closed(&self) -> bool {
+        self.tx.as_ref().is_none_or(oneshot::Sender::is_closed)
+    }
+}
+
+impl<T, E: From<WorkerError>> Drop for Reply<T, E> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            if std::thread::panicking() {
+                let _ = tx.send(Err(WorkerError::Panicked.into()));
+            }
+        }
+    }
+}
 
 /// A queued batch job and where its answer goes.
 pub struct Queued<B: SessionBackend + ?Sized> {
@@ -238,6 +288,9 @@ pub struct WorkerConfig {
     pub batch: BatchLimits,
     /// How often idle sessions are swept (TTL).
     pub expiry_tick: Duration,
+    /// Most history tokens a session may hold: an append past it is refused before any
+    /// forward runs (the session unchanged).
+    pub max_context: usize,
 }
 
 /// Cheap clonable handle to a worker thread.
@@ -245,6 +298,8 @@ pub struct WorkerHandle<B: SessionBackend> {
     tx: SyncSender<Command<B>>,
     capacity: usize,
     role: &'static str,
+    /// Closed (its sender dropped) when the worker thread ends, however it ends.
+    alive: watch::Receiver<()>,
 }
 
 impl<B: SessionBackend> Clone for WorkerHandle<B> {
@@ -253,6 +308,7 @@ impl<B: SessionBackend> Clone for WorkerHandle<B> {
             tx: self.tx.clone(),
             capacity: self.capacity,
             role: self.role,
+            alive: self.alive.clone(),
         }
     }
 }
@@ -274,10 +330,32 @@ impl<B: SessionBackend> WorkerHandle<B> {
             cfg,
             backlog: VecDeque::new(),
         };
+        let (alive_tx, alive) = watch::channel(());
         std::thread::Builder::new()
             .name(format!("{role}-model"))
-            .spawn(move || worker.run(rx))?;
-        Ok(Self { tx, capacity, role })
+            .spawn(move || {
+                // Dropped when this thread ends, even by a panic: `stopped` resolves.
+                let _alive = alive_tx;
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| worker.run(rx))) {
+                    tracing::error!(
+                        panic = panic_message(panic.as_ref()),
+                        "{role} model worker died"
+                    );
+                }
+            })?;
+        Ok(Self {
+            tx,
+            capacity,
+            role,
+            alive,
+        })
+    }
+
+    /// Resolves once the worker thread has ended (it stopped or died): from then on every
+    /// request fails with UNAVAILABLE, so the service is no longer serving.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut alive = self.alive.clone();
+        async move { while alive.changed().await.is_ok() {} }
     }
 
     /// Queues a command built around a fresh reply channel and awaits the answer.
@@ -285,7 +363,7 @@ impl<B: SessionBackend> WorkerHandle<B> {
         &self,
         make: impl FnOnce(Reply<T, B::Error>) -> Command<B>,
     ) -> Result<T, B::Error> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, rx) = Reply::channel();
         match self.tx.try_send(make(reply)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -375,7 +453,15 @@ impl<B: SessionBackend> Worker<B> {
                     Ok(c) => c,
                     Err(TryRecvError::Disconnected) => break,
                     Err(TryRecvError::Empty) => {
-                        if self.backend.idle_work(&mut self.sessions) {
+                        let worked = catch_unwind(AssertUnwindSafe(|| {
+                            self.backend.idle_work(&mut self.sessions)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            // Sessions it had taken out are gone with the unwinding.
+                            self.contained(panic.as_ref(), "idle work", &[]);
+                            true
+                        });
+                        if worked {
                             continue;
                         }
                         match rx.recv_timeout(tick) {
@@ -393,7 +479,12 @@ impl<B: SessionBackend> Worker<B> {
                     images,
                     reply,
                 } => {
-                    let _ = reply.send(self.open(&id, &tokens, &images));
+                    let res = catch_unwind(AssertUnwindSafe(|| self.open(&id, &tokens, &images)))
+                        .unwrap_or_else(|panic| {
+                            self.contained(panic.as_ref(), "open", &[id.as_str()]);
+                            Err(WorkerError::Panicked.into())
+                        });
+                    let _ = reply.send(res);
                 }
                 Command::Append {
                     id,
@@ -402,7 +493,14 @@ impl<B: SessionBackend> Worker<B> {
                     images,
                     reply,
                 } => {
-                    let _ = reply.send(self.append(&id, keep_kv_len, tokens, &images));
+                    let res = catch_unwind(AssertUnwindSafe(|| {
+                        self.append(&id, keep_kv_len, tokens, &images)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        self.contained(panic.as_ref(), "append", &[id.as_str()]);
+                        Err(WorkerError::Panicked.into())
+                    });
+                    let _ = reply.send(res);
                 }
                 Command::Close { id, reply } => {
                     let _ = reply.send(Ok(self.sessions.remove(&id)));
@@ -417,12 +515,41 @@ impl<B: SessionBackend> Worker<B> {
                     );
                     self.backend.dequeued(collected.dequeued);
                     if !collected.batch.is_empty() {
-                        self.backend.run_batch(&mut self.sessions, collected.batch);
+                        let ids: Vec<String> = collected
+                            .batch
+                            .iter()
+                            .map(|q| q.job.session_id().to_owned())
+                            .collect();
+                        // On a panic the batch's unanswered replies answer `Panicked` as
+                        // they are dropped.
+                        let ran = catch_unwind(AssertUnwindSafe(|| {
+                            self.backend.run_batch(&mut self.sessions, collected.batch)
+                        }));
+                        if let Err(panic) = ran {
+                            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                            self.contained(panic.as_ref(), "batch", &ids);
+                        }
                     }
                 }
             }
         }
         tracing::info!("{} model worker stopped", self.role);
+    }
+
+    /// After a contained panic in `what`: logs it and drops the sessions involved (their KV
+    /// may be half-written; their callers re-open them). Each failed request is counted in
+    /// `errors_total{type="panicked"}` where it becomes a status.
+    fn contained(&mut self, panic: &(dyn std::any::Any + Send), what: &str, sessions: &[&str]) {
+        tracing::error!(
+            panic = panic_message(panic),
+            sessions = ?sessions,
+            "{} model worker: {what} panicked; its requests failed and its sessions were dropped, \
+             the worker goes on",
+            self.role
+        );
+        for id in sessions {
+            self.sessions.remove(id);
+        }
     }
 
     fn open(
@@ -458,6 +585,16 @@ impl<B: SessionBackend> Worker<B> {
             return Err(WorkerError::InvalidArgument("no tokens".into()).into());
         }
         let session = self.sessions.get_mut(id)?;
+        // The history after the append: the kept rows plus the new tokens.
+        let history = keep_kv_len.saturating_add(tokens.len() as u64);
+        if history > self.cfg.max_context as u64 {
+            return Err(WorkerError::ContextFull(format!(
+                "keep_kv_len {keep_kv_len} + {} tokens = {history} exceeds the context of {}",
+                tokens.len(),
+                self.cfg.max_context
+            ))
+            .into());
+        }
         let t0 = Instant::now();
         if let Err(e) = self.backend.append(session, keep_kv_len, tokens, images) {
             if e.drop_session {
@@ -471,6 +608,17 @@ impl<B: SessionBackend> Worker<B> {
             tracing::info!(session = %evicted, "session evicted (LRU)");
         }
         Ok(PrefillOutcome { kv_len, forward_ns })
+    }
+}
+
+/// The message of a panic payload (`panic!` with a literal or a formatted string).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(not a string)"
     }
 }
 
@@ -586,12 +734,16 @@ mod tests {
         Session(#[from] SessionStoreError),
     }
 
-    /// Records the tags of every batch it runs.
+    /// Records the tags of every batch it runs. A batch holding [`POISON`] panics, and so do
+    /// an open or append of it; with `die` set, the worker's own loop panics.
     #[derive(Default)]
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<u32>>>>,
         dequeued: Arc<Mutex<usize>>,
+        die: Arc<std::sync::atomic::AtomicBool>,
     }
+
+    const POISON: u32 = 666;
 
     impl SessionBackend for Recorder {
         type Session = Fake;
@@ -600,6 +752,7 @@ mod tests {
         type Error = FakeError;
 
         fn open(&mut self, prefix: &[u32], _: u32, _: &[Tensor]) -> Result<Fake, FakeError> {
+            assert!(!prefix.contains(&POISON), "poisoned open");
             Ok(Fake(prefix.len() as u64))
         }
         fn append(
@@ -614,13 +767,20 @@ mod tests {
                     "beyond".into(),
                 )));
             }
+            s.0 = 0;
+            assert!(!tokens.contains(&POISON), "poisoned append");
             s.0 = keep + tokens.len() as u64 - 1;
             Ok(())
         }
         fn kv_len(s: &Fake) -> u64 {
             s.0
         }
-        fn run_batch(&mut self, _: &mut SessionStore<Fake>, batch: Vec<Queued<Self>>) {
+        fn run_batch(&mut self, sessions: &mut SessionStore<Fake>, batch: Vec<Queued<Self>>) {
+            if batch.iter().any(|q| q.job.tag == POISON) {
+                // Half-way through: a session's state is already touched.
+                sessions.get_mut(batch[0].job.id).unwrap().0 = 12345;
+                panic!("poisoned batch");
+            }
             self.batches
                 .lock()
                 .unwrap()
@@ -631,6 +791,10 @@ mod tests {
             }
         }
         fn dequeued(&mut self, jobs: usize) {
+            assert!(
+                !self.die.load(std::sync::atomic::Ordering::SeqCst),
+                "the worker's own loop panics"
+            );
             *self.dequeued.lock().unwrap() += jobs;
         }
     }
@@ -638,7 +802,7 @@ mod tests {
     type Rx = oneshot::Receiver<Result<u32, FakeError>>;
 
     fn job(id: &'static str, cost: usize, tag: u32) -> (Queued<Recorder>, Rx) {
-        let (reply, rx) = oneshot::channel();
+        let (reply, rx) = Reply::channel();
         (
             Queued {
                 job: Job { id, cost, tag },
@@ -783,6 +947,7 @@ mod tests {
             queue_capacity: 8,
             batch: limits(10, 100, 50),
             expiry_tick: Duration::from_millis(100),
+            max_context: 1000,
         };
         let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
         let opened = w.open("a".into(), vec![1, 2, 3], vec![]).await.unwrap();
@@ -795,6 +960,15 @@ mod tests {
         assert!(matches!(
             w.append("a".into(), 9, vec![4], vec![]).await,
             Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
+        ));
+        // Past the context: refused before the backend runs, the session unchanged.
+        assert!(matches!(
+            w.append("a".into(), 1, vec![4; 1000], vec![]).await,
+            Err(FakeError::Worker(WorkerError::ContextFull(_)))
+        ));
+        assert!(matches!(
+            w.append("nope".into(), 1, vec![4; 1000], vec![]).await,
+            Err(FakeError::Session(SessionStoreError::NotFound(_)))
         ));
         assert_eq!(
             w.append("a".into(), 1, vec![4, 5], vec![])
@@ -820,5 +994,79 @@ mod tests {
         assert_eq!(*dequeued.lock().unwrap(), 2);
         assert!(w.close("a".into()).await.unwrap());
         assert!(!w.close("a".into()).await.unwrap());
+    }
+
+    fn worker(backend: Recorder) -> WorkerHandle<Recorder> {
+        let store = SessionStore::new(SessionLimits {
+            max_sessions: 10,
+            max_bytes: 100,
+            ttl: Duration::from_secs(60),
+        });
+        let cfg = WorkerConfig {
+            queue_capacity: 8,
+            batch: limits(10, 100, 1),
+            expiry_tick: Duration::from_millis(100),
+            max_context: 1000,
+        };
+        WorkerHandle::spawn("test", backend, store, cfg).unwrap()
+    }
+
+    fn job_of(id: &'static str, tag: u32) -> Job {
+        Job { id, cost: 1, tag }
+    }
+
+    #[tokio::test]
+    async fn a_panic_fails_its_own_requests_and_drops_their_sessions_only() {
+        let backend = Recorder::default();
+        let die = Arc::clone(&backend.die);
+        let w = worker(backend);
+        for id in ["a", "b"] {
+            w.open(id.into(), vec![1, 2, 3], vec![]).await.unwrap();
+        }
+        // A poisoned batch: INTERNAL for its request, its session dropped.
+        let err = w.submit(job_of("a", POISON)).await.unwrap_err();
+        assert!(
+            matches!(err, FakeError::Worker(WorkerError::Panicked)),
+            "{err:?}"
+        );
+        assert_eq!(
+            FakeError::Worker(WorkerError::Panicked).to_string(),
+            WorkerError::Panicked.to_string()
+        );
+        assert_eq!(WorkerError::Panicked.code(), Code::Internal);
+        assert!(!w.close("a".into()).await.unwrap(), "dropped");
+        // The other session, and the worker, go on.
+        assert_eq!(w.submit(job_of("b", 7)).await.unwrap(), 7);
+        // A poisoned append drops its session; a poisoned open leaves none behind.
+        assert!(matches!(
+            w.append("b".into(), 0, vec![POISON, 1], vec![]).await,
+            Err(FakeError::Worker(WorkerError::Panicked))
+        ));
+        assert!(!w.close("b".into()).await.unwrap());
+        assert!(matches!(
+            w.open("c".into(), vec![POISON, 1], vec![]).await,
+            Err(FakeError::Worker(WorkerError::Panicked))
+        ));
+        w.open("c".into(), vec![1, 2], vec![]).await.unwrap();
+        assert_eq!(w.submit(job_of("c", 8)).await.unwrap(), 8);
+        // Alive all along.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), w.stopped())
+                .await
+                .is_err()
+        );
+
+        // A panic outside the contained work kills the thread: its request fails INTERNAL,
+        // `stopped` resolves, later requests are UNAVAILABLE.
+        die.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(
+            w.submit(job_of("c", 9)).await,
+            Err(FakeError::Worker(WorkerError::Panicked))
+        ));
+        tokio::time::timeout(Duration::from_secs(10), w.stopped())
+            .await
+            .expect("the worker's death is seen");
+        let gone = w.close("c".into()).await.unwrap_err();
+        assert!(matches!(gone, FakeError::Worker(WorkerError::WorkerGone)));
     }
 }

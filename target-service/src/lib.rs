@@ -66,6 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             vocab_size: model.config().text.vocab_size,
         },
     };
+    let dead = sessions.worker().stopped();
     let svc = service::TargetService::new(sessions, limits, loaded.info, verify_costs);
     tracing::info!(
         vocab = limits.tree.vocab_size,
@@ -78,6 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         TargetServer::<service::TargetService>::NAME,
         Routes::new(server),
         args.server.metrics_addr,
+        dead,
     )
     .await?;
     tracing::info!("target service stopped");

@@ -15,7 +15,7 @@ use specllava_service_kit::worker::{
     AppendError, BatchJob, Queued, SessionBackend, WorkerError, WorkerHandle,
 };
 use specllava_service_kit::{SessionState, SessionStore, prefilled_kv};
-use speculate::{SamplingParams, StopConditions, TokenTree, VerifyOutcome};
+use speculate::{FinishReason, SamplingParams, StopConditions, TokenTree, VerifyOutcome};
 
 use crate::error::TargetError;
 
@@ -172,12 +172,12 @@ impl SessionBackend for TargetBackend {
 }
 
 impl TargetBackend {
-    /// Checks a job against its session (taken out of the store on success).
+    /// Checks a job against its session (taken out of the store when it is to be verified).
     fn check(
         &self,
         sessions: &mut SessionStore<TargetSession>,
         job: &VerifyJob,
-    ) -> Result<TargetSession, TargetError> {
+    ) -> Result<Checked, TargetError> {
         let session = sessions.take(&job.session_id)?;
         let actual = session.kv.committed_len() as u64;
         let err = if actual != job.expected_kv_len {
@@ -192,6 +192,10 @@ impl TargetBackend {
                 expected: session.root,
                 got: job.tree.token(0),
             })
+        } else if actual as usize >= self.max_context {
+            // Not even the root fits: the generation is over, normally.
+            sessions.put_back(&job.session_id, session);
+            return Ok(Checked::ContextFull { kv_len: actual });
         } else if actual as usize + job.tree.max_depth() + 1 > self.max_context {
             Some(TargetError::ContextFull(format!(
                 "kv_len {actual} + tree depth {} exceeds the context of {} positions",
@@ -206,7 +210,7 @@ impl TargetBackend {
                 sessions.put_back(&job.session_id, session);
                 Err(e)
             }
-            None => Ok(session),
+            None => Ok(Checked::Ready(session)),
         }
     }
 
@@ -215,7 +219,22 @@ impl TargetBackend {
         let mut ready = Vec::with_capacity(batch.len());
         for q in batch {
             match self.check(sessions, &q.job) {
-                Ok(session) => ready.push((q, session)),
+                Ok(Checked::Ready(session)) => ready.push((q, session)),
+                Ok(Checked::ContextFull { kv_len }) => {
+                    let outcome = VerifyOutcome {
+                        accepted_path: Vec::new(),
+                        emitted: Vec::new(),
+                        proposed: q.job.tree.len() - 1,
+                        accepted: 0,
+                        finish: Some(FinishReason::Length),
+                    };
+                    q.answer(Ok(VerifyResult {
+                        outcome,
+                        kv_len,
+                        forward_ns: 0,
+                        batch_size: 0,
+                    }));
+                }
                 Err(e) => q.answer(Err(e)),
             }
         }
@@ -290,6 +309,18 @@ impl TargetBackend {
     }
 }
 
+/// What a verify job's check found.
+enum Checked {
+    /// The session (taken out of the store), to verify the tree on.
+    Ready(TargetSession),
+    /// The session's context is full: nothing can be emitted, the answer is an empty step
+    /// with finish reason `length` (a client decoding "until done" ends normally).
+    ContextFull {
+        /// The session's KV rows.
+        kv_len: u64,
+    },
+}
+
 /// Verifies one session's tree against its logits and commits the accepted path.
 fn finish_one(
     job: &VerifyJob,
@@ -305,6 +336,7 @@ fn finish_one(
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| TargetError::BatchFailed(e.to_string()))?;
     let root_position = session.kv.committed_len() as u64;
+    specllava_service_kit::fault::panic_on_injected_token(&job.tree.tokens()[1..]);
     let outcome = speculate::verify(
         &job.tree,
         &flat,

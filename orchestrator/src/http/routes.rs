@@ -19,6 +19,7 @@ use super::stream::{self, Meta, TurnOutput};
 use super::types::{ChatCompletionRequest, Model, ModelList};
 use crate::engine::Interrupted;
 use crate::frontend::spec_settings;
+use crate::prompt::text_bytes;
 use crate::session::{Conversation, new_session_id};
 
 /// `GET /health`: 200 while a usable target replica is known, else 503.
@@ -63,14 +64,17 @@ pub async fn chat_completions(
     );
     let t = translate(req)?;
     let front = Arc::clone(&app.front);
+    // Before anything costly (images, rendering, tokenizing).
+    front.prompter.check_bytes(text_bytes(&t.messages))?;
     let params = front.gen_params(t.params)?;
+    let spec = spec_settings(None)?;
     let permit = front.admit()?;
 
     let max_bytes = front.limits.image.max_bytes;
     let mut images = Vec::with_capacity(t.image_urls.len());
     for url in &t.image_urls {
         let bytes = images::load(url, max_bytes, app.remote_images).await?;
-        front.check_image(&bytes).await?;
+        front.check_image(&bytes)?;
         images.push(bytes);
     }
     let (messages, n_images) = (t.messages, images.len());
@@ -101,7 +105,6 @@ pub async fn chat_completions(
     tokio::spawn(
         async move {
             let _permit = permit;
-            let spec = spec_settings(None);
             let res = front
                 .run_turn(
                     &mut conv,
