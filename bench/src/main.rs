@@ -223,30 +223,6 @@ fn parse_modes(list: &[String]) -> Result<Vec<Mode>> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mode_lists_keep_the_commas_of_tree_shapes() {
-        let list: Vec<String> = "target-only,dynamic:5,3,16,chain:4/no-ahead,static:3,3,12"
-            .split(',')
-            .map(str::to_owned)
-            .collect();
-        let modes = parse_modes(&list).unwrap();
-        let names: Vec<String> = modes.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            names,
-            [
-                "target-only",
-                "dynamic:5,3,16",
-                "chain:4/no-ahead",
-                "static:3,3,12"
-            ]
-        );
-    }
-}
-
 /// Default and quick sizes.
 struct Sizing {
     eval: EvalSizes,
@@ -621,5 +597,29 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_lists_keep_the_commas_of_tree_shapes() {
+        let list: Vec<String> = "target-only,dynamic:5,3,16,chain:4/no-ahead,static:3,3,12"
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let modes = parse_modes(&list).unwrap();
+        let names: Vec<String> = modes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "target-only",
+                "dynamic:5,3,16",
+                "chain:4/no-ahead",
+                "static:3,3,12"
+            ]
+        );
     }
 }

@@ -208,10 +208,10 @@ impl<T, E: From<WorkerError>> Reply<T, E> {
 
 impl<T, E: From<WorkerError>> Drop for Reply<T, E> {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            if std::thread::panicking() {
-                let _ = tx.send(Err(WorkerError::Panicked.into()));
-            }
+        if let Some(tx) = self.tx.take()
+            && std::thread::panicking()
+        {
+            let _ = tx.send(Err(WorkerError::Panicked.into()));
         }
     }
 }
