@@ -205,6 +205,15 @@ impl ClusterConfig {
         }
     }
 
+    /// Steps wait for the draft session's background set-up (up to 10 s) instead of
+    /// decoding target-only meanwhile: for tests that assert that a turn speculated, on a
+    /// machine too loaded for the set-up to finish before a short turn does.
+    pub fn wait_for_draft(mut self) -> Self {
+        self.orchestrator_args
+            .push("--draft-join-wait-ms=10000".to_owned());
+        self
+    }
+
     /// `targets` target and `drafts` draft replicas behind the orchestrator.
     pub fn replicas(mut self, targets: usize, drafts: usize) -> Self {
         self.target_replicas = targets.max(1);

@@ -89,7 +89,7 @@ async fn an_incompatible_draft_among_good_ones_is_refused_and_counted() {
     let mut good = Service::start("specllava-draft", &model_args(DRAFT));
     wait_healthy(&mut bad, Duration::from_secs(120)).await;
     wait_healthy(&mut good, Duration::from_secs(120)).await;
-    let mut cfg = ClusterConfig::new(DRAFT, TARGET);
+    let mut cfg = ClusterConfig::new(DRAFT, TARGET).wait_for_draft();
     cfg.metrics = true;
     cfg.draft_model = None;
     cfg.draft_endpoints = Some(format!("{},{}", bad.addr, good.addr));

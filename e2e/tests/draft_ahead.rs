@@ -84,7 +84,7 @@ async fn run(
 async fn hits_and_forced_misses_equal_target_only() {
     // Draft == target: the guessed outcome (best path accepted, then the draft's top
     // token) is right for greedy decoding.
-    let same = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    let same = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
     for seed in [None, Some(5u64)] {
         let base = run(
             &same,
@@ -127,7 +127,7 @@ async fn hits_and_forced_misses_equal_target_only() {
     drop(same);
 
     // A random draft: its guesses miss, the pre-drafted rows are dropped, output unchanged.
-    let other = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    let other = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET).wait_for_draft()).await;
     let mut misses = 0;
     for seed in [None, Some(9u64)] {
         let base = run(
@@ -151,7 +151,7 @@ async fn hits_and_forced_misses_equal_target_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sessions_with_draft_ahead_match_solo_runs() {
-    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
     let reqs: Vec<pb::GenerateRequest> = (0..4)
         .map(|i| {
             let seed = (i % 2 == 1).then_some(i as u64);
@@ -186,7 +186,7 @@ async fn concurrent_sessions_with_draft_ahead_match_solo_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draft_killed_mid_pre_draft_loses_nothing() {
-    let mut cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    let mut cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
     let base = run(
         &cluster,
         request("Tell me more.", params(160, None), None),

@@ -112,7 +112,7 @@ fn stats(o: &Output) -> &pb::SpeculationStats {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greedy_and_b_seeded_speculative_equal_target_only() {
     // Draft == target: every draft token is accepted (long accepted paths).
-    let same = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    let same = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
     let base = generate(
         &same,
         request("red_square.png", "What is this?", greedy(40), off()),

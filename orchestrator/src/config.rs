@@ -81,6 +81,11 @@ pub struct Args {
     /// (draft-ahead); a request can still turn it off. `--draft-ahead false` turns it off.
     #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
     pub draft_ahead: bool,
+    /// How long a turn's steps may wait for its draft session's set-up (which runs in the
+    /// background) before decoding target-only, in milliseconds after the turn starts; 0:
+    /// the first token never waits for the draft.
+    #[arg(long, env = "SPECLLAVA_DRAFT_JOIN_WAIT_MS", default_value_t = 0)]
+    pub draft_join_wait_ms: u64,
     /// Deadline of every call to a target replica (open, append, verify, close...), in
     /// milliseconds: a target missing it is out of rotation and its sessions fail over.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 10_000)]
@@ -246,6 +251,7 @@ impl Args {
         EngineConfig {
             draft_timeout: Duration::from_millis(self.draft_timeout_ms),
             draft_ahead: self.draft_ahead,
+            draft_join_wait: Duration::from_millis(self.draft_join_wait_ms),
             target_timeout: Duration::from_millis(self.target_timeout_ms),
             target_attempts: self.target_attempts.max(1),
             max_recoveries: self.max_recoveries,
@@ -292,6 +298,7 @@ mod tests {
             (
                 cfg.draft_timeout,
                 cfg.draft_ahead,
+                cfg.draft_join_wait,
                 cfg.target_timeout,
                 cfg.target_attempts,
                 cfg.max_recoveries
@@ -299,6 +306,7 @@ mod tests {
             (
                 defaults.draft_timeout,
                 defaults.draft_ahead,
+                defaults.draft_join_wait,
                 defaults.target_timeout,
                 defaults.target_attempts,
                 defaults.max_recoveries

@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub draft_timeout: Duration,
     /// Whether drafts are asked to pre-draft while the target verifies (draft-ahead).
     pub draft_ahead: bool,
+    /// How long after a turn starts its steps may wait for the draft session's background
+    /// set-up before going on target-only (zero: the first token never waits for the draft).
+    pub draft_join_wait: Duration,
     /// Deadline of every target call (a target missing it fails over).
     pub target_timeout: Duration,
     /// Attempts to sync a target replica (after an eviction, a stale session, a refused
@@ -87,6 +90,7 @@ impl Default for EngineConfig {
         Self {
             draft_timeout: Duration::from_millis(2_000),
             draft_ahead: true,
+            draft_join_wait: Duration::ZERO,
             target_timeout: Duration::from_millis(10_000),
             target_attempts: 3,
             max_recoveries: 3,
@@ -602,8 +606,22 @@ impl Engine {
             return;
         };
         if !wait && !setup.task.is_finished() {
-            // Let the sync task run if it shares this thread (a current-thread runtime).
-            tokio::task::yield_now().await;
+            let budget = self
+                .cfg
+                .draft_join_wait
+                .saturating_sub(turn.started.elapsed());
+            if budget.is_zero() {
+                // Let the sync task run if it shares this thread (a current-thread runtime).
+                tokio::task::yield_now().await;
+            } else {
+                // Wait (within the budget) for the task to finish; its result is taken below.
+                let _ = tokio::time::timeout(budget, async {
+                    while !setup.task.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+            }
             if !turn
                 .draft_setup
                 .as_ref()
