@@ -134,13 +134,17 @@ pub fn soak_modes() -> Vec<Mode> {
     .collect()
 }
 
+/// The target-only output of a request (its turns' tokens), computed once; `None` when the
+/// reference request failed.
+type Reference = Arc<OnceCell<Option<Vec<Vec<u32>>>>>;
+
 /// Shared state of the streams.
 struct Shared {
     plan: SoakPlan,
     items: Vec<EvalItem>,
     modes: Vec<Mode>,
     /// Target-only outputs per request key, each computed once.
-    reference: Mutex<HashMap<String, Arc<OnceCell<Option<Vec<Vec<u32>>>>>>>,
+    reference: Mutex<HashMap<String, Reference>>,
     report: Mutex<SoakReport>,
     latencies_ms: Mutex<Vec<f64>>,
 }

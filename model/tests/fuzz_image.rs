@@ -70,7 +70,7 @@ fn set_dims(bytes: &mut [u8], format: ImageFormat, w: u32, h: u32) {
         ImageFormat::Jpeg => {
             if let Some(i) = bytes
                 .windows(2)
-                .position(|m| m[0] == 0xff && matches!(m[1], 0xc0 | 0xc1 | 0xc2))
+                .position(|m| m[0] == 0xff && matches!(m[1], 0xc0..=0xc2))
                 && i + 9 <= bytes.len()
             {
                 bytes[i + 5..i + 7].copy_from_slice(&(h as u16).to_be_bytes());
