@@ -26,7 +26,7 @@ fn raw() -> impl Strategy<Value = (Vec<u32>, Vec<i32>, Vec<f32>)> {
 }
 
 /// A valid tree over a vocabulary of 40 (parents before children, distinct sibling tokens
-/// usually), then one mutation: a bad parent, a second root, a token out of the vocabulary,
+/// up to 40 nodes), then one mutation: a bad parent, a second root, a token out of the vocabulary,
 /// a NaN score, a truncated array, or nothing.
 fn near_valid() -> impl Strategy<Value = (Vec<u32>, Vec<i32>, Vec<f32>)> {
     (1usize..64, any::<u64>(), 0u8..8, any::<u32>()).prop_map(|(n, seed, op, x)| {
@@ -41,7 +41,8 @@ fn near_valid() -> impl Strategy<Value = (Vec<u32>, Vec<i32>, Vec<f32>)> {
         let mut parents = vec![-1i32];
         for i in 1..n {
             parents.push((next() % i) as i32);
-            tokens.push(((next() + i) % 40) as u32);
+            // Distinct tokens for the first 40 nodes, so most duplicates come from mutations.
+            tokens.push(((tokens[0] as usize + i) % 40) as u32);
         }
         let mut scores: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.1).collect();
         let i = x as usize % n;
@@ -60,11 +61,17 @@ fn near_valid() -> impl Strategy<Value = (Vec<u32>, Vec<i32>, Vec<f32>)> {
     })
 }
 
+/// Limits around the trees' sizes: mostly generous (so mutations are what gets caught),
+/// sometimes anything.
 fn limits() -> impl Strategy<Value = TreeLimits> {
-    (0usize..70, 0usize..70, 0usize..50).prop_map(|(max_nodes, max_depth, vocab_size)| TreeLimits {
-        max_nodes,
-        max_depth,
-        vocab_size,
+    let any_limits = (0usize..70, 0usize..70, 0usize..50);
+    let generous = (48usize..70, 24usize..70, 40usize..50);
+    prop_oneof![1 => any_limits, 3 => generous].prop_map(|(max_nodes, max_depth, vocab_size)| {
+        TreeLimits {
+            max_nodes,
+            max_depth,
+            vocab_size,
+        }
     })
 }
 
@@ -102,8 +109,12 @@ fn check_invariants(t: &TokenTree, tokens: &[u32], parents: &[i32], limits: &Tre
     }
 }
 
-fn run(strategy: impl Strategy<Value = ((Vec<u32>, Vec<i32>, Vec<f32>), TreeLimits)>) -> u32 {
+/// Runs the cases; returns how many ran and how many trees were accepted.
+fn run(
+    strategy: impl Strategy<Value = ((Vec<u32>, Vec<i32>, Vec<f32>), TreeLimits)>,
+) -> (u32, u32) {
     let n = cases(DEFAULT_CASES);
+    let accepted = std::cell::Cell::new(0);
     let mut runner = TestRunner::new(Config {
         cases: n,
         failure_persistence: None,
@@ -112,7 +123,10 @@ fn run(strategy: impl Strategy<Value = ((Vec<u32>, Vec<i32>, Vec<f32>), TreeLimi
     runner
         .run(&strategy, |((tokens, parents, scores), limits)| {
             match TokenTree::new(tokens.clone(), parents.clone(), scores, &limits) {
-                Ok(t) => check_invariants(&t, &tokens, &parents, &limits),
+                Ok(t) => {
+                    check_invariants(&t, &tokens, &parents, &limits);
+                    accepted.set(accepted.get() + 1);
+                }
                 Err(e) => {
                     // Every rejection explains itself.
                     assert!(!e.to_string().is_empty());
@@ -124,19 +138,19 @@ fn run(strategy: impl Strategy<Value = ((Vec<u32>, Vec<i32>, Vec<f32>), TreeLimi
             Ok(())
         })
         .unwrap();
-    n
+    (n, accepted.get())
 }
 
 #[test]
 fn fuzz_tree_raw_arrays() {
-    let n = run((raw(), limits()));
-    println!("fuzz_tree_raw_arrays: {n} cases");
+    let (n, ok) = run((raw(), limits()));
+    println!("fuzz_tree_raw_arrays: {n} cases, {ok} trees accepted");
 }
 
 #[test]
 fn fuzz_tree_near_valid() {
-    let n = run((near_valid(), limits()));
-    println!("fuzz_tree_near_valid: {n} cases");
+    let (n, ok) = run((near_valid(), limits()));
+    println!("fuzz_tree_near_valid: {n} cases, {ok} trees accepted");
 }
 
 #[test]
