@@ -85,7 +85,8 @@ pub struct SoakReport {
     /// Answers a request of that kind must not get (a bad input accepted, a good one refused
     /// as invalid, any `Internal` / `Unknown`).
     pub unexpected: usize,
-    /// Client-side latency of completed generations, ms: p50, p99, max.
+    /// Client-side latency of completed `Generate` calls (one-shot, session turns and
+    /// target-only references), ms: p50, p99, max.
     pub latency_ms: [f64; 3],
     /// Generations compared with target-only output.
     pub compared: usize,
@@ -469,7 +470,7 @@ pub fn render(r: &SoakReport) -> String {
     }
     let _ = writeln!(
         s,
-        "  latency (completed generations): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "  latency (completed Generate calls): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         r.latency_ms[0], r.latency_ms[1], r.latency_ms[2]
     );
     let names: Vec<&String> = r
