@@ -142,6 +142,14 @@ pub async fn generate(
         params: Some(sampling.params(max_new_tokens, item.seed)),
         speculation: Some(mode.speculation()),
     };
+    send(client, request).await
+}
+
+/// Sends `request` and reads the stream to the end.
+pub async fn send(
+    client: &mut GenerationClient<Channel>,
+    request: GenerateRequest,
+) -> Result<RequestResult, DriverError> {
     let start = Instant::now();
     let mut stream = client.generate(request).await?.into_inner();
     let (mut tokens, mut chunks) = (Vec::new(), Vec::new());

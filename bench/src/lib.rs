@@ -12,6 +12,7 @@
 //! - [`report`]: aggregation, JSON, markdown.
 //! - [`plots`]: SVG figures.
 //! - [`calibrate`], [`roofline`]: the in-process cost model.
+//! - [`soak`]: the soak / load test (concurrent mixed requests, RSS, losslessness).
 //! - [`stats`]: medians, percentiles, fits.
 
 pub mod calibrate;
@@ -24,6 +25,7 @@ pub mod plots;
 pub mod report;
 pub mod roofline;
 pub mod runner;
+pub mod soak;
 pub mod stats;
 
 /// Spawning the service binaries (shared with the end-to-end tests).

@@ -5,6 +5,8 @@
 //!   against target-only output, runs the Hugging Face peer baseline, and writes JSON, the
 //!   markdown table and SVG plots. Exits with status 2 if any output differed.
 //! - `cost-model`: only the in-process cost-model measurement next to the roofline.
+//! - `soak`: N concurrent streams of mixed requests (modes, sampling, sessions, cancellations,
+//!   bad inputs) for a bounded time; statuses, latency, RSS and losslessness (`scripts/soak`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +22,7 @@ use specllava_bench::plots;
 use specllava_bench::report::{self, Meta, ReferenceTokens, Report};
 use specllava_bench::runner::{self, Plan};
 use specllava_bench::services::{self, ServiceProcess};
+use specllava_bench::soak::{self, SoakPlan, Watched};
 use specllava_model::Llava;
 
 #[derive(Parser)]
@@ -39,6 +42,34 @@ enum Command {
     Run(Box<RunArgs>),
     /// Only the in-process cost-model measurement (verify vs nodes and batch, draft per level).
     CostModel(CostArgs),
+    /// Soak / load test: concurrent mixed requests for a bounded time, checked lossless.
+    Soak(Box<SoakArgs>),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    #[command(flatten)]
+    services: ServiceArgs,
+    /// Concurrent request streams.
+    #[arg(long, env = "SPECLLAVA_SOAK_STREAMS", default_value_t = 64)]
+    streams: usize,
+    /// Seconds during which new requests are started (running ones then finish).
+    #[arg(long, env = "SPECLLAVA_SOAK_SECONDS", default_value_t = 120)]
+    seconds: u64,
+    /// Tokens generated per request (cancelled requests ask for 4x).
+    #[arg(long, env = "SPECLLAVA_SOAK_MAX_NEW_TOKENS", default_value_t = 16)]
+    max_new_tokens: u32,
+    /// Temperature of the seeded-sampling requests.
+    #[arg(long, env = "SPECLLAVA_SOAK_TEMPERATURE", default_value_t = 0.7)]
+    temperature: f32,
+    /// Directory with `test/` and `ood/` (see `run`); a few items of each are used.
+    #[arg(long, env = "SPECLLAVA_BENCH_EXAMPLES", default_value = "examples")]
+    examples: PathBuf,
+    /// Output directory: `soak.json` and the service logs.
+    #[arg(long, env = "SPECLLAVA_SOAK_OUT", default_value = "bench/results/soak")]
+    out_dir: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -72,6 +103,32 @@ struct CostArgs {
     /// Write the calibration as JSON here.
     #[arg(long, env = "SPECLLAVA_BENCH_COST_JSON")]
     json: Option<PathBuf>,
+}
+
+/// Where the services come from: started from `--bin-dir`, or a running orchestrator.
+#[derive(Args, Clone)]
+struct ServiceArgs {
+    /// Use a running orchestrator (`host:port`) instead of starting the services.
+    #[arg(long, env = "SPECLLAVA_BENCH_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// The target's Prometheus endpoint (`host:port`) for batch sizes, with --orchestrator.
+    #[arg(long, env = "SPECLLAVA_BENCH_TARGET_METRICS")]
+    target_metrics: Option<String>,
+    /// Directory of the service binaries.
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_BIN_DIR",
+        default_value = "target/release"
+    )]
+    bin_dir: PathBuf,
+    /// Extra argument for the spawned draft and target services (repeatable), e.g.
+    /// `--service-arg=--max-batch-wait-us=2000`.
+    #[arg(
+        long = "service-arg",
+        env = "SPECLLAVA_BENCH_SERVICE_ARGS",
+        value_delimiter = ' '
+    )]
+    service_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -112,27 +169,8 @@ struct RunArgs {
     /// Temperature of the seeded-sampling runs.
     #[arg(long, env = "SPECLLAVA_BENCH_TEMPERATURE", default_value_t = 0.7)]
     temperature: f32,
-    /// Use a running orchestrator (`host:port`) instead of starting the services.
-    #[arg(long, env = "SPECLLAVA_BENCH_ORCHESTRATOR")]
-    orchestrator: Option<String>,
-    /// The target's Prometheus endpoint (`host:port`) for batch sizes, with --orchestrator.
-    #[arg(long, env = "SPECLLAVA_BENCH_TARGET_METRICS")]
-    target_metrics: Option<String>,
-    /// Directory of the service binaries.
-    #[arg(
-        long,
-        env = "SPECLLAVA_BENCH_BIN_DIR",
-        default_value = "target/release"
-    )]
-    bin_dir: PathBuf,
-    /// Extra argument for the spawned draft and target services (repeatable), e.g.
-    /// `--service-arg=--max-batch-wait-us=2000`.
-    #[arg(
-        long = "service-arg",
-        env = "SPECLLAVA_BENCH_SERVICE_ARGS",
-        value_delimiter = ' '
-    )]
-    service_args: Vec<String>,
+    #[command(flatten)]
+    services: ServiceArgs,
     /// Output directory for JSON, plots and service logs.
     #[arg(long, env = "SPECLLAVA_BENCH_OUT", default_value = "bench/results")]
     out_dir: PathBuf,
@@ -277,21 +315,20 @@ fn sizing(quick: bool) -> Sizing {
 }
 
 struct Services {
-    _procs: Vec<ServiceProcess>,
+    procs: Vec<ServiceProcess>,
     orchestrator: String,
     target_metrics: Option<String>,
 }
 
-async fn start_services(a: &RunArgs) -> Result<Services> {
+async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Result<Services> {
     if let Some(addr) = &a.orchestrator {
         return Ok(Services {
-            _procs: Vec::new(),
+            procs: Vec::new(),
             orchestrator: addr.clone(),
             target_metrics: a.target_metrics.clone(),
         });
     }
-    let logs = a.out_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(logs)?;
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let (tp, dp, op, tm) = (
         services::free_port()?,
@@ -303,8 +340,8 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
     let mut procs = Vec::new();
     let target_env = [
         ("SPECLLAVA_LISTEN", addr(tp)),
-        ("SPECLLAVA_MODEL_DIR", model(&a.models.target_model)),
-        ("SPECLLAVA_DEVICE", a.models.device.clone()),
+        ("SPECLLAVA_MODEL_DIR", model(&models.target_model)),
+        ("SPECLLAVA_DEVICE", models.device.clone()),
         ("SPECLLAVA_METRICS_ADDR", addr(tm)),
     ];
     let args = &a.service_args;
@@ -314,12 +351,12 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
         addr(tp),
         args,
         &target_env,
-        &logs,
+        logs,
     )?);
     let draft_env = [
         ("SPECLLAVA_LISTEN", addr(dp)),
-        ("SPECLLAVA_MODEL_DIR", model(&a.models.draft_model)),
-        ("SPECLLAVA_DEVICE", a.models.device.clone()),
+        ("SPECLLAVA_MODEL_DIR", model(&models.draft_model)),
+        ("SPECLLAVA_DEVICE", models.device.clone()),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     procs.push(services::spawn(
@@ -328,7 +365,7 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
         addr(dp),
         args,
         &draft_env,
-        &logs,
+        logs,
     )?);
     for p in &mut procs {
         services::wait_healthy(p, Duration::from_secs(180)).await?;
@@ -337,7 +374,7 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
         ("SPECLLAVA_LISTEN", addr(op)),
         ("SPECLLAVA_TARGET_ENDPOINTS", addr(tp)),
         ("SPECLLAVA_DRAFT_ENDPOINTS", addr(dp)),
-        ("SPECLLAVA_MODEL_DIR", model(&a.models.target_model)),
+        ("SPECLLAVA_MODEL_DIR", model(&models.target_model)),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let mut orch = services::spawn(
@@ -346,12 +383,12 @@ async fn start_services(a: &RunArgs) -> Result<Services> {
         addr(op),
         &[],
         &orch_env,
-        &logs,
+        logs,
     )?;
     services::wait_healthy(&mut orch, Duration::from_secs(120)).await?;
     procs.push(orch);
     Ok(Services {
-        _procs: procs,
+        procs,
         orchestrator: addr(op),
         target_metrics: Some(addr(tm)),
     })
@@ -422,7 +459,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         Some(c)
     };
 
-    let svc = start_services(&a).await?;
+    let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
     let channel = services::channel(&svc.orchestrator)?;
     let total = plan.total_requests(items.len());
     println!(
@@ -567,6 +604,51 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn soak(a: SoakArgs) -> Result<ExitCode> {
+    let sizes = EvalSizes {
+        in_domain_images: 3,
+        ood_images: 2,
+        prompts_per_image: 2,
+    };
+    let items = evalset::load(&a.examples, sizes)?;
+    std::fs::create_dir_all(&a.out_dir)?;
+    let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
+    let watched: Vec<Watched> = svc
+        .procs
+        .iter()
+        .map(|p| Watched {
+            name: p.name.clone(),
+            pid: p.pid(),
+        })
+        .collect();
+    let plan = SoakPlan {
+        streams: a.streams,
+        duration: Duration::from_secs(a.seconds),
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+    };
+    println!(
+        "soak: {} streams for {} s over {} items against {}",
+        plan.streams,
+        a.seconds,
+        items.len(),
+        svc.orchestrator
+    );
+    let report = soak::run(services::channel(&svc.orchestrator)?, items, plan, &watched).await;
+    drop(svc);
+    print!("{}", soak::render(&report));
+    write_json(&a.out_dir.join("soak.json"), &report)?;
+    for m in report.mismatches.iter().take(10) {
+        eprintln!("!!! mismatch {} [{}]", m.key, m.mode);
+    }
+    let failed = !report.mismatches.is_empty() || report.unexpected > 0;
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -590,6 +672,11 @@ fn main() -> ExitCode {
             .build()
             .context("tokio runtime")
             .and_then(|rt| rt.block_on(run(*a))),
+        Command::Soak(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")
+            .and_then(|rt| rt.block_on(soak(*a))),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,7 @@
 //! Starting the Spec-LLaVA service binaries as real processes on loopback ports, for the
 //! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
 //! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
-//! (graceful drain) then kill.
+//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+pub mod fuzz;
 
 /// Failures starting or reaching the services.
 #[derive(Debug, Error)]
@@ -168,6 +170,11 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

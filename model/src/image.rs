@@ -55,6 +55,10 @@ impl ImageLimits {
     }
 }
 
+/// Widest aspect ratio (long / short edge) preprocessing accepts with a shortest-edge
+/// resize: the resized long edge is at most this many times the shortest edge.
+pub const MAX_ASPECT_RATIO: usize = 64;
+
 /// How the image is resized before cropping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResizeTo {
@@ -249,6 +253,13 @@ impl ImageProcessor {
                     // transformers' get_resize_output_image_size(default_to_square=False).
                     let (short, long) = if w <= h { (w, h) } else { (h, w) };
                     let new_long = (s as f64 * long as f64 / short as f64) as usize;
+                    // A 1 x 10^7 strip passes the pixel limit but would resize to
+                    // s x (s * 10^7): refuse such aspect ratios before allocating that.
+                    if new_long > MAX_ASPECT_RATIO.saturating_mul(s.max(1)) {
+                        return Err(ModelError::ImageTooLarge(format!(
+                            "{w}x{h}: aspect ratio over {MAX_ASPECT_RATIO}:1"
+                        )));
+                    }
                     if w <= h { (new_long, s) } else { (s, new_long) }
                 }
             };

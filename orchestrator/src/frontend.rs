@@ -29,6 +29,30 @@ pub struct ApiLimits {
     pub max_new_tokens_limit: u32,
 }
 
+impl ApiLimits {
+    /// Validated generation parameters (the server default for `max_new_tokens` 0).
+    pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
+        let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
+            .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
+        if p.max_new_tokens > self.max_new_tokens_limit {
+            return Err(OrchestratorError::InvalidArgument(format!(
+                "max_new_tokens {} exceeds the limit of {}",
+                p.max_new_tokens, self.max_new_tokens_limit
+            )));
+        }
+        Ok(GenParams {
+            max_new_tokens: if p.max_new_tokens == 0 {
+                self.default_max_new_tokens
+            } else {
+                p.max_new_tokens
+            },
+            sampling,
+            stop: p.stop,
+            ignore_eos: p.ignore_eos,
+        })
+    }
+}
+
 /// The shared front door of the public APIs.
 pub struct Frontend {
     /// The generation engine.
@@ -79,26 +103,9 @@ impl Frontend {
             })
     }
 
-    /// Validated generation parameters (the server default for `max_new_tokens` 0).
+    /// Validated generation parameters (see [`ApiLimits::gen_params`]).
     pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
-        let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
-            .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
-        if p.max_new_tokens > self.limits.max_new_tokens_limit {
-            return Err(OrchestratorError::InvalidArgument(format!(
-                "max_new_tokens {} exceeds the limit of {}",
-                p.max_new_tokens, self.limits.max_new_tokens_limit
-            )));
-        }
-        Ok(GenParams {
-            max_new_tokens: if p.max_new_tokens == 0 {
-                self.limits.default_max_new_tokens
-            } else {
-                p.max_new_tokens
-            },
-            sampling,
-            stop: p.stop,
-            ignore_eos: p.ignore_eos,
-        })
+        self.limits.gen_params(p)
     }
 
     /// Runs `f` with the prompter on a blocking thread (tokenization never runs on the async

@@ -1,0 +1,54 @@
+//! Knobs shared by the fuzz harnesses (`*/tests/fuzz_*.rs`): the case count and an
+//! allocator that turns any single huge allocation into a loud failure.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+/// The environment variable holding the number of cases each harness runs.
+pub const CASES_VAR: &str = "SPECLLAVA_FUZZ_CASES";
+
+/// Cases per harness: `SPECLLAVA_FUZZ_CASES` when set (`scripts/fuzz` sets it), else
+/// `default` (small, so the ordinary test run stays fast).
+pub fn cases(default: u32) -> u32 {
+    std::env::var(CASES_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// The system allocator refusing any single allocation over `LIMIT` bytes, so an input
+/// that makes the code trust a claimed size aborts the harness ("memory allocation of N
+/// bytes failed") instead of passing or swapping. Install it in a harness with
+/// `#[global_allocator] static A: CappedAlloc<{ 256 << 20 }> = CappedAlloc;`.
+pub struct CappedAlloc<const LIMIT: usize>;
+
+// SAFETY: forwards to `System`, or returns null (a failed allocation) for oversized requests.
+unsafe impl<const LIMIT: usize> GlobalAlloc for CappedAlloc<LIMIT> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
