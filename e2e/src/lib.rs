@@ -82,9 +82,7 @@ pub fn bin_dir() -> &'static Path {
         {
             cmd.args(["--features", &features]);
         }
-        let status = cmd
-            .status()
-            .expect("running cargo build");
+        let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "building the service binaries failed");
         dir
     })
