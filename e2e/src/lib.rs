@@ -57,20 +57,32 @@ pub fn bin_dir() -> &'static Path {
             .expect("profile dir")
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--bins",
-                "-p",
-                "draft-service",
-                "-p",
-                "target-service",
-                "-p",
-                "orchestrator",
-            ])
-            .status()
-            .expect("running cargo build");
+        // The test's own profile (`cargo test --release` uses release binaries).
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "--profile",
+            profile,
+            "--bins",
+            "-p",
+            "draft-service",
+            "-p",
+            "target-service",
+            "-p",
+            "orchestrator",
+        ]);
+        // E.g. `draft-service/cuda,target-service/cuda` (scripts/gpu-check), with the
+        // services put on the GPU by SPECLLAVA_DEVICE=cuda:0.
+        if let Ok(features) = std::env::var("SPECLLAVA_CARGO_FEATURES")
+            && !features.is_empty()
+        {
+            cmd.args(["--features", &features]);
+        }
+        let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "building the service binaries failed");
         dir
     })

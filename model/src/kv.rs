@@ -64,14 +64,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache of candle tensors on `device` for a model with these dimensions.
-    pub fn new(num_layers: usize, num_kv_heads: usize, head_dim: usize, device: &Device) -> Self {
+    /// An empty cache of candle tensors of `dtype` on `device` for a model with these
+    /// dimensions.
+    pub fn new(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         KvCache {
             storage: Storage::Tensors((0..num_layers).map(|_| None).collect()),
             num_layers,
             num_kv_heads,
             head_dim,
-            dtype: DType::F32,
+            dtype,
             device: device.clone(),
             capacity: 0,
             committed: 0,
@@ -83,7 +90,7 @@ impl KvCache {
     pub(crate) fn new_host(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> Self {
         KvCache {
             storage: Storage::Host(vec![HostLayerKv::default(); num_layers]),
-            ..Self::new(num_layers, num_kv_heads, head_dim, &Device::Cpu)
+            ..Self::new(num_layers, num_kv_heads, head_dim, DType::F32, &Device::Cpu)
         }
     }
 

@@ -11,7 +11,7 @@
 //! that session's cached rows plus its new rows. GQA is done without repeating K/V: the query
 //! heads that share a KV head are folded into the row dimension of one matmul.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
@@ -164,12 +164,13 @@ impl Decoder {
         Ok(self.embed_tokens.index_select(&idx, 0)?)
     }
 
-    /// LM head on final hidden states `[n, hidden]` -> logits `[n, vocab]`.
+    /// LM head on final hidden states `[n, hidden]` -> f32 logits `[n, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 
-    /// `cos`, `sin` `[n, head_dim / 2]` for the given positions.
+    /// `cos`, `sin` `[n, head_dim / 2]` for the given positions (computed in f32, as
+    /// transformers does, then in the model's dtype).
     fn rope_tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
@@ -182,9 +183,10 @@ impl Decoder {
             }
         }
         let shape = (positions.len(), half);
+        let dtype = self.embed_tokens.dtype();
         Ok((
-            Tensor::from_vec(cos, shape, &self.device)?,
-            Tensor::from_vec(sin, shape, &self.device)?,
+            Tensor::from_vec(cos, shape, &self.device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, &self.device)?.to_dtype(dtype)?,
         ))
     }
 
@@ -211,7 +213,8 @@ impl Decoder {
         let groups = heads / kv_heads;
         let scale = (hd as f64).powf(-0.5);
         let offsets: Vec<usize> = kvs.iter().map(|kv| kv.used_len()).collect();
-        // Each segment's tree mask, built once for all layers.
+        // Each segment's tree mask (0 / -inf), built once for all layers in the model's dtype.
+        let dtype = x.dtype();
         let masks = segments
             .iter()
             .zip(&offsets)
@@ -219,7 +222,7 @@ impl Decoder {
                 let len = offset + seg.n;
                 seg.visible
                     .dense_mask(len)
-                    .map(|m| Tensor::from_vec(m, (seg.n, len), &self.device))
+                    .map(|m| Tensor::from_vec(m, (seg.n, len), &self.device)?.to_dtype(dtype))
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlavaConfig;
 use crate::cpu::{CpuDecoder, LogitRows};
@@ -65,6 +65,8 @@ pub struct Llava {
     decoder: DecoderImpl,
     image_processor: ImageProcessor,
     device: Device,
+    /// The dtype of the weights, activations and KV (f32 on the CPU backend).
+    dtype: DType,
 }
 
 /// One session's share of a packed [`Llava::forward_batch`] call.
@@ -94,9 +96,32 @@ impl Llava {
 
     /// [`Llava::load`] with an explicit backend ([`Backend::Cpu`] needs the CPU device).
     pub fn load_with_backend(dir: &Path, device: &Device, backend: Backend) -> Result<Llava> {
+        Self::load_with(dir, device, backend, None)
+    }
+
+    /// [`Llava::load`] with an explicit backend and dtype. `dtype` `None`: f32 on the CPU,
+    /// the checkpoint's dtype (f16 / bf16 / f32, see [`Weights::load_as`]) on other devices.
+    /// The CPU backend computes in f32 (its weights stay packed in the checkpoint's
+    /// precision); f16 / bf16 need [`Backend::Candle`].
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        backend: Backend,
+        dtype: Option<DType>,
+    ) -> Result<Llava> {
+        let dtype = match (backend, dtype) {
+            (Backend::Cpu, Some(d)) if d != DType::F32 => {
+                return Err(ModelError::Config(format!(
+                    "the CPU backend computes in f32, not {d:?} (use the candle backend)"
+                )));
+            }
+            (Backend::Cpu, _) => Some(DType::F32),
+            (Backend::Candle, None) if device.is_cpu() => Some(DType::F32),
+            (Backend::Candle, d) => d,
+        };
         let cfg = LlavaConfig::from_dir(dir)?;
         let image_processor = ImageProcessor::from_file(dir.join("preprocessor_config.json"))?;
-        let w = Weights::load(dir, device)?;
+        let w = Weights::load_as(dir, device, dtype)?;
         Self::from_weights(cfg, image_processor, &w, device, backend)
     }
 
@@ -122,6 +147,17 @@ impl Llava {
             )));
         }
         let lm = w.pp(w.find_prefix(LM_PREFIXES, "embed_tokens.weight")?);
+        let dtype = lm
+            .get(
+                "embed_tokens.weight",
+                &[cfg.text.vocab_size, cfg.text.hidden_size],
+            )?
+            .dtype();
+        if backend == Backend::Cpu && dtype != DType::F32 {
+            return Err(ModelError::Config(format!(
+                "the CPU backend needs f32 weights (converted at load), not {dtype:?}"
+            )));
+        }
         let lm_head_name = if cfg.tie_word_embeddings {
             None
         } else {
@@ -157,6 +193,7 @@ impl Llava {
             decoder,
             image_processor,
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -174,7 +211,7 @@ impl Llava {
     }
 
     /// Bytes of decoder weights one forward reads, at the precision they are stored in (the
-    /// memory roofline's numerator); `None` for the candle backend, which stores f32.
+    /// memory roofline's numerator); `None` for the candle backend.
     pub fn decoder_weight_bytes(&self) -> Option<usize> {
         match &self.decoder {
             DecoderImpl::Cpu(d) => Some(d.weight_bytes()),
@@ -185,6 +222,11 @@ impl Llava {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype of the weights, activations and KV cache (logits are always f32).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Image features per image (after the select strategy).
@@ -208,6 +250,7 @@ impl Llava {
                 t.num_hidden_layers,
                 t.num_key_value_heads,
                 t.head_dim,
+                self.dtype,
                 &self.device,
             ),
         }
@@ -216,7 +259,7 @@ impl Llava {
     /// Bytes of KV cache one token occupies (for budgets).
     pub fn kv_bytes_per_token(&self) -> usize {
         let t = &self.cfg.text;
-        2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 4
+        2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * self.dtype.size_in_bytes()
     }
 
     fn check_kv(&self, kv: &KvCache) -> Result<()> {
@@ -244,10 +287,7 @@ impl Llava {
                     img.dims()
                 )));
             }
-            batch.push(
-                img.to_device(&self.device)?
-                    .to_dtype(candle_core::DType::F32)?,
-            );
+            batch.push(img.to_device(&self.device)?.to_dtype(self.dtype)?);
         }
         let pixels = Tensor::stack(&batch, 0)?;
         let feats = self.vision.forward(&pixels)?;

@@ -1,5 +1,6 @@
 //! Safetensors checkpoints: a single `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`; every tensor converted to f32 on the target device.
+//! `model.safetensors.index.json`; every tensor converted to one float dtype (f32, or the
+//! checkpoint's own f16 / bf16) on the target device.
 //!
 //! [`Weights`] is a name -> tensor map with a name prefix (like candle's `VarBuilder::pp`) whose
 //! lookups check shapes, so a config that disagrees with the weights is reported with the
@@ -28,7 +29,7 @@ struct ShardIndex {
 #[derive(Clone)]
 pub struct Weights {
     tensors: Arc<HashMap<String, Tensor>>,
-    /// The dtype each tensor had in the checkpoint (before the conversion to f32).
+    /// The dtype each tensor had in the checkpoint (before the conversion).
     source_dtypes: Arc<HashMap<String, DType>>,
     prefix: String,
     dir: PathBuf,
@@ -37,6 +38,20 @@ pub struct Weights {
 impl Weights {
     /// Loads every safetensors file of the checkpoint in `dir` as f32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, Some(DType::F32))
+    }
+
+    /// Loads every safetensors file of the checkpoint in `dir` on `device`, converted to
+    /// `dtype` (f32, f16 or bf16), or with `None` to the checkpoint's dtype: that of most of
+    /// its weight elements (f64 becomes f32), so that mixed checkpoints end up in one dtype.
+    pub fn load_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        if let Some(d) = dtype
+            && !matches!(d, DType::F32 | DType::F16 | DType::BF16)
+        {
+            return Err(ModelError::Config(format!(
+                "unsupported model dtype {d:?} (f32, f16 or bf16)"
+            )));
+        }
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
         let files: Vec<PathBuf> = if index.exists() {
@@ -72,18 +87,37 @@ impl Weights {
             })?;
             drop(data);
             for (name, t) in loaded {
+                if !matches!(
+                    t.dtype(),
+                    DType::F32 | DType::F16 | DType::BF16 | DType::F64
+                ) {
+                    return Err(ModelError::bad_file(
+                        file,
+                        format!("tensor {name} has unsupported dtype {:?}", t.dtype()),
+                    ));
+                }
                 source_dtypes.insert(name.clone(), t.dtype());
-                let t = match t.dtype() {
-                    DType::F32 => t,
-                    DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-                    other => {
-                        return Err(ModelError::bad_file(
-                            file,
-                            format!("tensor {name} has unsupported dtype {other:?}"),
-                        ));
-                    }
-                };
                 tensors.insert(name, t);
+            }
+        }
+        let dtype = dtype.unwrap_or_else(|| {
+            let mut elems: HashMap<DType, usize> = HashMap::new();
+            for t in tensors.values() {
+                let d = if t.dtype() == DType::F64 {
+                    DType::F32
+                } else {
+                    t.dtype()
+                };
+                *elems.entry(d).or_default() += t.elem_count();
+            }
+            [DType::F32, DType::BF16, DType::F16]
+                .into_iter()
+                .max_by_key(|d| elems.get(d).copied().unwrap_or(0))
+                .expect("three candidates")
+        });
+        for t in tensors.values_mut() {
+            if t.dtype() != dtype {
+                *t = t.to_dtype(dtype)?;
             }
         }
         let mut w = Self::from_tensors(tensors, dir);

@@ -16,7 +16,7 @@ pub mod session_rpc;
 pub mod sessions;
 pub mod worker;
 
-pub use device::parse_device;
+pub use device::{NO_CUDA_SUPPORT, parse_device, parse_dtype};
 pub use model_server::{LoadedModel, ModelServerArgs, load_model};
 pub use prefill::{prefilled_kv, prepare_prefill};
 pub use server::{

@@ -4,11 +4,11 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use specllava_model::{ImageLimits, Llava};
+use specllava_model::{Backend, ImageLimits, Llava};
 
 use crate::{
     BatchLimits, SessionBackend, SessionLimits, SessionRpc, SessionStore, WorkerConfig,
-    WorkerHandle, parse_device,
+    WorkerHandle, parse_device, parse_dtype,
 };
 
 /// Flags common to the draft and the target service (every flag is also an
@@ -19,6 +19,10 @@ pub struct ModelServerArgs {
     /// Device: `cpu` or `cuda` (or `cuda:N`).
     #[arg(long, env = "SPECLLAVA_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Dtype of weights, activations and KV: `auto` (f32 on the CPU, the checkpoint's dtype on
+    /// a GPU), `f32`, `f16` or `bf16` (f16 / bf16 need a GPU or SPECLLAVA_BACKEND=candle).
+    #[arg(long, env = "SPECLLAVA_DTYPE", default_value = "auto")]
+    pub dtype: String,
     /// Maximum live sessions (more evicts the least recently used).
     #[arg(long, env = "SPECLLAVA_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
@@ -135,13 +139,17 @@ pub async fn load_model(
     args: &ModelServerArgs,
 ) -> anyhow::Result<LoadedModel> {
     let device = parse_device(&args.device)?;
-    tracing::info!(model_dir = %dir.display(), device = %args.device, "loading {role} model");
+    let dtype = parse_dtype(&args.dtype)?;
+    tracing::info!(model_dir = %dir.display(), device = %args.device, dtype = %args.dtype, "loading {role} model");
     let owned = dir.to_path_buf();
     let (model, fingerprint) = tokio::task::spawn_blocking(move || {
-        Llava::load(&owned, &device).map(|m| (m, crate::compat::model_dir_fingerprint(&owned)))
+        let backend = Backend::default_for(&device);
+        Llava::load_with(&owned, &device, backend, dtype)
+            .map(|m| (m, crate::compat::model_dir_fingerprint(&owned)))
     })
     .await?
     .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
+    tracing::info!(backend = ?model.backend(), dtype = ?model.dtype(), "{role} model loaded");
     let max_context = match args.max_context {
         0 => model.config().text.max_position_embeddings,
         n => n,

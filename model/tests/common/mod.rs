@@ -365,6 +365,14 @@ pub fn pixels(s: &Spec, seed: u64) -> Tensor {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
+    // Either may live on a GPU or be half precision: compare in f32 on the CPU.
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (a, b) = (&host(a), &host(b));
     (a - b)
         .unwrap()
         .abs()
