@@ -430,3 +430,16 @@ pub async fn scrape_metrics(svc: &Service) -> String {
     // Connection: close without chunking: hyper sends a Content-Length body.
     body.to_owned()
 }
+
+/// Generation parameters for `max_new_tokens` tokens, EOS ignored: greedy without a seed,
+/// seeded sampling (T = 0.8, top-p 0.95) with one.
+pub fn gen_params(max_new_tokens: u32, seed: Option<u64>) -> pb::GenerationParams {
+    pb::GenerationParams {
+        max_new_tokens,
+        temperature: if seed.is_some() { 0.8 } else { 0.0 },
+        top_p: if seed.is_some() { 0.95 } else { 0.0 },
+        seed: seed.unwrap_or(0),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}

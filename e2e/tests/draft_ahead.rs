@@ -4,7 +4,7 @@
 //! target-only output. The other e2e suites run with draft-ahead on too (it is the default).
 
 use futures::future::join_all;
-use specllava_e2e::{Cluster, ClusterConfig, fixture_image};
+use specllava_e2e::{Cluster, ClusterConfig, fixture_image, gen_params as params};
 use specllava_proto::v1 as pb;
 
 /// The target checkpoint.
@@ -27,17 +27,6 @@ fn spec(mode: pb::SpeculationMode, depth: u32, ahead: bool) -> pb::SpeculationCo
             0
         },
         disable_draft_ahead: !ahead,
-    }
-}
-
-fn params(max_new_tokens: u32, seed: Option<u64>) -> pb::GenerationParams {
-    pb::GenerationParams {
-        max_new_tokens,
-        temperature: if seed.is_some() { 0.8 } else { 0.0 },
-        top_p: if seed.is_some() { 0.95 } else { 0.0 },
-        seed: seed.unwrap_or(0),
-        ignore_eos: true,
-        ..Default::default()
     }
 }
 

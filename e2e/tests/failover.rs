@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant};
 
 use specllava_e2e::{
-    Cluster, ClusterConfig, Service, draft_holds, fixture_image, scrape_metrics, target_holds,
+    Cluster, ClusterConfig, Service, draft_holds, fixture_image, gen_params as params,
+    scrape_metrics, target_holds,
 };
 use specllava_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -31,17 +32,6 @@ fn config(targets: usize, drafts: usize, backoff_ms: u64) -> ClusterConfig {
         backoff_ms.to_string(),
     )];
     cfg
-}
-
-fn params(max_new_tokens: u32, seed: Option<u64>) -> pb::GenerationParams {
-    pb::GenerationParams {
-        max_new_tokens,
-        temperature: if seed.is_some() { 0.8 } else { 0.0 },
-        top_p: if seed.is_some() { 0.95 } else { 0.0 },
-        seed: seed.unwrap_or(0),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 fn speculative() -> pb::SpeculationConfig {

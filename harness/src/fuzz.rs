@@ -15,6 +15,18 @@ pub fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// A proptest runner for [`cases`]`(default)` cases (no failure persistence: the harnesses
+/// print their seeds), and that count.
+pub fn runner(default: u32) -> (proptest::test_runner::TestRunner, u32) {
+    let n = cases(default);
+    let cfg = proptest::test_runner::Config {
+        cases: n,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    (proptest::test_runner::TestRunner::new(cfg), n)
+}
+
 /// The system allocator refusing any single allocation over `LIMIT` bytes, so an input
 /// that makes the code trust a claimed size aborts the harness ("memory allocation of N
 /// bytes failed") instead of passing or swapping. Install it in a harness with

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
-use specllava_harness::fuzz::{CappedAlloc, cases};
+use proptest::test_runner::TestRunner;
+use specllava_harness::fuzz::CappedAlloc;
 use specllava_model::{ImageLimits, ImageProcessor, ModelError, decode_image};
 
 #[global_allocator]
@@ -135,13 +135,7 @@ fn check(proc: &ImageProcessor, bytes: &[u8], limits: &ImageLimits) -> Result<()
 }
 
 fn runner() -> (TestRunner, u32) {
-    let n = cases(DEFAULT_CASES);
-    let cfg = Config {
-        cases: n,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    (TestRunner::new(cfg), n)
+    specllava_harness::fuzz::runner(DEFAULT_CASES)
 }
 
 #[test]

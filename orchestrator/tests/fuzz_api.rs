@@ -19,10 +19,10 @@ use orchestrator::http::types::ChatCompletionRequest;
 use orchestrator::prompt::{PromptLimits, Prompter};
 use orchestrator::text::TextStream;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use prost::Message as _;
 use serde_json::{Value, json};
-use specllava_harness::fuzz::{CappedAlloc, cases};
+use specllava_harness::fuzz::CappedAlloc;
 use specllava_model::{ChatTemplate, ImageLimits, LlavaTokenizer, Message, decode_image};
 use specllava_proto::v1 as pb;
 
@@ -65,13 +65,7 @@ fn prompter(tok: &Arc<LlavaTokenizer>) -> Prompter {
 }
 
 fn runner() -> (TestRunner, u32) {
-    let n = cases(DEFAULT_CASES);
-    let cfg = Config {
-        cases: n,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    (TestRunner::new(cfg), n)
+    specllava_harness::fuzz::runner(DEFAULT_CASES)
 }
 
 /// Text with what templates and tokenizers find awkward: special tokens, template syntax,

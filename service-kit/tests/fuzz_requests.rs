@@ -10,9 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use prost::Message;
-use specllava_harness::fuzz::{CappedAlloc, cases};
+use specllava_harness::fuzz::CappedAlloc;
 use specllava_model::{Device, ImageLimits, Llava};
 use specllava_proto::v1 as pb;
 use specllava_service_kit::convert::{
@@ -40,13 +40,7 @@ const IMAGES: ImageLimits = ImageLimits {
 };
 
 fn runner() -> (TestRunner, u32) {
-    let n = cases(DEFAULT_CASES);
-    let cfg = Config {
-        cases: n,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    (TestRunner::new(cfg), n)
+    specllava_harness::fuzz::runner(DEFAULT_CASES)
 }
 
 /// The validation `Target.Verify` runs before its worker.
