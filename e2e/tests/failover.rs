@@ -23,10 +23,13 @@ const PROMPT: &str = "Tell me a long story.";
 /// A cluster of `targets` and `drafts` replicas, with short deadlines; a failed replica
 /// stays out of rotation for `backoff_ms`.
 fn config(targets: usize, drafts: usize, backoff_ms: u64) -> ClusterConfig {
-    let mut cfg = ClusterConfig::new(TARGET, TARGET).replicas(targets, drafts);
-    cfg.orchestrator_args = ["--target-timeout-ms", "4000", "--draft-timeout-ms", "2000"]
-        .map(String::from)
-        .to_vec();
+    // Steps wait for a (replacement) draft's set-up, so that a short turn on a loaded machine
+    // still speculates on the draft that takes over.
+    let mut cfg = ClusterConfig::new(TARGET, TARGET)
+        .replicas(targets, drafts)
+        .wait_for_draft();
+    cfg.orchestrator_args
+        .extend(["--target-timeout-ms", "4000", "--draft-timeout-ms", "2000"].map(String::from));
     cfg.env = vec![(
         "SPECLLAVA_REPLICA_BACKOFF_MS".into(),
         backoff_ms.to_string(),
