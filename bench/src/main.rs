@@ -111,6 +111,13 @@ struct ServiceArgs {
     /// Use a running orchestrator (`host:port`) instead of starting the services.
     #[arg(long, env = "SPECLLAVA_BENCH_ORCHESTRATOR")]
     orchestrator: Option<String>,
+    /// Reach the running --orchestrator over TLS, trusting this CA (PEM).
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_ORCHESTRATOR_TLS_CA",
+        requires = "orchestrator"
+    )]
+    orchestrator_tls_ca: Option<PathBuf>,
     /// The target's Prometheus endpoint (`host:port`) for batch sizes, with --orchestrator.
     #[arg(long, env = "SPECLLAVA_BENCH_TARGET_METRICS")]
     target_metrics: Option<String>,
@@ -317,14 +324,21 @@ fn sizing(quick: bool) -> Sizing {
 struct Services {
     procs: Vec<ServiceProcess>,
     orchestrator: String,
+    /// TLS towards the orchestrator (`None`: plaintext).
+    tls: Option<tonic::transport::ClientTlsConfig>,
     target_metrics: Option<String>,
 }
 
 async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Result<Services> {
     if let Some(addr) = &a.orchestrator {
+        let tls = match &a.orchestrator_tls_ca {
+            Some(ca) => Some(specllava_service_kit::tls::client_config(ca, None, None)?),
+            None => None,
+        };
         return Ok(Services {
             procs: Vec::new(),
             orchestrator: addr.clone(),
+            tls,
             target_metrics: a.target_metrics.clone(),
         });
     }
@@ -390,6 +404,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
     Ok(Services {
         procs,
         orchestrator: addr(op),
+        tls: None,
         target_metrics: Some(addr(tm)),
     })
 }
@@ -460,7 +475,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     };
 
     let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
-    let channel = services::channel(&svc.orchestrator)?;
+    let channel = services::channel_with(&svc.orchestrator, svc.tls.clone())?;
     let total = plan.total_requests(items.len());
     println!(
         "{} requests per pass, {} passes, {total} requests in all",
@@ -634,7 +649,13 @@ async fn soak(a: SoakArgs) -> Result<ExitCode> {
         items.len(),
         svc.orchestrator
     );
-    let report = soak::run(services::channel(&svc.orchestrator)?, items, plan, &watched).await;
+    let report = soak::run(
+        services::channel_with(&svc.orchestrator, svc.tls.clone())?,
+        items,
+        plan,
+        &watched,
+    )
+    .await;
     drop(svc);
     print!("{}", soak::render(&report));
     write_json(&a.out_dir.join("soak.json"), &report)?;

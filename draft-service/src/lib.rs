@@ -34,6 +34,8 @@ pub use error::DraftError;
 
 /// Loads the model and serves until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Bad TLS files fail the start-up before the model loads.
+    let tls = args.server.tls.load()?;
     let loaded = load_model("draft", &args.model_dir, &args.server).await?;
     let max_context = loaded.max_context;
     let batch = BatchLimits {
@@ -64,6 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Routes::new(server),
         args.server.metrics_addr,
         dead,
+        tls,
     )
     .await?;
     tracing::info!("draft service stopped");

@@ -4,13 +4,15 @@
 //! process plumbing is [`specllava_harness`], shared with the benchmark.
 //!
 //! [`otlp`] holds an in-process OTLP trace collector and [`scrape_metrics`]
-//! reads a service's Prometheus endpoint, for the telemetry tests.
+//! reads a service's Prometheus endpoint, for the telemetry tests; [`pki`] generates the
+//! certificates of the TLS tests ([`ClusterConfig::with_tls`]).
 
 pub mod otlp;
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use specllava_harness::{Launch, ServiceProcess};
@@ -19,7 +21,9 @@ use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_client::DraftClient;
 use specllava_proto::v1::generation_client::GenerationClient;
 use specllava_proto::v1::target_client::TargetClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
+
+pub use pki::TestPki;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -114,12 +118,24 @@ impl Service {
     /// [`Service::start`] with extra environment variables, and with
     /// `--metrics-addr` on a free port when `metrics` is set.
     pub fn start_with(bin: &str, args: &[String], env: &[(String, String)], metrics: bool) -> Self {
-        Self::launch(bin, args, env, metrics, None)
+        Self::launch(bin, args, env, metrics, None, None)
+    }
+
+    /// [`Service::start_with`] for a service serving TLS (its `--tls-*` flags in `args`):
+    /// the health checks and [`Service::channel`] connect with `tls`.
+    pub fn start_tls(
+        bin: &str,
+        args: &[String],
+        env: &[(String, String)],
+        metrics: bool,
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
+        Self::launch(bin, args, env, metrics, None, tls)
     }
 
     /// [`Service::start_with`], its output in `log` instead of the test's.
     pub fn start_logged(bin: &str, args: &[String], env: &[(String, String)], log: &Path) -> Self {
-        Self::launch(bin, args, env, false, Some(log))
+        Self::launch(bin, args, env, false, Some(log), None)
     }
 
     fn launch(
@@ -128,6 +144,7 @@ impl Service {
         env: &[(String, String)],
         metrics: bool,
         log: Option<&Path>,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = metrics.then(|| format!("127.0.0.1:{}", free_port()));
@@ -141,6 +158,9 @@ impl Service {
         }
         if let Some(log) = log {
             launch = launch.log_file(log);
+        }
+        if let Some(tls) = tls {
+            launch = launch.client_tls(tls);
         }
         let process = launch
             .clone()
@@ -166,9 +186,15 @@ impl Service {
         wait_healthy(self, Duration::from_secs(120)).await;
     }
 
-    /// `http://addr`.
+    /// `http://addr` (`https://addr` when it serves TLS).
     pub fn url(&self) -> String {
         self.process.url()
+    }
+
+    /// A lazily connecting channel to the service (over TLS when it serves TLS, with the
+    /// client settings it was started with).
+    pub fn channel(&self) -> Channel {
+        self.process.channel().expect("a service channel")
     }
 
     /// Sends SIGTERM and waits for the exit (graceful shutdown); returns the exit status.
@@ -199,6 +225,19 @@ pub struct ClusterConfig {
     pub target_replicas: usize,
     /// Draft replicas to start (when `draft_model` is set; at least 1).
     pub draft_replicas: usize,
+    /// TLS on every gRPC endpoint (see [`ClusterConfig::with_tls`]).
+    pub tls: Option<ClusterTls>,
+}
+
+/// TLS of a test cluster: every service serves the PKI's server certificate, the
+/// orchestrator trusts its CA; with `mutual`, the draft and target services require the
+/// client certificate, which the orchestrator presents.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The certificates.
+    pub pki: Arc<TestPki>,
+    /// Mutual TLS between the orchestrator and the replicas.
+    pub mutual: bool,
 }
 
 impl ClusterConfig {
@@ -214,7 +253,15 @@ impl ClusterConfig {
             metrics: false,
             target_replicas: 1,
             draft_replicas: 1,
+            tls: None,
         }
+    }
+
+    /// TLS on every gRPC endpoint with `pki`'s certificates; with `mutual`, the draft and
+    /// target require the orchestrator's client certificate.
+    pub fn with_tls(mut self, pki: Arc<TestPki>, mutual: bool) -> Self {
+        self.tls = Some(ClusterTls { pki, mutual });
+        self
     }
 
     /// Steps wait for the draft session's background set-up (up to 10 s) instead of
@@ -267,17 +314,41 @@ impl Cluster {
             "2000".into(),
         ];
         target_args.extend(cfg.target_args.iter().cloned());
+        let mut draft_args = Vec::new();
+        let mut replica_tls = None;
+        let mut orch_tls = None;
+        let mut orch_tls_args = Vec::new();
+        if let Some(t) = &cfg.tls {
+            let server = t.pki.server_args(t.mutual);
+            target_args.extend(server.iter().cloned());
+            draft_args.extend(server);
+            replica_tls = Some(t.pki.client_tls(t.mutual));
+            orch_tls = Some(t.pki.client_tls(false));
+            orch_tls_args = t.pki.server_args(false);
+            orch_tls_args.extend(t.pki.upstream_args(t.mutual));
+        }
         let mut targets: Vec<Service> = (0..cfg.target_replicas.max(1))
-            .map(|_| Service::start_with("specllava-target", &target_args, &cfg.env, cfg.metrics))
+            .map(|_| {
+                Service::start_tls(
+                    "specllava-target",
+                    &target_args,
+                    &cfg.env,
+                    cfg.metrics,
+                    replica_tls.clone(),
+                )
+            })
             .collect();
         let mut drafts: Vec<Service> = match &cfg.draft_model {
             Some(m) => (0..cfg.draft_replicas.max(1))
                 .map(|_| {
-                    Service::start_with(
+                    let mut args = vec!["--model-dir".into(), path(m)];
+                    args.extend(draft_args.iter().cloned());
+                    Service::start_tls(
                         "specllava-draft",
-                        &["--model-dir".into(), path(m)],
+                        &args,
                         &cfg.env,
                         cfg.metrics,
+                        replica_tls.clone(),
                     )
                 })
                 .collect(),
@@ -304,9 +375,15 @@ impl Cluster {
             addrs(&targets),
             format!("--draft-endpoints={draft_endpoints}"),
         ];
+        orch_args.extend(orch_tls_args);
         orch_args.extend(cfg.orchestrator_args.iter().cloned());
-        let mut orchestrator =
-            Service::start_with("specllava-orchestrator", &orch_args, &cfg.env, cfg.metrics);
+        let mut orchestrator = Service::start_tls(
+            "specllava-orchestrator",
+            &orch_args,
+            &cfg.env,
+            cfg.metrics,
+            orch_tls,
+        );
         wait_healthy(&mut orchestrator, Duration::from_secs(60)).await;
         let target = targets.remove(0);
         let draft = (!drafts.is_empty()).then(|| drafts.remove(0));
@@ -333,23 +410,17 @@ impl Cluster {
 
     /// A client of the public API.
     pub async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(self.orchestrator.url())
-            .await
-            .expect("connect orchestrator")
+        GenerationClient::new(connected(&self.orchestrator).await)
     }
 
     /// A direct client of the target service.
     pub async fn target_client(&self) -> TargetClient<Channel> {
-        TargetClient::connect(self.target.url())
-            .await
-            .expect("connect target")
+        TargetClient::new(connected(&self.target).await)
     }
 
     /// A direct client of the draft service.
     pub async fn draft_client(&self) -> DraftClient<Channel> {
-        DraftClient::connect(self.draft.as_ref().expect("draft started").url())
-            .await
-            .expect("connect draft")
+        DraftClient::new(connected(self.draft.as_ref().expect("draft started")).await)
     }
 
     /// Whether the (first) target still holds `session`.
@@ -361,6 +432,22 @@ impl Cluster {
     pub async fn draft_has(&self, session: &str) -> bool {
         draft_holds(self.draft.as_ref().expect("draft started"), session).await
     }
+}
+
+/// A connected channel to `svc` (over TLS when it serves TLS); panics when it cannot
+/// connect.
+pub async fn connected(svc: &Service) -> Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(svc.url()).expect("an endpoint");
+    let endpoint = match &svc.process.tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .expect("a TLS configuration"),
+        None => endpoint,
+    };
+    endpoint
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", svc.addr))
 }
 
 /// Whether the target replica `svc` holds `session` (a stale Verify is rejected without
@@ -377,9 +464,7 @@ pub async fn target_holds(svc: &Service, session: &str) -> bool {
         sampling: None,
         stop: None,
     };
-    let mut client = TargetClient::connect(svc.url())
-        .await
-        .expect("connect target");
+    let mut client = TargetClient::new(connected(svc).await);
     match client.verify(req).await {
         Err(s) if s.code() == tonic::Code::NotFound => false,
         Err(s) if s.code() == tonic::Code::FailedPrecondition => true,
@@ -396,9 +481,7 @@ pub async fn draft_holds(svc: &Service, session: &str) -> bool {
         token_ids: vec![1],
         images: vec![],
     };
-    let mut client = DraftClient::connect(svc.url())
-        .await
-        .expect("connect draft");
+    let mut client = DraftClient::new(connected(svc).await);
     match client.append(req).await {
         Err(s) if s.code() == tonic::Code::NotFound => false,
         Err(s) if s.code() == tonic::Code::InvalidArgument => true,

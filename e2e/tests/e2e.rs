@@ -622,6 +622,7 @@ async fn unreachable_draft_falls_back_to_target_only_and_limits_apply() {
         metrics: false,
         target_replicas: 1,
         draft_replicas: 1,
+        tls: None,
     };
     let cluster = Cluster::start(cfg).await;
     let base = generate(

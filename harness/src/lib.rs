@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -75,6 +75,7 @@ pub struct Launch {
     env: Vec<(String, String)>,
     log_filter: String,
     log_file: Option<PathBuf>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Launch {
@@ -88,7 +89,15 @@ impl Launch {
             env: Vec::new(),
             log_filter: "warn".into(),
             log_file: None,
+            tls: None,
         }
+    }
+
+    /// The service serves TLS (pass its `--tls-*` flags too): health checks and
+    /// [`ServiceProcess::channel`] connect with `tls` (CA, client certificate, domain).
+    pub fn client_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Adds command-line arguments.
@@ -153,6 +162,7 @@ impl Launch {
             name,
             addr: self.addr,
             log: self.log_file,
+            tls: self.tls,
             child,
         })
     }
@@ -166,6 +176,8 @@ pub struct ServiceProcess {
     pub addr: String,
     /// Where its stdout/stderr go (`None`: inherited).
     pub log: Option<PathBuf>,
+    /// How clients reach it over TLS (`None`: plaintext).
+    pub tls: Option<ClientTlsConfig>,
     child: Child,
 }
 
@@ -175,9 +187,15 @@ impl ServiceProcess {
         self.child.id()
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://addr` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A lazily connecting channel to the service (over TLS when it serves TLS).
+    pub fn channel(&self) -> Result<Channel, ServiceError> {
+        channel_with(&self.addr, self.tls.clone())
     }
 
     /// The exit status, if the process has exited.
@@ -265,22 +283,36 @@ pub fn spawn(
 
 /// A lazily connecting channel to `http://addr`.
 pub fn channel(addr: &str) -> Result<Channel, ServiceError> {
-    let uri = if addr.starts_with("http") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+    channel_with(addr, None)
+}
+
+/// A lazily connecting channel to `addr` (`host:port` or a URL), over TLS (`https`) with
+/// `tls`.
+pub fn channel_with(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, ServiceError> {
+    let host_port = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let uri = match tls {
+        Some(_) => format!("https://{host_port}"),
+        None if addr.starts_with("http") => addr.to_owned(),
+        None => format!("http://{host_port}"),
     };
-    Ok(Endpoint::from_shared(uri.clone())
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| ServiceError::Endpoint(uri.clone(), e))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy())
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| ServiceError::Endpoint(uri.clone(), e))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// Waits until the process answers the gRPC health check with SERVING (overall status);
 /// fails when it exits first or `timeout` passes.
 pub async fn wait_healthy(p: &mut ServiceProcess, timeout: Duration) -> Result<(), ServiceError> {
     let start = Instant::now();
-    let mut client = HealthClient::new(channel(&p.addr)?);
+    let mut client = HealthClient::new(p.channel()?);
     loop {
         if let Some(status) = p.try_wait() {
             return Err(ServiceError::Exited {

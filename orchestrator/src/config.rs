@@ -4,9 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use specllava_model::ImageLimits;
+use specllava_service_kit::{AuthArgs, ServerTlsArgs, UpstreamTlsArgs};
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;
+use crate::frontend::ApiLimits;
 use crate::health::Backoff;
 use crate::plan::PlanConfig;
 
@@ -69,6 +71,12 @@ pub struct Args {
     /// Upper bound on max_new_tokens.
     #[arg(long, env = "SPECLLAVA_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
     pub max_new_tokens_limit: u32,
+    /// Most stop strings one request may carry (both APIs; more: INVALID_ARGUMENT / 400).
+    #[arg(long, env = "SPECLLAVA_MAX_STOP_STRINGS", default_value_t = 16)]
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes (both APIs; longer: INVALID_ARGUMENT / 400).
+    #[arg(long, env = "SPECLLAVA_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
     /// Multi-turn sessions unused this long are closed, in seconds.
     #[arg(long, env = "SPECLLAVA_SESSION_TTL_S", default_value_t = 600)]
     pub session_ttl_s: u64,
@@ -141,18 +149,15 @@ pub struct Args {
         default_value_t = 10_000
     )]
     pub remote_image_timeout_ms: u64,
-    /// Bearer tokens the HTTP API accepts, comma-separated (with --api-keys-file: either).
-    /// None: no authentication.
-    #[arg(
-        long,
-        env = "SPECLLAVA_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub api_keys: Vec<String>,
-    /// File of bearer tokens the HTTP API accepts, one per line (`#` comments).
-    #[arg(long, env = "SPECLLAVA_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
+    /// Bearer tokens of the public APIs (`--api-keys`, `--api-keys-file`).
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// TLS of the public gRPC endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// TLS towards the draft and target replicas (`--upstream-tls-*`).
+    #[command(flatten)]
+    pub upstream_tls: UpstreamTlsArgs,
     /// Log one JSON object per line.
     #[arg(long, env = "SPECLLAVA_LOG_JSON")]
     pub log_json: bool,
@@ -243,6 +248,18 @@ impl Args {
             max_pixels: self.max_image_pixels,
             max_side: self.max_image_side,
             max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
+        }
+    }
+
+    /// The request limits of the public APIs these flags give.
+    pub fn api_limits(&self) -> ApiLimits {
+        ApiLimits {
+            image: self.image_limits(),
+            max_prompt_tokens: self.max_prompt_tokens,
+            default_max_new_tokens: self.default_max_new_tokens,
+            max_new_tokens_limit: self.max_new_tokens_limit,
+            max_stop_strings: self.max_stop_strings,
+            max_stop_bytes: self.max_stop_bytes,
         }
     }
 

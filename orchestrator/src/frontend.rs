@@ -27,11 +27,17 @@ pub struct ApiLimits {
     pub default_max_new_tokens: u32,
     /// Largest accepted max_new_tokens.
     pub max_new_tokens_limit: u32,
+    /// Most stop strings a request may carry.
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes.
+    pub max_stop_bytes: usize,
 }
 
 impl ApiLimits {
-    /// Validated generation parameters (the server default for `max_new_tokens` 0).
+    /// Validated generation parameters (the server default for `max_new_tokens` 0); stop
+    /// strings are capped in number and length (both APIs go through here).
     pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
+        self.check_stop(&p.stop)?;
         let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
             .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
         if p.max_new_tokens > self.max_new_tokens_limit {
@@ -50,6 +56,30 @@ impl ApiLimits {
             stop: p.stop,
             ignore_eos: p.ignore_eos,
         })
+    }
+
+    /// Refuses more than `max_stop_strings` stop strings or one longer than `max_stop_bytes`
+    /// (checked before any text is matched against them; empty ones are ignored later).
+    pub fn check_stop(&self, stop: &[String]) -> Result<(), OrchestratorError> {
+        if stop.len() > self.max_stop_strings {
+            return Err(OrchestratorError::InvalidArgument(format!(
+                "{} stop strings: at most {} are accepted",
+                stop.len(),
+                self.max_stop_strings
+            )));
+        }
+        if let Some((i, s)) = stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > self.max_stop_bytes)
+        {
+            return Err(OrchestratorError::InvalidArgument(format!(
+                "stop string {i} is {} bytes long: at most {} are accepted",
+                s.len(),
+                self.max_stop_bytes
+            )));
+        }
+        Ok(())
     }
 }
 

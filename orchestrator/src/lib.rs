@@ -47,9 +47,10 @@ use anyhow::Context;
 use specllava_model::{ChatTemplate, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
 use specllava_service_kit::compat::TokenizerIdentity;
-use specllava_service_kit::serve_grpc;
+use specllava_service_kit::{BearerAuth, serve_grpc};
 use tonic::server::NamedService;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 pub use clients::ReplicaKind;
 pub use config::Args;
@@ -57,6 +58,18 @@ pub use error::OrchestratorError;
 
 /// Serves the public API until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Credentials first: a bad file is a start-up error before anything loads.
+    let server_tls = args.tls.load()?;
+    let upstream_tls = args.upstream_tls.client_config()?;
+    let api_keys = Arc::new(args.auth.load()?);
+    tracing::info!(
+        tls = args.tls.enabled(),
+        client_certs_required = args.tls.mutual(),
+        upstream_tls = upstream_tls.is_some(),
+        upstream_client_cert = args.upstream_tls.mutual(),
+        api_keys = api_keys.len(),
+        "credentials"
+    );
     let tok_path = args.model_dir.join("tokenizer.json");
     let tokenizer = {
         let path = tok_path.clone();
@@ -73,12 +86,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let drafts = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Draft, args.draft_endpoints.clone())
             .with_connect_timeout(connect_timeout)
-            .with_backoff(args.backoff()),
+            .with_backoff(args.backoff())
+            .with_tls(
+                upstream_tls.clone(),
+                args.upstream_tls.upstream_tls_domain.clone(),
+            ),
     );
     let targets = Arc::new(
         routing::ReplicaSet::new(ReplicaKind::Target, args.target_endpoints.clone())
             .with_connect_timeout(connect_timeout)
-            .with_backoff(args.backoff()),
+            .with_backoff(args.backoff())
+            .with_tls(
+                upstream_tls.clone(),
+                args.upstream_tls.upstream_tls_domain.clone(),
+            ),
     );
     let n_draft = drafts.refresh().await;
     let n_target = targets.refresh().await;
@@ -159,12 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let limits = frontend::ApiLimits {
-        image: args.image_limits(),
-        max_prompt_tokens: args.max_prompt_tokens,
-        default_max_new_tokens: args.default_max_new_tokens,
-        max_new_tokens_limit: args.max_new_tokens_limit,
-    };
+    let limits = args.api_limits();
     let prompter = Arc::new(prompt::Prompter::new(
         tokenizer,
         template,
@@ -182,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let http_server = match args.http_listen {
         Some(addr) => {
-            let cfg = http::HttpConfig::from_args(&args)?;
+            let cfg = http::HttpConfig::from_args(&args, Arc::clone(&api_keys))?;
             Some(http::spawn(addr, cfg, Arc::clone(&front), cached, Arc::clone(&targets)).await?)
         }
         None => None,
@@ -194,12 +210,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .saturating_add(args.max_prompt_bytes)
             .saturating_add(1024 * 1024),
     );
+    // Bearer tokens guard the Generation service; health and reflection stay open (the
+    // Kubernetes probes and grpcurl use them).
+    let server = InterceptedService::new(server, BearerAuth::new(api_keys));
     serve_grpc(
         args.listen,
         GenerationServer::<service::GenerationService>::NAME,
         Routes::new(server),
         args.metrics_addr,
         std::future::pending(),
+        server_tls,
     )
     .await?;
     if let Some(task) = discovery {

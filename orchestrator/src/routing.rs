@@ -9,15 +9,15 @@
 //! ([`spawn_discovery`]), so replicas a scale-up adds take new sessions without
 //! waiting for a failure. Existing sessions keep their replica while it stays.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use specllava_proto::v1 as pb;
 use tokio::sync::OnceCell;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::clients::ReplicaKind;
 use crate::health::{Backoff, Health};
@@ -65,15 +65,22 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// A replica at `addr` whose channel connects on first use.
+    /// A replica at `addr` whose channel connects on first use: over TLS (`https`) with
+    /// `tls` (whose domain name, when set, is what the replica's certificate must name),
+    /// plaintext without.
     pub fn new(
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .tcp_nodelay(true)
-            .connect_timeout(connect_timeout)
-            .connect_lazy();
+            .connect_timeout(connect_timeout);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Self {
             addr,
             channel,
@@ -166,14 +173,28 @@ pub struct ReplicaSet {
     backoff: Backoff,
     endpoints: Vec<String>,
     replicas: RwLock<Vec<Arc<Replica>>>,
+    /// TLS towards the replicas (`None`: plaintext).
+    tls: Option<ClientTlsConfig>,
+    /// The name replica certificates must carry (`None`: each endpoint's host name).
+    tls_domain: Option<String>,
+    /// The host name each resolved address came from (the default TLS domain name).
+    hosts: RwLock<HashMap<SocketAddr, String>>,
 }
 
-/// Strips an optional `http://` scheme.
+/// Strips an optional `http://` / `https://` scheme.
 fn host_port(endpoint: &str) -> &str {
     endpoint
         .trim()
         .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .trim_end_matches('/')
+}
+
+/// The host of a `host:port` endpoint when it is a name (not an IP address).
+fn host_name(host_port: &str) -> Option<&str> {
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty() && host.parse::<IpAddr>().is_err()).then_some(host)
 }
 
 impl ReplicaSet {
@@ -189,7 +210,34 @@ impl ReplicaSet {
             backoff: Backoff::default(),
             endpoints,
             replicas: RwLock::new(Vec::new()),
+            tls: None,
+            tls_domain: None,
+            hosts: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Reaches the replicas over TLS with `tls` (`None`: plaintext), checking their
+    /// certificates against `domain`, or when `None` against the host name of the endpoint
+    /// each replica was resolved from (an IP endpoint: its IP address).
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>, domain: Option<String>) -> Self {
+        self.tls = tls;
+        self.tls_domain = domain;
+        self
+    }
+
+    /// The TLS configuration of the replica at `addr`.
+    fn tls_for(&self, addr: SocketAddr) -> Option<ClientTlsConfig> {
+        let tls = self.tls.clone()?;
+        let host = self
+            .hosts
+            .read()
+            .expect("hosts lock poisoned")
+            .get(&addr)
+            .cloned();
+        Some(match self.tls_domain.clone().or(host) {
+            Some(domain) => tls.domain_name(domain),
+            None => tls,
+        })
     }
 
     /// Sets the connect timeout of the replicas' channels.
@@ -224,7 +272,16 @@ impl ReplicaSet {
         let mut complete = true;
         for ep in &self.endpoints {
             match tokio::net::lookup_host(host_port(ep)).await {
-                Ok(found) => addrs.extend(found),
+                Ok(found) => {
+                    let found: Vec<SocketAddr> = found.collect();
+                    if let Some(host) = host_name(host_port(ep)) {
+                        let mut hosts = self.hosts.write().expect("hosts lock poisoned");
+                        for a in &found {
+                            hosts.insert(*a, host.to_owned());
+                        }
+                    }
+                    addrs.extend(found);
+                }
                 Err(e) => {
                     complete = false;
                     tracing::warn!(kind = %self.kind, endpoint = %ep, error = %e, "cannot resolve endpoint")
@@ -255,7 +312,7 @@ impl ReplicaSet {
             if known.contains(&addr) || !seen.insert(addr) {
                 continue;
             }
-            match Replica::new(addr, self.connect_timeout) {
+            match Replica::new(addr, self.connect_timeout, self.tls_for(addr)) {
                 Ok(r) => {
                     let r = r.with_backoff(self.backoff);
                     tracing::info!(kind = %self.kind, %addr, "replica added");
@@ -392,6 +449,20 @@ mod tests {
         assert!(set.is_unconfigured());
         assert_eq!(set.refresh().await, 0);
         assert!(set.pin(None).is_none());
+    }
+
+    #[test]
+    fn tls_domains_are_endpoint_host_names() {
+        assert_eq!(
+            host_name("specllava-target:50051"),
+            Some("specllava-target")
+        );
+        assert_eq!(
+            host_name(host_port("https://localhost:7/")),
+            Some("localhost")
+        );
+        assert_eq!(host_name("127.0.0.1:50051"), None);
+        assert_eq!(host_name("[::1]:50051"), None);
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -41,6 +41,8 @@ const LIMITS: ApiLimits = ApiLimits {
     max_prompt_tokens: 512,
     default_max_new_tokens: 64,
     max_new_tokens_limit: 4096,
+    max_stop_strings: 16,
+    max_stop_bytes: 256,
 };
 
 fn root() -> PathBuf {

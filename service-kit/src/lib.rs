@@ -3,8 +3,10 @@
 //! the session worker and session RPCs of the two model services, their common
 //! flags and model loading, every proto <-> domain conversion, the model identity
 //! the services compare at start-up, and the gRPC server with graceful shutdown,
-//! the `/metrics` endpoint and the health + reflection services.
+//! the `/metrics` endpoint and the health + reflection services; the credentials of the
+//! gRPC endpoints and public APIs: TLS / mutual TLS ([`tls`]) and bearer tokens ([`auth`]).
 
+pub mod auth;
 pub mod compat;
 pub mod convert;
 pub mod device;
@@ -14,8 +16,10 @@ pub mod prefill;
 pub mod server;
 pub mod session_rpc;
 pub mod sessions;
+pub mod tls;
 pub mod worker;
 
+pub use auth::{ApiKeys, AuthArgs, AuthError, BearerAuth};
 pub use device::{NO_CUDA_SUPPORT, parse_device, parse_dtype};
 pub use model_server::{LoadedModel, ModelServerArgs, load_model};
 pub use prefill::{prefilled_kv, prepare_prefill};
@@ -24,6 +28,7 @@ pub use server::{
 };
 pub use session_rpc::SessionRpc;
 pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};
+pub use tls::{ServerTls, ServerTlsArgs, UpstreamTlsArgs};
 pub use worker::{
     AppendError, BatchJob, BatchLimits, PrefillOutcome, Queued, SessionBackend, WorkerConfig,
     WorkerError, WorkerHandle,

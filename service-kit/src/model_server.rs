@@ -61,6 +61,9 @@ pub struct ModelServerArgs {
     /// How often the model worker sweeps sessions past their TTL, in milliseconds.
     #[arg(long, env = "SPECLLAVA_SESSION_SWEEP_MS", default_value_t = 1000)]
     pub session_sweep_ms: u64,
+    /// TLS of the gRPC endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
 }
 
 impl ModelServerArgs {

@@ -9,7 +9,12 @@ use tonic::service::Routes;
 /// Serves `routes` (one `specllava.v1` service, named `service_name` for the health
 /// protocol) on `listen` with gRPC health, reflection, the tracing layer and, when
 /// `metrics_addr` is set, a Prometheus `/metrics` endpoint; returns after SIGTERM /
-/// ctrl-c once in-flight requests have drained.
+/// ctrl-c once in-flight requests have drained. With a TLS configuration in `tls` (see
+/// [`crate::tls::ServerTlsArgs`]) every service on the port, health and reflection
+/// included, is served over TLS only (and needs a client certificate when it has a client
+/// CA); the metrics endpoint stays plain HTTP for the scraper, and `tls.health_listen`
+/// serves the health service alone in plaintext (for Kubernetes probes), until the drain
+/// ends.
 ///
 /// Health is SERVING from the start, and turns NOT_SERVING (for `service_name` and the
 /// server as a whole, `""`, which the Kubernetes probes ask about) when `dead` resolves
@@ -20,12 +25,24 @@ pub async fn serve_grpc(
     routes: Routes,
     metrics_addr: Option<SocketAddr>,
     dead: impl Future<Output = ()> + Send + 'static,
+    tls: crate::tls::ServerTls,
 ) -> anyhow::Result<()> {
+    let mut builder = tonic::transport::Server::builder();
+    let secure = tls.config.is_some();
+    if let Some(tls) = tls.config {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS configuration (--tls-*): {e}"))?;
+    }
     let (health, health_service) = Health::new(service_name).await;
     let watcher = health.not_serving_when(dead, "the model worker died");
     let (reflection_v1, reflection_v1alpha) = reflection_services()?;
     let metrics = MetricsEndpoint::start_if(metrics_addr).await?;
-    tracing::info!(%listen, service = service_name, "listening");
+    let health_port = match tls.health_listen {
+        Some(addr) => Some(health.serve_plaintext(addr).await?),
+        None => None,
+    };
+    tracing::info!(%listen, service = service_name, tls = secure, "listening");
     let shutdown = {
         let health = health.clone();
         // The worker stops once the server drained: that is no death.
@@ -36,7 +53,7 @@ pub async fn serve_grpc(
             health.not_serving("draining").await;
         }
     };
-    let served = tonic::transport::Server::builder()
+    let served = builder
         .layer(specllava_telemetry::GrpcTraceLayer)
         .add_routes(routes)
         .add_service(health_service)
@@ -45,6 +62,10 @@ pub async fn serve_grpc(
         .serve_with_shutdown(listen, shutdown)
         .await;
     watcher.abort();
+    if let Some((stop, task)) = health_port {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     served?;
     if let Some(m) = metrics {
         m.stop().await;
@@ -79,6 +100,40 @@ impl Health {
             health,
             tonic_health::pb::health_server::HealthServer::new(service),
         )
+    }
+
+    /// Serves this health alone, in plaintext, on `addr` (bound now: a taken address fails
+    /// here) until the returned sender fires.
+    pub async fn serve_plaintext(
+        &self,
+        addr: SocketAddr,
+    ) -> anyhow::Result<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the health port {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "plaintext health port");
+        let service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "health port stopped");
+            }
+        });
+        Ok((stop, task))
     }
 
     /// Reports NOT_SERVING once `event` resolves, for `why` (a background task).
@@ -298,6 +353,7 @@ mod tests {
             async move {
                 let _ = dead.await;
             },
+            crate::tls::ServerTls::default(),
         ));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut client = loop {

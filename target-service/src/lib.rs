@@ -30,6 +30,8 @@ pub use error::TargetError;
 
 /// Loads the model and serves until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Bad TLS files fail the start-up before the model loads.
+    let tls = args.server.tls.load()?;
     let loaded = load_model("target", &args.model_dir, &args.server).await?;
     let (model, max_context) = (Arc::clone(&loaded.model), loaded.max_context);
     let batch = BatchLimits {
@@ -80,6 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Routes::new(server),
         args.server.metrics_addr,
         dead,
+        tls,
     )
     .await?;
     tracing::info!("target service stopped");

@@ -59,6 +59,26 @@ struct Args {
     /// Stop strings (repeatable; comma-separated in the environment variable).
     #[arg(long, env = "SPECLLAVA_STOP", value_delimiter = ',')]
     stop: Vec<String>,
+    /// Bearer token sent as `authorization: Bearer <token>` (when the orchestrator has
+    /// --api-keys / --api-keys-file).
+    #[arg(long, env = "SPECLLAVA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Connect over TLS, trusting this CA (PEM); an `http://` endpoint becomes `https://`.
+    #[arg(long, env = "SPECLLAVA_CLIENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an orchestrator that requires one (with --tls-key).
+    #[arg(
+        long,
+        env = "SPECLLAVA_CLIENT_TLS_CERT",
+        requires_all = ["tls_key", "tls_ca"]
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "SPECLLAVA_CLIENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name the orchestrator's certificate must carry (default: the endpoint's host).
+    #[arg(long, env = "SPECLLAVA_CLIENT_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
 }
 
 #[tokio::main]
@@ -75,9 +95,25 @@ async fn main() -> anyhow::Result<()> {
         "off" => pb::SpeculationMode::Off,
         other => anyhow::bail!("unknown mode {other:?} (dynamic, chain, static, off)"),
     };
-    let mut client = GenerationClient::connect(args.endpoint.clone())
+    let mut endpoint = args.endpoint.clone();
+    if args.tls_ca.is_some()
+        && let Some(rest) = endpoint.strip_prefix("http://")
+    {
+        endpoint = format!("https://{rest}");
+    }
+    let mut channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .with_context(|| format!("endpoint {endpoint}"))?;
+    if let Some(ca) = &args.tls_ca {
+        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        let tls =
+            specllava_service_kit::tls::client_config(ca, identity, args.tls_domain.as_deref())?;
+        channel = channel.tls_config(tls)?;
+    }
+    let channel = channel
+        .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.endpoint))?
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    let mut client = GenerationClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let req = pb::GenerateRequest {
@@ -104,6 +140,15 @@ async fn main() -> anyhow::Result<()> {
     println!("USER: {}", args.prompt);
     print!("ASSISTANT:");
     std::io::stdout().flush()?;
+    let mut req = tonic::Request::new(req);
+    if let Some(token) = &args.token {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .context("the token is not a valid header value")?,
+        );
+    }
     let mut stream = client.generate(req).await?.into_inner();
     let mut summary = None;
     while let Some(msg) = stream.message().await? {

@@ -1,6 +1,6 @@
 //! Translation of an OpenAI chat-completions request into what the shared front door takes:
 //! chat-template messages, the images in placeholder order, and `GenerationParams` (validated
-//! by the same code as the gRPC API's).
+//! by the same code as the gRPC API's, stop-string caps included).
 
 use specllava_model::Message;
 use specllava_model::chat::{Content, Part};
@@ -8,9 +8,6 @@ use specllava_proto::v1 as pb;
 
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, ContentPart, MessageContent, Stop};
-
-/// Most stop strings a request may carry.
-pub const MAX_STOP_STRINGS: usize = 16;
 
 /// A request checked and translated.
 #[derive(Debug)]
@@ -59,12 +56,6 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    if stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::bad(
-            "stop",
-            format!("at most {MAX_STOP_STRINGS} stop strings"),
-        ));
-    }
     let (messages, image_urls) = translate_messages(req.messages)?;
     Ok(Translated {
         messages,

@@ -16,7 +16,6 @@ pub mod routes;
 pub mod stream;
 pub mod types;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use specllava_service_kit::ApiKeys;
 
 use crate::config::Args;
 use crate::frontend::Frontend;
@@ -48,29 +49,13 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Remote image URLs.
     pub remote_images: RemoteImages,
-    /// Accepted bearer tokens; empty: no authentication.
-    pub api_keys: HashSet<String>,
+    /// Accepted bearer tokens (the gRPC API's); empty: no authentication.
+    pub api_keys: Arc<ApiKeys>,
 }
 
 impl HttpConfig {
-    /// The settings the flags give (reads the API key file).
-    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
-        let mut api_keys: HashSet<String> = args
-            .api_keys
-            .iter()
-            .map(|k| k.trim().to_owned())
-            .filter(|k| !k.is_empty())
-            .collect();
-        if let Some(path) = &args.api_keys_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the API key file {}", path.display()))?;
-            api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_owned),
-            );
-        }
+    /// The settings the flags give, accepting `api_keys` (loaded once for both APIs).
+    pub fn from_args(args: &Args, api_keys: Arc<ApiKeys>) -> anyhow::Result<Self> {
         Ok(Self {
             model_name: args
                 .served_model_name
@@ -101,7 +86,7 @@ pub struct AppState {
     model_name: String,
     image_token_id: u32,
     remote_images: RemoteImages,
-    api_keys: HashSet<String>,
+    api_keys: Arc<ApiKeys>,
     started: u64,
 }
 
@@ -121,18 +106,13 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Checks `Authorization: Bearer <key>` when keys are configured.
+/// Checks `Authorization: Bearer <key>` when keys are configured, with the gRPC API's
+/// check ([`ApiKeys::check`], constant time); any refusal is OpenAI's 401.
 async fn authenticate(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !app.api_keys.is_empty() {
-        let key = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !key.is_some_and(|k| app.api_keys.contains(k)) {
-            return ApiError::Unauthorized.into_response();
-        }
+    let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    if let Err(e) = app.api_keys.check(header) {
+        tracing::debug!(error = %e, "HTTP request refused");
+        return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
 }
