@@ -188,7 +188,7 @@ fn ct_eq_padded(a: &[u8], b: &[u8]) -> Choice {
 /// case-insensitive, RFC 6750); `Malformed` for any other scheme or an empty token.
 pub fn bearer_token(header: &[u8]) -> Result<&[u8], AuthError> {
     let (scheme, rest) = header.split_at_checked(6).ok_or(AuthError::Malformed)?;
-    if !scheme.eq_ignore_ascii_case(b"Bearer") || !rest.first().is_some_and(|&c| c == b' ') {
+    if !scheme.eq_ignore_ascii_case(b"Bearer") || !rest.starts_with(b" ") {
         return Err(AuthError::Malformed);
     }
     let token = rest.trim_ascii();
