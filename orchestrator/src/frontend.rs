@@ -199,3 +199,43 @@ pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, O
         draft_ahead: !s.disable_draft_ahead,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ApiLimits {
+        ApiLimits {
+            image: ImageLimits::default(),
+            max_prompt_tokens: 16,
+            default_max_new_tokens: 8,
+            max_new_tokens_limit: 64,
+            max_stop_strings: 2,
+            max_stop_bytes: 4,
+        }
+    }
+
+    fn params(stop: &[&str]) -> pb::GenerationParams {
+        pb::GenerationParams {
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_capped_in_number_and_length() {
+        let l = limits();
+        assert!(l.gen_params(params(&["ab", "abcd"])).is_ok());
+        assert!(
+            l.gen_params(params(&["", "x"])).is_ok(),
+            "empty ones are ignored later"
+        );
+        for bad in [&["a", "b", "c"][..], &["abcde"], &["a", "ééé"]] {
+            let err = l.gen_params(params(bad)).unwrap_err();
+            assert!(
+                matches!(&err, OrchestratorError::InvalidArgument(m) if m.contains("at most")),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+}
