@@ -217,12 +217,16 @@ impl ClusterConfig {
         }
     }
 
-    /// Steps wait for the draft session's background set-up (up to 10 s) instead of
-    /// decoding target-only meanwhile: for tests that assert that a turn speculated, on a
-    /// machine too loaded for the set-up to finish before a short turn does.
+    /// Every speculative turn sets up its draft (adaptive ones too, even where the policy
+    /// expects no gain) and its steps wait for the draft session's background set-up (up
+    /// to 10 s) instead of decoding target-only meanwhile: for tests that assert that a
+    /// turn speculated, on a machine too loaded for the set-up to finish before a short
+    /// turn does.
     pub fn wait_for_draft(mut self) -> Self {
-        self.orchestrator_args
-            .push("--draft-join-wait-ms=10000".to_owned());
+        self.orchestrator_args.extend([
+            "--draft-join-wait-ms=10000".to_owned(),
+            "--policy-explore-turns=1".to_owned(),
+        ]);
         self
     }
 

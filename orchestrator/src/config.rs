@@ -215,6 +215,11 @@ pub struct Args {
     /// learning the acceptance (dynamic trees); 0 = never.
     #[arg(long, env = "SPECLLAVA_POLICY_PROBE_PERIOD", default_value_t = 4)]
     pub policy_probe_period: u32,
+    /// An adaptive turn the policy expects to gain nothing from drafting at the current
+    /// load runs target-only without setting up a draft, except every N-th such turn
+    /// while no other turn runs (to keep measuring); 1 sets up a draft for every turn.
+    #[arg(long, env = "SPECLLAVA_POLICY_EXPLORE_TURNS", default_value_t = 8)]
+    pub policy_explore_turns: u32,
     /// Tree depth D used when neither the request nor the policy sets one.
     #[arg(long, env = "SPECLLAVA_FALLBACK_DEPTH", default_value_t = 4)]
     pub fallback_depth: usize,
@@ -267,6 +272,7 @@ impl Args {
                     max_budget: self.policy_max_budget,
                 },
                 probe_period: self.policy_probe_period,
+                explore_turns: self.policy_explore_turns.max(1),
                 fallback: (
                     self.fallback_depth,
                     self.fallback_branching,
