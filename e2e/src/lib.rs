@@ -230,6 +230,19 @@ impl ClusterConfig {
         self
     }
 
+    /// The orchestrator fetches remote `http(s)://` image URLs (`--allow-remote-images`),
+    /// its HTTPS trusting the PEM CA bundle `ca_file` too when given
+    /// (`--remote-image-ca-file`). Call after setting `orchestrator_args` wholesale.
+    pub fn remote_images(mut self, ca_file: Option<&Path>) -> Self {
+        self.orchestrator_args
+            .push("--allow-remote-images".to_owned());
+        if let Some(ca) = ca_file {
+            self.orchestrator_args
+                .push(format!("--remote-image-ca-file={}", ca.to_string_lossy()));
+        }
+        self
+    }
+
     /// `targets` target and `drafts` draft replicas behind the orchestrator.
     pub fn replicas(mut self, targets: usize, drafts: usize) -> Self {
         self.target_replicas = targets.max(1);

@@ -130,11 +130,22 @@ pub struct Args {
         default_value_t = 64
     )]
     pub http_cached_conversations: usize,
-    /// Fetch `http://` image URLs in chat messages (at most --max-image-bytes, within
-    /// --remote-image-timeout-ms). Off: only `data:` URLs are accepted.
+    /// Fetch `http://` and `https://` image URLs in chat messages (at most
+    /// --max-image-bytes, within --remote-image-timeout-ms; redirects are not followed).
+    /// HTTPS trusts the Mozilla root certificates and --remote-image-ca-file. Off: only
+    /// `data:` URLs are accepted.
     #[arg(long, env = "SPECLLAVA_ALLOW_REMOTE_IMAGES")]
     pub allow_remote_images: bool,
-    /// Timeout of one remote image fetch, in milliseconds.
+    /// PEM bundle of extra CA certificates that HTTPS image fetches trust (e.g. a private
+    /// registry's CA), besides the Mozilla roots. Needs --allow-remote-images.
+    #[arg(
+        long,
+        env = "SPECLLAVA_REMOTE_IMAGE_CA_FILE",
+        requires = "allow_remote_images"
+    )]
+    pub remote_image_ca_file: Option<PathBuf>,
+    /// Timeout of one remote image fetch (connect, TLS handshake and the whole body), in
+    /// milliseconds.
     #[arg(
         long,
         env = "SPECLLAVA_REMOTE_IMAGE_TIMEOUT_MS",
