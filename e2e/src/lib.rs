@@ -264,12 +264,29 @@ impl ClusterConfig {
         self
     }
 
-    /// Steps wait for the draft session's background set-up (up to 10 s) instead of
-    /// decoding target-only meanwhile: for tests that assert that a turn speculated, on a
-    /// machine too loaded for the set-up to finish before a short turn does.
+    /// Every speculative turn sets up its draft (adaptive ones too, even where the policy
+    /// expects no gain) and its steps wait for the draft session's background set-up (up
+    /// to 10 s) instead of decoding target-only meanwhile: for tests that assert that a
+    /// turn speculated, on a machine too loaded for the set-up to finish before a short
+    /// turn does.
     pub fn wait_for_draft(mut self) -> Self {
+        self.orchestrator_args.extend([
+            "--draft-join-wait-ms=10000".to_owned(),
+            "--policy-explore-turns=1".to_owned(),
+        ]);
+        self
+    }
+
+    /// The orchestrator fetches remote `http(s)://` image URLs (`--allow-remote-images`),
+    /// its HTTPS trusting the PEM CA bundle `ca_file` too when given
+    /// (`--remote-image-ca-file`). Call after setting `orchestrator_args` wholesale.
+    pub fn remote_images(mut self, ca_file: Option<&Path>) -> Self {
         self.orchestrator_args
-            .push("--draft-join-wait-ms=10000".to_owned());
+            .push("--allow-remote-images".to_owned());
+        if let Some(ca) = ca_file {
+            self.orchestrator_args
+                .push(format!("--remote-image-ca-file={}", ca.to_string_lossy()));
+        }
         self
     }
 

@@ -213,18 +213,13 @@ impl Decoder {
         let groups = heads / kv_heads;
         let scale = (hd as f64).powf(-0.5);
         let offsets: Vec<usize> = kvs.iter().map(|kv| kv.used_len()).collect();
-        // Each segment's tree mask (0 / -inf), built once for all layers in the model's dtype.
+        // Each segment's tree mask (0 / -inf), built on the device once for all layers, in
+        // the model's dtype.
         let dtype = x.dtype();
         let masks = segments
             .iter()
             .zip(&offsets)
-            .map(|(seg, &offset)| {
-                let len = offset + seg.n;
-                seg.visible
-                    .dense_mask(len)
-                    .map(|m| Tensor::from_vec(m, (seg.n, len), &self.device)?.to_dtype(dtype))
-                    .transpose()
-            })
+            .map(|(seg, &offset)| seg.visible.mask_tensor(offset + seg.n, &self.device, dtype))
             .collect::<candle_core::Result<Vec<_>>>()?;
 
         let mut x = x;

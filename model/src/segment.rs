@@ -2,6 +2,8 @@
 //! row attends to. Built once per forward (by prefill or the tree planner) and read by every
 //! layer of either backend.
 
+use candle_core::{DType, Device, Tensor};
+
 /// Which KV rows each new row of a segment sees: every row below `prefix[i]`, plus the listed
 /// `extra` rows (ascending, all at or above `prefix[i]`). Causal prefill rows see a prefix
 /// only; a tree node sees the committed prefix plus its ancestors and itself.
@@ -57,8 +59,48 @@ impl Visibility {
         self.prefix[i] + self.starts[i + 1] - self.starts[i]
     }
 
-    /// The additive mask `[n, len]` (0 visible, -inf hidden), or `None` when every row sees all
-    /// `len` rows.
+    /// The additive mask `[n, len]` (0 visible, -inf hidden) in `dtype` on `device`, or `None`
+    /// when every row sees all `len` rows. Built on the device: what is uploaded is each row's
+    /// prefix length and, for rows with extra rows (tree nodes), the small block of columns
+    /// past the shortest prefix (a tree's `n x n` ancestor block), not the `n x len` mask.
+    pub fn mask_tensor(
+        &self,
+        len: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let n = self.prefix.len();
+        if (0..n).all(|i| self.count(i) == len) {
+            return Ok(None);
+        }
+        let prefix: Vec<u32> = self.prefix.iter().map(|&p| p as u32).collect();
+        let prefix = Tensor::from_vec(prefix, (n, 1), device)?;
+        let columns = Tensor::arange(0u32, len as u32, device)?.reshape((1, len))?;
+        let mut visible = columns.broadcast_lt(&prefix)?;
+        if !self.extra.is_empty() {
+            // Extra rows lie at or past their row's prefix, so past the shortest one.
+            let lo = self.prefix.iter().copied().min().unwrap_or(0).min(len);
+            let width = len - lo;
+            let mut block = vec![0u8; n * width];
+            for i in 0..n {
+                for &e in self.row(i).1 {
+                    block[i * width + e - lo] = 1;
+                }
+            }
+            let mut block = Tensor::from_vec(block, (n, width), device)?;
+            if lo > 0 {
+                let left = Tensor::zeros((n, lo), DType::U8, device)?;
+                block = Tensor::cat(&[&left, &block], 1)?;
+            }
+            visible = (visible + block)?.ne(0u8)?;
+        }
+        let shown = Tensor::zeros((n, len), dtype, device)?;
+        let hidden = Tensor::full(f32::NEG_INFINITY, (n, len), device)?.to_dtype(dtype)?;
+        Ok(Some(visible.where_cond(&shown, &hidden)?))
+    }
+
+    /// [`Visibility::mask_tensor`] built on the host (the reference it is tested against).
+    #[cfg(test)]
     pub fn dense_mask(&self, len: usize) -> Option<Vec<f32>> {
         let n = self.prefix.len();
         if (0..n).all(|i| self.count(i) == len) {
@@ -107,5 +149,43 @@ mod tests {
         let mut one = Visibility::default();
         one.push_row(3, [3]);
         assert!(one.dense_mask(4).is_none());
+    }
+
+    #[test]
+    fn the_device_mask_equals_the_host_mask() {
+        let mut tree = Visibility::default();
+        // Prefix 5; a root, two children of the root, a grandchild of the second child.
+        tree.push_row(5, [5]);
+        tree.push_row(5, [5, 6]);
+        tree.push_row(5, [5, 7]);
+        tree.push_row(5, [5, 7, 8]);
+        let mut ragged = Visibility::default();
+        ragged.push_row(0, [1]);
+        ragged.push_row(2, [2, 3]);
+        let cases = [
+            (Visibility::causal(3, 4), 7),
+            (Visibility::causal(0, 5), 5),
+            (Visibility::full(6, 2), 6),
+            (tree, 9),
+            (ragged, 4),
+        ];
+        for (v, len) in &cases {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let device = v.mask_tensor(*len, &Device::Cpu, dtype).unwrap();
+                let host = v.dense_mask(*len);
+                assert_eq!(device.is_some(), host.is_some(), "{v:?}");
+                if let (Some(d), Some(h)) = (device, host) {
+                    assert_eq!(d.dtype(), dtype);
+                    let d: Vec<f32> = d
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert_eq!(d, h, "{v:?} len {len} {dtype:?}");
+                }
+            }
+        }
     }
 }

@@ -138,11 +138,22 @@ pub struct Args {
         default_value_t = 64
     )]
     pub http_cached_conversations: usize,
-    /// Fetch `http://` image URLs in chat messages (at most --max-image-bytes, within
-    /// --remote-image-timeout-ms). Off: only `data:` URLs are accepted.
+    /// Fetch `http://` and `https://` image URLs in chat messages (at most
+    /// --max-image-bytes, within --remote-image-timeout-ms; redirects are not followed).
+    /// HTTPS trusts the Mozilla root certificates and --remote-image-ca-file. Off: only
+    /// `data:` URLs are accepted.
     #[arg(long, env = "SPECLLAVA_ALLOW_REMOTE_IMAGES")]
     pub allow_remote_images: bool,
-    /// Timeout of one remote image fetch, in milliseconds.
+    /// PEM bundle of extra CA certificates that HTTPS image fetches trust (e.g. a private
+    /// registry's CA), besides the Mozilla roots. Needs --allow-remote-images.
+    #[arg(
+        long,
+        env = "SPECLLAVA_REMOTE_IMAGE_CA_FILE",
+        requires = "allow_remote_images"
+    )]
+    pub remote_image_ca_file: Option<PathBuf>,
+    /// Timeout of one remote image fetch (connect, TLS handshake and the whole body), in
+    /// milliseconds.
     #[arg(
         long,
         env = "SPECLLAVA_REMOTE_IMAGE_TIMEOUT_MS",
@@ -220,6 +231,11 @@ pub struct Args {
     /// learning the acceptance (dynamic trees); 0 = never.
     #[arg(long, env = "SPECLLAVA_POLICY_PROBE_PERIOD", default_value_t = 4)]
     pub policy_probe_period: u32,
+    /// An adaptive turn the policy expects to gain nothing from drafting at the current
+    /// load runs target-only without setting up a draft, except every N-th such turn
+    /// while no other turn runs (to keep measuring); 1 sets up a draft for every turn.
+    #[arg(long, env = "SPECLLAVA_POLICY_EXPLORE_TURNS", default_value_t = 8)]
+    pub policy_explore_turns: u32,
     /// Tree depth D used when neither the request nor the policy sets one.
     #[arg(long, env = "SPECLLAVA_FALLBACK_DEPTH", default_value_t = 4)]
     pub fallback_depth: usize,
@@ -284,6 +300,7 @@ impl Args {
                     max_budget: self.policy_max_budget,
                 },
                 probe_period: self.policy_probe_period,
+                explore_turns: self.policy_explore_turns.max(1),
                 fallback: (
                     self.fallback_depth,
                     self.fallback_branching,

@@ -24,7 +24,7 @@
 //! Replicas whose model disagrees with the deployment (vocabulary, special ids, tokenizer)
 //! are refused before any session is opened.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
+use crate::ahead::{AheadBlock, AheadGate};
 use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind, TreeStream};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
@@ -157,6 +158,15 @@ pub struct Engine {
     /// EMA of the target batch sizes verify answers report (f64 bits): what the policy
     /// sizes trees for.
     target_batch: AtomicU64,
+    /// Whether draft-ahead pays here, measured on the turns the policy shapes.
+    ahead_gate: Mutex<AheadGate>,
+    /// Whether the policy's draft cost has been measured on a draft yet.
+    draft_cost_measured: AtomicBool,
+    /// Adaptive turns that would have gone without a draft (see
+    /// [`PlanConfig::explore_turns`]).
+    undrafted_turns: AtomicU64,
+    /// Turns generating now.
+    active_turns: Arc<AtomicUsize>,
     cfg: EngineConfig,
 }
 
@@ -166,6 +176,18 @@ const BATCH_EMA: f64 = 0.1;
 /// EMA rate of a turn's own acceptance rates (the policy's shared ones learn at 0.02): a
 /// few steps tell how well the draft does on this image and prompt.
 const TURN_ACCEPTANCE_EMA: f64 = 0.2;
+
+/// Steps a turn keeps the policy's choice before asking again (choosing searches every
+/// shape: ~0.1 ms, a tenth of a step on a CPU), unless the batch size changed.
+const CHOICE_STEPS: u32 = 4;
+
+/// The policy's last choice for a turn.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    params: DraftParams,
+    step: u32,
+    batch: usize,
+}
 
 /// An open Speculate stream.
 struct DraftStream {
@@ -197,6 +219,10 @@ struct Turn<'a> {
     /// This turn's own acceptance rates (starting from the policy's, learning fast): trees
     /// grow where the draft agrees with the target and shrink where it does not.
     acceptance: Option<AcceptanceStats>,
+    /// The policy's last choice (reused for [`CHOICE_STEPS`] steps).
+    choice: Option<Choice>,
+    /// Draft-ahead arm of the turn's current block of steps (adaptive turns).
+    ahead: AheadBlock,
     finish: pb::FinishReason,
     /// Target re-prefills in the current step.
     recoveries: usize,
@@ -222,6 +248,22 @@ struct DraftSetup {
     task: tokio::task::JoinHandle<Result<SyncReply, Status>>,
 }
 
+/// Counts a turn as generating while it lives.
+struct ActiveTurn(Arc<AtomicUsize>);
+
+impl ActiveTurn {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for ActiveTurn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The tree a step verifies.
 struct Proposal {
     tree: pb::TokenTree,
@@ -229,6 +271,12 @@ struct Proposal {
     drafted: bool,
     /// The draft round trip minus the draft's own time, when the draft was asked.
     draft_overhead_ns: Option<u64>,
+    /// The draft round trip, when the draft was asked.
+    draft_rtt_ns: u64,
+    /// The shape asked for.
+    params: DraftParams,
+    /// `Some(ahead)`: the step is a clean sample of that draft-ahead arm.
+    ahead_sample: Option<bool>,
 }
 
 /// What the target answered for a proposal.
@@ -269,6 +317,10 @@ impl Engine {
             reference: OnceCell::new(),
             verify_cost_measured: AtomicBool::new(false),
             target_batch: AtomicU64::new(1.0f64.to_bits()),
+            ahead_gate: Mutex::new(AheadGate::default()),
+            draft_cost_measured: AtomicBool::new(false),
+            undrafted_turns: AtomicU64::new(0),
+            active_turns: Arc::new(AtomicUsize::new(0)),
             cfg: parts.cfg,
         })
     }
@@ -715,6 +767,7 @@ impl Engine {
         spec: &SpecSettings,
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
+        let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
         let mut turn = self.begin(conv, params, spec).await?;
         match self.decode(conv, &mut turn, tx).await {
             Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
@@ -773,7 +826,7 @@ impl Engine {
         let mut stats = Stats::default();
         // The draft session syncs while the target's does (and while the target decodes,
         // if it takes longer).
-        let draft_start = if spec.mode.is_some() {
+        let draft_start = if spec.mode.is_some() && self.turn_drafts(spec) {
             self.start_draft_sync(conv).await
         } else {
             DraftStart::Unavailable
@@ -831,6 +884,8 @@ impl Engine {
                 a.alpha = TURN_ACCEPTANCE_EMA;
                 a
             }),
+            choice: None,
+            ahead: AheadBlock::default(),
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             draft_failovers: 0,
@@ -862,16 +917,17 @@ impl Engine {
             },
             drafted: false,
             draft_overhead_ns: None,
+            draft_rtt_ns: 0,
+            params: DraftParams::none(),
+            ahead_sample: None,
         };
         if turn.draft.is_none() {
             self.join_draft(conv, turn, false).await;
         }
-        let Some(stream) = turn.draft.as_mut() else {
+        if turn.draft.is_none() {
             return root_only;
-        };
-        let mut p = self
-            .choose_params(turn.spec, turn.stats.steps, turn.acceptance.as_ref())
-            .unwrap_or_else(DraftParams::none);
+        }
+        let mut p = self.choose_params(turn).unwrap_or_else(DraftParams::none);
         p.depth = p
             .depth
             .min(room.saturating_sub(1))
@@ -885,13 +941,26 @@ impl Engine {
             .draft
             .as_mut()
             .expect("a draft stream implies a draft session");
+        let mut draft_ahead = turn.spec.draft_ahead && self.cfg.draft_ahead;
+        let mut ahead_sample = None;
+        if draft_ahead && turn.spec.is_adaptive() {
+            // The policy's turns: draft-ahead only where it is measured to pay.
+            draft_ahead = turn.ahead.next_step(|| {
+                self.ahead_gate
+                    .lock()
+                    .expect("ahead gate lock poisoned")
+                    .pick()
+            });
+            ahead_sample = turn.ahead.is_sample().then_some(draft_ahead);
+        }
         let req = pb::SpeculateRequest {
             session_id: conv.id.clone(),
             new_tokens: conv.history[d.synced..].to_vec(),
             accepted_path: std::mem::take(&mut turn.last_path),
             params: Some(draft_params_to_proto(&p)),
-            draft_ahead: turn.spec.draft_ahead && self.cfg.draft_ahead,
+            draft_ahead,
         };
+        let stream = turn.draft.as_mut().expect("checked above");
         let t0 = Instant::now();
         d.synced = conv.history.len();
         // The request and its tree under one deadline: a stuck draft holds up one step.
@@ -913,6 +982,7 @@ impl Engine {
                 specllava_telemetry::metrics()
                     .drafted_nodes_per_step
                     .observe(f64::from(t.drafted_nodes));
+                self.draft_cost_measured.store(true, Ordering::Relaxed);
                 if let Ok(mut pol) = self.policy.lock() {
                     pol.observe_draft(
                         t.levels as usize,
@@ -926,6 +996,9 @@ impl Engine {
                     tree,
                     drafted,
                     draft_overhead_ns: Some(rtt.saturating_sub(t.draft_ns)),
+                    draft_rtt_ns: rtt,
+                    params: p,
+                    ahead_sample,
                 }
             }
             other => {
@@ -979,27 +1052,76 @@ impl Engine {
         }
     }
 
-    /// The step's shape: the request's overrides, the policy's choice for the current
-    /// load, the fallback shape.
-    fn choose_params(
-        &self,
-        spec: &SpecSettings,
-        step: u32,
-        acceptance: Option<&AcceptanceStats>,
-    ) -> Option<DraftParams> {
-        spec.mode?;
-        // Trees are sized for the batch they are likely to join: the target batches seen
-        // lately (not the number of active turns, which are rarely all in one batch).
-        let batch = f64::from_bits(self.target_batch.load(Ordering::Relaxed))
+    /// Whether a speculative turn sets up its draft: always, unless the policy shapes it
+    /// and expects no gain from drafting at the current load (once draft costs are
+    /// measured); then only every [`PlanConfig::explore_turns`]-th such turn does, and
+    /// only without batch-mates (a turn exploring under load would slow every batch it
+    /// joins with its trees).
+    fn turn_drafts(&self, spec: &SpecSettings) -> bool {
+        if !spec.is_adaptive() || !self.draft_cost_measured.load(Ordering::Relaxed) {
+            return true;
+        }
+        let batch = self.batch_estimate();
+        let policy = self.policy.lock().expect("policy lock poisoned").clone();
+        if policy.choose(batch).depth > 0 {
+            return true;
+        }
+        let n = self.undrafted_turns.fetch_add(1, Ordering::Relaxed) + 1;
+        let explore = u64::from(self.cfg.plan.explore_turns.max(1));
+        explore == 1 || (batch == 1 && n.is_multiple_of(explore))
+    }
+
+    /// The batch size trees are sized for: the target batches seen lately (the turns
+    /// generating now are rarely all in one batch), at most the turns generating now
+    /// (the batches seen lately may belong to a load that is over).
+    fn batch_estimate(&self) -> usize {
+        let seen = f64::from_bits(self.target_batch.load(Ordering::Relaxed))
             .round()
             .max(1.0) as usize;
-        let policy = self.policy.lock().expect("policy lock poisoned");
-        let choice = match acceptance {
-            Some(a) => policy.choose_for(a, batch),
-            None => policy.choose(batch),
+        seen.min(self.active_turns.load(Ordering::Relaxed).max(1))
+    }
+
+    /// The step's shape: the request's overrides, the policy's choice for the current
+    /// load (asked again every [`CHOICE_STEPS`] steps or when the batch size changes),
+    /// the fallback shape.
+    fn choose_params(&self, turn: &mut Turn<'_>) -> Option<DraftParams> {
+        turn.spec.mode?;
+        let step = turn.stats.steps;
+        let batch = self.batch_estimate();
+        let fresh = turn
+            .choice
+            .filter(|c| c.batch == batch && step.saturating_sub(c.step) < CHOICE_STEPS);
+        let params = match fresh {
+            Some(c) => c.params,
+            None => {
+                // Search a snapshot: other turns need the policy meanwhile.
+                let policy = self.policy.lock().expect("policy lock poisoned").clone();
+                let params = match turn.acceptance.as_ref() {
+                    Some(a) => policy.choose_for(a, batch),
+                    None => policy.choose(batch),
+                };
+                tracing::debug!(
+                    ?params,
+                    batch,
+                    draft_level_ns = policy.cost.draft_level_ns,
+                    draft_node_ns = policy.cost.draft_node_ns,
+                    draft_overhead_ns = policy.cost.draft_overhead_ns,
+                    verify_overhead_ns = policy.cost.verify_overhead_ns,
+                    verify_1 = policy.cost.verify_ns(1, batch),
+                    verify_5 = policy.cost.verify_ns(5, batch),
+                    accept_d1 = turn.acceptance.as_ref().map(|a| a.rate(1, 0)),
+                    accept_d3 = turn.acceptance.as_ref().map(|a| a.rate(3, 0)),
+                    "budget policy choice"
+                );
+                turn.choice = Some(Choice {
+                    params,
+                    step,
+                    batch,
+                });
+                params
+            }
         };
-        drop(policy);
-        choose_params(&self.cfg.plan, spec, &choice, step)
+        choose_params(&self.cfg.plan, turn.spec, &params, step)
     }
 
     /// Verifies the proposal on the target and appends the emitted tokens to the
@@ -1069,6 +1191,13 @@ impl Engine {
         let nodes = proposal.tree.tokens.len();
         let batch = resp.batch_size.max(1);
         if let Ok(mut pol) = self.policy.lock() {
+            if let Some(ahead) = proposal.ahead_sample {
+                let predicted = pol.cost.step_ns(&proposal.params, batch as usize);
+                let measured = (proposal.draft_rtt_ns + verified.rtt_ns) as f64;
+                if let Ok(mut gate) = self.ahead_gate.lock() {
+                    gate.observe(ahead, measured, predicted);
+                }
+            }
             pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
             // The round trip minus the target's own time (queueing for batch-mates is not
             // a per-step cost the tree size can amortise: it is other sessions' work).

@@ -14,6 +14,7 @@
 //! - [`engine`]: the generation loop in steps, fallback, recovery and the
 //!   compatibility check of replicas.
 //! - [`plan`]: the budget policy's prior and each step's tree shape.
+//! - [`ahead`]: whether draft-ahead pays here, decided by measurement.
 //! - [`stats`]: speculation statistics and the summary.
 //! - [`text`]: incremental detokenization and stop strings.
 //! - [`prompt`]: the checkpoint's chat template, tokenization, prompt checks.
@@ -23,6 +24,7 @@
 //! - [`http`]: the OpenAI-compatible HTTP API.
 //! - [`error`]: the error type and its mapping to gRPC status.
 
+pub mod ahead;
 pub mod clients;
 pub mod config;
 pub mod engine;

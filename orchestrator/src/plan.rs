@@ -24,6 +24,12 @@ pub struct PlanConfig {
     /// When the policy prefers not to draft, still draft every `probe_period`-th step
     /// (dynamic mode) to keep learning the acceptance; 0 never probes.
     pub probe_period: u32,
+    /// An adaptive turn for which the policy expects no gain from drafting at the current
+    /// load runs target-only without setting up a draft (its set-up prefill would compete
+    /// with the target for nothing), except every `explore_turns`-th such turn without
+    /// batch-mates, which keeps acceptance and draft costs measured; 1 sets up a draft
+    /// for every turn.
+    pub explore_turns: u32,
     /// Depth, branching and budget used when neither the request nor the policy sets one.
     pub fallback: (usize, usize, usize),
 }
@@ -42,6 +48,7 @@ impl Default for PlanConfig {
                 max_budget: 48,
             },
             probe_period: 4,
+            explore_turns: 8,
             fallback: (4, 2, 16),
         }
     }
@@ -78,6 +85,16 @@ pub struct SpecSettings {
     pub draft_ahead: bool,
 }
 
+impl SpecSettings {
+    /// Whether the budget policy chooses every step's shape (dynamic, no overrides).
+    pub fn is_adaptive(&self) -> bool {
+        self.mode == Some(TreeMode::Dynamic)
+            && self.depth == 0
+            && self.branching == 0
+            && self.budget == 0
+    }
+}
+
 /// The tree shape of step `step`: the request's overrides first, then the policy's
 /// `choice`, then the fallback shape. `None` when speculation is off.
 pub fn choose_params(
@@ -106,14 +123,14 @@ pub fn choose_params(
         ),
         TreeMode::Dynamic => {
             let probe = cfg.probe_period > 0 && step % cfg.probe_period == cfg.probe_period - 1;
-            if spec.depth == 0
-                && spec.branching == 0
-                && spec.budget == 0
-                && choice.depth == 0
-                && !probe
-            {
+            if spec.is_adaptive() && choice.depth == 0 && !probe {
                 // The policy prefers no drafting; probe now and then to keep learning.
                 return Some(DraftParams::none());
+            }
+            if spec.is_adaptive() && choice.depth > 0 {
+                // Adaptive: the policy's shape as it is; a chain is the dynamic tree of
+                // branching 1 (drafting K rows a level to keep one would be wasted work).
+                return Some(*choice);
             }
             let d = pick(spec.depth, choice.depth, fd);
             let k = pick(spec.branching, choice.branching.max(2), fk);
@@ -164,6 +181,16 @@ mod tests {
         assert_eq!(
             choose_params(&cfg, &spec(Some(TreeMode::Dynamic), 0), &policy, 0),
             Some(policy)
+        );
+        // Adaptive keeps the policy's chain; a request's overrides still build a tree.
+        let chain = DraftParams::chain(3);
+        assert_eq!(
+            choose_params(&cfg, &spec(Some(TreeMode::Dynamic), 0), &chain, 0),
+            Some(chain)
+        );
+        assert_eq!(
+            choose_params(&cfg, &spec(Some(TreeMode::Dynamic), 5), &chain, 0),
+            Some(DraftParams::dynamic(5, 2, 5))
         );
     }
 

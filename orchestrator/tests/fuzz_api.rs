@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use orchestrator::frontend::{ApiLimits, spec_settings};
 use orchestrator::http::convert::translate;
@@ -328,13 +327,10 @@ fn validate_chat(p: &Prompter, body: &[u8]) {
     if LIMITS.gen_params(t.params).is_err() {
         return;
     }
-    let remote = RemoteImages {
-        allow: false,
-        timeout: Duration::from_millis(10),
-    };
+    let remote = RemoteImages::refused();
     let mut n_images = 0;
     for url in &t.image_urls {
-        let load = images::load(url, LIMITS.image.max_bytes, remote);
+        let load = images::load(url, LIMITS.image.max_bytes, &remote);
         let Ok(bytes) = futures::executor::block_on(load) else {
             return;
         };

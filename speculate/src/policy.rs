@@ -156,10 +156,17 @@ pub struct CostModel {
     pub draft_overhead_ns: f64,
     /// EMA rate of online updates (0..=1).
     pub alpha: f64,
+    /// Draft measurements seen: the first one rescales the prior, the next ones move it
+    /// faster (rate `1 / n` while that exceeds `alpha`), so a prior far off is forgotten
+    /// within a few steps.
+    draft_observations: u64,
+    /// Overhead measurements seen (same warm start).
+    overhead_observations: u64,
 }
 
 impl CostModel {
-    /// A cost model with online update rate 0.1 and no per-step overhead yet (learnt online).
+    /// A cost model with online update rate 0.03 (a cost measured under load is noisy) and
+    /// no per-step overhead yet (learnt online).
     pub fn new(draft_level_ns: f64, draft_node_ns: f64, verify: VerifyCostTable) -> Self {
         Self {
             draft_level_ns,
@@ -167,8 +174,15 @@ impl CostModel {
             verify,
             verify_overhead_ns: 0.0,
             draft_overhead_ns: 0.0,
-            alpha: 0.1,
+            alpha: 0.03,
+            draft_observations: 0,
+            overhead_observations: 0,
         }
+    }
+
+    /// Update rate of the `n`-th measurement (1-based): a mean at first, then `alpha`.
+    fn rate(&self, n: u64) -> f64 {
+        (1.0 / n.max(1) as f64).max(self.alpha)
     }
 
     /// Draft time of `levels` forward passes over `rows` rows in all.
@@ -201,9 +215,11 @@ impl CostModel {
                 *v += a * (x - *v);
             }
         };
-        ema(&mut self.verify_overhead_ns, verify_ns, self.alpha);
+        self.overhead_observations += 1;
+        let a = self.rate(self.overhead_observations);
+        ema(&mut self.verify_overhead_ns, verify_ns, a);
         if let Some(d) = draft_ns {
-            ema(&mut self.draft_overhead_ns, d, self.alpha);
+            ema(&mut self.draft_overhead_ns, d, a);
         }
     }
 
@@ -214,9 +230,19 @@ impl CostModel {
         if norm == 0.0 || !ns.is_finite() || ns < 0.0 {
             return;
         }
-        let err = ns - self.draft_ns(levels, rows);
-        self.draft_level_ns = (self.draft_level_ns + self.alpha * err * l / norm).max(0.0);
-        self.draft_node_ns = (self.draft_node_ns + self.alpha * err * r / norm).max(0.0);
+        self.draft_observations += 1;
+        let predicted = self.draft_ns(levels, rows);
+        if self.draft_observations == 1 && predicted > 0.0 {
+            // The first measurement sets the prior's scale (its level/row split stays).
+            let scale = ns / predicted;
+            self.draft_level_ns *= scale;
+            self.draft_node_ns *= scale;
+            return;
+        }
+        let a = self.rate(self.draft_observations);
+        let err = ns - predicted;
+        self.draft_level_ns = (self.draft_level_ns + a * err * l / norm).max(0.0);
+        self.draft_node_ns = (self.draft_node_ns + a * err * r / norm).max(0.0);
     }
 
     /// Online update from a measured verify of `batch` sessions of `nodes` nodes each.

@@ -214,7 +214,7 @@ fn verify_cost_interpolates_and_learns_online() {
         "verify cost table needs 2 measurements (batches x nodes), got 1"
     );
     let mut m = CostModel::new(0.0, 0.0, t);
-    for _ in 0..200 {
+    for _ in 0..800 {
         m.observe_verify(6, 1, 25.0);
         m.observe_draft(3, 12, 3.0 * 100.0 + 12.0 * 5.0);
         m.observe_draft(5, 2, 5.0 * 100.0 + 2.0 * 5.0);
@@ -226,4 +226,19 @@ fn verify_cost_interpolates_and_learns_online() {
         m.draft_level_ns
     );
     assert!((m.draft_node_ns - 5.0).abs() < 1.0, "{}", m.draft_node_ns);
+}
+
+#[test]
+fn a_draft_prior_far_off_is_forgotten_within_a_few_measurements() {
+    let table = VerifyCostTable::constant(1e6).unwrap();
+    // Prior 2 ms a level; the draft really takes 50 us a level and 10 us a row.
+    let mut cost = CostModel::new(2e6, 1e5, table);
+    let truth = |levels: usize, rows: usize| 5e4 * levels as f64 + 1e4 * rows as f64;
+    for (levels, rows) in [(3, 3), (4, 9), (2, 2), (5, 13), (3, 7), (4, 4)] {
+        cost.observe_draft(levels, rows, truth(levels, rows));
+    }
+    for (levels, rows) in [(3, 3), (5, 13)] {
+        let (got, want) = (cost.draft_ns(levels, rows), truth(levels, rows));
+        assert!((got - want).abs() < 0.35 * want, "{got} vs {want}");
+    }
 }

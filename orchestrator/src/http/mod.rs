@@ -4,7 +4,7 @@
 //!
 //! - [`types`]: the OpenAI wire types and our documented extensions.
 //! - [`convert`]: request -> chat-template messages, image URLs, generation parameters.
-//! - [`images`]: `data:` URLs, remote URLs (refused unless allowed).
+//! - [`images`]: `data:` URLs, remote `http(s)` URLs (refused unless allowed).
 //! - [`stream`]: the engine's output -> one completion or Server-Sent Events.
 //! - [`routes`]: the handlers.
 //! - [`error`]: errors in OpenAI's JSON shape.
@@ -62,9 +62,13 @@ impl HttpConfig {
                 .clone()
                 .unwrap_or_else(|| default_model_name(&args.model_dir)),
             max_body_bytes: args.http_max_body_bytes,
-            remote_images: RemoteImages {
-                allow: args.allow_remote_images,
-                timeout: Duration::from_millis(args.remote_image_timeout_ms),
+            remote_images: if args.allow_remote_images {
+                RemoteImages::fetched(
+                    Duration::from_millis(args.remote_image_timeout_ms),
+                    args.remote_image_ca_file.as_deref(),
+                )?
+            } else {
+                RemoteImages::refused()
             },
             api_keys,
         })

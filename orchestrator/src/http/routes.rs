@@ -73,7 +73,7 @@ pub async fn chat_completions(
     let max_bytes = front.limits.image.max_bytes;
     let mut images = Vec::with_capacity(t.image_urls.len());
     for url in &t.image_urls {
-        let bytes = images::load(url, max_bytes, app.remote_images).await?;
+        let bytes = images::load(url, max_bytes, &app.remote_images).await?;
         front.check_image(&bytes)?;
         images.push(bytes);
     }
