@@ -8,6 +8,9 @@ use specllava_proto::v1::generation_client::GenerationClient;
 use specllava_proto::v1::{GenerateRequest, SpeculationStats};
 use thiserror::Error;
 use tokio_stream::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::evalset::EvalItem;
@@ -127,9 +130,48 @@ impl RequestResult {
     }
 }
 
+/// The public API's transport as the benchmark uses it: a channel that adds the bearer
+/// token (`--token`), if any, to every call.
+pub type ApiChannel = InterceptedService<Channel, BearerToken>;
+
+/// A client of the public API over an [`ApiChannel`].
+pub type ApiClient = GenerationClient<ApiChannel>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// The header for `token` (`None`: no header); fails on a token that is no valid
+    /// header value.
+    pub fn new(token: Option<&str>) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// `channel` carrying `token` on every call.
+pub fn api_channel(channel: Channel, token: BearerToken) -> ApiChannel {
+    InterceptedService::new(channel, token)
+}
+
 /// Sends one request and reads the stream to the end.
 pub async fn generate(
-    client: &mut GenerationClient<Channel>,
+    client: &mut ApiClient,
     item: &EvalItem,
     mode: Mode,
     sampling: Sampling,
@@ -147,7 +189,7 @@ pub async fn generate(
 
 /// Sends `request` and reads the stream to the end.
 pub async fn send(
-    client: &mut GenerationClient<Channel>,
+    client: &mut ApiClient,
     request: GenerateRequest,
 ) -> Result<RequestResult, DriverError> {
     let start = Instant::now();

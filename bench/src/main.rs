@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use specllava_bench::calibrate::{self, Calibration, CalibrationPlan};
+use specllava_bench::driver;
 use specllava_bench::evalset::{self, EvalSizes};
 use specllava_bench::modes::{Mode, Sampling};
 use specllava_bench::plots;
@@ -118,6 +119,14 @@ struct ServiceArgs {
         requires = "orchestrator"
     )]
     orchestrator_tls_ca: Option<PathBuf>,
+    /// Bearer token sent to the running --orchestrator (when it has --api-keys).
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_TOKEN",
+        hide_env_values = true,
+        requires = "orchestrator"
+    )]
+    token: Option<String>,
     /// The target's Prometheus endpoint (`host:port`) for batch sizes, with --orchestrator.
     #[arg(long, env = "SPECLLAVA_BENCH_TARGET_METRICS")]
     target_metrics: Option<String>,
@@ -326,7 +335,19 @@ struct Services {
     orchestrator: String,
     /// TLS towards the orchestrator (`None`: plaintext).
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Bearer token of every request.
+    token: Option<String>,
     target_metrics: Option<String>,
+}
+
+impl Services {
+    /// The channel to the orchestrator (TLS and bearer token as configured).
+    fn api_channel(&self) -> Result<driver::ApiChannel> {
+        let channel = services::channel_with(&self.orchestrator, self.tls.clone())?;
+        let token = driver::BearerToken::new(self.token.as_deref())
+            .context("--token is not a valid header value")?;
+        Ok(driver::api_channel(channel, token))
+    }
 }
 
 async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Result<Services> {
@@ -339,6 +360,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
             procs: Vec::new(),
             orchestrator: addr.clone(),
             tls,
+            token: a.token.clone(),
             target_metrics: a.target_metrics.clone(),
         });
     }
@@ -405,6 +427,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
         procs,
         orchestrator: addr(op),
         tls: None,
+        token: None,
         target_metrics: Some(addr(tm)),
     })
 }
@@ -475,7 +498,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     };
 
     let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
-    let channel = services::channel_with(&svc.orchestrator, svc.tls.clone())?;
+    let channel = svc.api_channel()?;
     let total = plan.total_requests(items.len());
     println!(
         "{} requests per pass, {} passes, {total} requests in all",
@@ -649,13 +672,7 @@ async fn soak(a: SoakArgs) -> Result<ExitCode> {
         items.len(),
         svc.orchestrator
     );
-    let report = soak::run(
-        services::channel_with(&svc.orchestrator, svc.tls.clone())?,
-        items,
-        plan,
-        &watched,
-    )
-    .await;
+    let report = soak::run(svc.api_channel()?, items, plan, &watched).await;
     drop(svc);
     print!("{}", soak::render(&report));
     write_json(&a.out_dir.join("soak.json"), &report)?;

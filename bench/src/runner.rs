@@ -9,10 +9,9 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use specllava_proto::v1::generation_client::GenerationClient;
-use tonic::transport::Channel;
 
 use crate::check::{EqualityCheck, RunLabel};
-use crate::driver::{DriverError, RequestResult, generate};
+use crate::driver::{ApiChannel, DriverError, RequestResult, generate};
 use crate::evalset::EvalItem;
 use crate::metrics::{BATCH_SIZE_METRIC, histogram_sum_count, mean_between, scrape};
 use crate::modes::{Mode, Sampling};
@@ -88,7 +87,7 @@ pub struct Outcome {
 
 /// One pass: `max(n, c)` requests (items cycled), `c` in flight.
 async fn pass(
-    channel: &Channel,
+    channel: &ApiChannel,
     items: &Arc<Vec<EvalItem>>,
     mode: Mode,
     sampling: Sampling,
@@ -137,7 +136,7 @@ async fn batch_metric(addr: Option<&str>) -> Option<(f64, f64)> {
 /// Runs the plan. Mismatches are recorded (and printed above the progress bar as they happen);
 /// the caller decides how to fail. `target_metrics` is the target's Prometheus `host:port`.
 pub async fn run(
-    channel: Channel,
+    channel: ApiChannel,
     items: Vec<EvalItem>,
     plan: &Plan,
     target_metrics: Option<&str>,

@@ -17,10 +17,9 @@ use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_client::GenerationClient;
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::driver::{self, DriverError};
+use crate::driver::{self, ApiChannel, ApiClient, DriverError};
 use crate::evalset::EvalItem;
 use crate::modes::{Mode, Sampling, Shape};
 use crate::stats::percentile;
@@ -197,7 +196,7 @@ fn status(e: DriverError) -> Status {
 
 /// The turns of a conversation on `item`: one-shot (one turn) or a session (two turns).
 async fn conversation(
-    client: &mut GenerationClient<Channel>,
+    client: &mut ApiClient,
     shared: &Shared,
     item: &EvalItem,
     mode: Mode,
@@ -264,7 +263,7 @@ async fn conversation(
 }
 
 /// One generation or session, checked against its target-only twin.
-async fn checked(client: &mut GenerationClient<Channel>, shared: &Shared, rng: &mut Rng) {
+async fn checked(client: &mut ApiClient, shared: &Shared, rng: &mut Rng) {
     let item = &shared.items[rng.below(shared.items.len())];
     let mode = shared.modes[rng.below(shared.modes.len())];
     let sampling = if rng.below(2) == 0 {
@@ -320,7 +319,7 @@ async fn checked(client: &mut GenerationClient<Channel>, shared: &Shared, rng: &
 }
 
 /// A generation dropped after its first chunk: the server must free its slot and sessions.
-async fn cancelled(client: &mut GenerationClient<Channel>, shared: &Shared, rng: &mut Rng) {
+async fn cancelled(client: &mut ApiClient, shared: &Shared, rng: &mut Rng) {
     let item = &shared.items[rng.below(shared.items.len())];
     let mode = shared.modes[rng.below(shared.modes.len())];
     let request = pb::GenerateRequest {
@@ -341,7 +340,7 @@ async fn cancelled(client: &mut GenerationClient<Channel>, shared: &Shared, rng:
 }
 
 /// A request that must be refused, with the status it must get.
-async fn bad(client: &mut GenerationClient<Channel>, shared: &Shared, rng: &mut Rng) {
+async fn bad(client: &mut ApiClient, shared: &Shared, rng: &mut Rng) {
     let item = &shared.items[rng.below(shared.items.len())];
     let good = Sampling::Greedy.params(shared.plan.max_new_tokens, 0);
     let mut request = pb::GenerateRequest {
@@ -390,7 +389,7 @@ async fn bad(client: &mut GenerationClient<Channel>, shared: &Shared, rng: &mut 
     shared.record(kind, code, code == want || code == Code::ResourceExhausted);
 }
 
-async fn stream(index: usize, mut client: GenerationClient<Channel>, shared: Arc<Shared>) {
+async fn stream(index: usize, mut client: ApiClient, shared: Arc<Shared>) {
     let mut rng = Rng(0x5eed ^ index as u64);
     let deadline = Instant::now() + shared.plan.duration;
     while Instant::now() < deadline {
@@ -405,7 +404,7 @@ async fn stream(index: usize, mut client: GenerationClient<Channel>, shared: Arc
 /// Runs the soak: `plan.streams` streams over `channel`, sampling the RSS of `watched` about
 /// every second (and once more at the end).
 pub async fn run(
-    channel: Channel,
+    channel: ApiChannel,
     items: Vec<EvalItem>,
     plan: SoakPlan,
     watched: &[Watched],
