@@ -8,7 +8,6 @@
 //! certificates of the TLS tests ([`ClusterConfig::with_tls`]).
 
 pub mod otlp;
-pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +22,7 @@ use specllava_proto::v1::generation_client::GenerationClient;
 use specllava_proto::v1::target_client::TargetClient;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-pub use pki::TestPki;
+pub use specllava_harness::pki::TestPki;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -542,4 +541,42 @@ pub fn gen_params(max_new_tokens: u32, seed: Option<u64>) -> pb::GenerationParam
         ignore_eos: true,
         ..Default::default()
     }
+}
+
+/// Reads a Generate stream to its end: the generated tokens and the final summary.
+pub async fn collect_generation(
+    mut stream: tonic::Streaming<pb::GenerateResponse>,
+) -> Result<(Vec<u32>, pb::GenerateSummary), tonic::Status> {
+    let (mut tokens, mut summary) = (Vec::new(), None);
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.token_ids),
+            Some(pb::generate_response::Event::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    Ok((tokens, summary.expect("a final summary")))
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`, JSON body, the given `Authorization`
+/// header value if any) to `addr` and returns the open connection to read the answer from.
+pub fn http_send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect the HTTP API");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    s
 }

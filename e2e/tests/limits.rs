@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use specllava_e2e::{Cluster, ClusterConfig, fixture_image, free_port};
+use specllava_e2e::{Cluster, ClusterConfig, collect_generation, fixture_image, free_port};
 use specllava_proto::v1 as pb;
 use tonic::Code;
 
@@ -55,16 +55,7 @@ async fn generate(
     cluster: &Cluster,
     req: pb::GenerateRequest,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), tonic::Status> {
-    let mut stream = cluster.client().await.generate(req).await?.into_inner();
-    let (mut tokens, mut summary) = (Vec::new(), None);
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.token_ids),
-            Some(pb::generate_response::Event::Summary(s)) => summary = Some(s),
-            None => {}
-        }
-    }
-    Ok((tokens, summary.expect("a final summary")))
+    collect_generation(cluster.client().await.generate(req).await?.into_inner()).await
 }
 
 /// A PNG whose header claims `w` x `h` RGB pixels and that holds no pixel data at all.

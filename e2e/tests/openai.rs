@@ -4,14 +4,16 @@
 //! shapes and limits at the HTTP level, a client leaving mid-stream, and remote image URLs
 //! (`http://`, and `https://` trusting a CA made at test time), with the fixtures.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use specllava_e2e::{Cluster, ClusterConfig, fixture_image, free_port, workspace_root};
+use specllava_e2e::{
+    Cluster, ClusterConfig, TestPki, fixture_image, free_port, http_send, workspace_root,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_rustls::TlsAcceptor;
 
@@ -63,19 +65,11 @@ fn chat(image: &str, text: &str, extra: Value) -> Value {
     body
 }
 
-/// Sends one request (HTTP/1.1, `Connection: close`) and returns the open connection.
+/// Sends one request (HTTP/1.1, `Connection: close`) with API key `key` and returns the
+/// open connection.
 fn send(addr: &str, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect the HTTP API");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    s
+    let auth = key.map(|k| format!("Bearer {k}"));
+    http_send(addr, method, path, auth.as_deref(), body)
 }
 
 /// One whole request: status and body (JSON when it parses, else a string).
@@ -302,32 +296,12 @@ async fn no_target_replica_is_503() {
     assert_eq!(e["code"], "service_unavailable");
 }
 
-/// A CA made at test time: its certificate (PEM) and a TLS acceptor whose certificate
-/// (for `127.0.0.1`) it signed.
-fn test_ca() -> (String, TlsAcceptor) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "spec-llava e2e CA");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    (ca_cert.pem(), TlsAcceptor::from(Arc::new(config)))
+/// A CA made at test time and a TLS acceptor serving a certificate it signed for
+/// `127.0.0.1`.
+fn test_ca() -> (TestPki, TlsAcceptor) {
+    let pki = TestPki::generate();
+    let acceptor = TlsAcceptor::from(Arc::new(pki.rustls_server_config()));
+    (pki, acceptor)
 }
 
 /// Serves images on a free loopback port (HTTPS with `tls`, else HTTP); its base URL.
@@ -388,10 +362,8 @@ async fn answer_image<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_image_urls_over_http_and_https() {
-    let (ca_pem, acceptor) = test_ca();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
+    let (pki, acceptor) = test_ca();
+    let ca_file = pki.ca.clone();
     let trusted = image_server(Some(acceptor)).await;
     // Signed by another CA, which the orchestrator does not trust.
     let untrusted = image_server(Some(test_ca().1)).await;

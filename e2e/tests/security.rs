@@ -5,12 +5,14 @@
 //! gRPC and HTTP APIs (UNAUTHENTICATED / PERMISSION_DENIED / OK; 401 / 200), plus the gRPC
 //! API's stop-string caps.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
-use specllava_e2e::{Cluster, ClusterConfig, Service, TestPki, fixture_image, free_port};
+use specllava_e2e::{
+    Cluster, ClusterConfig, Service, TestPki, collect_generation, fixture_image, free_port,
+    http_send,
+};
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_client::DraftClient;
 use specllava_proto::v1::generation_client::GenerationClient;
@@ -56,16 +58,7 @@ async fn generate(
     client: &mut GenerationClient<Channel>,
     req: tonic::Request<pb::GenerateRequest>,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), tonic::Status> {
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut tokens, mut summary) = (Vec::new(), None);
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.token_ids),
-            Some(pb::generate_response::Event::Summary(s)) => summary = Some(s),
-            None => {}
-        }
-    }
-    Ok((tokens, summary.expect("a final summary")))
+    collect_generation(client.generate(req).await?.into_inner()).await
 }
 
 /// A channel to `svc` over TLS with `tls`, or plaintext without; connecting may fail.
@@ -201,16 +194,7 @@ async fn tls_everywhere_with_mutual_tls_is_lossless_and_refuses_clients_without_
 
 /// Sends one HTTP/1.1 request and returns its status.
 fn http_status(addr: &str, method: &str, path: &str, auth: Option<&str>, body: &[u8]) -> u16 {
-    let mut s = TcpStream::connect(addr).expect("connect the HTTP API");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    let mut s = http_send(addr, method, path, auth, body);
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("reading the response");
     resp.split(' ').nth(1).unwrap().parse().unwrap()

@@ -1,7 +1,8 @@
 //! Starting the Spec-LLaVA service binaries as real processes on loopback ports, for the
 //! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
 //! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
-//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share.
+//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share; `pki`
+//! (feature `pki`) generates certificates for tests of TLS.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub mod fuzz;
+#[cfg(feature = "pki")]
+pub mod pki;
 
 /// Failures starting or reaching the services.
 #[derive(Debug, Error)]

@@ -274,6 +274,8 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
+    use specllava_harness::pki::TestPki;
+
     use super::*;
 
     const PNG: &[u8] = b"\x89PNG\r\n\x1a\n not really, but bytes";
@@ -370,34 +372,12 @@ mod tests {
         let _ = stream.shutdown().await;
     }
 
-    /// A CA and a certificate it signs for `127.0.0.1`, as PEM and as a TLS acceptor.
-    fn tls_server_identity() -> (String, tokio_rustls::TlsAcceptor) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "images test CA");
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        (
-            ca_cert.pem(),
-            tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        )
+    /// A CA made at test time and a TLS acceptor serving a certificate it signed for
+    /// `127.0.0.1`.
+    fn tls_server_identity() -> (TestPki, tokio_rustls::TlsAcceptor) {
+        let pki = TestPki::generate();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.rustls_server_config()));
+        (pki, acceptor)
     }
 
     /// A server on a free loopback port; its base URL.
@@ -445,7 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn https_trusts_the_ca_file_only() {
-        let (ca_pem, acceptor) = tls_server_identity();
+        let (pki, acceptor) = tls_server_identity();
         let base = start(Some(acceptor)).await;
         let ok = format!("{base}/ok.png");
 
@@ -454,9 +434,7 @@ mod tests {
         let (s, m) = status_of(load(&ok, 1000, &plain).await);
         assert!(s == 400 && m.contains("certificate"), "{m}");
 
-        let mut ca_file = tempfile::NamedTempFile::new().unwrap();
-        ca_file.write_all(ca_pem.as_bytes()).unwrap();
-        let trusted = RemoteImages::fetched(Duration::from_secs(5), Some(ca_file.path())).unwrap();
+        let trusted = RemoteImages::fetched(Duration::from_secs(5), Some(&pki.ca)).unwrap();
         assert_eq!(load(&ok, 1000, &trusted).await.unwrap(), PNG);
         let (s, m) = status_of(load(&format!("{base}/stream"), 1000, &trusted).await);
         assert_eq!(s, 413, "{m}");

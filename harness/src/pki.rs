@@ -4,6 +4,7 @@
 //! removed on drop; nothing is committed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -133,6 +134,27 @@ impl TestPki {
             ));
         }
         tls
+    }
+}
+
+impl TestPki {
+    /// A rustls server configuration serving the server certificate (ring provider), for
+    /// test servers that are not gRPC services (e.g. an https image host).
+    pub fn rustls_server_config(&self) -> rustls::ServerConfig {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.server_cert)
+            .expect("server certificate file")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server certificate PEM");
+        let key = PrivateKeyDer::from_pem_file(&self.server_key).expect("server key PEM");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate and key")
     }
 }
 
