@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -14,7 +13,8 @@ use serde_json::{Value, json};
 use specllava_e2e::{
     Cluster, ClusterConfig, TestPki, fixture_image, free_port, http_send, workspace_root,
 };
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use specllava_harness::test_host;
+
 use tokio_rustls::TlsAcceptor;
 
 const API_KEY: &str = "sekret";
@@ -296,77 +296,38 @@ async fn no_target_replica_is_503() {
     assert_eq!(e["code"], "service_unavailable");
 }
 
-/// A CA made at test time and a TLS acceptor serving a certificate it signed for
-/// `127.0.0.1`.
-fn test_ca() -> (TestPki, TlsAcceptor) {
-    let pki = TestPki::generate();
-    let acceptor = TlsAcceptor::from(Arc::new(pki.rustls_server_config()));
-    (pki, acceptor)
-}
-
-/// Serves images on a free loopback port (HTTPS with `tls`, else HTTP); its base URL.
-/// `/red_square.png`: the fixture with its `Content-Length`; `/huge.png`: 4 MB of it with
-/// no length (only a limit enforced while streaming catches it); else 404.
+/// Serves images (HTTPS with `tls`, else HTTP); its base URL. `/red_square.png`: the fixture
+/// with its `Content-Length`; `/huge.png`: 4 MB of it with no length (only a limit enforced
+/// while streaming catches it); else 404.
 async fn image_server(tls: Option<TlsAcceptor>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                match tls {
-                    Some(acceptor) => {
-                        // A client refusing the certificate ends the handshake: nothing to do.
-                        if let Ok(stream) = acceptor.accept(tcp).await {
-                            answer_image(stream).await;
-                        }
-                    }
-                    None => answer_image(tcp).await,
-                }
-            });
+    test_host::serve(tls, |path| async move {
+        let mut out = Vec::new();
+        match path.as_str() {
+            "/red_square.png" => {
+                let png = fixture_image("red_square.png");
+                let len = png.len();
+                out.extend(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").bytes());
+                out.extend(png);
+            }
+            "/huge.png" => {
+                out.extend(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                out.extend(fixture_image("red_square.png"));
+                out.resize(4 << 20, 0);
+            }
+            _ => out.extend(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
         }
-    });
-    format!("{scheme}://{addr}")
-}
-
-async fn answer_image<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-            return;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut out = Vec::new();
-    match head.split(' ').nth(1) {
-        Some("/red_square.png") => {
-            let png = fixture_image("red_square.png");
-            let len = png.len();
-            out.extend(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").bytes());
-            out.extend(png);
-        }
-        Some("/huge.png") => {
-            out.extend(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-            out.extend(fixture_image("red_square.png"));
-            out.resize(4 << 20, 0);
-        }
-        _ => out.extend(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
-    }
-    // The orchestrator hangs up once the body passes its limit: write errors are expected.
-    let _ = stream.write_all(&out).await;
-    let _ = stream.shutdown().await;
+        out
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_image_urls_over_http_and_https() {
-    let (pki, acceptor) = test_ca();
+    let pki = TestPki::generate();
     let ca_file = pki.ca.clone();
-    let trusted = image_server(Some(acceptor)).await;
+    let trusted = image_server(Some(pki.acceptor())).await;
     // Signed by another CA, which the orchestrator does not trust.
-    let untrusted = image_server(Some(test_ca().1)).await;
+    let untrusted = image_server(Some(TestPki::generate().acceptor())).await;
     let plain = image_server(None).await;
 
     let http = format!("127.0.0.1:{}", free_port());

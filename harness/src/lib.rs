@@ -1,8 +1,8 @@
 //! Starting the Spec-LLaVA service binaries as real processes on loopback ports, for the
 //! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
 //! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
-//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share; `pki`
-//! (feature `pki`) generates certificates for tests of TLS.
+//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share; `pki` and
+//! `test_host` (feature `pki`) generate certificates and serve HTTP(S) for tests of TLS.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub mod fuzz;
 #[cfg(feature = "pki")]
 pub mod pki;
+#[cfg(feature = "pki")]
+pub mod test_host;
 
 /// Failures starting or reaching the services.
 #[derive(Debug, Error)]

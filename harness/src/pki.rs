@@ -138,6 +138,11 @@ impl TestPki {
 }
 
 impl TestPki {
+    /// A TLS acceptor serving the server certificate, for [`crate::test_host`].
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(Arc::new(self.rustls_server_config()))
+    }
+
     /// A rustls server configuration serving the server certificate (ring provider), for
     /// test servers that are not gRPC services (e.g. an https image host).
     pub fn rustls_server_config(&self) -> rustls::ServerConfig {

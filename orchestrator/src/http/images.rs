@@ -271,10 +271,10 @@ async fn fetch(
 mod tests {
     use std::io::Write as _;
 
-    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
     use specllava_harness::pki::TestPki;
+    use specllava_harness::test_host;
 
     use super::*;
 
@@ -311,82 +311,38 @@ mod tests {
         ));
     }
 
-    /// Answers every request on `listener` (TLS when `tls` is given) by its path:
-    /// `/ok.png` the PNG with its length, `/stream` 1 MB without a length, `/declared` a
-    /// length of 1 MB, `/moved` a redirect, `/slow` nothing for 10 s, else 404.
-    async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                match tls {
-                    Some(acceptor) => {
-                        if let Ok(stream) = acceptor.accept(tcp).await {
-                            answer(stream).await;
-                        }
-                    }
-                    None => answer(tcp).await,
-                }
-            });
-        }
-    }
-
-    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head);
-        let path = head.split(' ').nth(1).unwrap_or("/");
-        let mut out = Vec::new();
-        match path {
-            "/ok.png" => {
-                write!(
-                    out,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    PNG.len()
-                )
-                .unwrap();
-                out.extend_from_slice(PNG);
-            }
-            "/stream" => {
-                out.extend_from_slice(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-                out.resize(out.len() + (1 << 20), b'x');
-            }
-            "/declared" => {
-                out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n");
-            }
-            "/moved" => out.extend_from_slice(
-                b"HTTP/1.1 302 Found\r\nLocation: /ok.png\r\nContent-Length: 0\r\n\r\n",
-            ),
-            "/slow" => tokio::time::sleep(Duration::from_secs(10)).await,
-            _ => out.extend_from_slice(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
-        }
-        let _ = stream.write_all(&out).await;
-        let _ = stream.shutdown().await;
-    }
-
-    /// A CA made at test time and a TLS acceptor serving a certificate it signed for
-    /// `127.0.0.1`.
-    fn tls_server_identity() -> (TestPki, tokio_rustls::TlsAcceptor) {
-        let pki = TestPki::generate();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.rustls_server_config()));
-        (pki, acceptor)
-    }
-
-    /// A server on a free loopback port; its base URL.
+    /// Serves (TLS when `tls` is given) by path: `/ok.png` the PNG with its length,
+    /// `/stream` 1 MB without a length, `/declared` a length of 1 MB, `/moved` a redirect,
+    /// `/slow` nothing for 10 s, else 404; its base URL.
     async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        tokio::spawn(serve(listener, tls));
-        format!("{scheme}://{addr}")
+        test_host::serve(tls, |path| async move {
+            let mut out = Vec::new();
+            match path.as_str() {
+                "/ok.png" => {
+                    write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        PNG.len()
+                    )
+                    .unwrap();
+                    out.extend_from_slice(PNG);
+                }
+                "/stream" => {
+                    out.extend_from_slice(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                    out.resize(out.len() + (1 << 20), b'x');
+                }
+                "/declared" => {
+                    out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n")
+                }
+                "/moved" => out.extend_from_slice(
+                    b"HTTP/1.1 302 Found\r\nLocation: /ok.png\r\nContent-Length: 0\r\n\r\n",
+                ),
+                "/slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+                _ => out.extend_from_slice(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+            }
+            out
+        })
+        .await
     }
 
     fn status_of(r: Result<Vec<u8>, ApiError>) -> (u16, String) {
@@ -425,8 +381,8 @@ mod tests {
 
     #[tokio::test]
     async fn https_trusts_the_ca_file_only() {
-        let (pki, acceptor) = tls_server_identity();
-        let base = start(Some(acceptor)).await;
+        let pki = TestPki::generate();
+        let base = start(Some(pki.acceptor())).await;
         let ok = format!("{base}/ok.png");
 
         // Not signed by a Mozilla root: refused with rustls' reason.
