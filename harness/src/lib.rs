@@ -1,7 +1,8 @@
 //! Starting the Spec-LLaVA service binaries as real processes on loopback ports, for the
 //! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
 //! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
-//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share; `pki` and
+//! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share,
+//! [`cuda_refusal`] the services' start-up check of an unavailable CUDA device; `pki` and
 //! `test_host` (feature `pki`) generate certificates and serve HTTP(S) for tests of TLS.
 
 use std::net::TcpListener;
@@ -15,6 +16,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub mod cuda_refusal;
 pub mod fuzz;
 #[cfg(feature = "pki")]
 pub mod pki;
