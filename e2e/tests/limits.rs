@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use specllava_e2e::{Cluster, ClusterConfig, collect_generation, fixture_image, free_port};
+use specllava_harness::png::png_header_only;
 use specllava_proto::v1 as pb;
 use tonic::Code;
 
@@ -56,39 +57,6 @@ async fn generate(
     req: pb::GenerateRequest,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), tonic::Status> {
     collect_generation(cluster.client().await.generate(req).await?.into_inner()).await
-}
-
-/// A PNG whose header claims `w` x `h` RGB pixels and that holds no pixel data at all.
-fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[]);
-    chunk(b"IEND", &[]);
-    out
 }
 
 /// `POST path` with a JSON body over HTTP/1.1: the status and the JSON body.

@@ -2,7 +2,8 @@
 //! end-to-end tests (`e2e`) and the benchmark (`bench`): free ports, spawning with the
 //! output inherited or in a log file, waiting for gRPC health, and stopping with SIGTERM
 //! (graceful drain) then kill. [`fuzz`] holds the knobs the fuzz harnesses share,
-//! [`cuda_refusal`] the services' start-up check of an unavailable CUDA device; `pki` and
+//! [`cuda_refusal`] the services' start-up check of an unavailable CUDA device, [`png`]
+//! hand-made PNG headers for the image-limit tests; `pki` and
 //! `test_host` (feature `pki`) generate certificates and serve HTTP(S) for tests of TLS.
 
 use std::net::TcpListener;
@@ -20,6 +21,7 @@ pub mod cuda_refusal;
 pub mod fuzz;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod png;
 #[cfg(feature = "pki")]
 pub mod test_host;
 

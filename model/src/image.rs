@@ -431,43 +431,10 @@ mod tests {
         assert_eq!(&p.data[first..first + 3], &[0, 0, 7]);
     }
 
-    /// The CRC-32 of PNG chunks.
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
-    /// A PNG whose header claims `w` x `h` RGB pixels, with no pixel data at all.
-    fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut chunk = |kind: &[u8], data: &[u8]| {
-            let mut body = kind.to_vec();
-            body.extend_from_slice(data);
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            out.extend_from_slice(&body);
-            out.extend_from_slice(&crc32(&body).to_be_bytes());
-        };
-        let mut ihdr = w.to_be_bytes().to_vec();
-        ihdr.extend_from_slice(&h.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        chunk(b"IHDR", &ihdr);
-        chunk(b"IDAT", &[]);
-        chunk(b"IEND", &[]);
-        out
-    }
-
     #[test]
     fn oversize_headers_are_refused_before_decoding() {
+        use specllava_harness::png::png_header_only;
+
         let lim = ImageLimits::default();
         // Well-formed headers: the dimensions are read, and nothing else is needed.
         assert_eq!(

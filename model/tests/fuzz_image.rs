@@ -43,32 +43,11 @@ fn encode(w: u32, h: u32, seed: u8, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-/// CRC-32 (IEEE), for PNG chunks rewritten with valid checksums.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                (c >> 1) ^ 0xedb8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
 /// Rewrites the claimed width and height in the header (PNG IHDR, with its CRC fixed;
 /// JPEG SOFn), leaving the pixel data as it was.
 fn set_dims(bytes: &mut [u8], format: ImageFormat, w: u32, h: u32) {
     match format {
-        ImageFormat::Png if bytes.len() >= 33 => {
-            bytes[16..20].copy_from_slice(&w.to_be_bytes());
-            bytes[20..24].copy_from_slice(&h.to_be_bytes());
-            let crc = crc32(&bytes[12..29]);
-            bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-        }
+        ImageFormat::Png => specllava_harness::png::set_png_dims(bytes, w, h),
         ImageFormat::Jpeg => {
             if let Some(i) = bytes
                 .windows(2)
