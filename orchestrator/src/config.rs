@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use specllava_model::ImageLimits;
-use specllava_service_kit::{AuthArgs, ServerTlsArgs, UpstreamTlsArgs};
+use specllava_service_kit::{AuthArgs, ImageLimitArgs, ServerTlsArgs, UpstreamTlsArgs};
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;
@@ -45,18 +45,9 @@ pub struct Args {
     /// Maximum concurrent Generate requests (more answer RESOURCE_EXHAUSTED).
     #[arg(long, env = "SPECLLAVA_MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
     pub max_concurrent_requests: usize,
-    /// Maximum encoded image size, in bytes.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
-    pub max_image_bytes: usize,
-    /// Maximum decoded image size, in pixels (checked on the header, before decoding).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
-    pub max_image_pixels: u64,
-    /// Maximum image width and height, each, in pixels (checked on the header).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = 8192)]
-    pub max_image_side: u32,
-    /// Most memory decoding one image may allocate, in MiB.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_DECODE_MB", default_value_t = 256)]
-    pub max_image_decode_mb: u64,
+    /// Image limits.
+    #[command(flatten)]
+    pub images: ImageLimitArgs,
     /// Maximum prompt tokens of one turn.
     #[arg(long, env = "SPECLLAVA_MAX_PROMPT_TOKENS", default_value_t = 2048)]
     pub max_prompt_tokens: usize,
@@ -259,12 +250,7 @@ impl Args {
 
     /// The image limits these flags give.
     pub fn image_limits(&self) -> ImageLimits {
-        ImageLimits {
-            max_bytes: self.max_image_bytes,
-            max_pixels: self.max_image_pixels,
-            max_side: self.max_image_side,
-            max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
-        }
+        self.images.limits()
     }
 
     /// The request limits of the public APIs these flags give.

@@ -208,7 +208,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let svc = service::GenerationService::new(front);
 
     let server = GenerationServer::new(svc).max_decoding_message_size(
-        args.max_image_bytes
+        args.images
+            .max_image_bytes
             .saturating_add(args.max_prompt_bytes)
             .saturating_add(1024 * 1024),
     );

@@ -2,7 +2,8 @@
 //! store (byte budget, TTL, LRU eviction, published as `specllava_*` metrics),
 //! the session worker and session RPCs of the two model services, their common
 //! flags and model loading, every proto <-> domain conversion, the model identity
-//! the services compare at start-up, and the gRPC server with graceful shutdown,
+//! the services compare at start-up, the image-limit flags ([`image_args`]), and the gRPC
+//! server with graceful shutdown,
 //! the `/metrics` endpoint and the health + reflection services; the credentials of the
 //! gRPC endpoints and public APIs: TLS / mutual TLS ([`tls`]) and bearer tokens ([`auth`]).
 
@@ -11,6 +12,7 @@ pub mod compat;
 pub mod convert;
 pub mod device;
 pub mod fault;
+pub mod image_args;
 pub mod model_server;
 pub mod prefill;
 pub mod server;
@@ -21,6 +23,7 @@ pub mod worker;
 
 pub use auth::{ApiKeys, AuthArgs, AuthError, BearerAuth};
 pub use device::{NO_CUDA_SUPPORT, parse_device, parse_dtype};
+pub use image_args::ImageLimitArgs;
 pub use model_server::{LoadedModel, ModelServerArgs, load_model};
 pub use prefill::{prefilled_kv, prepare_prefill};
 pub use server::{

@@ -7,8 +7,8 @@ use anyhow::Context;
 use specllava_model::{Backend, ImageLimits, Llava};
 
 use crate::{
-    BatchLimits, SessionBackend, SessionLimits, SessionRpc, SessionStore, WorkerConfig,
-    WorkerHandle, parse_device, parse_dtype,
+    BatchLimits, ImageLimitArgs, SessionBackend, SessionLimits, SessionRpc, SessionStore,
+    WorkerConfig, WorkerHandle, parse_device, parse_dtype,
 };
 
 /// Flags common to the draft and the target service (every flag is also an
@@ -32,18 +32,9 @@ pub struct ModelServerArgs {
     /// Capacity of the model worker's queue (full answers RESOURCE_EXHAUSTED).
     #[arg(long, env = "SPECLLAVA_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
-    /// Maximum encoded image size, in bytes.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
-    pub max_image_bytes: usize,
-    /// Maximum decoded image size, in pixels (checked on the header, before decoding).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
-    pub max_image_pixels: u64,
-    /// Maximum image width and height, each, in pixels (checked on the header).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = 8192)]
-    pub max_image_side: u32,
-    /// Most memory decoding one image may allocate, in MiB.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_DECODE_MB", default_value_t = 256)]
-    pub max_image_decode_mb: u64,
+    /// Image limits.
+    #[command(flatten)]
+    pub images: ImageLimitArgs,
     /// Maximum context (KV rows + tree depth) of a session; 0 = the model's
     /// `max_position_embeddings`.
     #[arg(long, env = "SPECLLAVA_MAX_CONTEXT", default_value_t = 0)]
@@ -89,12 +80,7 @@ impl ModelServerArgs {
 
     /// Limits on uploaded images.
     pub fn image_limits(&self) -> ImageLimits {
-        ImageLimits {
-            max_bytes: self.max_image_bytes,
-            max_pixels: self.max_image_pixels,
-            max_side: self.max_image_side,
-            max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
-        }
+        self.images.limits()
     }
 }
 
