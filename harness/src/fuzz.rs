@@ -1,5 +1,6 @@
-//! Knobs shared by the fuzz harnesses (`*/tests/fuzz_*.rs`): the case count and an
-//! allocator that turns any single huge allocation into a loud failure.
+//! Knobs shared by the fuzz harnesses (`*/tests/fuzz_*.rs`): the case count, the byte
+//! edits applied to valid encodings, and an allocator that turns any single huge
+//! allocation into a loud failure.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
@@ -25,6 +26,41 @@ pub fn runner(default: u32) -> (proptest::test_runner::TestRunner, u32) {
         ..proptest::test_runner::Config::default()
     };
     (proptest::test_runner::TestRunner::new(cfg), n)
+}
+
+/// Edits of an encoding: up to three bytes XOR-ed (positions wrap) and maybe a cut.
+#[derive(Debug, Clone)]
+pub struct ByteEdits {
+    /// (position, XOR mask) pairs.
+    pub flips: Vec<(usize, u8)>,
+    /// Where to cut (wraps to the length), if anywhere.
+    pub cut: Option<usize>,
+}
+
+impl ByteEdits {
+    /// Applies the edits to `bytes`.
+    pub fn apply(&self, mut bytes: Vec<u8>) -> Vec<u8> {
+        if !bytes.is_empty() {
+            let n = bytes.len();
+            for &(i, b) in &self.flips {
+                bytes[i % n] ^= b;
+            }
+        }
+        if let Some(c) = self.cut {
+            bytes.truncate(c % (bytes.len() + 1));
+        }
+        bytes
+    }
+}
+
+/// [`ByteEdits`] with 0-3 flips and a cut half the time.
+pub fn byte_edits() -> impl proptest::strategy::Strategy<Value = ByteEdits> {
+    use proptest::prelude::*;
+    (
+        prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        prop::option::of(any::<usize>()),
+    )
+        .prop_map(|(flips, cut)| ByteEdits { flips, cut })
 }
 
 /// The system allocator refusing any single allocation over `LIMIT` bytes, so an input

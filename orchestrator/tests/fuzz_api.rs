@@ -21,7 +21,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use prost::Message as _;
 use serde_json::{Value, json};
-use specllava_harness::fuzz::CappedAlloc;
+use specllava_harness::fuzz::{CappedAlloc, byte_edits};
 use specllava_model::{ChatTemplate, ImageLimits, LlavaTokenizer, Message, decode_image};
 use specllava_proto::v1 as pb;
 
@@ -86,26 +86,6 @@ fn text() -> impl Strategy<Value = String> {
         Just("a".repeat(300)),
     ];
     prop::collection::vec(piece, 0..6).prop_map(|v| v.concat())
-}
-
-fn flips() -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>)> {
-    (
-        prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
-        prop::option::of(any::<usize>()),
-    )
-}
-
-fn mutate(mut bytes: Vec<u8>, (edits, cut): &(Vec<(usize, u8)>, Option<usize>)) -> Vec<u8> {
-    if !bytes.is_empty() {
-        let n = bytes.len();
-        for &(i, b) in edits {
-            bytes[i % n] ^= b;
-        }
-    }
-    if let Some(c) = cut {
-        bytes.truncate(c % (bytes.len() + 1));
-    }
-    bytes
 }
 
 /// Mostly in range (so later steps are reached), sometimes at or past the edges.
@@ -200,15 +180,15 @@ fn fuzz_grpc_generate_request() {
     let last = prop::option::of(0u32..40_000);
     let (mut runner, n) = runner();
     runner
-        .run(&(req, flips(), raw, last), |(r, f, raw, last)| {
-            let bytes = mutate(r.encode_to_vec(), &f);
+        .run(&(req, byte_edits(), raw, last), |(r, f, raw, last)| {
+            let bytes = f.apply(r.encode_to_vec());
             validate_generate(&p, r, last);
             for b in [bytes, raw] {
                 if let Ok(d) = pb::GenerateRequest::decode(&b[..]) {
                     validate_generate(&p, d, last);
                 }
             }
-            let _ = pb::CreateSessionRequest::decode(&mutate(vec![0x0a, 3, 1, 2, 3], &f)[..]);
+            let _ = pb::CreateSessionRequest::decode(&f.apply(vec![0x0a, 3, 1, 2, 3])[..]);
             Ok(())
         })
         .unwrap();
@@ -352,10 +332,10 @@ fn fuzz_http_chat_request() {
     let raw = prop::collection::vec(any::<u8>(), 0..200);
     let (mut runner, n) = runner();
     runner
-        .run(&(chat_body(), flips(), raw), |(body, f, raw)| {
+        .run(&(chat_body(), byte_edits(), raw), |(body, f, raw)| {
             let bytes = serde_json::to_vec(&body).unwrap();
             validate_chat(&p, &bytes);
-            validate_chat(&p, &mutate(bytes, &f));
+            validate_chat(&p, &f.apply(bytes));
             validate_chat(&p, &raw);
             Ok(())
         })

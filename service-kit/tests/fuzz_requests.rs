@@ -12,7 +12,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use prost::Message;
-use specllava_harness::fuzz::CappedAlloc;
+use specllava_harness::fuzz::{CappedAlloc, byte_edits};
 use specllava_model::{Device, ImageLimits, Llava};
 use specllava_proto::v1 as pb;
 use specllava_service_kit::convert::{
@@ -91,34 +91,13 @@ fn verify_request() -> impl Strategy<Value = pb::VerifyRequest> {
         })
 }
 
-/// Flips or cuts an encoding.
-fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], cut: Option<usize>) -> Vec<u8> {
-    if !bytes.is_empty() {
-        let n = bytes.len();
-        for &(i, b) in edits {
-            bytes[i % n] ^= b;
-        }
-    }
-    if let Some(c) = cut {
-        bytes.truncate(c % (bytes.len() + 1));
-    }
-    bytes
-}
-
-fn edits() -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>)> {
-    (
-        prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
-        prop::option::of(any::<usize>()),
-    )
-}
-
 #[test]
 fn fuzz_verify_request() {
     let (mut runner, n) = runner();
     runner
-        .run(&(verify_request(), edits()), |(r, (e, cut))| {
+        .run(&(verify_request(), byte_edits()), |(r, e)| {
             validate_verify(r.clone());
-            if let Ok(d) = pb::VerifyRequest::decode(&mutate(r.encode_to_vec(), &e, cut)[..]) {
+            if let Ok(d) = pb::VerifyRequest::decode(&e.apply(r.encode_to_vec())[..]) {
                 validate_verify(d);
             }
             Ok(())
@@ -148,8 +127,8 @@ fn fuzz_speculate_request() {
             draft_ahead: true,
         });
     runner
-        .run(&(req, edits()), |(r, (e, cut))| {
-            let bytes = mutate(r.encode_to_vec(), &e, cut);
+        .run(&(req, byte_edits()), |(r, e)| {
+            let bytes = e.apply(r.encode_to_vec());
             if let Ok(d) = pb::SpeculateRequest::decode(&bytes[..]) {
                 // A known mode converts with the depth asked for; an unknown one is refused.
                 if let Ok(p) = draft_params_from_proto(d.params) {
@@ -256,8 +235,8 @@ fn fuzz_prefill_validation() {
     let (mut runner, n) = runner();
     let prefilled = std::cell::Cell::new(0);
     runner
-        .run(&(req, edits()), |(r, (e, cut))| {
-            let bytes = mutate(r.encode_to_vec(), &e, cut);
+        .run(&(req, byte_edits()), |(r, e)| {
+            let bytes = e.apply(r.encode_to_vec());
             for r in [Some(r), pb::OpenSessionRequest::decode(&bytes[..]).ok()]
                 .into_iter()
                 .flatten()
