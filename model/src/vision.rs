@@ -168,6 +168,7 @@ impl VisionTower {
                 }
             }
             Encoder::Cpu(layers) => {
+                let _hold = crate::cpu::pool::hold();
                 let shape = x.dims().to_vec();
                 let (images, seq) = (shape[0], shape[1]);
                 let mut rows = x.flatten_all()?.to_vec1::<f32>()?;

@@ -797,6 +797,7 @@ impl Engine {
                 turn.finish = pb::FinishReason::Length;
                 break;
             }
+            let step_started = Instant::now();
             let proposal = self.draft_step(conv, turn, room).await;
             let Some(verified) = self.verify_step(conv, turn, &proposal).await? else {
                 // The target session was recovered: draft and verify again.
@@ -806,8 +807,25 @@ impl Engine {
                 turn.finish = pb::FinishReason::Length;
                 break;
             }
+            let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
+            let draft_ns = draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0);
             self.record_step(turn, proposal, &verified);
-            if self.emit(conv, turn, &verified.resp, tx).await? == Flow::Stop {
+            let emit_started = Instant::now();
+            let flow = self.emit(conv, turn, &verified.resp, tx).await?;
+            // Where a step's time goes (`RUST_LOG=orchestrator=debug`), in microseconds.
+            tracing::debug!(
+                nodes,
+                emitted = verified.resp.emitted.len(),
+                draft_rtt_us = draft_rtt_ns / 1000,
+                draft_us = draft_ns / 1000,
+                verify_rtt_us = verified.rtt_ns / 1000,
+                target_us = verified.resp.total_ns / 1000,
+                forward_us = verified.resp.forward_ns / 1000,
+                emit_us = emit_started.elapsed().as_micros() as u64,
+                step_us = step_started.elapsed().as_micros() as u64,
+                "step timing"
+            );
+            if flow == Flow::Stop {
                 break;
             }
         }

@@ -252,6 +252,8 @@ impl CpuDecoder {
         let h = self.hidden;
         let total: usize = segments.iter().map(|s| s.n).sum();
         debug_assert_eq!(x.len(), total * h);
+        // The pool's workers stay awake for this forward's products only.
+        let _hold = super::pool::hold();
         let q_dim = heads * head_dim;
         let kv_dim = kv_heads * head_dim;
         let qkv_dim = q_dim + 2 * kv_dim;

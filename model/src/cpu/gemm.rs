@@ -428,7 +428,7 @@ mod avx2 {
     use super::{PANEL, TileAcc};
 
     /// Elements ahead of the current k row that the kernel prefetches.
-    const PREFETCH_AHEAD: usize = 16 * PANEL;
+    const PREFETCH_AHEAD: usize = 64 * PANEL;
 
     /// How 8 stored weights become 8 f32 lanes.
     pub trait Widen {
@@ -555,7 +555,7 @@ mod avx512 {
     use super::{PANEL, TileAcc};
 
     /// Elements ahead of the current k row that the kernel prefetches.
-    const PREFETCH_AHEAD: usize = 16 * PANEL;
+    const PREFETCH_AHEAD: usize = 64 * PANEL;
 
     /// How 16 stored weights become 16 f32 lanes.
     pub trait Widen {

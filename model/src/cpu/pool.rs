@@ -1,9 +1,13 @@
 //! The worker threads that share the large products of a forward pass.
 //!
 //! One process-wide pool of `threads() - 1` workers; the calling thread takes a share too. A
-//! forward pass runs dozens of products a few microseconds apart, so after each job the
-//! workers keep polling for [`SPIN`] before they sleep on a condition variable: the products of
-//! one forward hand work over without a system call, and an idle service leaves the cores alone.
+//! forward pass runs dozens of products a few microseconds apart, so while a forward holds the
+//! pool ([`hold`]) the workers poll for the next job instead of sleeping: the products of one
+//! forward hand work over without a system call. Once no forward holds it, a worker polls for
+//! only [`GRACE`] and then sleeps on a condition variable, so the cores go to whatever runs
+//! between forwards (the service's network threads, another process on the same machine)
+//! instead of a spinning thread. Taking a hold wakes sleeping workers, so they are awake by
+//! the forward's first product.
 //!
 //! Parts are claimed from one atomic word, so the pool needs no per-job allocation. A call made
 //! while the pool is busy (another thread's forward, or a nested call) runs its parts on the
@@ -15,8 +19,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker polls for the next job before it sleeps.
-const SPIN: Duration = Duration::from_micros(100);
+/// How long an idle worker polls for the next job when no forward holds the pool (the next
+/// forward of a burst, e.g. the draft's next level, often follows within microseconds).
+const GRACE: Duration = Duration::from_micros(20);
+
+/// Keeps the pool's workers polling for jobs (instead of sleeping) until dropped: taken by a
+/// forward pass around its products. Holds nest and may be taken by several threads.
+#[must_use = "the workers poll only while the hold lives"]
+pub struct Hold(());
+
+/// Takes a [`Hold`] on the pool, waking its sleeping workers.
+pub fn hold() -> Hold {
+    let pool = pool();
+    if pool.holds.fetch_add(1, Ordering::SeqCst) == 0 && pool.sleepers.load(Ordering::SeqCst) > 0 {
+        let _guard = pool.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+        pool.wake.notify_all();
+    }
+    Hold(())
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        pool().holds.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Threads the CPU products use: `SPECLLAVA_CPU_THREADS` if set, else every available core.
 pub fn threads() -> usize {
@@ -67,6 +93,8 @@ struct Pool {
     done: AtomicUsize,
     panicked: AtomicBool,
     sleepers: AtomicUsize,
+    /// Live [`Hold`]s.
+    holds: AtomicUsize,
     sleep_lock: Mutex<()>,
     wake: Condvar,
 }
@@ -92,6 +120,7 @@ fn pool() -> &'static Pool {
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            holds: AtomicUsize::new(0),
             sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
         }));
@@ -181,7 +210,10 @@ impl Pool {
             let mut polls = 0u32;
             while !self.has_work() {
                 polls += 1;
-                if polls.is_multiple_of(64) && idle_since.elapsed() > SPIN {
+                if polls.is_multiple_of(64)
+                    && self.holds.load(Ordering::Relaxed) == 0
+                    && idle_since.elapsed() > GRACE
+                {
                     self.sleep_until_work();
                     break;
                 }
@@ -193,7 +225,7 @@ impl Pool {
     fn sleep_until_work(&self) {
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
-        while !self.has_work() {
+        while !self.has_work() && self.holds.load(Ordering::SeqCst) == 0 {
             guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
         }
         drop(guard);
@@ -233,6 +265,31 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 4 * 3);
+    }
+
+    #[test]
+    fn jobs_run_under_nested_and_concurrent_holds_and_after_them() {
+        let n = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let _outer = hold();
+                    for _ in 0..20 {
+                        let _inner = hold();
+                        parallel_for(4, &|_| {
+                            n.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        // Released (unless another test holds the pool): the workers may sleep, and the
+        // next job wakes them.
+        std::thread::sleep(GRACE * 5);
+        parallel_for(4, &|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 3 * 20 * 4 + 4);
     }
 
     #[test]
