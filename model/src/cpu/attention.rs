@@ -138,11 +138,13 @@ multiversion! {
         out: &mut [f32],
     ) {
         let stride = kv_heads * head_dim;
+        let offset = g * head_dim;
         let scale = (head_dim as f32).powf(-0.5);
         let (prefix, extra) = visible.row(row);
         scores.clear();
+        // Plain loops, not closures: closures are not compiled with `fast`'s target features.
         for j in (0..prefix).chain(extra.iter().copied()) {
-            scores.push(dot_inline(q, &keys[j * stride + g * head_dim..][..head_dim]) * scale);
+            scores.push(dot_inline(q, &keys[j * stride + offset..][..head_dim]) * scale);
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for s in scores.iter_mut() {
@@ -150,9 +152,67 @@ multiversion! {
         }
         exp_inline(scores);
         let sum: f32 = scores.iter().sum();
-        out.fill(0.0);
-        for (j, &e) in (0..prefix).chain(extra.iter().copied()).zip(scores.iter()) {
-            axpy_inline(e / sum, &values[j * stride + g * head_dim..][..head_dim], out);
+        // The softmax weights, divided all at once (the same bits as one at a time).
+        for s in scores.iter_mut() {
+            *s /= sum;
+        }
+        let rows = Visible { prefix, extra, stride, offset };
+        match head_dim {
+            32 => weighted_sum::<32>(scores, values, rows, out),
+            48 => weighted_sum::<48>(scores, values, rows, out),
+            64 => weighted_sum::<64>(scores, values, rows, out),
+            _ => {
+                out.fill(0.0);
+                for (j, &w) in rows.iter().zip(scores.iter()) {
+                    axpy_inline(w, &values[j * stride + offset..][..head_dim], out);
+                }
+            }
         }
     }
+}
+
+/// The value rows one query head reads: `prefix` rows, then `extra`, `stride` apart, the
+/// head's columns starting at `offset`.
+#[derive(Clone, Copy)]
+struct Visible<'a> {
+    prefix: usize,
+    extra: &'a [usize],
+    stride: usize,
+    offset: usize,
+}
+
+impl Visible<'_> {
+    /// The visible row indices in order.
+    #[inline(always)]
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.prefix).chain(self.extra.iter().copied())
+    }
+}
+
+/// `out = sum_j weights[j] * values[row j]`, accumulated in registers (a head of `D`
+/// columns), each column one multiply-add chain over the rows in order: the same bits as
+/// [`axpy_inline`] into a zeroed `out`.
+#[inline(always)]
+fn weighted_sum<const D: usize>(
+    weights: &[f32],
+    values: &[f32],
+    rows: Visible<'_>,
+    out: &mut [f32],
+) {
+    let mut acc = [0f32; D];
+    // Row j's weight and index, prefix rows first.
+    let (head, tail) = weights.split_at(rows.prefix);
+    let indexed = head
+        .iter()
+        .enumerate()
+        .chain(rows.extra.iter().copied().zip(tail));
+    for (j, &w) in indexed {
+        let v: &[f32; D] = values[j * rows.stride + rows.offset..][..D]
+            .try_into()
+            .expect("a head's columns");
+        for d in 0..D {
+            acc[d] = w.mul_add(v[d], acc[d]);
+        }
+    }
+    out.copy_from_slice(&acc);
 }
