@@ -4,6 +4,7 @@
 //! forwards of concurrent sessions.
 //!
 //! - [`config`]: flags (every flag is also an environment variable).
+//! - [`calibration`]: the start-up cost-per-level measurement reported by `Info`.
 //! - [`session`]: per-session state and resynchronisation with the history.
 //! - [`run`]: one tree being drafted, level by level.
 //! - [`ahead`]: draft-ahead, pre-drafting the likely next tree in spare time.
@@ -13,6 +14,7 @@
 //! - [`error`]: the error type and its mapping to gRPC status.
 
 pub mod ahead;
+pub mod calibration;
 pub mod config;
 pub mod error;
 pub mod run;
@@ -23,6 +25,8 @@ pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use specllava_proto::v1::draft_server::DraftServer;
 use specllava_service_kit::{BatchLimits, load_model, serve_grpc};
@@ -38,6 +42,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let tls = args.server.tls.load()?;
     let loaded = load_model("draft", &args.model_dir, &args.server).await?;
     let max_context = loaded.max_context;
+    let level_costs = if args.server.calibrate {
+        let m = Arc::clone(&loaded.model);
+        let costs = tokio::task::spawn_blocking(move || calibration::measure_level_costs(&m))
+            .await?
+            .context("measuring the cost per draft level")?;
+        let summary: Vec<String> = costs
+            .iter()
+            .map(|c| format!("{}:{:.3}ms", c.rows, c.forward_ns as f64 / 1e6))
+            .collect();
+        tracing::info!(costs = %summary.join(" "), "cost per draft level measured (rows fed)");
+        costs
+    } else {
+        Vec::new()
+    };
     let batch = BatchLimits {
         max_jobs: args.max_batch_sessions.max(1),
         max_cost: usize::MAX,
@@ -57,7 +75,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_budget: args.max_budget,
     };
     let dead = sessions.worker().stopped();
-    let svc = service::DraftService::new(sessions, limits, loaded.info);
+    let svc = service::DraftService::new(sessions, limits, loaded.info, level_costs);
     tracing::info!(max_context, "draft service ready");
     let server = DraftServer::new(svc).max_decoding_message_size(args.server.max_message_bytes);
     serve_grpc(

@@ -39,20 +39,23 @@ pub struct DraftService {
     sessions: SessionRpc<DraftBackend>,
     limits: RequestLimits,
     model_info: pb::ModelInfo,
+    level_costs: Vec<pb::LevelCost>,
 }
 
 impl DraftService {
     /// A service over `sessions` (the draft model's session worker); `Info` reports
-    /// `model_info`.
+    /// `model_info` and `level_costs` (the start-up measurement, possibly empty).
     pub fn new(
         sessions: SessionRpc<DraftBackend>,
         limits: RequestLimits,
         model_info: pb::ModelInfo,
+        level_costs: Vec<pb::LevelCost>,
     ) -> Self {
         Self {
             sessions,
             limits,
             model_info,
+            level_costs,
         }
     }
 }
@@ -162,6 +165,7 @@ specllava_service_kit::model_service! {
                 max_depth: self.limits.max_depth as u32,
                 max_branching: self.limits.max_branching as u32,
                 max_budget: self.limits.max_budget as u32,
+                level_costs: self.level_costs.clone(),
             }))
         }
     }

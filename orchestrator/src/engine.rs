@@ -160,8 +160,11 @@ pub struct Engine {
     target_batch: AtomicU64,
     /// Whether draft-ahead pays here, measured on the turns the policy shapes.
     ahead_gate: Mutex<AheadGate>,
-    /// Whether the policy's draft cost has been measured on a draft yet.
+    /// Whether the policy's draft cost has been measured on a draft yet (its start-up
+    /// calibration or a drafted step).
     draft_cost_measured: AtomicBool,
+    /// Whether the policy's draft cost comes from a draft replica's start-up measurement.
+    draft_cost_calibrated: AtomicBool,
     /// Adaptive turns that would have gone without a draft (see
     /// [`PlanConfig::explore_turns`]).
     undrafted_turns: AtomicU64,
@@ -319,6 +322,7 @@ impl Engine {
             target_batch: AtomicU64::new(1.0f64.to_bits()),
             ahead_gate: Mutex::new(AheadGate::default()),
             draft_cost_measured: AtomicBool::new(false),
+            draft_cost_calibrated: AtomicBool::new(false),
             undrafted_turns: AtomicU64::new(0),
             active_turns: Arc::new(AtomicUsize::new(0)),
             cfg: parts.cfg,
@@ -365,6 +369,9 @@ impl Engine {
             {
                 let _ = self.reference.set(m.clone());
                 self.adopt_verify_costs(r, &t.verify_costs);
+            }
+            if let ReplicaInfo::Draft(d) = info {
+                self.adopt_level_costs(r, &d.level_costs);
             }
             return Ok(info);
         }
@@ -445,6 +452,35 @@ impl Engine {
                 self.verify_cost_measured.store(false, Ordering::SeqCst);
                 tracing::warn!(replica = %r.addr, error = %e, "ignoring the target's verify cost report");
             }
+        }
+    }
+
+    /// Replaces the budget policy's draft-cost prior by the first draft replica's start-up
+    /// measurement of its cost per level (online updates refine it from then on).
+    fn adopt_level_costs(&self, r: &Replica, costs: &[pb::LevelCost]) {
+        if costs.is_empty() || self.draft_cost_calibrated.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let points: Vec<(usize, f64)> = costs
+            .iter()
+            .map(|c| (c.rows as usize, c.forward_ns as f64))
+            .collect();
+        let fitted = self.policy.lock().map(|mut policy| {
+            policy
+                .cost
+                .calibrate_draft(&points)
+                .map(|()| (policy.cost.draft_level_ns, policy.cost.draft_node_ns))
+        });
+        match fitted {
+            Ok(Ok((level_ns, node_ns))) => {
+                self.draft_cost_measured.store(true, Ordering::Relaxed);
+                tracing::info!(replica = %r.addr, points = costs.len(), level_ns, node_ns, "budget policy uses the draft's measured cost per level");
+            }
+            Ok(Err(e)) => {
+                self.draft_cost_calibrated.store(false, Ordering::SeqCst);
+                tracing::warn!(replica = %r.addr, error = %e, "ignoring the draft's cost report");
+            }
+            Err(_) => self.draft_cost_calibrated.store(false, Ordering::SeqCst),
         }
     }
 

@@ -265,6 +265,7 @@ impl ReplicaApi for Fake {
             max_depth: 16,
             max_branching: 16,
             max_budget: 255,
+            level_costs: Vec::new(),
         })
     }
 

@@ -55,6 +55,11 @@ pub struct ModelServerArgs {
     /// TLS of the gRPC endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,
+    /// Measure this replica's forward cost at start-up and report it through `Info` (the
+    /// orchestrator's budget policy starts from it: the target's verify cost, the draft's
+    /// cost per level); `false` skips those forwards.
+    #[arg(long, env = "SPECLLAVA_CALIBRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub calibrate: bool,
 }
 
 impl ModelServerArgs {

@@ -141,6 +141,9 @@ impl VerifyCostTable {
     }
 }
 
+/// Online draft measurements a start-up calibration of the draft cost counts as.
+pub const CALIBRATION_WEIGHT: u64 = 16;
+
 /// Measured costs of one speculative step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CostModel {
@@ -178,6 +181,46 @@ impl CostModel {
             draft_observations: 0,
             overhead_observations: 0,
         }
+    }
+
+    /// Sets the draft cost from a start-up measurement of one level's time by rows fed
+    /// (`(rows, ns)` points): the least-squares line `level + rows * node`, both parts kept
+    /// non-negative. Later measurements refine it as if it had been learnt from
+    /// [`CALIBRATION_WEIGHT`] of them (a slow first request does not undo it).
+    pub fn calibrate_draft(&mut self, points: &[(usize, f64)]) -> Result<(), CostError> {
+        if let Some(&(_, bad)) = points.iter().find(|(_, ns)| !ns.is_finite() || *ns < 0.0) {
+            return Err(CostError::BadCost(bad));
+        }
+        if points.is_empty() {
+            return Err(CostError::EmptyAxis("rows"));
+        }
+        let n = points.len() as f64;
+        let mean_r = points.iter().map(|&(r, _)| r as f64).sum::<f64>() / n;
+        let mean_t = points.iter().map(|&(_, t)| t).sum::<f64>() / n;
+        let var: f64 = points
+            .iter()
+            .map(|&(r, _)| (r as f64 - mean_r).powi(2))
+            .sum();
+        if var == 0.0 {
+            return Err(CostError::EmptyAxis("second distinct rows"));
+        }
+        let cov: f64 = points
+            .iter()
+            .map(|&(r, t)| (r as f64 - mean_r) * (t - mean_t))
+            .sum();
+        let (mut level, mut node) = (mean_t - cov / var * mean_r, cov / var);
+        if node < 0.0 {
+            (level, node) = (mean_t, 0.0);
+        } else if level < 0.0 {
+            // Through the origin.
+            let rr: f64 = points.iter().map(|&(r, _)| (r * r) as f64).sum();
+            let rt: f64 = points.iter().map(|&(r, t)| r as f64 * t).sum();
+            (level, node) = (0.0, rt / rr);
+        }
+        self.draft_level_ns = level;
+        self.draft_node_ns = node;
+        self.draft_observations = CALIBRATION_WEIGHT;
+        Ok(())
     }
 
     /// Update rate of the `n`-th measurement (1-based): a mean at first, then `alpha`.

@@ -242,3 +242,38 @@ fn a_draft_prior_far_off_is_forgotten_within_a_few_measurements() {
         assert!((got - want).abs() < 0.35 * want, "{got} vs {want}");
     }
 }
+
+#[test]
+fn a_calibrated_draft_cost_fits_the_measured_levels_and_outlasts_one_slow_request() {
+    let table = VerifyCostTable::constant(1e6).unwrap();
+    let mut cost = CostModel::new(2e6, 1e5, table);
+    // A level costs 20 us plus 3 us a row fed.
+    let points: Vec<(usize, f64)> = [1, 2, 4, 8, 16, 32]
+        .iter()
+        .map(|&r| (r, 2e4 + 3e3 * r as f64))
+        .collect();
+    cost.calibrate_draft(&points).unwrap();
+    assert!(
+        (cost.draft_level_ns - 2e4).abs() < 1.0,
+        "{}",
+        cost.draft_level_ns
+    );
+    assert!(
+        (cost.draft_node_ns - 3e3).abs() < 0.1,
+        "{}",
+        cost.draft_node_ns
+    );
+    // A first request ten times slower (cold caches) moves the fit, not by ten times.
+    cost.observe_draft(1, 2, 10.0 * (2e4 + 6e3));
+    assert!(
+        cost.draft_ns(1, 2) < 2.0 * (2e4 + 6e3),
+        "{}",
+        cost.draft_ns(1, 2)
+    );
+    // Flat or falling times give a non-negative split; bad reports are refused.
+    cost.calibrate_draft(&[(1, 5e4), (8, 4e4)]).unwrap();
+    assert!(cost.draft_level_ns > 0.0 && cost.draft_node_ns == 0.0);
+    assert!(cost.calibrate_draft(&[(4, 1e4)]).is_err());
+    assert!(cost.calibrate_draft(&[]).is_err());
+    assert!(cost.calibrate_draft(&[(1, f64::NAN), (2, 1.0)]).is_err());
+}

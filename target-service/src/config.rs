@@ -30,10 +30,6 @@ pub struct Args {
     /// Maximum depth of one tree (levels below the root).
     #[arg(long, env = "SPECLLAVA_MAX_TREE_DEPTH", default_value_t = 32)]
     pub max_tree_depth: usize,
-    /// Measure the verify cost at start-up and report it through `Info` (the
-    /// orchestrator's budget policy starts from it); `false` skips its ~140 forwards.
-    #[arg(long, env = "SPECLLAVA_CALIBRATE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub calibrate: bool,
     /// Flags shared with the draft service.
     #[command(flatten)]
     pub server: ModelServerArgs,

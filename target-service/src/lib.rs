@@ -39,7 +39,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_cost: args.max_batch_nodes.max(1),
         max_wait: Duration::from_micros(args.max_batch_wait_us),
     };
-    let verify_costs = if args.calibrate {
+    let verify_costs = if args.server.calibrate {
         let m = Arc::clone(&model);
         let costs = tokio::task::spawn_blocking(move || calibration::measure_verify_costs(&m))
             .await?

@@ -1,0 +1,36 @@
+//! Start-up measurement of this replica's cost per draft level on its own device, reported
+//! by the `Info` RPC so that the orchestrator's budget policy starts from real numbers
+//! instead of a static prior (a first request's time, with its cold caches, is a poor one).
+
+use specllava_model::{ForwardTimer, Llava, ModelError};
+use specllava_proto::v1 as pb;
+
+/// Rows fed per level measured (a level's frontier: 1 for a chain, up to K x K for trees).
+const ROWS: [usize; 6] = [1, 2, 4, 8, 16, 32];
+/// Prompt rows on top of the image tokens in the timed session's prefix.
+const PROMPT_ROWS: usize = 32;
+/// Timed forwards per point (the median is reported), after one warm-up.
+const REPS: usize = 7;
+
+/// Times one draft level for every row count of [`ROWS`] that fits the model's context
+/// (none fitting: an empty result).
+pub fn measure_level_costs(model: &Llava) -> Result<Vec<pb::LevelCost>, ModelError> {
+    let prefix_len = model.num_image_tokens() + PROMPT_ROWS;
+    let max_positions = model.config().text.max_position_embeddings;
+    let rows: Vec<usize> = ROWS
+        .into_iter()
+        .filter(|r| prefix_len + r <= max_positions)
+        .collect();
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut timer = ForwardTimer::new(model, 1, prefix_len)?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(pb::LevelCost {
+                rows: r as u32,
+                forward_ns: timer.time_level(r, REPS)? as u64,
+            })
+        })
+        .collect()
+}
