@@ -144,8 +144,14 @@ impl Ahead {
     }
 
     /// Matches the pre-draft against a request reporting `emitted` tokens for the path
-    /// `accepted_path` and asking for a tree shaped `params`.
-    pub fn redeem(self, emitted: &[u32], accepted_path: &[u32], params: &DraftParams) -> Redeemed {
+    /// `accepted_path` and asking for a tree shaped `params` (`None`: any shape, for a caller
+    /// that is verifying the pre-drafted tree already).
+    pub fn redeem(
+        self,
+        emitted: &[u32],
+        accepted_path: &[u32],
+        params: Option<&DraftParams>,
+    ) -> Redeemed {
         let Stage::Tree(run) = self.stage else {
             // The request came before the leaf probe: no guess was made.
             return Redeemed::Late;
@@ -154,10 +160,12 @@ impl Ahead {
             return Redeemed::Miss;
         }
         let shape = run.params();
-        let fits = shape.mode == params.mode
-            && shape.depth <= params.depth
-            && shape.budget <= params.budget
-            && shape.branching <= params.branching.max(1);
+        let fits = params.is_none_or(|params| {
+            shape.mode == params.mode
+                && shape.depth <= params.depth
+                && shape.budget <= params.budget
+                && shape.branching <= params.branching.max(1)
+        });
         Redeemed::Hit {
             commit_rows: self.guess.commit_rows,
             root: *run.feed().last().expect("the feed ends with the root"),
@@ -219,14 +227,14 @@ mod tests {
         a.spent_ns = 9;
         let p = DraftParams::chain(3);
         assert!(matches!(
-            a.clone().redeem(&[11, 12, 78], &[0, 1, 3], &p),
+            a.clone().redeem(&[11, 12, 78], &[0, 1, 3], Some(&p)),
             Redeemed::Miss
         ));
         assert!(matches!(
-            a.clone().redeem(&[11, 40], &[0, 1], &p),
+            a.clone().redeem(&[11, 40], &[0, 1], Some(&p)),
             Redeemed::Miss
         ));
-        match a.clone().redeem(&[11, 12, 77], &[0, 1, 3], &p) {
+        match a.clone().redeem(&[11, 12, 77], &[0, 1, 3], Some(&p)) {
             Redeemed::Hit {
                 commit_rows,
                 run,
@@ -239,9 +247,17 @@ mod tests {
             }
             other => panic!("a hit, not {other:?}"),
         }
-        // A smaller shape asked for: the guess was right but the tree is not usable.
-        match a.redeem(&[11, 12, 77], &[0, 1, 3], &DraftParams::chain(2)) {
+        // A smaller shape asked for: the guess was right but the tree is not usable...
+        match a
+            .clone()
+            .redeem(&[11, 12, 77], &[0, 1, 3], Some(&DraftParams::chain(2)))
+        {
             Redeemed::Hit { run, .. } => assert!(run.is_none()),
+            other => panic!("a hit, not {other:?}"),
+        }
+        // ... unless the caller is verifying it already.
+        match a.redeem(&[11, 12, 77], &[0, 1, 3], None) {
+            Redeemed::Hit { run, .. } => assert!(run.is_some()),
             other => panic!("a hit, not {other:?}"),
         }
     }
@@ -259,7 +275,7 @@ mod tests {
         // Before the leaf probe, nothing is guessed yet.
         let a = Ahead::start(&tree(), DraftParams::chain(3)).unwrap();
         assert!(matches!(
-            a.redeem(&[11, 12, 77], &[0, 1, 3], &DraftParams::chain(3)),
+            a.redeem(&[11, 12, 77], &[0, 1, 3], Some(&DraftParams::chain(3))),
             Redeemed::Late
         ));
     }

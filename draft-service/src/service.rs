@@ -129,17 +129,24 @@ specllava_service_kit::model_service! {
                             accepted_path: msg.accepted_path,
                             params,
                             draft_ahead: msg.draft_ahead,
+                            answer_ahead: msg.answer_ahead,
                             span: tracing::Span::current(),
                         };
                         let reply = match worker.submit(job).await {
-                            Ok(d) => Ok(pb::DraftTree {
-                                tree: Some(tree_to_proto(&d.tree)),
-                                levels: d.levels,
-                                drafted_nodes: d.drafted_nodes,
-                                draft_ns: d.draft_ns,
-                                ahead: ahead_to_proto(d.ahead) as i32,
-                                ahead_ns: d.ahead_ns,
-                            }),
+                            Ok(d) => {
+                                let (assumed_path, assumed_emitted) =
+                                    d.assumed.unwrap_or_default();
+                                Ok(pb::DraftTree {
+                                    tree: Some(tree_to_proto(&d.tree)),
+                                    levels: d.levels,
+                                    drafted_nodes: d.drafted_nodes,
+                                    draft_ns: d.draft_ns,
+                                    ahead: ahead_to_proto(d.ahead) as i32,
+                                    ahead_ns: d.ahead_ns,
+                                    assumed_path,
+                                    assumed_emitted,
+                                })
+                            }
                             Err(e) => Err(Status::from(e)),
                         };
                         let failed = reply.is_err();

@@ -5,7 +5,10 @@
 //! all of them. When the queue is empty, the worker's spare time goes to draft-ahead
 //! ([`crate::ahead`]): the sessions just answered pre-draft their likely next tree, one
 //! batched level per idle slot, so a waiting request is never held up by more than one
-//! level. Sessions, the queue and batch collection are the generic worker's
+//! level. A request may instead ask for that pre-draft outright (`answer_ahead`, pipelined
+//! speculation): its job drafts (or redeems) the tree for its root, treats it as sent and
+//! runs the pre-draft after it as part of the job, then answers with the pre-draft and the
+//! outcome it assumes. Sessions, the queue and batch collection are the generic worker's
 //! ([`specllava_service_kit::worker`]).
 
 use std::collections::VecDeque;
@@ -75,6 +78,9 @@ pub struct SpeculateJob {
     pub params: DraftParams,
     /// Pre-draft the likely next tree after answering (if the replica allows it).
     pub draft_ahead: bool,
+    /// Answer with the pre-draft after the tree for the root instead of that tree (the
+    /// caller verifies that tree meanwhile; see the module docs).
+    pub answer_ahead: bool,
     /// The caller's span: the worker's `draft.tree` span for this job is its child, so
     /// drafting shows up in the request's trace.
     pub span: tracing::Span,
@@ -107,6 +113,10 @@ pub struct Drafted {
     pub ahead: AheadOutcome,
     /// Spare-time drafting this tree holds (a hit's pre-drafted levels).
     pub ahead_ns: u64,
+    /// For `answer_ahead`: the verification outcome of the sent tree this pre-draft
+    /// assumes, `(accepted path, emitted tokens)`; `None` when nothing could be guessed
+    /// (the tree answered is then the sent one, not a pre-draft).
+    pub assumed: Option<(Vec<u32>, Vec<u32>)>,
 }
 
 impl BatchJob for SpeculateJob {
@@ -115,12 +125,27 @@ impl BatchJob for SpeculateJob {
     }
 }
 
+/// What a job is drafting.
+enum Phase {
+    /// The tree for the request's root.
+    Tree(DraftRun),
+    /// (`answer_ahead`) The pre-draft after the tree sent for the root.
+    Ahead(Ahead),
+    /// (`answer_ahead`) Nothing to pre-draft after the sent tree.
+    Nothing,
+}
+
 /// One session being drafted for a request.
 struct Job {
     id: String,
     session: DraftSession,
-    run: DraftRun,
+    phase: Phase,
+    /// Forwards run for this job.
+    levels: u32,
+    /// Pending row where the level being forwarded starts.
+    level_row: usize,
     draft_ahead: bool,
+    answer_ahead: bool,
     ahead: AheadOutcome,
     ahead_ns: u64,
     started: Instant,
@@ -222,10 +247,24 @@ impl DraftBackend {
                 return None;
             }
         };
+        if job.answer_ahead && job.new_tokens.is_empty() {
+            // The tree for the root was the last answer: go on with its pre-draft (started in
+            // spare time, or now).
+            let phase = match (session.ahead.take(), session.last.as_ref()) {
+                (Some(a), _) => Phase::Ahead(a),
+                (None, Some(last)) => {
+                    Ahead::start(last, job.params).map_or(Phase::Nothing, Phase::Ahead)
+                }
+                (None, None) => Phase::Nothing,
+            };
+            return Some(self.job(job, reply, session, phase, AheadOutcome::None, 0, started));
+        }
+        // A caller answered with the pre-draft verifies it already, whatever shape it has.
+        let shape = (!job.answer_ahead).then_some(&job.params);
         let redeemed = session
             .ahead
             .take()
-            .map(|a| a.redeem(&job.new_tokens, &job.accepted_path, &job.params));
+            .map(|a| a.redeem(&job.new_tokens, &job.accepted_path, shape));
         let (ahead, ahead_ns, pre_drafted) = match self.sync_session(&mut session, &job, redeemed) {
             Ok(x) => x,
             Err(e) => {
@@ -245,29 +284,55 @@ impl DraftBackend {
                 DraftRun::new(session.feed.clone(), None, &params)
             }
         };
-        let p = *run.params();
+        Some(self.job(
+            job,
+            reply,
+            session,
+            Phase::Tree(run),
+            ahead,
+            ahead_ns,
+            started,
+        ))
+    }
+
+    /// A job drafting `phase` for `session`.
+    #[allow(clippy::too_many_arguments)]
+    fn job(
+        &self,
+        job: SpeculateJob,
+        reply: Reply<Drafted, DraftError>,
+        session: DraftSession,
+        phase: Phase,
+        ahead: AheadOutcome,
+        ahead_ns: u64,
+        started: Instant,
+    ) -> Job {
+        let p = job.params;
         let span = tracing::info_span!(
             parent: &job.span,
             "draft.tree",
             depth = p.depth,
             branching = p.branching,
             budget = p.budget,
-            fed = run.feed().len(),
+            answer_ahead = job.answer_ahead,
             ahead = ?ahead,
             levels = tracing::field::Empty,
             drafted_nodes = tracing::field::Empty,
         );
-        Some(Job {
+        Job {
             id: job.session_id,
             session,
-            run,
+            phase,
+            levels: 0,
+            level_row: 0,
             draft_ahead: job.draft_ahead,
+            answer_ahead: job.answer_ahead,
             ahead,
             ahead_ns,
             started,
             reply,
             span,
-        })
+        }
     }
 
     /// Brings the session's KV in line with the history the request reports: on a
@@ -344,8 +409,7 @@ impl DraftBackend {
             let mut active = Vec::with_capacity(jobs.len());
             let mut inputs = Vec::with_capacity(jobs.len());
             for mut job in jobs.drain(..) {
-                let first_row = job.session.kv.pending_len();
-                match job.run.next_level(first_row) {
+                match job.next_level(self.max_context) {
                     Ok(Some(input)) => {
                         inputs.push(input);
                         active.push(job);
@@ -361,7 +425,7 @@ impl DraftBackend {
             match self.forward(kvs, &inputs) {
                 Ok(logits) => {
                     for (mut job, rows) in active.into_iter().zip(logits) {
-                        match job.run.take_logits(&rows) {
+                        match job.take_logits(&rows, self.max_context) {
                             Ok(()) => jobs.push(job),
                             Err(e) => fail_job(sessions, job, e.to_string()),
                         }
@@ -408,28 +472,32 @@ impl DraftBackend {
     /// Answers a job with its tree, puts its session back with the tree's rows pending and,
     /// when asked, starts pre-drafting the next tree.
     fn finish_job(&mut self, sessions: &mut SessionStore<DraftSession>, mut job: Job) {
-        let forwarded = job.run.forwarded();
-        let fed = job.run.feed().len();
-        let levels = job.run.levels();
-        let params = *job.run.params();
-        let (outcome, rows) = job.run.finish();
-        job.session.last = forwarded.then(|| LastTree {
-            tokens: outcome.tree.tokens().to_vec(),
-            parents: outcome.tree.parents().to_vec(),
-            scores: outcome.tree.scores().to_vec(),
-            rows,
-            fed,
-        });
-        if self.draft_ahead && job.draft_ahead {
-            job.session.ahead = job
-                .session
-                .last
-                .as_ref()
-                .and_then(|last| Ahead::start(last, params));
-            if job.session.ahead.is_some() && !self.ahead_queue.contains(&job.id) {
-                self.ahead_queue.push_back(job.id.clone());
+        let (tree, drafted_nodes, assumed) = match std::mem::replace(&mut job.phase, Phase::Nothing)
+        {
+            Phase::Tree(run) => {
+                let params = *run.params();
+                let (tree, drafted) = sent_tree(&mut job.session, run);
+                if self.draft_ahead && job.draft_ahead {
+                    self.start_ahead(&job.id, &mut job.session, params);
+                }
+                (tree, drafted, None)
             }
-        }
+            Phase::Ahead(a) => {
+                let Stage::Tree(run) = &a.stage else {
+                    unreachable!("a finished pre-draft is at its tree")
+                };
+                let (outcome, _) = (**run).clone().finish();
+                let assumed = Some((a.guess.path.clone(), a.guess.emitted.clone()));
+                // Kept for the next request to redeem.
+                job.session.ahead = Some(a);
+                (outcome.tree, outcome.drafted_nodes, assumed)
+            }
+            Phase::Nothing => {
+                let root = job.session.feed.last().copied().unwrap_or_default();
+                (TokenTree::root(root), 0, None)
+            }
+        };
+        let levels = job.levels;
         for evicted in sessions.put_back(&job.id, job.session) {
             tracing::info!(session = %evicted, "session evicted (LRU)");
         }
@@ -438,16 +506,29 @@ impl DraftBackend {
             .draft_latency_seconds
             .observe(draft_time.as_secs_f64());
         job.span.record("levels", levels);
-        job.span.record("drafted_nodes", outcome.drafted_nodes);
+        job.span.record("drafted_nodes", drafted_nodes);
         let drafted = Drafted {
             levels,
-            drafted_nodes: outcome.drafted_nodes as u32,
+            drafted_nodes: drafted_nodes as u32,
             draft_ns: nanos(draft_time),
-            tree: outcome.tree,
+            tree,
             ahead: job.ahead,
             ahead_ns: job.ahead_ns,
+            assumed,
         };
         let _ = job.reply.send(Ok(drafted));
+    }
+
+    /// Starts pre-drafting in spare time after the tree `session` just sent (shaped
+    /// `params`).
+    fn start_ahead(&mut self, id: &str, session: &mut DraftSession, params: DraftParams) {
+        session.ahead = session
+            .last
+            .as_ref()
+            .and_then(|last| Ahead::start(last, params));
+        if session.ahead.is_some() && !self.ahead_queue.iter().any(|q| q == id) {
+            self.ahead_queue.push_back(id.to_owned());
+        }
     }
 
     /// Spare time: advances the pre-drafts of up to `max_ahead_sessions` queued sessions by
@@ -467,11 +548,8 @@ impl DraftBackend {
                 continue; // closed or evicted meanwhile
             };
             let first_row = s.kv.pending_len();
-            let input = match s.ahead.as_mut().map(|a| &mut a.stage) {
-                Some(Stage::Leaf { token, parent_row }) => {
-                    Ok(Some((vec![*token], vec![*parent_row as i32])))
-                }
-                Some(Stage::Tree(run)) => run.next_level(first_row),
+            let input = match s.ahead.as_mut() {
+                Some(a) => ahead_level(a, first_row),
                 None => Ok(None),
             };
             match input {
@@ -498,25 +576,11 @@ impl DraftBackend {
         let share = nanos(started.elapsed()) / picked.len() as u64;
         let room = |s: &DraftSession| self.max_context.saturating_sub(s.kv.used_len() + 1);
         for (i, (id, mut s, first_row)) in picked.into_iter().enumerate() {
+            let committed = s.kv.committed_len();
             let advanced = match (&logits, s.ahead.as_mut()) {
                 (Ok(logits), Some(a)) => {
                     a.spent_ns += share;
-                    match &mut a.stage {
-                        Stage::Leaf { .. } => {
-                            let next = top_k_log_probs(logits[i].last().map_or(&[], |r| r), 1);
-                            match next.first() {
-                                Some(&(next, _)) => {
-                                    let max_depth = self.max_context.saturating_sub(
-                                        s.kv.committed_len() + a.guess.commit_rows.len() + 2,
-                                    );
-                                    a.leaf_forwarded(first_row, next, max_depth);
-                                    true
-                                }
-                                None => false,
-                            }
-                        }
-                        Stage::Tree(run) => run.take_logits(&logits[i]).is_ok(),
-                    }
+                    ahead_logits(a, &logits[i], first_row, committed, self.max_context)
                 }
                 _ => false,
             };
@@ -531,6 +595,107 @@ impl DraftBackend {
             tracing::warn!(error = %e, "pre-draft forward failed; pre-drafts dropped");
         }
         true
+    }
+}
+
+impl Job {
+    /// The next level's input; `None` when the job is complete. An `answer_ahead` job whose
+    /// tree is complete treats it as sent and goes on with the pre-draft after it.
+    fn next_level(&mut self, max_context: usize) -> Result<Option<LevelInput>, DraftError> {
+        self.level_row = self.session.kv.pending_len();
+        if let Phase::Tree(run) = &mut self.phase {
+            let input = run.next_level(self.level_row)?;
+            if input.is_some() || !self.answer_ahead {
+                return Ok(input);
+            }
+            let Phase::Tree(run) = std::mem::replace(&mut self.phase, Phase::Nothing) else {
+                unreachable!("matched above")
+            };
+            let params = *run.params();
+            sent_tree(&mut self.session, run);
+            if let Some(last) = &self.session.last {
+                self.phase = Ahead::start(last, params).map_or(Phase::Nothing, Phase::Ahead);
+            }
+        }
+        let Phase::Ahead(a) = &mut self.phase else {
+            return Ok(None);
+        };
+        let input = ahead_level(a, self.level_row)?;
+        if let Some((tokens, _)) = &input
+            && self.session.kv.used_len() + tokens.len() >= max_context
+        {
+            // No room for the pre-draft: nothing to answer with.
+            self.phase = Phase::Nothing;
+            return Ok(None);
+        }
+        Ok(input)
+    }
+
+    /// Takes the logits of the level [`Job::next_level`] gave.
+    fn take_logits(&mut self, rows: &[Vec<f32>], max_context: usize) -> Result<(), DraftError> {
+        self.levels += 1;
+        let committed = self.session.kv.committed_len();
+        match &mut self.phase {
+            Phase::Tree(run) => run.take_logits(rows),
+            Phase::Ahead(a) => {
+                if !ahead_logits(a, rows, self.level_row, committed, max_context) {
+                    self.phase = Phase::Nothing;
+                }
+                Ok(())
+            }
+            Phase::Nothing => Ok(()),
+        }
+    }
+}
+
+/// Finishes the tree `run` drafted for `session`'s root and records it as the session's last
+/// tree sent (its rows pending); returns the tree and the nodes drafted before pruning.
+fn sent_tree(session: &mut DraftSession, run: DraftRun) -> (TokenTree, usize) {
+    let forwarded = run.forwarded();
+    let fed = run.feed().len();
+    let (outcome, rows) = run.finish();
+    session.last = forwarded.then(|| LastTree {
+        tokens: outcome.tree.tokens().to_vec(),
+        parents: outcome.tree.parents().to_vec(),
+        scores: outcome.tree.scores().to_vec(),
+        rows,
+        fed,
+    });
+    (outcome.tree, outcome.drafted_nodes)
+}
+
+/// The next level of a pre-draft, its rows starting at pending row `first_row`: the leaf
+/// probe, then the tree's levels; `None` when complete.
+fn ahead_level(a: &mut Ahead, first_row: usize) -> Result<Option<LevelInput>, DraftError> {
+    match &mut a.stage {
+        Stage::Leaf { token, parent_row } => Ok(Some((vec![*token], vec![*parent_row as i32]))),
+        Stage::Tree(run) => run.next_level(first_row),
+    }
+}
+
+/// Advances a pre-draft with the logits of its level (which started at pending row
+/// `first_row`, over `committed` rows); false when it cannot go on.
+fn ahead_logits(
+    a: &mut Ahead,
+    rows: &[Vec<f32>],
+    first_row: usize,
+    committed: usize,
+    max_context: usize,
+) -> bool {
+    match &mut a.stage {
+        Stage::Leaf { .. } => {
+            let next = top_k_log_probs(rows.last().map_or(&[], |r| r), 1);
+            match next.first() {
+                Some(&(next, _)) => {
+                    let max_depth =
+                        max_context.saturating_sub(committed + a.guess.commit_rows.len() + 2);
+                    a.leaf_forwarded(first_row, next, max_depth);
+                    true
+                }
+                None => false,
+            }
+        }
+        Stage::Tree(run) => run.take_logits(rows).is_ok(),
     }
 }
 

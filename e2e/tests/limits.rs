@@ -226,6 +226,7 @@ async fn unknown_enums_and_malformed_streams_get_error_statuses() {
             budget: 4,
         }),
         draft_ahead: false,
+        answer_ahead: false,
     };
     let mut trees = draft
         .speculate(tokio_stream::iter(vec![req]))

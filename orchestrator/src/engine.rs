@@ -226,6 +226,9 @@ struct Turn<'a> {
     choice: Option<Choice>,
     /// Draft-ahead arm of the turn's current block of steps (adaptive turns).
     ahead: AheadBlock,
+    /// The draft's pre-draft for the outcome of the tree being verified (pipelined
+    /// speculation), used as the next tree when the target's outcome is the assumed one.
+    pre_draft: Option<PreDraft>,
     finish: pb::FinishReason,
     /// Target re-prefills in the current step.
     recoveries: usize,
@@ -280,6 +283,20 @@ struct Proposal {
     params: DraftParams,
     /// `Some(ahead)`: the step is a clean sample of that draft-ahead arm.
     ahead_sample: Option<bool>,
+}
+
+/// A tree the draft pre-drafted while the target verified the previous one, and the
+/// outcome of that verification it assumes.
+struct PreDraft {
+    tree: pb::TokenTree,
+    /// The accepted path (node indices of the tree being verified) it assumes.
+    path: Vec<u32>,
+    /// The tokens it assumes the target emits (the last one is its root).
+    emitted: Vec<u32>,
+    /// The shape asked for.
+    params: DraftParams,
+    /// The draft's time on it (overlapped with the verify).
+    draft_ns: u64,
 }
 
 /// What the target answered for a proposal.
@@ -834,9 +851,19 @@ impl Engine {
                 break;
             }
             let step_started = Instant::now();
-            let proposal = self.draft_step(conv, turn, room).await;
-            let Some(verified) = self.verify_step(conv, turn, &proposal).await? else {
+            let proposal = match self.redeem_pre_draft(conv, turn, room) {
+                Some(p) => p,
+                None => self.draft_step(conv, turn, room).await,
+            };
+            // Pipelined: the draft pre-drafts the next tree while the target verifies.
+            let pipelined = self.ask_pre_draft(conv, turn, &proposal).await;
+            let verified = self.verify_step(conv, turn, &proposal).await;
+            if pipelined {
+                turn.pre_draft = self.receive_pre_draft(conv, turn, proposal.params).await;
+            }
+            let Some(verified) = verified? else {
                 // The target session was recovered: draft and verify again.
+                turn.pre_draft = None;
                 continue;
             };
             if verified.resp.emitted.is_empty() {
@@ -940,6 +967,7 @@ impl Engine {
             }),
             choice: None,
             ahead: AheadBlock::default(),
+            pre_draft: None,
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             draft_failovers: 0,
@@ -1013,6 +1041,7 @@ impl Engine {
             accepted_path: std::mem::take(&mut turn.last_path),
             params: Some(draft_params_to_proto(&p)),
             draft_ahead,
+            answer_ahead: false,
         };
         let stream = turn.draft.as_mut().expect("checked above");
         let t0 = Instant::now();
@@ -1056,18 +1085,139 @@ impl Engine {
                 }
             }
             other => {
-                let failure = match other {
-                    Err(_) => Some(Status::deadline_exceeded(format!(
-                        "no draft tree within {} ms",
-                        self.cfg.draft_timeout.as_millis()
-                    ))),
-                    Ok(None) => Some(Status::unavailable("the draft stream ended")),
-                    Ok(Some(Err(s))) => is_replica_failure(&s).then_some(s),
-                    Ok(Some(Ok(_))) => None,
-                };
+                let failure = self.draft_failure(other);
                 tracing::warn!(failure = ?failure, "draft step failed, continuing target-only");
                 self.draft_lost(conv, turn, failure).await;
                 root_only
+            }
+        }
+    }
+
+    /// The replica failure behind a draft stream answer that was not a usable tree (`None`
+    /// when the replica is fine: a bad tree or a refused request).
+    fn draft_failure(
+        &self,
+        got: Result<Option<Result<pb::DraftTree, Status>>, tokio::time::error::Elapsed>,
+    ) -> Option<Status> {
+        match got {
+            Err(_) => Some(Status::deadline_exceeded(format!(
+                "no draft tree within {} ms",
+                self.cfg.draft_timeout.as_millis()
+            ))),
+            Ok(None) => Some(Status::unavailable("the draft stream ended")),
+            Ok(Some(Err(s))) => is_replica_failure(&s).then_some(s),
+            Ok(Some(Ok(_))) => None,
+        }
+    }
+
+    /// The turn's pre-draft as this step's tree, when the target's last outcome is the one
+    /// it assumed (and the tree fits the context left); one that does not match is dropped.
+    fn redeem_pre_draft(
+        &self,
+        conv: &Conversation,
+        turn: &mut Turn<'_>,
+        room: usize,
+    ) -> Option<Proposal> {
+        let pre = turn.pre_draft.take()?;
+        let d = conv.draft.as_ref()?;
+        turn.draft.as_ref()?;
+        let emitted = conv.history.get(d.synced..).unwrap_or_default();
+        let fits = tree_from_proto(pre.tree.clone(), &turn.tree_limits)
+            .is_ok_and(|t| t.max_depth() < room);
+        let hit = pre.path == turn.last_path && pre.emitted == emitted;
+        tracing::debug!(hit, fits, "pre-draft");
+        if !hit || !fits {
+            // A miss: the draft reports it in its answer to the step's request.
+            return None;
+        }
+        turn.stats.ahead_hits += 1;
+        turn.stats.ahead_saved_ns += pre.draft_ns;
+        let ahead_sample = turn.spec.is_adaptive().then_some(true);
+        Some(Proposal {
+            tree: pre.tree,
+            drafted: true,
+            draft_overhead_ns: Some(0),
+            draft_rtt_ns: 0,
+            params: pre.params,
+            ahead_sample,
+        })
+    }
+
+    /// Asks the draft for the tree after the likeliest outcome of `proposal` (pipelined
+    /// speculation), reporting the last outcome if the draft has not heard it yet: when the
+    /// proposal is drafted and draft-ahead is on for the step (a pre-draft the step uses
+    /// keeps the pipeline going). False when nothing was asked.
+    async fn ask_pre_draft(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        proposal: &Proposal,
+    ) -> bool {
+        let on = turn.spec.draft_ahead
+            && self.cfg.draft_ahead
+            && (proposal.draft_rtt_ns == 0 || turn.ahead.on || !turn.spec.is_adaptive());
+        if !proposal.drafted || !on {
+            return false;
+        }
+        let (Some(d), Some(stream)) = (conv.draft.as_mut(), turn.draft.as_mut()) else {
+            return false;
+        };
+        let req = pb::SpeculateRequest {
+            session_id: conv.id.clone(),
+            new_tokens: conv.history[d.synced..].to_vec(),
+            accepted_path: std::mem::take(&mut turn.last_path),
+            params: Some(draft_params_to_proto(&proposal.params)),
+            draft_ahead: false,
+            answer_ahead: true,
+        };
+        d.synced = conv.history.len();
+        match tokio::time::timeout(self.cfg.draft_timeout, stream.requests.send(req)).await {
+            Ok(Ok(())) => true,
+            _ => {
+                let failure = Status::unavailable("draft stream closed");
+                self.draft_lost(conv, turn, Some(failure)).await;
+                false
+            }
+        }
+    }
+
+    /// The draft's answer to [`Engine::ask_pre_draft`] (`None` when it pre-drafted nothing;
+    /// a failure ends speculation for the turn like a failed draft step).
+    async fn receive_pre_draft(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        params: DraftParams,
+    ) -> Option<PreDraft> {
+        let stream = turn.draft.as_mut()?;
+        let got = tokio::time::timeout(self.cfg.draft_timeout, stream.trees.next()).await;
+        match got {
+            Ok(Some(Ok(t))) => {
+                if let Ok(mut pol) = self.policy.lock() {
+                    pol.observe_draft(
+                        t.levels as usize,
+                        t.drafted_nodes as usize + 1,
+                        t.draft_ns as f64,
+                    );
+                }
+                let tree = t.tree?;
+                // A usable pre-draft: drafted nodes below the last token it assumes.
+                let usable = tree.tokens.len() > 1
+                    && tree.tokens.first() == t.assumed_emitted.last()
+                    && !t.assumed_path.is_empty();
+                usable.then_some(PreDraft {
+                    tree,
+                    path: t.assumed_path,
+                    emitted: t.assumed_emitted,
+                    params,
+                    draft_ns: t.draft_ns,
+                })
+            }
+            other => {
+                let failure = self.draft_failure(other);
+                tracing::warn!(failure = ?failure, "pre-draft failed, continuing target-only");
+                self.draft_lost(conv, turn, failure).await;
+                None
             }
         }
     }

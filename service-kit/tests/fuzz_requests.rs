@@ -113,19 +113,23 @@ fn fuzz_speculate_request() {
         prop::collection::vec(any::<u32>(), 0..8),
         prop::collection::vec(any::<u32>(), 0..8),
         (any::<i32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+        any::<bool>(),
     )
-        .prop_map(|(new_tokens, accepted_path, p)| pb::SpeculateRequest {
-            session_id: "s".into(),
-            new_tokens,
-            accepted_path,
-            params: Some(pb::DraftParams {
-                mode: p.0,
-                depth: p.1,
-                branching: p.2,
-                budget: p.3,
-            }),
-            draft_ahead: true,
-        });
+        .prop_map(
+            |(new_tokens, accepted_path, p, answer_ahead)| pb::SpeculateRequest {
+                session_id: "s".into(),
+                new_tokens,
+                accepted_path,
+                params: Some(pb::DraftParams {
+                    mode: p.0,
+                    depth: p.1,
+                    branching: p.2,
+                    budget: p.3,
+                }),
+                draft_ahead: true,
+                answer_ahead,
+            },
+        );
     runner
         .run(&(req, byte_edits()), |(r, e)| {
             let bytes = e.apply(r.encode_to_vec());
