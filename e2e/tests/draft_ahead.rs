@@ -97,6 +97,10 @@ async fn hits_and_forced_misses_equal_target_only() {
             if seed.is_none() {
                 assert!(s.ahead_hits > 0, "greedy self-draft guesses hit: {s:?}");
                 assert!(s.ahead_saved_ns > 0, "hits save drafting time: {s:?}");
+                assert!(
+                    s.pipelined_steps > 0,
+                    "pre-drafts made while the target verified were used: {s:?}"
+                );
             }
             let off = spec(mode, 4, false);
             let (tokens, s) = run(
@@ -107,8 +111,8 @@ async fn hits_and_forced_misses_equal_target_only() {
             .await;
             assert_eq!(tokens, base.0);
             assert_eq!(
-                (s.ahead_hits, s.ahead_misses),
-                (0, 0),
+                (s.ahead_hits, s.ahead_misses, s.pipelined_steps),
+                (0, 0, 0),
                 "off means off: {s:?}"
             );
         }

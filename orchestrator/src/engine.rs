@@ -1132,6 +1132,7 @@ impl Engine {
         }
         turn.stats.ahead_hits += 1;
         turn.stats.ahead_saved_ns += pre.draft_ns;
+        turn.stats.pipelined_steps += 1;
         let ahead_sample = turn.spec.is_adaptive().then_some(true);
         Some(Proposal {
             tree: pre.tree,

@@ -34,6 +34,9 @@ pub struct Stats {
     pub ahead_misses: u32,
     /// Spare-time drafting the hits saved.
     pub ahead_saved_ns: u64,
+    /// Steps that verified a tree pre-drafted during the previous verify (no draft round
+    /// trip).
+    pub pipelined_steps: u32,
 }
 
 impl Stats {
@@ -105,6 +108,7 @@ impl Stats {
             ahead_hits: self.ahead_hits,
             ahead_misses: self.ahead_misses,
             ahead_saved_ns: self.ahead_saved_ns,
+            pipelined_steps: self.pipelined_steps,
             tokens_per_second: if decode_secs > 0.0 {
                 (generated.saturating_sub(1)) as f32 / decode_secs as f32
             } else {

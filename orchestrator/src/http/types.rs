@@ -177,6 +177,8 @@ pub struct Speculation {
     pub ahead_misses: u32,
     /// Drafting time the hits saved.
     pub ahead_saved_ns: u64,
+    /// Steps verified with no draft round trip (pipelined draft-ahead hits).
+    pub pipelined_steps: u32,
 }
 
 impl From<&pb::SpeculationStats> for Speculation {
@@ -198,6 +200,7 @@ impl From<&pb::SpeculationStats> for Speculation {
             ahead_hits: s.ahead_hits,
             ahead_misses: s.ahead_misses,
             ahead_saved_ns: s.ahead_saved_ns,
+            pipelined_steps: s.pipelined_steps,
         }
     }
 }
