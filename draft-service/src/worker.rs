@@ -403,9 +403,10 @@ impl DraftBackend {
                 jobs.push(j);
             }
         }
-        let mut done: Vec<Job> = Vec::with_capacity(jobs.len());
         while !jobs.is_empty() {
-            // Ask every run for its next level; finished ones leave the batch.
+            // Ask every run for its next level; finished ones leave the batch and are
+            // answered at once (a shallow tree does not wait for a deep one, nor a request
+            // for a pre-draft).
             let mut active = Vec::with_capacity(jobs.len());
             let mut inputs = Vec::with_capacity(jobs.len());
             for mut job in jobs.drain(..) {
@@ -414,7 +415,7 @@ impl DraftBackend {
                         inputs.push(input);
                         active.push(job);
                     }
-                    Ok(None) => done.push(job),
+                    Ok(None) => self.finish_job(sessions, job),
                     Err(e) => fail_job(sessions, job, e.to_string()),
                 }
             }
@@ -439,9 +440,6 @@ impl DraftBackend {
                     }
                 }
             }
-        }
-        for job in done {
-            self.finish_job(sessions, job);
         }
     }
 
