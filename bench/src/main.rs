@@ -145,6 +145,11 @@ struct ServiceArgs {
         value_delimiter = ' '
     )]
     service_args: Vec<String>,
+    /// CPU threads of the spawned draft service (0: every core). The draft shares this
+    /// machine with the target, as it would share nothing on its own GPU: one thread of its
+    /// own keeps its pre-drafts from preempting the target's threads mid-forward.
+    #[arg(long, env = "SPECLLAVA_BENCH_DRAFT_CPU_THREADS", default_value_t = 1)]
+    draft_cpu_threads: usize,
 }
 
 #[derive(Args)]
@@ -394,6 +399,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
         ("SPECLLAVA_MODEL_DIR", model(&models.draft_model)),
         ("SPECLLAVA_DEVICE", models.device.clone()),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+        ("SPECLLAVA_CPU_THREADS", a.draft_cpu_threads.to_string()),
     ];
     procs.push(services::spawn(
         &a.bin_dir,

@@ -1,4 +1,5 @@
-//! Whether draft-ahead pays on this deployment, decided by measurement.
+//! Whether draft-ahead pays on this deployment (decided by measurement), and for a turn (by
+//! its pre-drafts' hit rate).
 //!
 //! Pre-drafting the next tree while the target verifies saves the draft's time on a hit,
 //! but where the draft and the target share compute (one host, one GPU) the pre-draft
@@ -10,6 +11,14 @@
 //! for its shape, so trees of different sizes compare fairly. Each arm is tried until it
 //! has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every
 //! [`EXPLORE_EVERY`]-th block tries the other so a change in load is noticed.
+
+/// A turn's pre-draft hit rate below which it stops asking for pre-drafts.
+pub const PIPELINE_MIN_HIT_RATE: f64 = 0.4;
+/// EMA rate of a turn's pre-draft hit rate.
+const PIPELINE_RATE_ALPHA: f64 = 0.3;
+/// A turn that stopped asking for pre-drafts asks again after this many steps (its text may
+/// have become predictable).
+pub const PIPELINE_PROBE_STEPS: u32 = 8;
 
 /// Steps per block of one arm.
 pub const BLOCK_STEPS: u32 = 4;
@@ -121,6 +130,45 @@ impl AheadBlock {
     }
 }
 
+/// Whether a turn asks the draft for a pre-draft while the target verifies (pipelined
+/// draft-ahead), from how often its pre-drafts were right: a pre-draft pays only when the
+/// target's outcome is the one it assumed, while its drafting runs next to every verify it
+/// overlaps (on shared hardware, slowing it). A turn whose guesses keep missing (text the
+/// draft does not predict) stops asking, and asks again every [`PIPELINE_PROBE_STEPS`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineGate {
+    /// EMA of the turn's pre-draft hits (1) and misses (0).
+    pub hit_rate: f64,
+    /// Steps since the turn last asked.
+    idle_steps: u32,
+}
+
+impl Default for PipelineGate {
+    fn default() -> Self {
+        Self {
+            hit_rate: 0.5,
+            idle_steps: 0,
+        }
+    }
+}
+
+impl PipelineGate {
+    /// Whether to ask for a pre-draft this step.
+    pub fn ask(&mut self) -> bool {
+        if self.hit_rate >= PIPELINE_MIN_HIT_RATE || self.idle_steps + 1 >= PIPELINE_PROBE_STEPS {
+            self.idle_steps = 0;
+            return true;
+        }
+        self.idle_steps += 1;
+        false
+    }
+
+    /// A pre-draft was checked against the target's outcome.
+    pub fn observe(&mut self, hit: bool) {
+        self.hit_rate += PIPELINE_RATE_ALPHA * (f64::from(u8::from(hit)) - self.hit_rate);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +238,24 @@ mod tests {
         assert_eq!(seen[n], (true, false));
         // Block 3 stays on: every step is a sample.
         assert!(seen[2 * n..].iter().all(|&s| s == (true, true)));
+    }
+
+    #[test]
+    fn a_turn_whose_pre_drafts_miss_stops_asking_and_probes_again() {
+        let mut g = PipelineGate::default();
+        assert!(g.ask(), "asks before knowing");
+        g.observe(false);
+        g.observe(false);
+        let asked: Vec<bool> = (0..2 * PIPELINE_PROBE_STEPS).map(|_| g.ask()).collect();
+        assert_eq!(
+            asked.iter().filter(|&&a| a).count(),
+            2,
+            "one probe every {PIPELINE_PROBE_STEPS} steps: {asked:?}"
+        );
+        // Probes that hit bring it back.
+        g.observe(true);
+        g.observe(true);
+        assert!(g.hit_rate >= PIPELINE_MIN_HIT_RATE);
+        assert!((0..3).all(|_| g.ask()));
     }
 }

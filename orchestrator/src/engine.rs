@@ -39,7 +39,7 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
-use crate::ahead::{AheadBlock, AheadGate};
+use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
 use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind, TreeStream};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
@@ -229,6 +229,8 @@ struct Turn<'a> {
     /// The draft's pre-draft for the outcome of the tree being verified (pipelined
     /// speculation), used as the next tree when the target's outcome is the assumed one.
     pre_draft: Option<PreDraft>,
+    /// Whether the turn's pre-drafts hit often enough to keep asking for them.
+    pipeline: PipelineGate,
     finish: pb::FinishReason,
     /// Target re-prefills in the current step.
     recoveries: usize,
@@ -968,6 +970,7 @@ impl Engine {
             choice: None,
             ahead: AheadBlock::default(),
             pre_draft: None,
+            pipeline: PipelineGate::default(),
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             draft_failovers: 0,
@@ -1040,7 +1043,9 @@ impl Engine {
             new_tokens: conv.history[d.synced..].to_vec(),
             accepted_path: std::mem::take(&mut turn.last_path),
             params: Some(draft_params_to_proto(&p)),
-            draft_ahead,
+            // Draft-ahead runs as pipelined pre-drafts ([`Engine::ask_pre_draft`]), asked for
+            // right after this answer when the turn's guesses hit: none in spare time.
+            draft_ahead: false,
             answer_ahead: false,
         };
         let stream = turn.draft.as_mut().expect("checked above");
@@ -1125,7 +1130,8 @@ impl Engine {
         let fits = tree_from_proto(pre.tree.clone(), &turn.tree_limits)
             .is_ok_and(|t| t.max_depth() < room);
         let hit = pre.path == turn.last_path && pre.emitted == emitted;
-        tracing::debug!(hit, fits, "pre-draft");
+        turn.pipeline.observe(hit);
+        tracing::debug!(hit, fits, hit_rate = turn.pipeline.hit_rate, "pre-draft");
         if !hit || !fits {
             // A miss: the draft reports it in its answer to the step's request.
             return None;
@@ -1157,7 +1163,9 @@ impl Engine {
         let on = turn.spec.draft_ahead
             && self.cfg.draft_ahead
             && (proposal.draft_rtt_ns == 0 || turn.ahead.on || !turn.spec.is_adaptive());
-        if !proposal.drafted || !on {
+        // After a hit the draft hears the outcome this way; otherwise only while the turn's
+        // pre-drafts hit often enough.
+        if !proposal.drafted || !on || (proposal.draft_rtt_ns > 0 && !turn.pipeline.ask()) {
             return false;
         }
         let (Some(d), Some(stream)) = (conv.draft.as_mut(), turn.draft.as_mut()) else {

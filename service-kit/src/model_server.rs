@@ -55,6 +55,10 @@ pub struct ModelServerArgs {
     /// TLS of the gRPC endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,
+    /// Threads of the CPU backend's products (0: every core). A service sharing its machine
+    /// with another (the draft next to the target) runs best on its own share of the cores.
+    #[arg(long, env = "SPECLLAVA_CPU_THREADS", default_value_t = 0)]
+    pub cpu_threads: usize,
     /// Measure this replica's forward cost at start-up and report it through `Info` (the
     /// orchestrator's budget policy starts from it: the target's verify cost, the draft's
     /// cost per level); `false` skips those forwards.
@@ -134,6 +138,12 @@ pub async fn load_model(
 ) -> anyhow::Result<LoadedModel> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    if args.cpu_threads > 0 && !specllava_model::cpu::pool::set_threads(args.cpu_threads) {
+        tracing::warn!(
+            cpu_threads = args.cpu_threads,
+            "--cpu-threads ignored: the CPU pool had started"
+        );
+    }
     tracing::info!(model_dir = %dir.display(), device = %args.device, dtype = %args.dtype, "loading {role} model");
     let owned = dir.to_path_buf();
     let (model, fingerprint) = tokio::task::spawn_blocking(move || {

@@ -44,10 +44,27 @@ impl Drop for Hold {
     }
 }
 
-/// Threads the CPU products use: `SPECLLAVA_CPU_THREADS` if set, else every available core.
+/// Threads the CPU products use: [`set_threads`]' count if given, else
+/// `SPECLLAVA_CPU_THREADS` if set, else every available core.
 pub fn threads() -> usize {
     pool().threads
 }
+
+/// Threads asked for by [`set_threads`] (0: not set).
+static REQUESTED_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the number of threads the CPU products use (a service sharing its machine with
+/// another takes fewer than every core). Only before the first product: returns false,
+/// changing nothing, once the pool has started.
+pub fn set_threads(n: usize) -> bool {
+    if n == 0 || POOL.get().is_some() {
+        return false;
+    }
+    REQUESTED_THREADS.store(n, Ordering::SeqCst);
+    POOL.get().is_none()
+}
+
+static POOL: OnceLock<&'static Pool> = OnceLock::new();
 
 /// Runs `f(0) .. f(parts - 1)`, spread over the pool; returns when every part has run. A
 /// panic in a part is re-raised here.
@@ -105,12 +122,16 @@ unsafe impl Sync for Pool {}
 unsafe impl Send for JobRef {}
 
 fn pool() -> &'static Pool {
-    static POOL: OnceLock<&'static Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::env::var("SPECLLAVA_CPU_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
+        let requested = REQUESTED_THREADS.load(Ordering::SeqCst);
+        let threads = (requested > 0)
+            .then_some(requested)
+            .or_else(|| {
+                std::env::var("SPECLLAVA_CPU_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&n| n > 0)
+            })
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             threads,
