@@ -158,6 +158,10 @@ pub struct Engine {
     /// EMA of the target batch sizes verify answers report (f64 bits): what the policy
     /// sizes trees for.
     target_batch: AtomicU64,
+    /// EMA of the target batch sizes of drafted steps (f64 bits; NaN until one): sessions
+    /// that draft reach the target at different times, so their batches are smaller than
+    /// those of sessions that only decode.
+    drafted_batch: AtomicU64,
     /// Whether draft-ahead pays here, measured on the turns the policy shapes.
     ahead_gate: Mutex<AheadGate>,
     /// Whether the policy's draft cost has been measured on a draft yet (its start-up
@@ -339,6 +343,7 @@ impl Engine {
             reference: OnceCell::new(),
             verify_cost_measured: AtomicBool::new(false),
             target_batch: AtomicU64::new(1.0f64.to_bits()),
+            drafted_batch: AtomicU64::new(f64::NAN.to_bits()),
             ahead_gate: Mutex::new(AheadGate::default()),
             draft_cost_measured: AtomicBool::new(false),
             draft_cost_calibrated: AtomicBool::new(false),
@@ -1267,9 +1272,9 @@ impl Engine {
 
     /// Whether a speculative turn sets up its draft: always, unless the policy shapes it
     /// and expects no gain from drafting at the current load (once draft costs are
-    /// measured); then only every [`PlanConfig::explore_turns`]-th such turn does, and
-    /// only without batch-mates (a turn exploring under load would slow every batch it
-    /// joins with its trees).
+    /// measured); then only every [`PlanConfig::explore_turns`]-th such turn does (how
+    /// large the batches of drafting turns are, and so whether drafting pays under load,
+    /// is only learnt by drafting).
     fn turn_drafts(&self, spec: &SpecSettings) -> bool {
         if !spec.is_adaptive() || !self.draft_cost_measured.load(Ordering::Relaxed) {
             return true;
@@ -1281,16 +1286,21 @@ impl Engine {
         }
         let n = self.undrafted_turns.fetch_add(1, Ordering::Relaxed) + 1;
         let explore = u64::from(self.cfg.plan.explore_turns.max(1));
-        explore == 1 || (batch == 1 && n.is_multiple_of(explore))
+        n.is_multiple_of(explore)
     }
 
-    /// The batch size trees are sized for: the target batches seen lately (the turns
-    /// generating now are rarely all in one batch), at most the turns generating now
-    /// (the batches seen lately may belong to a load that is over).
+    /// The batch size trees are sized for: the target batches drafted steps joined lately
+    /// (all steps' until a step drafted; the turns generating now are rarely all in one
+    /// batch), at most the turns generating now (the batches seen lately may belong to a
+    /// load that is over).
     fn batch_estimate(&self) -> usize {
-        let seen = f64::from_bits(self.target_batch.load(Ordering::Relaxed))
-            .round()
-            .max(1.0) as usize;
+        let drafted = f64::from_bits(self.drafted_batch.load(Ordering::Relaxed));
+        let seen = if drafted.is_nan() {
+            f64::from_bits(self.target_batch.load(Ordering::Relaxed))
+        } else {
+            drafted
+        };
+        let seen = seen.round().max(1.0) as usize;
         seen.min(self.active_turns.load(Ordering::Relaxed).max(1))
     }
 
@@ -1422,6 +1432,15 @@ impl Engine {
         let seen = f64::from_bits(self.target_batch.load(Ordering::Relaxed));
         let ema = seen + BATCH_EMA * (f64::from(batch) - seen);
         self.target_batch.store(ema.to_bits(), Ordering::Relaxed);
+        if proposal.drafted {
+            let seen = f64::from_bits(self.drafted_batch.load(Ordering::Relaxed));
+            let ema = if seen.is_nan() {
+                f64::from(batch)
+            } else {
+                seen + BATCH_EMA * (f64::from(batch) - seen)
+            };
+            self.drafted_batch.store(ema.to_bits(), Ordering::Relaxed);
+        }
         if proposal.drafted {
             turn.last_path = resp.accepted_path.clone();
             if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
