@@ -1,18 +1,19 @@
-//! Draft-ahead: drafting a session's next tree in spare time, while the target verifies the
-//! tree just sent.
+//! Draft-ahead: drafting a session's next tree while the target verifies the tree just sent.
 //!
-//! After answering a request, the session bets on the verification outcome: the tree's best
-//! path (from the root, always the best-scored child, down to a leaf) is accepted in full and
-//! the target's next token is the draft's top token after that leaf. In the worker's idle time
-//! ([`crate::worker`]) it forwards the leaf once (a [`Stage::Leaf`] probe) to learn that token,
-//! then drafts the next tree below it ([`Stage::Tree`]), one batched level per idle slot, its
-//! KV rows pending behind the sent tree's.
+//! The session bets on the verification outcome: the tree's best path (from the root, always
+//! the best-scored child, down to a leaf) is accepted in full and the target's next token is
+//! the draft's top token after that leaf. It forwards the leaf once (a [`Stage::Leaf`] probe)
+//! to learn that token, then drafts the next tree below it ([`Stage::Tree`]), its KV rows
+//! pending behind the sent tree's. Either a request asks for that pre-draft outright
+//! (`answer_ahead`: pipelined speculation, the caller verifies the sent tree meanwhile and uses
+//! the pre-draft when the outcome is the assumed one), or, for a request that only allows it,
+//! it runs in the worker's idle time, one batched level per idle slot ([`crate::worker`]).
 //!
 //! When the next request reports exactly that outcome (a hit), [`Ahead::redeem`] says which
 //! rows to commit and hands the pre-drafted tree over: it is answered at once, or finished from
 //! where it stands. Otherwise (a miss) the pre-drafted rows are dropped with the sent tree's
-//! unused rows and the request drafts as before. A guess only ever costs spare time: trees are
-//! proposals the target verifies, so the output never changes.
+//! unused rows and the request drafts as before. Trees are proposals the target verifies, so
+//! a guess never changes the output.
 
 use speculate::DraftParams;
 

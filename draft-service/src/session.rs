@@ -22,8 +22,9 @@ pub struct DraftSession {
     pub feed: Vec<u32>,
     /// The last tree sent, while its rows are pending in `kv`.
     pub last: Option<LastTree>,
-    /// The next tree, pre-drafted in spare time from a guess of the last tree's outcome
-    /// (its rows are pending in `kv` behind the last tree's).
+    /// The next tree, pre-drafted from a guess of the last tree's outcome (for an
+    /// `answer_ahead` request, or in spare time); its rows are pending in `kv` behind the
+    /// last tree's.
     pub ahead: Option<Ahead>,
 }
 

@@ -114,8 +114,8 @@ pub struct Drafted {
     /// Spare-time drafting this tree holds (a hit's pre-drafted levels).
     pub ahead_ns: u64,
     /// For `answer_ahead`: the verification outcome of the sent tree this pre-draft
-    /// assumes, `(accepted path, emitted tokens)`; `None` when nothing could be guessed
-    /// (the tree answered is then the sent one, not a pre-draft).
+    /// assumes, `(accepted path, emitted tokens)`; `None` when nothing was pre-drafted (the
+    /// tree answered is then the root alone, not a pre-draft).
     pub assumed: Option<(Vec<u32>, Vec<u32>)>,
 }
 
@@ -146,6 +146,9 @@ struct Job {
     level_row: usize,
     draft_ahead: bool,
     answer_ahead: bool,
+    /// Whether this replica pre-drafts (`answer_ahead` on a replica with draft-ahead off
+    /// answers that it pre-drafted nothing).
+    may_pre_draft: bool,
     ahead: AheadOutcome,
     ahead_ns: u64,
     started: Instant,
@@ -251,6 +254,7 @@ impl DraftBackend {
             // The tree for the root was the last answer: go on with its pre-draft (started in
             // spare time, or now).
             let phase = match (session.ahead.take(), session.last.as_ref()) {
+                _ if !self.draft_ahead => Phase::Nothing,
                 (Some(a), _) => Phase::Ahead(a),
                 (None, Some(last)) => {
                     Ahead::start(last, job.params).map_or(Phase::Nothing, Phase::Ahead)
@@ -261,9 +265,10 @@ impl DraftBackend {
         }
         // A caller answered with the pre-draft verifies it already, whatever shape it has.
         let shape = (!job.answer_ahead).then_some(&job.params);
-        let redeemed = session
-            .ahead
-            .take()
+        let ahead = session.ahead.take();
+        // No new tokens (a retry of the same step): nothing to redeem, the rows go.
+        let redeemed = ahead
+            .filter(|_| !job.new_tokens.is_empty())
             .map(|a| a.redeem(&job.new_tokens, &job.accepted_path, shape));
         let (ahead, ahead_ns, pre_drafted) = match self.sync_session(&mut session, &job, redeemed) {
             Ok(x) => x,
@@ -327,6 +332,7 @@ impl DraftBackend {
             level_row: 0,
             draft_ahead: job.draft_ahead,
             answer_ahead: job.answer_ahead,
+            may_pre_draft: self.draft_ahead,
             ahead,
             ahead_ns,
             started,
@@ -491,7 +497,11 @@ impl DraftBackend {
                 (outcome.tree, outcome.drafted_nodes, assumed)
             }
             Phase::Nothing => {
-                let root = job.session.feed.last().copied().unwrap_or_default();
+                let root = *job
+                    .session
+                    .feed
+                    .last()
+                    .expect("the feed ends with the root");
                 (TokenTree::root(root), 0, None)
             }
         };
@@ -611,14 +621,18 @@ impl Job {
             };
             let params = *run.params();
             sent_tree(&mut self.session, run);
-            if let Some(last) = &self.session.last {
+            if let Some(last) = self.session.last.as_ref().filter(|_| self.may_pre_draft) {
                 self.phase = Ahead::start(last, params).map_or(Phase::Nothing, Phase::Ahead);
             }
         }
         let Phase::Ahead(a) = &mut self.phase else {
             return Ok(None);
         };
-        let input = ahead_level(a, self.level_row)?;
+        let Ok(input) = ahead_level(a, self.level_row) else {
+            // A broken pre-draft only costs the pre-draft (the sent tree stays).
+            self.phase = Phase::Nothing;
+            return Ok(None);
+        };
         if let Some((tokens, _)) = &input
             && self.session.kv.used_len() + tokens.len() >= max_context
         {

@@ -1,12 +1,13 @@
 //! Whether draft-ahead pays on this deployment (decided by measurement), and for a turn (by
 //! its pre-drafts' hit rate).
 //!
-//! Pre-drafting the next tree while the target verifies saves the draft's time on a hit,
-//! but where the draft and the target share compute (one host, one GPU) the pre-draft
-//! slows the verify it overlaps. Which wins depends on the deployment, so for turns whose
-//! shape the policy chooses, the engine runs both arms and keeps the faster one: steps
-//! come in blocks of one arm; every step of a block but its first (whose draft was
-//! pre-drafted, or not, under the previous block's arm) is a sample of its arm, measured
+//! Pre-drafting the next tree while the target verifies saves the draft's round trip and
+//! time on a hit, but where the draft and the target share compute (one host, one GPU) the
+//! pre-draft slows the verify it overlaps. Which wins depends on the deployment, so for
+//! turns whose shape the policy chooses, the engine runs both arms (asking for pipelined
+//! pre-drafts after a drafted step, or not) and keeps the faster one: steps come in blocks
+//! of one arm; every step of a block but its first (whose tree was pre-drafted, or not,
+//! under the previous block's arm) is a sample of its arm, measured
 //! as the step's wall time (draft + verify round trips) over the cost model's prediction
 //! for its shape, so trees of different sizes compare fairly. Each arm is tried until it
 //! has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every

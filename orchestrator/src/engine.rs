@@ -289,6 +289,9 @@ struct Proposal {
     params: DraftParams,
     /// `Some(ahead)`: the step is a clean sample of that draft-ahead arm.
     ahead_sample: Option<bool>,
+    /// A pre-draft made while the previous tree was verified (no draft round trip): the
+    /// draft's time on it.
+    pipelined: Option<u64>,
 }
 
 /// A tree the draft pre-drafted while the target verified the previous one, and the
@@ -863,10 +866,10 @@ impl Engine {
                 None => self.draft_step(conv, turn, room).await,
             };
             // Pipelined: the draft pre-drafts the next tree while the target verifies.
-            let pipelined = self.ask_pre_draft(conv, turn, &proposal).await;
+            let asked = self.ask_pre_draft(conv, turn, &proposal, room).await;
             let verified = self.verify_step(conv, turn, &proposal).await;
-            if pipelined {
-                turn.pre_draft = self.receive_pre_draft(conv, turn, proposal.params).await;
+            if let Some(params) = asked {
+                turn.pre_draft = self.receive_pre_draft(conv, turn, params).await;
             }
             let Some(verified) = verified? else {
                 // The target session was recovered: draft and verify again.
@@ -1010,6 +1013,7 @@ impl Engine {
             draft_rtt_ns: 0,
             params: DraftParams::none(),
             ahead_sample: None,
+            pipelined: None,
         };
         if turn.draft.is_none() {
             self.join_draft(conv, turn, false).await;
@@ -1017,12 +1021,7 @@ impl Engine {
         if turn.draft.is_none() {
             return root_only;
         }
-        let mut p = self.choose_params(turn).unwrap_or_else(DraftParams::none);
-        p.depth = p
-            .depth
-            .min(room.saturating_sub(1))
-            .min(turn.tree_limits.max_depth);
-        p.budget = p.budget.min(turn.tree_limits.max_nodes.saturating_sub(1));
+        let p = self.step_params(turn, room);
         if p.depth == 0 || p.budget == 0 {
             // Not drafting this step: no round trip to the draft (it catches up next time).
             return root_only;
@@ -1031,18 +1030,10 @@ impl Engine {
             .draft
             .as_mut()
             .expect("a draft stream implies a draft session");
-        let mut draft_ahead = turn.spec.draft_ahead && self.cfg.draft_ahead;
-        let mut ahead_sample = None;
-        if draft_ahead && turn.spec.is_adaptive() {
-            // The policy's turns: draft-ahead only where it is measured to pay.
-            draft_ahead = turn.ahead.next_step(|| {
-                self.ahead_gate
-                    .lock()
-                    .expect("ahead gate lock poisoned")
-                    .pick()
-            });
-            ahead_sample = turn.ahead.is_sample().then_some(draft_ahead);
-        }
+        // The policy's turns: a clean sample of this step's draft-ahead arm.
+        let ahead_sample = self
+            .ahead_arm(turn)
+            .and_then(|(on, sample)| sample.then_some(on));
         let req = pb::SpeculateRequest {
             session_id: conv.id.clone(),
             new_tokens: conv.history[d.synced..].to_vec(),
@@ -1092,6 +1083,7 @@ impl Engine {
                     draft_rtt_ns: rtt,
                     params: p,
                     ahead_sample,
+                    pipelined: None,
                 }
             }
             other => {
@@ -1120,6 +1112,34 @@ impl Engine {
         }
     }
 
+    /// The step's tree shape: the policy's (or the request's) within the context left and
+    /// the target's tree limits.
+    fn step_params(&self, turn: &mut Turn<'_>, room: usize) -> DraftParams {
+        let mut p = self.choose_params(turn).unwrap_or_else(DraftParams::none);
+        p.depth = p
+            .depth
+            .min(room.saturating_sub(1))
+            .min(turn.tree_limits.max_depth);
+        p.budget = p.budget.min(turn.tree_limits.max_nodes.saturating_sub(1));
+        p
+    }
+
+    /// For the policy's turns with draft-ahead on: the draft-ahead arm of this step (blocks
+    /// of steps, see [`crate::ahead`]) and whether the step is a clean sample of it. `None`
+    /// for other turns (draft-ahead follows the request and the replicas).
+    fn ahead_arm(&self, turn: &mut Turn<'_>) -> Option<(bool, bool)> {
+        if !(turn.spec.draft_ahead && self.cfg.draft_ahead && turn.spec.is_adaptive()) {
+            return None;
+        }
+        let on = turn.ahead.next_step(|| {
+            self.ahead_gate
+                .lock()
+                .expect("ahead gate lock poisoned")
+                .pick()
+        });
+        Some((on, turn.ahead.is_sample()))
+    }
+
     /// The turn's pre-draft as this step's tree, when the target's last outcome is the one
     /// it assumed (and the tree fits the context left); one that does not match is dropped.
     fn redeem_pre_draft(
@@ -1141,56 +1161,67 @@ impl Engine {
             // A miss: the draft reports it in its answer to the step's request.
             return None;
         }
-        turn.stats.ahead_hits += 1;
-        turn.stats.ahead_saved_ns += pre.draft_ns;
-        turn.stats.pipelined_steps += 1;
-        let ahead_sample = turn.spec.is_adaptive().then_some(true);
+        // A step of the current block; a clean sample of the "on" arm when the block is on.
+        let ahead_sample = self
+            .ahead_arm(turn)
+            .and_then(|(on, sample)| (on && sample).then_some(true));
         Some(Proposal {
             tree: pre.tree,
             drafted: true,
-            draft_overhead_ns: Some(0),
+            // No draft round trip: nothing for the policy's draft overhead to learn.
+            draft_overhead_ns: None,
             draft_rtt_ns: 0,
             params: pre.params,
             ahead_sample,
+            pipelined: Some(pre.draft_ns),
         })
     }
 
     /// Asks the draft for the tree after the likeliest outcome of `proposal` (pipelined
     /// speculation), reporting the last outcome if the draft has not heard it yet: when the
     /// proposal is drafted and draft-ahead is on for the step (a pre-draft the step uses
-    /// keeps the pipeline going). False when nothing was asked.
+    /// keeps the pipeline going). The shape asked for, `None` when nothing was asked.
     async fn ask_pre_draft(
         &self,
         conv: &mut Conversation,
         turn: &mut Turn<'_>,
         proposal: &Proposal,
-    ) -> bool {
+        room: usize,
+    ) -> Option<DraftParams> {
         let on = turn.spec.draft_ahead
             && self.cfg.draft_ahead
-            && (proposal.draft_rtt_ns == 0 || turn.ahead.on || !turn.spec.is_adaptive());
+            && (proposal.pipelined.is_some() || turn.ahead.on || !turn.spec.is_adaptive());
         // After a hit the draft hears the outcome this way; otherwise only while the turn's
         // pre-drafts hit often enough.
-        if !proposal.drafted || !on || (proposal.draft_rtt_ns > 0 && !turn.pipeline.ask()) {
-            return false;
+        if !proposal.drafted || !on || (proposal.pipelined.is_none() && !turn.pipeline.ask()) {
+            return None;
+        }
+        // The pre-draft is the next step's tree: shaped as that step would be (at most the
+        // context left after this tree's deepest acceptance).
+        let depth =
+            tree_from_proto(proposal.tree.clone(), &turn.tree_limits).map_or(0, |t| t.max_depth());
+        let params = self.step_params(turn, room.saturating_sub(depth + 1));
+        if params.depth == 0 || params.budget == 0 {
+            return None;
         }
         let (Some(d), Some(stream)) = (conv.draft.as_mut(), turn.draft.as_mut()) else {
-            return false;
+            return None;
         };
         let req = pb::SpeculateRequest {
             session_id: conv.id.clone(),
             new_tokens: conv.history[d.synced..].to_vec(),
             accepted_path: std::mem::take(&mut turn.last_path),
-            params: Some(draft_params_to_proto(&proposal.params)),
+            params: Some(draft_params_to_proto(&params)),
             draft_ahead: false,
             answer_ahead: true,
         };
         d.synced = conv.history.len();
         match tokio::time::timeout(self.cfg.draft_timeout, stream.requests.send(req)).await {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => Some(params),
             _ => {
                 let failure = Status::unavailable("draft stream closed");
                 self.draft_lost(conv, turn, Some(failure)).await;
-                false
+                None
             }
         }
     }
@@ -1207,7 +1238,9 @@ impl Engine {
         let got = tokio::time::timeout(self.cfg.draft_timeout, stream.trees.next()).await;
         match got {
             Ok(Some(Ok(t))) => {
-                if let Ok(mut pol) = self.policy.lock() {
+                if t.levels > 0
+                    && let Ok(mut pol) = self.policy.lock()
+                {
                     pol.observe_draft(
                         t.levels as usize,
                         t.drafted_nodes as usize + 1,
@@ -1408,6 +1441,11 @@ impl Engine {
         let resp = &verified.resp;
         turn.stats
             .record_verify(resp, verified.rtt_ns, proposal.drafted);
+        if let Some(ns) = proposal.pipelined {
+            turn.stats.ahead_hits += 1;
+            turn.stats.ahead_saved_ns += ns;
+            turn.stats.pipelined_steps += 1;
+        }
         specllava_telemetry::metrics()
             .accepted_tokens_per_step
             .observe(resp.emitted.len() as f64);
@@ -1440,8 +1478,6 @@ impl Engine {
                 seen + BATCH_EMA * (f64::from(batch) - seen)
             };
             self.drafted_batch.store(ema.to_bits(), Ordering::Relaxed);
-        }
-        if proposal.drafted {
             turn.last_path = resp.accepted_path.clone();
             if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
                 let outcome = verify_outcome_from_proto(resp);

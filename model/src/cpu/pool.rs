@@ -227,16 +227,18 @@ impl Pool {
             if self.claim_and_run() {
                 continue;
             }
-            let idle_since = Instant::now();
+            // The grace period runs from the last moment a forward held the pool.
+            let mut idle_since = Instant::now();
             let mut polls = 0u32;
             while !self.has_work() {
                 polls += 1;
-                if polls.is_multiple_of(64)
-                    && self.holds.load(Ordering::Relaxed) == 0
-                    && idle_since.elapsed() > GRACE
-                {
-                    self.sleep_until_work();
-                    break;
+                if polls.is_multiple_of(64) {
+                    if self.holds.load(Ordering::Relaxed) > 0 {
+                        idle_since = Instant::now();
+                    } else if idle_since.elapsed() > GRACE {
+                        self.sleep_until_work();
+                        break;
+                    }
                 }
                 std::hint::spin_loop();
             }
