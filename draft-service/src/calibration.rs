@@ -7,24 +7,15 @@ use specllava_proto::v1 as pb;
 
 /// Rows fed per level measured (a level's frontier: 1 for a chain, up to K x K for trees).
 const ROWS: [usize; 6] = [1, 2, 4, 8, 16, 32];
-/// Prompt rows on top of the image tokens in the timed session's prefix.
-const PROMPT_ROWS: usize = 32;
 /// Timed forwards per point (the median is reported), after one warm-up.
 const REPS: usize = 7;
 
 /// Times one draft level for every row count of [`ROWS`] that fits the model's context
 /// (none fitting: an empty result).
 pub fn measure_level_costs(model: &Llava) -> Result<Vec<pb::LevelCost>, ModelError> {
-    let prefix_len = model.num_image_tokens() + PROMPT_ROWS;
-    let max_positions = model.config().text.max_position_embeddings;
-    let rows: Vec<usize> = ROWS
-        .into_iter()
-        .filter(|r| prefix_len + r <= max_positions)
-        .collect();
-    if rows.is_empty() {
+    let Some((mut timer, rows)) = ForwardTimer::for_calibration(model, 1, &ROWS)? else {
         return Ok(Vec::new());
-    }
-    let mut timer = ForwardTimer::new(model, 1, prefix_len)?;
+    };
     rows.into_iter()
         .map(|r| {
             Ok(pb::LevelCost {

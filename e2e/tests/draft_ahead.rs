@@ -1,7 +1,8 @@
 //! Draft-ahead over real gRPC (issue #12): the draft pre-drafts the next tree while the
 //! target verifies; hits and forced misses (a draft that disagrees with the target), greedy
 //! and seeded sampling, concurrency and a draft killed mid-pre-draft all give exactly the
-//! target-only output. The other e2e suites run with draft-ahead on too (it is the default).
+//! target-only output; the draft service alone pre-drafts in spare time for clients that do
+//! not pipeline. The other e2e suites run with draft-ahead on too (it is the default).
 
 use futures::future::join_all;
 use specllava_e2e::{Cluster, ClusterConfig, fixture_image, gen_params as params};
@@ -207,4 +208,73 @@ async fn a_draft_killed_mid_pre_draft_loses_nothing() {
         "losing the draft mid-pre-draft changed the output"
     );
     assert!(s.speculative, "it speculated before the draft died: {s:?}");
+}
+
+/// The draft service alone, as a client that does not pipeline would use it: a tree asked
+/// for with `draft_ahead` leaves a pre-draft made in spare time; a later `answer_ahead`
+/// request gets it without forwards of its own, and reporting the outcome it assumes
+/// redeems it (the same tree, a hit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_draft_pre_drafts_in_spare_time_and_redeems_the_guess() {
+    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    let mut draft = cluster.draft_client().await;
+    draft
+        .open_session(pb::OpenSessionRequest {
+            session_id: "s".into(),
+            images: vec![],
+            token_ids: vec![1, 5, 6, 7],
+        })
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut trees = draft
+        .speculate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = pb::DraftParams {
+        mode: pb::TreeMode::Chain as i32,
+        depth: 3,
+        branching: 1,
+        budget: 3,
+    };
+    let request = |new_tokens: Vec<u32>, accepted_path: Vec<u32>, draft_ahead, answer_ahead| {
+        pb::SpeculateRequest {
+            session_id: "s".into(),
+            new_tokens,
+            accepted_path,
+            params: Some(chain),
+            draft_ahead,
+            answer_ahead,
+        }
+    };
+    tx.send(request(vec![], vec![], true, false)).await.unwrap();
+    let sent = trees.message().await.unwrap().unwrap();
+    assert_eq!(
+        sent.tree.unwrap().tokens.len(),
+        4,
+        "a chain of 3 below the root"
+    );
+
+    // Spare time completes the pre-draft; asked for afterwards, it needs no forward.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tx.send(request(vec![], vec![], false, true)).await.unwrap();
+    let pre = trees.message().await.unwrap().unwrap();
+    assert_eq!(pre.levels, 0, "pre-drafted in spare time: {pre:?}");
+    assert_eq!(
+        pre.assumed_path,
+        vec![0, 1, 2, 3],
+        "the whole chain accepted"
+    );
+    let pre_tree = pre.tree.unwrap();
+    assert_eq!(pre_tree.tokens.first(), pre.assumed_emitted.last());
+    assert!(pre_tree.tokens.len() > 1);
+
+    // The outcome it assumed redeems it.
+    tx.send(request(pre.assumed_emitted, pre.assumed_path, false, false))
+        .await
+        .unwrap();
+    let next = trees.message().await.unwrap().unwrap();
+    assert_eq!(next.ahead, pb::AheadOutcome::Hit as i32, "{next:?}");
+    assert_eq!(next.tree.unwrap(), pre_tree);
 }

@@ -40,5 +40,5 @@ pub use error::ModelError;
 pub use image::{ImageLimits, ImageProcessor, check_image_header, decode_image};
 pub use kv::KvCache;
 pub use llava::{Backend, Llava, TreeBatchItem};
-pub use timing::ForwardTimer;
+pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer};
 pub use tokenizer::LlavaTokenizer;

@@ -6,6 +6,10 @@ use std::time::Instant;
 
 use crate::{KvCache, Llava, ModelError, TreeBatchItem};
 
+/// Prompt rows on top of the image tokens in the prefix of a start-up calibration's
+/// sessions ([`ForwardTimer::for_calibration`]).
+pub const CALIBRATION_PROMPT_ROWS: usize = 32;
+
 /// Sessions with a committed filler prefix, ready for timed tree forwards. Trees are
 /// forwarded and then discarded, so the prefix stays the same between measurements.
 pub struct ForwardTimer<'m> {
@@ -33,6 +37,28 @@ impl<'m> ForwardTimer<'m> {
             })
             .collect::<Result<_, ModelError>>()?;
         Ok(Self { model, sessions })
+    }
+
+    /// The timer a service's start-up calibration uses: `sessions` sessions whose prefix is
+    /// an image prompt (the image tokens and [`CALIBRATION_PROMPT_ROWS`] more rows), and of
+    /// `sizes` (rows a timed forward adds) those that fit the model's context after it.
+    /// `None` when none fits.
+    pub fn for_calibration(
+        model: &'m Llava,
+        sessions: usize,
+        sizes: &[usize],
+    ) -> Result<Option<(Self, Vec<usize>)>, ModelError> {
+        let prefix_len = model.num_image_tokens() + CALIBRATION_PROMPT_ROWS;
+        let max_positions = model.config().text.max_position_embeddings;
+        let fitting: Vec<usize> = sizes
+            .iter()
+            .copied()
+            .filter(|n| prefix_len + n <= max_positions)
+            .collect();
+        if fitting.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((Self::new(model, sessions, prefix_len)?, fitting)))
     }
 
     /// Median time (ns) of one forward of a bushy 4-ary tree of `nodes` nodes (root

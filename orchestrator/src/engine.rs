@@ -1152,8 +1152,9 @@ impl Engine {
         let d = conv.draft.as_ref()?;
         turn.draft.as_ref()?;
         let emitted = conv.history.get(d.synced..).unwrap_or_default();
-        let fits = tree_from_proto(pre.tree.clone(), &turn.tree_limits)
-            .is_ok_and(|t| t.max_depth() < room);
+        // Shaped for the context left after the previous tree's deepest acceptance (see
+        // `ask_pre_draft`); checked again in case the context filled differently.
+        let fits = pre.params.depth < room;
         let hit = pre.path == turn.last_path && pre.emitted == emitted;
         turn.pipeline.observe(hit);
         tracing::debug!(hit, fits, hit_rate = turn.pipeline.hit_rate, "pre-draft");
@@ -1196,10 +1197,10 @@ impl Engine {
         if !proposal.drafted || !on || (proposal.pipelined.is_none() && !turn.pipeline.ask()) {
             return None;
         }
-        // The pre-draft is the next step's tree: shaped as that step would be (at most the
-        // context left after this tree's deepest acceptance).
-        let depth =
-            tree_from_proto(proposal.tree.clone(), &turn.tree_limits).map_or(0, |t| t.max_depth());
+        // The pre-draft is the next step's tree: shaped as that step would be, within the
+        // context left after this tree's deepest acceptance (its depth is at most the depth
+        // it was drafted for).
+        let depth = proposal.params.depth;
         let params = self.step_params(turn, room.saturating_sub(depth + 1));
         if params.depth == 0 || params.budget == 0 {
             return None;

@@ -10,24 +10,15 @@ const NODES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// Batch sizes measured (sessions per forward): every batch size the policy may size trees
 /// for under load, so that it never extrapolates.
 const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
-/// Prompt rows on top of the image tokens in every timed session's prefix.
-const PROMPT_ROWS: usize = 32;
-
 /// Times one batched verify forward for every (batch, nodes) of the grid, batch-major:
 /// one warm-up and the median of three runs per point (35 points; a few seconds on a CPU).
 /// Tree sizes that would not fit the model's context are left out (all of them: an empty
 /// result).
 pub fn measure_verify_costs(model: &Llava) -> Result<Vec<pb::VerifyCost>, ModelError> {
-    let prefix_len = model.num_image_tokens() + PROMPT_ROWS;
-    let max_positions = model.config().text.max_position_embeddings;
-    let nodes: Vec<usize> = NODES
-        .into_iter()
-        .filter(|n| prefix_len + n <= max_positions)
-        .collect();
-    if nodes.is_empty() {
+    let sessions = BATCHES[BATCHES.len() - 1];
+    let Some((mut timer, nodes)) = ForwardTimer::for_calibration(model, sessions, &NODES)? else {
         return Ok(Vec::new());
-    }
-    let mut timer = ForwardTimer::new(model, BATCHES[BATCHES.len() - 1], prefix_len)?;
+    };
     let mut costs = Vec::with_capacity(nodes.len() * BATCHES.len());
     for batch in BATCHES {
         for &n in &nodes {
