@@ -156,7 +156,7 @@ struct ServiceArgs {
 struct RunArgs {
     #[command(flatten)]
     models: ModelArgs,
-    /// Smoke run (~2 min): fewer items, tokens, repeats and modes; quick cost model.
+    /// Smoke run (seconds once built): fewer items, tokens, repeats and modes; quick cost model.
     #[arg(long, env = "SPECLLAVA_BENCH_QUICK")]
     quick: bool,
     /// Directory with `test/` (in-domain images + test.jsonl) and `ood/` (photographs).
