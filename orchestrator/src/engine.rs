@@ -40,11 +40,12 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
-use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind, TreeStream};
+use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession};
+use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
 use crate::stats::Stats;
 use crate::sync::{PlannedSync, SyncReply, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
@@ -73,6 +74,10 @@ pub struct EngineConfig {
     /// How long after a turn starts its steps may wait for the draft session's background
     /// set-up before going on target-only (zero: the first token never waits for the draft).
     pub draft_join_wait: Duration,
+    /// How much longer than a root-only tree's the verification of a turn's first tree (drafted
+    /// while the target prefills) may take, as a factor: the tree is cut to the nodes whose
+    /// verification fits.
+    pub first_tree_verify_slack: f64,
     /// Deadline of every target call (a target missing it fails over).
     pub target_timeout: Duration,
     /// Attempts to sync a target replica (after an eviction, a stale session, a refused
@@ -92,6 +97,7 @@ impl Default for EngineConfig {
             draft_timeout: Duration::from_millis(2_000),
             draft_ahead: true,
             draft_join_wait: Duration::ZERO,
+            first_tree_verify_slack: 1.25,
             target_timeout: Duration::from_millis(10_000),
             target_attempts: 3,
             max_recoveries: 3,
@@ -196,12 +202,6 @@ struct Choice {
     batch: usize,
 }
 
-/// An open Speculate stream.
-struct DraftStream {
-    requests: mpsc::Sender<pb::SpeculateRequest>,
-    trees: TreeStream,
-}
-
 /// One turn in progress: what its steps share.
 struct Turn<'a> {
     params: &'a GenParams,
@@ -216,6 +216,9 @@ struct Turn<'a> {
     target_model: pb::ModelInfo,
     /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
     draft: Option<DraftStream>,
+    /// The first tree the draft's set-up drafted (used by the first drafting step when its
+    /// root is still the history's last token).
+    first_tree: Option<FirstTree>,
     /// The draft session's sync, running in the background while the target decodes.
     draft_setup: Option<DraftSetup>,
     text: TextStream,
@@ -252,12 +255,6 @@ enum DraftStart {
     Running(DraftSetup),
     /// No draft for this turn.
     Unavailable,
-}
-
-/// A draft session's sync running as a task of its own.
-struct DraftSetup {
-    planned: PlannedSync,
-    task: tokio::task::JoinHandle<Result<SyncReply, Status>>,
 }
 
 /// Counts a turn as generating while it lives.
@@ -681,7 +678,13 @@ impl Engine {
 
     /// Pins and checks a draft and starts syncing the conversation's draft session in the
     /// background (the target decodes meanwhile: the first token never waits for the draft).
-    async fn start_draft_sync(&self, conv: &mut Conversation) -> DraftStart {
+    /// With `early`, the set-up then opens the speculate stream and, with `Some` shape,
+    /// drafts the turn's first tree.
+    async fn start_draft_sync(
+        &self,
+        conv: &mut Conversation,
+        early: Option<Option<DraftParams>>,
+    ) -> DraftStart {
         if !self.ensure_pinned(ReplicaKind::Draft, &mut conv.draft, &conv.id) {
             return DraftStart::Unavailable;
         }
@@ -702,10 +705,20 @@ impl Engine {
         ) {
             Ok(None) => DraftStart::Ready,
             Ok(Some(planned)) => {
-                let replicas = Arc::clone(&self.replicas);
-                let call = planned.clone();
-                let task = tokio::spawn(async move { call.run(replicas.as_ref()).await });
-                DraftStart::Running(DraftSetup { planned, task })
+                let root = *conv.history.last().expect("history is never empty");
+                let early = early.map(|first_tree| {
+                    let req = EarlyStream {
+                        session_id: conv.id.clone(),
+                        first_tree,
+                        timeout: self.cfg.draft_timeout,
+                    };
+                    (req, root)
+                });
+                DraftStart::Running(DraftSetup::spawn(
+                    Arc::clone(&self.replicas),
+                    planned,
+                    early,
+                ))
             }
             Err(e) => {
                 self.draft_failed(conv, e).await;
@@ -714,13 +727,47 @@ impl Engine {
         }
     }
 
+    /// The shape of the tree a turn's draft set-up drafts for the first step: the step's
+    /// shape as the policy (or the request) has it now, within the target's limits and cut
+    /// to the nodes whose verification costs at most [`EngineConfig::first_tree_verify_slack`]
+    /// times a root-only one (the first token is what the user waits for; the next tree, pre-drafted
+    /// while this one is verified, has the full shape). `None` when the first step would not
+    /// draft or the target's limits are not known yet.
+    fn first_tree_params(&self, conv: &Conversation, spec: &SpecSettings) -> Option<DraftParams> {
+        let info = match conv.target.as_ref()?.pin.replica().info.get()? {
+            ReplicaInfo::Target(info) => info,
+            ReplicaInfo::Draft(_) => return None,
+        };
+        let max_context = info.model.as_ref()?.max_context as usize;
+        let room = max_context.saturating_sub(conv.history.len() + 1);
+        let batch = self.batch_estimate();
+        let policy = self.policy.lock().expect("policy lock poisoned").clone();
+        let choice = policy.choose(batch);
+        let mut p = choose_params(&self.cfg.plan, spec, &choice, 0)?;
+        let verify_limit = self.cfg.first_tree_verify_slack * policy.cost.verify_ns(1, batch);
+        let nodes = (2..=p.budget + 1)
+            .take_while(|&n| policy.cost.verify_ns(n, batch) <= verify_limit)
+            .last()
+            .unwrap_or(1);
+        p.budget = p
+            .budget
+            .min(nodes - 1)
+            .min((info.max_tree_nodes as usize).saturating_sub(1));
+        p.depth = p
+            .depth
+            .min(p.budget)
+            .min(room.saturating_sub(1))
+            .min(info.max_tree_depth as usize);
+        (p.depth > 0 && p.budget > 0).then_some(p)
+    }
+
     /// Takes the result of the turn's background draft sync when it is done (or, with
     /// `wait`, waits for it) and, unless `wait`, attaches the draft to the turn.
     async fn join_draft(&self, conv: &mut Conversation, turn: &mut Turn<'_>, wait: bool) {
         let Some(setup) = turn.draft_setup.as_ref() else {
             return;
         };
-        if !wait && !setup.task.is_finished() {
+        if !wait && !setup.is_finished() {
             let budget = self
                 .cfg
                 .draft_join_wait
@@ -731,52 +778,63 @@ impl Engine {
             } else {
                 // Wait (within the budget) for the task to finish; its result is taken below.
                 let _ = tokio::time::timeout(budget, async {
-                    while !setup.task.is_finished() {
+                    while !setup.is_finished() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 })
                 .await;
             }
-            if !turn
-                .draft_setup
-                .as_ref()
-                .is_some_and(|s| s.task.is_finished())
-            {
+            if !turn.draft_setup.as_ref().is_some_and(|s| s.is_finished()) {
                 return;
             }
         }
         let setup = turn.draft_setup.take().expect("checked above");
-        if self.finish_draft_setup(conv, setup).await && !wait {
-            self.attach_draft(conv, turn).await;
+        if let Some(early) = self.finish_draft_setup(conv, setup).await
+            && !wait
+        {
+            self.attach_draft(conv, turn, early).await;
         }
     }
 
-    /// Waits for a background draft sync and records its outcome; whether it succeeded.
-    async fn finish_draft_setup(&self, conv: &mut Conversation, mut setup: DraftSetup) -> bool {
-        let reply = match tokio::time::timeout(self.cfg.draft_timeout, &mut setup.task).await {
-            Ok(joined) => {
-                joined.unwrap_or_else(|e| Err(Status::internal(format!("draft sync task: {e}"))))
-            }
+    /// Waits for a background draft sync and records its outcome; `None` when it failed,
+    /// else the stream and first tree it drafted, if any.
+    async fn finish_draft_setup(
+        &self,
+        conv: &mut Conversation,
+        mut setup: DraftSetup,
+    ) -> Option<Option<(DraftStream, Option<FirstTree>)>> {
+        let done = match tokio::time::timeout(self.cfg.draft_timeout, &mut setup.task).await {
+            Ok(joined) => joined.unwrap_or_else(|e| SetupDone {
+                reply: Err(Status::internal(format!("draft sync task: {e}"))),
+                early: None,
+            }),
             Err(_) => {
                 setup.task.abort();
-                Err(Status::deadline_exceeded("draft session sync timed out"))
+                SetupDone {
+                    reply: Err(Status::deadline_exceeded("draft session sync timed out")),
+                    early: None,
+                }
             }
         };
         let id = conv.id.clone();
-        let Some(d) = conv.draft.as_mut() else {
-            return false;
-        };
-        match self.finish_sync(d, &id, &setup.planned, reply).await {
-            Ok(_) => true,
+        let d = conv.draft.as_mut()?;
+        match self.finish_sync(d, &id, &setup.planned, done.reply).await {
+            Ok(_) => Some(done.early),
             Err(e) => {
                 self.draft_failed(conv, e).await;
-                false
+                None
             }
         }
     }
 
-    /// Checks the synced draft against the turn's target and opens its speculate stream.
-    async fn attach_draft(&self, conv: &mut Conversation, turn: &mut Turn<'_>) {
+    /// Checks the synced draft against the turn's target and attaches its speculate stream:
+    /// `early`'s (with the first tree it drafted), or one it opens now.
+    async fn attach_draft(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        early: Option<(DraftStream, Option<FirstTree>)>,
+    ) {
         let Some(d) = conv.draft.as_ref() else {
             return;
         };
@@ -788,16 +846,21 @@ impl Engine {
             self.draft_failed(conv, e).await;
             return;
         }
-        let (requests, rx) = mpsc::channel::<pb::SpeculateRequest>(2);
-        match self.replicas.speculate(&r, rx).await {
-            Ok(trees) => {
-                turn.draft = Some(DraftStream { requests, trees });
-                turn.stats.speculative = true;
+        let stream = match early {
+            Some((stream, first)) => {
+                turn.first_tree = first;
+                stream
             }
-            Err(s) => {
-                tracing::warn!(status = %s, "cannot open the speculate stream, continuing target-only");
-            }
-        }
+            None => match DraftStream::open(self.replicas.as_ref(), &r).await {
+                Ok(stream) => stream,
+                Err(s) => {
+                    tracing::warn!(status = %s, "cannot open the speculate stream, continuing target-only");
+                    return;
+                }
+            },
+        };
+        turn.draft = Some(stream);
+        turn.stats.speculative = true;
     }
 
     /// Forgets a draft that failed (a lost session is reopened next time; a replica that
@@ -918,7 +981,10 @@ impl Engine {
         // The draft session syncs while the target's does (and while the target decodes,
         // if it takes longer).
         let draft_start = if spec.mode.is_some() && self.turn_drafts(spec) {
-            self.start_draft_sync(conv).await
+            // The target pinned first: its limits shape the first tree.
+            self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id);
+            let first = self.first_tree_params(conv, spec);
+            self.start_draft_sync(conv, Some(first)).await
         } else {
             DraftStart::Unavailable
         };
@@ -960,6 +1026,7 @@ impl Engine {
             max_context: model.max_context,
             target_model: model,
             draft: None,
+            first_tree: None,
             draft_setup,
             text: TextStream::new(params.stop.clone()),
             generated: 0,
@@ -985,10 +1052,18 @@ impl Engine {
             prompt_len: conv.history.len(),
         };
         if ready {
-            self.attach_draft(conv, &mut turn).await;
+            self.attach_draft(conv, &mut turn, None).await;
         } else {
             self.join_draft(conv, &mut turn, false).await;
         }
+        // Where the time before the first step goes (`RUST_LOG=orchestrator=debug`).
+        tracing::debug!(
+            prefill_us = turn.stats.prefill_ns / 1000,
+            begin_us = started.elapsed().as_micros() as u64,
+            draft_attached = turn.draft.is_some(),
+            first_tree = turn.first_tree.is_some(),
+            "turn begun"
+        );
         Ok(turn)
     }
 
@@ -1020,6 +1095,11 @@ impl Engine {
         }
         if turn.draft.is_none() {
             return root_only;
+        }
+        if let Some(first) = turn.first_tree.take()
+            && let Some(proposal) = self.first_proposal(turn, first, root, room)
+        {
+            return proposal;
         }
         let p = self.step_params(turn, room);
         if p.depth == 0 || p.budget == 0 {
@@ -1063,17 +1143,7 @@ impl Engine {
             {
                 let rtt = nanos(t0.elapsed());
                 turn.stats.record_draft(&t, rtt);
-                specllava_telemetry::metrics()
-                    .drafted_nodes_per_step
-                    .observe(f64::from(t.drafted_nodes));
-                self.draft_cost_measured.store(true, Ordering::Relaxed);
-                if let Ok(mut pol) = self.policy.lock() {
-                    pol.observe_draft(
-                        t.levels as usize,
-                        t.drafted_nodes as usize + 1,
-                        t.draft_ns as f64,
-                    );
-                }
+                self.observe_tree(&t);
                 let tree = t.tree.expect("checked above");
                 let drafted = tree.tokens.len() > 1;
                 Proposal {
@@ -1092,6 +1162,63 @@ impl Engine {
                 self.draft_lost(conv, turn, failure).await;
                 root_only
             }
+        }
+    }
+
+    /// The first tree the draft's set-up drafted, as this step's tree: when it is still for
+    /// the history's root (no target-only step came first) and fits the context left and the
+    /// target's limits. Drafted while the target prefilled, it costs the step no round trip.
+    fn first_proposal(
+        &self,
+        turn: &mut Turn<'_>,
+        first: FirstTree,
+        root: u32,
+        room: usize,
+    ) -> Option<Proposal> {
+        let tree = first.answer.tree.as_ref()?;
+        let fits = first.root == root
+            && first.params.depth < room
+            && tree.tokens.len() <= turn.tree_limits.max_nodes
+            && first.params.depth <= turn.tree_limits.max_depth;
+        tracing::debug!(
+            fits,
+            nodes = tree.tokens.len(),
+            rtt_us = first.rtt_ns / 1000,
+            "first tree from the draft's set-up"
+        );
+        if !fits {
+            // The draft drops its rows when the next request reports the history.
+            return None;
+        }
+        // Drafted while the target prefilled: no draft time of the step's own.
+        self.observe_tree(&first.answer);
+        let ahead_sample = self
+            .ahead_arm(turn)
+            .and_then(|(on, sample)| sample.then_some(on));
+        let tree = first.answer.tree?;
+        Some(Proposal {
+            drafted: tree.tokens.len() > 1,
+            tree,
+            draft_overhead_ns: None,
+            draft_rtt_ns: 0,
+            params: first.params,
+            ahead_sample,
+            pipelined: None,
+        })
+    }
+
+    /// The metrics and the budget policy learn from a drafted tree.
+    fn observe_tree(&self, t: &pb::DraftTree) {
+        specllava_telemetry::metrics()
+            .drafted_nodes_per_step
+            .observe(f64::from(t.drafted_nodes));
+        self.draft_cost_measured.store(true, Ordering::Relaxed);
+        if let Ok(mut pol) = self.policy.lock() {
+            pol.observe_draft(
+                t.levels as usize,
+                t.drafted_nodes as usize + 1,
+                t.draft_ns as f64,
+            );
         }
     }
 
@@ -1297,8 +1424,8 @@ impl Engine {
             return;
         }
         turn.draft_failovers += 1;
-        match self.start_draft_sync(conv).await {
-            DraftStart::Ready => self.attach_draft(conv, turn).await,
+        match self.start_draft_sync(conv, None).await {
+            DraftStart::Ready => self.attach_draft(conv, turn, None).await,
             DraftStart::Running(setup) => turn.draft_setup = Some(setup),
             DraftStart::Unavailable => {}
         }

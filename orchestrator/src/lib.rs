@@ -11,6 +11,7 @@
 //! - [`clients`]: the replica calls (a small trait, gRPC behind it).
 //! - [`session`]: conversations and their replica state.
 //! - [`sync`]: the call that brings a replica session up to date with the history.
+//! - [`setup`]: a draft session's set-up in the background, with the first tree.
 //! - [`engine`]: the generation loop in steps, fallback, recovery and the
 //!   compatibility check of replicas.
 //! - [`plan`]: the budget policy's prior and each step's tree shape.
@@ -38,6 +39,7 @@ pub mod prompt;
 pub mod routing;
 pub mod service;
 pub mod session;
+pub mod setup;
 pub mod stats;
 pub mod sync;
 pub mod text;

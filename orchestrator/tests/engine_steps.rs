@@ -63,6 +63,8 @@ struct Faults {
     draft_fails_at: Option<usize>,
     /// Vocabulary size the draft reports.
     draft_vocab: Option<u32>,
+    /// Target sessions take this long to open (a slow prefill).
+    target_open_delay: Option<std::time::Duration>,
 }
 
 /// In-process draft and target replicas: sessions are token histories.
@@ -71,7 +73,7 @@ struct Fake {
     targets: Mutex<HashMap<(SocketAddr, String), Vec<u32>>>,
     drafts: Arc<Mutex<HashMap<String, Vec<u32>>>>,
     faults: Mutex<Faults>,
-    calls: Mutex<Vec<String>>,
+    calls: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fake {
@@ -104,6 +106,10 @@ impl ReplicaApi for Fake {
         req: pb::OpenSessionRequest,
     ) -> Result<pb::OpenSessionResponse, Status> {
         self.hang_if_stuck(r).await;
+        let delay = self.faults.lock().unwrap().target_open_delay;
+        if let (ReplicaKind::Target, Some(delay)) = (kind, delay) {
+            tokio::time::sleep(delay).await;
+        }
         self.log(format!("open {kind} {}", r.addr));
         let kv_len = req.token_ids.len() as u64 - 1;
         match kind {
@@ -213,6 +219,10 @@ impl ReplicaApi for Fake {
         );
         let tree = req.tree.unwrap();
         assert_eq!(tree.tokens[0], *history.last().unwrap(), "root");
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("verify {} nodes", tree.tokens.len()));
         let max = req.stop.unwrap().max_new_tokens as usize;
         // Greedy verification: descend while the target's token is a child.
         let (mut node, mut emitted, mut path) = (0usize, Vec::new(), vec![0u32]);
@@ -275,6 +285,7 @@ impl ReplicaApi for Fake {
         requests: mpsc::Receiver<pb::SpeculateRequest>,
     ) -> Result<TreeStream, Status> {
         let drafts = Arc::clone(&self.drafts);
+        let calls = Arc::clone(&self.calls);
         let fails_at = self.faults.lock().unwrap().draft_fails_at;
         let mut step = 0;
         let trees = ReceiverStream::new(requests).map(move |req| {
@@ -293,6 +304,7 @@ impl ReplicaApi for Fake {
                 tokens.push(draft_next(tokens[i]));
             }
             let n = tokens.len();
+            calls.lock().unwrap().push(format!("draft tree {n} nodes"));
             Ok(pb::DraftTree {
                 tree: Some(pb::TokenTree {
                     tokens,
@@ -624,4 +636,66 @@ async fn an_incompatible_draft_is_refused_and_never_used() {
     assert!(!summary.stats.unwrap().speculative);
     let calls = fake.calls.lock().unwrap().clone();
     assert!(!calls.iter().any(|c| c.contains("draft")), "{calls:?}");
+}
+
+#[tokio::test]
+async fn the_first_tree_is_drafted_while_the_target_prefills() {
+    let fake = Arc::new(Fake::default());
+    fake.faults.lock().unwrap().target_open_delay = Some(std::time::Duration::from_millis(50));
+    let mut parts = parts(Arc::clone(&fake));
+    // Any first tree is cheap enough: the policy's shape as it is.
+    parts.cfg.first_tree_verify_slack = f64::MAX;
+    let e = Engine::new(parts).unwrap();
+    // The target's limits are known (as after start-up's check).
+    e.check_replicas(ReplicaKind::Target).await;
+    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    assert!(summary.stats.unwrap().speculative);
+    let calls = fake.calls.lock().unwrap().clone();
+    let at = |call: &str| calls.iter().position(|c| c.starts_with(call));
+    let (first_tree, target_open) = (at("draft tree 5"), at("open target"));
+    assert!(
+        first_tree.is_some() && first_tree < target_open,
+        "the first tree is drafted during the target's prefill: {calls:?}"
+    );
+    assert_eq!(
+        calls
+            .iter()
+            .find(|c| c.starts_with("verify"))
+            .map(String::as_str),
+        Some("verify 5 nodes"),
+        "the first step verifies it: {calls:?}"
+    );
+    // It is the first step's tree: no second request for the same root came first.
+    let first_verify = at("verify").unwrap();
+    let trees_before = calls[..first_verify]
+        .iter()
+        .filter(|c| c.starts_with("draft tree"))
+        .count();
+    assert_eq!(trees_before, 1, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_first_tree_too_costly_to_verify_is_not_drafted() {
+    let fake = Arc::new(Fake::default());
+    fake.faults.lock().unwrap().target_open_delay = Some(std::time::Duration::from_millis(50));
+    let mut parts = parts(Arc::clone(&fake));
+    // No tree verifies as fast as a root-only one under the policy's prior.
+    parts.cfg.first_tree_verify_slack = 1.0;
+    let e = Engine::new(parts).unwrap();
+    e.check_replicas(ReplicaKind::Target).await;
+    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
+    assert_eq!(tokens, expected());
+    assert!(summary.stats.unwrap().speculative);
+    let calls = fake.calls.lock().unwrap().clone();
+    let target_open = calls
+        .iter()
+        .position(|c| c.starts_with("open target"))
+        .unwrap();
+    assert!(
+        !calls[..target_open]
+            .iter()
+            .any(|c| c.starts_with("draft tree")),
+        "nothing drafted during the prefill: {calls:?}"
+    );
 }

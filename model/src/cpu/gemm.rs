@@ -191,6 +191,8 @@ impl PackedMatrix {
         y: SharedOut,
     ) {
         let group_max = kernel.panels_per_tile(rows);
+        // One accumulator block for all of this call's tiles (each tile writes what it reads).
+        let mut acc: TileAcc = [[0f32; PANEL * MAX_TILE_PANELS]; MAX_TILE_ROWS];
         // Rows split into tiles of near-equal height (16 rows: 6 + 5 + 5, not 6 + 6 + 4), so no
         // tile is left with too few accumulators to hide the FMA latency.
         let tiles = rows.div_ceil(MAX_TILE_ROWS);
@@ -200,7 +202,7 @@ impl PackedMatrix {
             let mut r0 = 0;
             for t in 0..tiles {
                 let tile_rows = (rows - r0).div_ceil(tiles - t);
-                self.tile(kernel, x, r0, tile_rows, p, group, y);
+                self.tile(kernel, x, r0, tile_rows, p, group, y, &mut acc);
                 r0 += tile_rows;
             }
             p += group;
@@ -218,46 +220,46 @@ impl PackedMatrix {
         p0: usize,
         group: usize,
         y: SharedOut,
+        acc: &mut TileAcc,
     ) {
-        let mut acc: TileAcc = [[0f32; PANEL * MAX_TILE_PANELS]; MAX_TILE_ROWS];
         let k = self.in_dim;
         let xs = &x[r0 * k..(r0 + rows) * k];
         let span = k * PANEL;
         match (&self.data, kernel) {
             #[cfg(target_arch = "x86_64")]
             (PanelData::F32(w), Kernel::Avx512) => unsafe {
-                avx512::tile::<avx512::F32>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx512::tile::<avx512::F32>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
             (PanelData::F16(w), Kernel::Avx512) => unsafe {
-                avx512::tile::<avx512::F16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx512::tile::<avx512::F16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
             (PanelData::Bf16(w), Kernel::Avx512) => unsafe {
-                avx512::tile::<avx512::Bf16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx512::tile::<avx512::Bf16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
             (PanelData::F32(w), Kernel::Avx2) => unsafe {
-                avx2::tile::<avx2::F32>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx2::tile::<avx2::F32>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
             (PanelData::F16(w), Kernel::Avx2) => unsafe {
-                avx2::tile::<avx2::F16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx2::tile::<avx2::F16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
             (PanelData::Bf16(w), Kernel::Avx2) => unsafe {
-                avx2::tile::<avx2::Bf16>(xs, rows, k, &w[p0 * span..], span, group, &mut acc)
+                avx2::tile::<avx2::Bf16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             (PanelData::F32(w), _) => {
-                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| v)
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, acc, |v| v)
             }
             (PanelData::F16(w), _) => {
-                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| {
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, acc, |v| {
                     f16::from_bits(v).to_f32()
                 })
             }
             (PanelData::Bf16(w), _) => {
-                portable_tile(xs, rows, k, &w[p0 * span..], span, group, &mut acc, |v| {
+                portable_tile(xs, rows, k, &w[p0 * span..], span, group, acc, |v| {
                     bf16::from_bits(v).to_f32()
                 })
             }
@@ -372,6 +374,9 @@ fn portable_tile<W: Copy>(
     acc: &mut TileAcc,
     widen: impl Fn(W) -> f32,
 ) {
+    for row in acc.iter_mut().take(rows) {
+        row[..group * PANEL].fill(0.0);
+    }
     for g in 0..group {
         let panel = &w[g * span..(g + 1) * span];
         for kk in 0..k {
