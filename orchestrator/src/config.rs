@@ -86,14 +86,10 @@ pub struct Args {
     #[arg(long, env = "SPECLLAVA_DRAFT_JOIN_WAIT_MS", default_value_t = 0)]
     pub draft_join_wait_ms: u64,
     /// How much longer than a root-only tree's the verification of a turn's first tree may
-    /// take: the draft drafts it while the target prefills, cut to the nodes within this
-    /// (the first token is what the user waits for). At least 1.
-    #[arg(
-        long,
-        env = "SPECLLAVA_FIRST_TREE_VERIFY_SLACK",
-        default_value_t = 1.25
-    )]
-    pub first_tree_verify_slack: f64,
+    /// take (at least 1): the draft drafts it while the target prefills, cut to the nodes
+    /// within this (a first token sooner, carrying fewer tokens). Unset: the step's shape.
+    #[arg(long, env = "SPECLLAVA_FIRST_TREE_VERIFY_SLACK")]
+    pub first_tree_verify_slack: Option<f64>,
     /// Deadline of every call to a target replica (open, append, verify, close...), in
     /// milliseconds: a target missing it is out of rotation and its sessions fail over.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 10_000)]
@@ -280,7 +276,7 @@ impl Args {
             draft_timeout: Duration::from_millis(self.draft_timeout_ms),
             draft_ahead: self.draft_ahead,
             draft_join_wait: Duration::from_millis(self.draft_join_wait_ms),
-            first_tree_verify_slack: self.first_tree_verify_slack.max(1.0),
+            first_tree_verify_slack: self.first_tree_verify_slack.map(|s| s.max(1.0)),
             target_timeout: Duration::from_millis(self.target_timeout_ms),
             target_attempts: self.target_attempts.max(1),
             max_recoveries: self.max_recoveries,

@@ -76,8 +76,8 @@ pub struct EngineConfig {
     pub draft_join_wait: Duration,
     /// How much longer than a root-only tree's the verification of a turn's first tree (drafted
     /// while the target prefills) may take, as a factor: the tree is cut to the nodes whose
-    /// verification fits.
-    pub first_tree_verify_slack: f64,
+    /// verification fits. `None`: the step's shape as it is.
+    pub first_tree_verify_slack: Option<f64>,
     /// Deadline of every target call (a target missing it fails over).
     pub target_timeout: Duration,
     /// Attempts to sync a target replica (after an eviction, a stale session, a refused
@@ -97,7 +97,7 @@ impl Default for EngineConfig {
             draft_timeout: Duration::from_millis(2_000),
             draft_ahead: true,
             draft_join_wait: Duration::ZERO,
-            first_tree_verify_slack: 1.25,
+            first_tree_verify_slack: None,
             target_timeout: Duration::from_millis(10_000),
             target_attempts: 3,
             max_recoveries: 3,
@@ -728,11 +728,11 @@ impl Engine {
     }
 
     /// The shape of the tree a turn's draft set-up drafts for the first step: the step's
-    /// shape as the policy (or the request) has it now, within the target's limits and cut
-    /// to the nodes whose verification costs at most [`EngineConfig::first_tree_verify_slack`]
-    /// times a root-only one (the first token is what the user waits for; the next tree, pre-drafted
-    /// while this one is verified, has the full shape). `None` when the first step would not
-    /// draft or the target's limits are not known yet.
+    /// shape as the policy (or the request) has it now, within the target's limits and, with
+    /// [`EngineConfig::first_tree_verify_slack`], cut to the nodes whose verification costs at
+    /// most that many times a root-only one (the next tree, pre-drafted while this one is
+    /// verified, has the full shape). `None` when the first step would not draft or the
+    /// target's limits are not known yet.
     fn first_tree_params(&self, conv: &Conversation, spec: &SpecSettings) -> Option<DraftParams> {
         let info = match conv.target.as_ref()?.pin.replica().info.get()? {
             ReplicaInfo::Target(info) => info,
@@ -744,14 +744,16 @@ impl Engine {
         let policy = self.policy.lock().expect("policy lock poisoned").clone();
         let choice = policy.choose(batch);
         let mut p = choose_params(&self.cfg.plan, spec, &choice, 0)?;
-        let verify_limit = self.cfg.first_tree_verify_slack * policy.cost.verify_ns(1, batch);
-        let nodes = (2..=p.budget + 1)
-            .take_while(|&n| policy.cost.verify_ns(n, batch) <= verify_limit)
-            .last()
-            .unwrap_or(1);
+        if let Some(slack) = self.cfg.first_tree_verify_slack {
+            let verify_limit = slack * policy.cost.verify_ns(1, batch);
+            let nodes = (2..=p.budget + 1)
+                .take_while(|&n| policy.cost.verify_ns(n, batch) <= verify_limit)
+                .last()
+                .unwrap_or(1);
+            p.budget = p.budget.min(nodes - 1);
+        }
         p.budget = p
             .budget
-            .min(nodes - 1)
             .min((info.max_tree_nodes as usize).saturating_sub(1));
         p.depth = p
             .depth
@@ -1190,8 +1192,11 @@ impl Engine {
             // The draft drops its rows when the next request reports the history.
             return None;
         }
-        // Drafted while the target prefilled: no draft time of the step's own.
-        self.observe_tree(&first.answer);
+        // Drafted while the target prefilled: no draft time of the step's own, and a draft
+        // time that shared the machine with the prefill is no measure of a step's.
+        specllava_telemetry::metrics()
+            .drafted_nodes_per_step
+            .observe(f64::from(first.answer.drafted_nodes));
         let ahead_sample = self
             .ahead_arm(turn)
             .and_then(|(on, sample)| sample.then_some(on));

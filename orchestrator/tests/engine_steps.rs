@@ -643,8 +643,8 @@ async fn the_first_tree_is_drafted_while_the_target_prefills() {
     let fake = Arc::new(Fake::default());
     fake.faults.lock().unwrap().target_open_delay = Some(std::time::Duration::from_millis(50));
     let mut parts = parts(Arc::clone(&fake));
-    // Any first tree is cheap enough: the policy's shape as it is.
-    parts.cfg.first_tree_verify_slack = f64::MAX;
+    // The step's shape as it is (the default).
+    assert_eq!(parts.cfg.first_tree_verify_slack, None);
     let e = Engine::new(parts).unwrap();
     // The target's limits are known (as after start-up's check).
     e.check_replicas(ReplicaKind::Target).await;
@@ -681,7 +681,7 @@ async fn a_first_tree_too_costly_to_verify_is_not_drafted() {
     fake.faults.lock().unwrap().target_open_delay = Some(std::time::Duration::from_millis(50));
     let mut parts = parts(Arc::clone(&fake));
     // No tree verifies as fast as a root-only one under the policy's prior.
-    parts.cfg.first_tree_verify_slack = 1.0;
+    parts.cfg.first_tree_verify_slack = Some(1.0);
     let e = Engine::new(parts).unwrap();
     e.check_replicas(ReplicaKind::Target).await;
     let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
