@@ -642,7 +642,7 @@ async fn an_incompatible_draft_is_refused_and_never_used() {
 async fn the_first_tree_is_drafted_while_the_target_prefills() {
     let fake = Arc::new(Fake::default());
     fake.faults.lock().unwrap().target_open_delay = Some(std::time::Duration::from_millis(50));
-    let mut parts = parts(Arc::clone(&fake));
+    let parts = parts(Arc::clone(&fake));
     // The step's shape as it is (the default).
     assert_eq!(parts.cfg.first_tree_verify_slack, None);
     let e = Engine::new(parts).unwrap();
