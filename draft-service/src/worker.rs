@@ -15,8 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
-use specllava_model::{KvCache, Llava, TreeBatchItem};
+use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
 use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{
     AppendError, BatchJob, Queued, Reply, SessionBackend, WorkerHandle,
@@ -167,7 +166,7 @@ impl SessionBackend for DraftBackend {
         &mut self,
         prefix: &[u32],
         root: u32,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<DraftSession, DraftError> {
         Ok(DraftSession {
             kv: prefilled_kv(&self.model, prefix, images)?,
@@ -182,7 +181,7 @@ impl SessionBackend for DraftBackend {
         s: &mut DraftSession,
         keep: u64,
         tokens: Vec<u32>,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<(), AppendError<DraftError>> {
         let committed = s.kv.committed_len() as u64;
         // Rows the history (minus the root) would have if the feed were computed.
@@ -206,7 +205,7 @@ impl SessionBackend for DraftBackend {
         let (&root, prefix) = feed.split_last().expect("tokens is not empty");
         if !prefix.is_empty() {
             self.model
-                .prefill(&mut s.kv, prefix, images)
+                .prefill_images(&mut s.kv, prefix, images)
                 .map_err(AppendError::corrupted)?;
         }
         s.feed = vec![root];

@@ -496,6 +496,7 @@ pub async fn draft_holds(svc: &Service, session: &str) -> bool {
         keep_kv_len: u64::MAX,
         token_ids: vec![1],
         images: vec![],
+        image_features: vec![],
     };
     let mut client = DraftClient::new(connected(svc).await);
     match client.append(req).await {

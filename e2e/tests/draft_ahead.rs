@@ -223,6 +223,7 @@ async fn the_draft_pre_drafts_in_spare_time_and_redeems_the_guess() {
             session_id: "s".into(),
             images: vec![],
             token_ids: vec![1, 5, 6, 7],
+            image_features: vec![],
         })
         .await
         .unwrap();

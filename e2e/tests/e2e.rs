@@ -281,6 +281,7 @@ async fn c_concurrent_sessions_match_solo_runs() {
             session_id: id.clone(),
             images: vec![],
             token_ids: vec![1, 20 + i as u32, 30, 40],
+            image_features: vec![],
         };
         target.clone().open_session(open).await.unwrap();
     }

@@ -87,6 +87,7 @@ async fn open_target(cluster: &Cluster, id: &str, tokens: Vec<u32>) -> u64 {
             session_id: id.into(),
             images: vec![],
             token_ids: tokens,
+            image_features: vec![],
         })
         .await
         .unwrap()
@@ -174,6 +175,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         session_id: id.into(),
         images: vec![bomb.clone()],
         token_ids: vec![1, image_id, 5],
+        image_features: vec![],
     };
     let err = cluster
         .target_client()
@@ -212,6 +214,7 @@ async fn unknown_enums_and_malformed_streams_get_error_statuses() {
             session_id: "s".into(),
             images: vec![],
             token_ids: vec![1, 2, 3],
+            image_features: vec![],
         })
         .await
         .unwrap();
@@ -296,6 +299,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             keep_kv_len: kv,
             token_ids: long.clone(),
             images: vec![],
+            image_features: vec![],
         })
         .await
         .unwrap_err();
@@ -312,6 +316,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             keep_kv_len: 0,
             token_ids: vec![7; CONTEXT],
             images: vec![],
+            image_features: vec![],
         })
         .await
         .unwrap()
@@ -324,6 +329,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             session_id: "d".into(),
             images: vec![],
             token_ids: vec![1, 2, 3],
+            image_features: vec![],
         })
         .await
         .unwrap();
@@ -333,6 +339,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             keep_kv_len: 2,
             token_ids: long,
             images: vec![],
+            image_features: vec![],
         })
         .await
         .unwrap_err();

@@ -286,6 +286,12 @@ async fn one_generate_is_one_trace_and_metrics_are_served() {
         1.0
     );
 
+    // The demo pair shares its vision tower: the target encodes the image once and both
+    // sessions prefill from its features (the lossless tests check the output).
+    assert_eq!(
+        target.value("specllava_requests_total", &[("rpc", "EncodeImages")]),
+        1.0
+    );
     let verifies = target.value("specllava_requests_total", &[("rpc", "Verify")]);
     assert_eq!(verifies, steps, "one verify per step");
     let (batches, batched) = target.histogram("specllava_verify_batch_size");

@@ -39,6 +39,6 @@ pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
 pub use error::ModelError;
 pub use image::{ImageLimits, ImageProcessor, check_image_header, decode_image};
 pub use kv::KvCache;
-pub use llava::{Backend, Llava, TreeBatchItem};
+pub use llava::{Backend, Llava, PrefillImages, TreeBatchItem};
 pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer};
 pub use tokenizer::LlavaTokenizer;

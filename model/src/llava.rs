@@ -67,6 +67,39 @@ pub struct Llava {
     device: Device,
     /// The dtype of the weights, activations and KV (f32 on the CPU backend).
     dtype: DType,
+    /// See [`Llava::vision_fingerprint`].
+    vision_fingerprint: String,
+}
+
+/// The images of a prefill, one per image placeholder: preprocessed pixels `[3, H, W]`, or
+/// their vision features `[num_image_tokens, vision_feature_dim]` computed by
+/// [`Llava::vision_features`] of a model with the same [`Llava::vision_fingerprint`] (what
+/// the projector takes; the result is the same bits either way).
+#[derive(Debug, Clone)]
+pub enum PrefillImages {
+    /// Preprocessed pixels.
+    Pixels(Vec<Tensor>),
+    /// Vision features.
+    VisionFeatures(Vec<Tensor>),
+}
+
+impl PrefillImages {
+    /// No images.
+    pub fn none() -> Self {
+        PrefillImages::Pixels(Vec::new())
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match self {
+            PrefillImages::Pixels(v) | PrefillImages::VisionFeatures(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One session's share of a packed [`Llava::forward_batch`] call.
@@ -176,11 +209,25 @@ impl Llava {
                 &cfg.text,
             )?),
         };
-        let vision = VisionTower::load(
-            &w.pp(w.find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight")?),
-            &cfg,
-            backend,
-        )?;
+        let vision_weights =
+            w.pp(w.find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight")?);
+        let vision = VisionTower::load(&vision_weights, &cfg, backend)?;
+        // Everything that decides a vision feature's bits: the tower's weights as loaded,
+        // its configuration, the feature layers and select strategy, the preprocessing.
+        let vision_fingerprint =
+            format!("fnv1a64:{:016x}:{:016x}", vision_weights.fingerprint()?, {
+                let described = format!(
+                    "{:?}|{:?}|{:?}|{:?}|{:?}",
+                    cfg.vision,
+                    cfg.vision_feature_layers,
+                    cfg.vision_feature_select_strategy,
+                    image_processor,
+                    dtype
+                );
+                described.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+                })
+            });
         let projector = Projector::load(
             &w.pp(w.find_prefix(PROJECTOR_PREFIXES, "linear_1.weight")?),
             &cfg,
@@ -194,6 +241,7 @@ impl Llava {
             image_processor,
             device: device.clone(),
             dtype,
+            vision_fingerprint,
         })
     }
 
@@ -274,11 +322,68 @@ impl Llava {
         Ok(())
     }
 
+    /// A fingerprint of everything that decides [`Llava::vision_features`]' bits: models with
+    /// the same one compute the same features for the same image.
+    pub fn vision_fingerprint(&self) -> &str {
+        &self.vision_fingerprint
+    }
+
+    /// Width of a vision feature row (the tower's hidden size times the feature layers).
+    pub fn vision_feature_dim(&self) -> usize {
+        self.cfg.vision.hidden_size * self.cfg.vision_feature_layers.len().max(1)
+    }
+
+    /// Vision features `[num_image_tokens, vision_feature_dim]` for each preprocessed image
+    /// `[3, H, W]`: the tower's output with the select strategy applied, before the
+    /// projector. The images of one call run as one batch, as in [`Llava::prefill`].
+    pub fn vision_features(&self, images: &[Tensor]) -> Result<Vec<Tensor>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let feats = self.selected_features(images)?;
+        Ok((0..images.len())
+            .map(|i| feats.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
     /// Projected features `[N, text_hidden]` for each preprocessed image `[3, H, W]`.
     pub fn image_features(&self, images: &[Tensor]) -> Result<Vec<Tensor>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let feats = self.selected_features(images)?;
+        self.project(&feats, images.len())
+    }
+
+    /// Projected features `[N, text_hidden]` for each image's vision features.
+    fn project_vision_features(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
+        if features.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (rows, dim) = (self.num_image_tokens(), self.vision_feature_dim());
+        let mut batch = Vec::with_capacity(features.len());
+        for (i, f) in features.iter().enumerate() {
+            if f.dims() != [rows, dim] {
+                return Err(ModelError::InvalidInput(format!(
+                    "vision features of image {i} have shape {:?}, expected [{rows}, {dim}]",
+                    f.dims()
+                )));
+            }
+            batch.push(f.to_device(&self.device)?.to_dtype(self.dtype)?);
+        }
+        self.project(&Tensor::stack(&batch, 0)?, features.len())
+    }
+
+    /// The projector over `[B, N, F]` selected features, split per image.
+    fn project(&self, feats: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        let proj = self.projector.forward(feats)?; // [B, N, hidden]
+        Ok((0..n)
+            .map(|i| proj.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// The tower's selected output `[B, N, F]` for preprocessed images `[3, H, W]`.
+    fn selected_features(&self, images: &[Tensor]) -> Result<Tensor> {
         let mut batch = Vec::with_capacity(images.len());
         for (i, img) in images.iter().enumerate() {
             if img.rank() != 3 {
@@ -291,11 +396,10 @@ impl Llava {
         }
         let pixels = Tensor::stack(&batch, 0)?;
         let feats = self.vision.forward(&pixels)?;
-        let feats = select_features(&feats, self.cfg.vision_feature_select_strategy)?;
-        let proj = self.projector.forward(&feats)?; // [B, N, hidden]
-        Ok((0..images.len())
-            .map(|i| proj.get(i))
-            .collect::<candle_core::Result<_>>()?)
+        Ok(select_features(
+            &feats,
+            self.cfg.vision_feature_select_strategy,
+        )?)
     }
 
     /// Splits `input_ids` at image placeholders: a run of image ids is one image when its
@@ -346,6 +450,16 @@ impl Llava {
         input_ids: &[u32],
         images: &[Tensor],
     ) -> Result<Tensor> {
+        self.prefill_images(kv, input_ids, &PrefillImages::Pixels(images.to_vec()))
+    }
+
+    /// [`Llava::prefill`] with pixels or vision features.
+    pub fn prefill_images(
+        &self,
+        kv: &mut KvCache,
+        input_ids: &[u32],
+        images: &PrefillImages,
+    ) -> Result<Tensor> {
         self.check_kv(kv)?;
         if kv.pending_len() != 0 {
             return Err(ModelError::InvalidInput(format!(
@@ -367,7 +481,10 @@ impl Llava {
                 images.len()
             )));
         }
-        let features = self.image_features(images)?;
+        let features = match images {
+            PrefillImages::Pixels(px) => self.image_features(px)?,
+            PrefillImages::VisionFeatures(f) => self.project_vision_features(f)?,
+        };
         let mut parts = Vec::with_capacity(pieces.len());
         for p in &pieces {
             parts.push(match p {

@@ -201,6 +201,36 @@ impl Weights {
             })
     }
 
+    /// A fingerprint of every tensor under the prefix (names below it, shapes, dtypes and
+    /// values as loaded): FNV-1a, 64 bits, over the tensors in name order.
+    pub fn fingerprint(&self) -> Result<u64> {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h = OFFSET;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(PRIME);
+            }
+        };
+        let mut names: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect();
+        names.sort();
+        for name in names {
+            let t = &self.tensors[name];
+            eat(&name.as_bytes()[self.prefix.len()..]);
+            eat(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for v in values {
+                eat(&v.to_bits().to_le_bytes());
+            }
+        }
+        Ok(h)
+    }
+
     /// The checkpoint directory (for messages).
     pub fn dir(&self) -> &Path {
         &self.dir

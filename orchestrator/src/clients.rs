@@ -86,6 +86,15 @@ pub trait ReplicaApi: Send + Sync + 'static {
     async fn target_info(&self, replica: &Replica) -> Result<pb::InfoResponse, Status>;
     /// `Draft.Info`.
     async fn draft_info(&self, replica: &Replica) -> Result<pb::DraftInfoResponse, Status>;
+    /// `Target.EncodeImages` (a replica that does not offer it: UNIMPLEMENTED, the images
+    /// then travel as they are).
+    async fn encode_images(
+        &self,
+        _replica: &Replica,
+        _req: pb::EncodeImagesRequest,
+    ) -> Result<pb::EncodeImagesResponse, Status> {
+        Err(Status::unimplemented("EncodeImages"))
+    }
     /// Opens a `Draft.Speculate` stream fed by `requests`.
     async fn speculate(
         &self,
@@ -171,6 +180,17 @@ impl ReplicaApi for GrpcReplicas {
     async fn draft_info(&self, replica: &Replica) -> Result<pb::DraftInfoResponse, Status> {
         draft(replica)
             .info(pb::InfoRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn encode_images(
+        &self,
+        replica: &Replica,
+        req: pb::EncodeImagesRequest,
+    ) -> Result<pb::EncodeImagesResponse, Status> {
+        target(replica)
+            .encode_images(req)
             .await
             .map(tonic::Response::into_inner)
     }
@@ -307,6 +327,16 @@ impl ReplicaApi for Guarded {
     async fn draft_info(&self, replica: &Replica) -> Result<pb::DraftInfoResponse, Status> {
         let call = self.inner.draft_info(replica);
         self.call(ReplicaKind::Draft, replica, "Info", call).await
+    }
+
+    async fn encode_images(
+        &self,
+        replica: &Replica,
+        req: pb::EncodeImagesRequest,
+    ) -> Result<pb::EncodeImagesResponse, Status> {
+        let call = self.inner.encode_images(replica, req);
+        self.call(ReplicaKind::Target, replica, "EncodeImages", call)
+            .await
     }
 
     async fn speculate(

@@ -520,9 +520,11 @@ impl Engine {
         conv_id: &str,
         history: &[u32],
         images: &[Vec<u8>],
+        features: Option<&[pb::VisionFeatures]>,
     ) -> Result<u64, OrchestratorError> {
         let image_id = self.identity.image_token_id;
-        let Some(planned) = plan_sync(kind, rs, conv_id, history, images, image_id)? else {
+        let planned = plan_sync(kind, rs, conv_id, history, images, features, image_id)?;
+        let Some(planned) = planned else {
             return Ok(0);
         };
         let reply = planned.run(self.replicas.as_ref()).await;
@@ -640,6 +642,7 @@ impl Engine {
                         &conv.id,
                         &conv.history,
                         &conv.images,
+                        features_for(&conv.image_features, &r),
                     )
                     .await
                     .map(|ns| (ns, info.clone())),
@@ -694,13 +697,18 @@ impl Engine {
             self.draft_failed(conv, e).await;
             return DraftStart::Unavailable;
         }
+        if !conv.draft.as_ref().is_some_and(|d| d.opened) {
+            self.share_vision_features(conv, &r).await;
+        }
         let image_id = self.identity.image_token_id;
+        let d = conv.draft.as_mut().expect("pinned above");
         match plan_sync(
             ReplicaKind::Draft,
             d,
             &conv.id,
             &conv.history,
             &conv.images,
+            features_for(&conv.image_features, &r),
             image_id,
         ) {
             Ok(None) => DraftStart::Ready,
@@ -724,6 +732,49 @@ impl Engine {
                 self.draft_failed(conv, e).await;
                 DraftStart::Unavailable
             }
+        }
+    }
+
+    /// Has the conversation's target encode its images once (`Target.EncodeImages`) when the
+    /// `draft` computes the same vision features (same vision fingerprint): both sessions
+    /// then prefill from the features, and the draft's set-up skips decoding the images and
+    /// running its vision tower next to the target's prefill. Without them (no images, towers
+    /// that differ, a failed call) the images travel as they are.
+    async fn share_vision_features(&self, conv: &mut Conversation, draft: &Replica) {
+        if conv.images.is_empty() || conv.image_features.is_some() {
+            return;
+        }
+        let Some(target) = conv.target.as_ref().map(|t| Arc::clone(t.pin.replica())) else {
+            return;
+        };
+        let fingerprint = |r: &Replica| {
+            r.info
+                .get()
+                .and_then(ReplicaInfo::model)
+                .map(|m| m.vision_fingerprint.clone())
+                .unwrap_or_default()
+        };
+        let shared = fingerprint(&target);
+        if shared.is_empty() || shared != fingerprint(draft) {
+            return;
+        }
+        let req = pb::EncodeImagesRequest {
+            images: conv.images.clone(),
+        };
+        match self.replicas.encode_images(&target, req).await {
+            Ok(resp)
+                if resp.vision_fingerprint == shared
+                    && resp.features.len() == conv.images.len() =>
+            {
+                tracing::debug!(
+                    images = resp.features.len(),
+                    encode_us = resp.encode_ns / 1000,
+                    "vision features shared"
+                );
+                conv.image_features = Some((shared, resp.features));
+            }
+            Ok(_) => tracing::warn!("EncodeImages answered other features; sending images"),
+            Err(s) => tracing::debug!(status = %s, "EncodeImages failed; sending images"),
         }
     }
 
@@ -896,6 +947,21 @@ impl Engine {
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
         let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
+        let result = self.run_turn(conv, prompt_tokens, params, spec, tx).await;
+        // Shared vision features serve the turn's syncs only (they can be large).
+        conv.image_features = None;
+        result
+    }
+
+    /// [`Engine::generate`]'s turn.
+    async fn run_turn(
+        &self,
+        conv: &mut Conversation,
+        prompt_tokens: u32,
+        params: &GenParams,
+        spec: &SpecSettings,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
         let mut turn = self.begin(conv, params, spec).await?;
         match self.decode(conv, &mut turn, tx).await {
             Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
@@ -1745,4 +1811,15 @@ async fn close_session(replicas: &dyn ReplicaApi, kind: ReplicaKind, r: &Replica
     if let Err(s) = replicas.close_session(kind, r, req).await {
         tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
     }
+}
+
+/// The conversation's shared vision features, for a replica whose vision fingerprint they
+/// were computed with.
+fn features_for<'c>(
+    features: &'c Option<(String, Vec<pb::VisionFeatures>)>,
+    r: &Replica,
+) -> Option<&'c [pb::VisionFeatures]> {
+    let (fingerprint, features) = features.as_ref()?;
+    let model = r.info.get()?.model()?;
+    (&model.vision_fingerprint == fingerprint).then_some(features.as_slice())
 }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use specllava_proto::v1 as pb;
+
 use crate::error::OrchestratorError;
 use crate::routing::Pin;
 
@@ -42,6 +44,9 @@ pub struct Conversation {
     pub id: String,
     /// Encoded images, one per image placeholder in the history.
     pub images: Vec<Vec<u8>>,
+    /// The images' vision features, computed by a target for this turn's syncs (empty, or
+    /// one per image), and the vision fingerprint they were computed with.
+    pub image_features: Option<(String, Vec<pb::VisionFeatures>)>,
     /// Token history: prompts (one placeholder per image) and generated tokens.
     pub history: Vec<u32>,
     /// Completed turns.
@@ -58,6 +63,7 @@ impl Conversation {
         Self {
             id,
             images,
+            image_features: None,
             history: Vec::new(),
             turns: 0,
             target: None,

@@ -50,15 +50,18 @@ pub struct PlannedSync {
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
-/// when it is in sync already.
+/// when it is in sync already. With `features` (one per image, computed with the replica's
+/// vision fingerprint), the call carries them instead of the encoded images.
 pub fn plan_sync(
     kind: ReplicaKind,
     rs: &ReplicaSession,
     conv_id: &str,
     history: &[u32],
     images: &[Vec<u8>],
+    features: Option<&[pb::VisionFeatures]>,
     image_token_id: u32,
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
+    let features = features.filter(|f| f.len() == images.len());
     let replica = Arc::clone(rs.pin.replica());
     let planned = |call| {
         Ok(Some(PlannedSync {
@@ -69,10 +72,15 @@ pub fn plan_sync(
         }))
     };
     if !rs.opened {
+        let (images, image_features) = match features {
+            Some(f) => (Vec::new(), f.to_vec()),
+            None => (images.to_vec(), Vec::new()),
+        };
         return planned(SyncCall::Open(pb::OpenSessionRequest {
             session_id: conv_id.to_owned(),
-            images: images.to_vec(),
+            images,
             token_ids: history.to_vec(),
+            image_features,
         }));
     }
     if rs.synced == history.len() {
@@ -86,20 +94,23 @@ pub fn plan_sync(
         .count();
     let tokens = history[keep_h..].to_vec();
     let n_images = tokens.iter().filter(|&&t| t == image_token_id).count();
-    let images = images
-        .get(skip_images..skip_images + n_images)
-        .ok_or_else(|| {
-            OrchestratorError::Internal(format!(
-                "history holds more image placeholders than the session has images ({})",
-                images.len()
-            ))
-        })?
-        .to_vec();
+    let range = skip_images..skip_images + n_images;
+    if range.end > images.len() {
+        return Err(OrchestratorError::Internal(format!(
+            "history holds more image placeholders than the session has images ({})",
+            images.len()
+        )));
+    }
+    let (images, image_features) = match features {
+        Some(f) => (Vec::new(), f[range].to_vec()),
+        None => (images[range].to_vec(), Vec::new()),
+    };
     planned(SyncCall::Append(pb::AppendRequest {
         session_id: conv_id.to_owned(),
         keep_kv_len: keep,
         token_ids: tokens,
         images,
+        image_features,
     }))
 }
 

@@ -49,6 +49,7 @@ fn model_info(vocab_size: u32) -> pb::ModelInfo {
         bos_token_id: None,
         max_context: 10_000,
         tokenizer_fingerprint: String::new(),
+        vision_fingerprint: String::new(),
     }
 }
 

@@ -188,6 +188,7 @@ mod tests {
             bos_token_id: Some(1),
             max_context: 512,
             tokenizer_fingerprint: "fnv1a64:abc:400".into(),
+            vision_fingerprint: String::new(),
         }
     }
 

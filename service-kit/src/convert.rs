@@ -26,6 +26,7 @@ pub fn model_info(
         bos_token_id: cfg.bos_token_id,
         max_context: max_context as u64,
         tokenizer_fingerprint,
+        vision_fingerprint: model.vision_fingerprint().to_owned(),
     }
 }
 

@@ -4,16 +4,19 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use specllava_model::{ImageLimits, KvCache, Llava, ModelError};
+use specllava_model::{ImageLimits, KvCache, Llava, ModelError, PrefillImages};
+use specllava_proto::v1 as pb;
 
-/// Checks history tokens (vocabulary, placeholder count, root not a placeholder)
-/// and decodes + preprocesses the images off the async runtime.
+/// Checks history tokens (vocabulary, placeholder count, root not a placeholder) and
+/// prepares the images: decoded and preprocessed off the async runtime, or (when the request
+/// carries `features` instead) checked and read as vision features.
 pub async fn prepare_prefill(
     model: &Arc<Llava>,
     image_limits: ImageLimits,
     tokens: &[u32],
     images: Vec<Vec<u8>>,
-) -> Result<Vec<Tensor>, String> {
+    features: Vec<pb::VisionFeatures>,
+) -> Result<PrefillImages, String> {
     let cfg = model.config();
     let vocab = cfg.text.vocab_size;
     let image_id = cfg.image_token_id;
@@ -28,13 +31,30 @@ pub async fn prepare_prefill(
     if last == image_id {
         return Err("the last token (the root) must not be an image placeholder".into());
     }
+    if !images.is_empty() && !features.is_empty() {
+        return Err("images and image_features are alternatives: send one of them".into());
+    }
+    let given = images.len().max(features.len());
     let placeholders = tokens.iter().filter(|&&t| t == image_id).count();
-    if placeholders != images.len() {
+    if placeholders != given {
         return Err(format!(
-            "{placeholders} image placeholders but {} images",
-            images.len()
+            "{placeholders} image placeholders but {given} images"
         ));
     }
+    if !features.is_empty() {
+        return vision_features_from_proto(model, &features).map(PrefillImages::VisionFeatures);
+    }
+    decode_images(model, image_limits, images)
+        .await
+        .map(PrefillImages::Pixels)
+}
+
+/// Decodes and preprocesses `images` off the async runtime.
+pub async fn decode_images(
+    model: &Arc<Llava>,
+    image_limits: ImageLimits,
+    images: Vec<Vec<u8>>,
+) -> Result<Vec<Tensor>, String> {
     if images.is_empty() {
         return Ok(Vec::new());
     }
@@ -57,16 +77,71 @@ pub async fn prepare_prefill(
     .map_err(|e| format!("image decoding task failed: {e}"))?
 }
 
+/// Reads vision features sent for `model`: each `[num_image_tokens, vision_feature_dim]`
+/// f32 values, all finite.
+pub fn vision_features_from_proto(
+    model: &Llava,
+    features: &[pb::VisionFeatures],
+) -> Result<Vec<Tensor>, String> {
+    let (rows, dim) = (model.num_image_tokens(), model.vision_feature_dim());
+    features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if (f.rows as usize, f.dim as usize) != (rows, dim) {
+                return Err(format!(
+                    "image_features {i} are {}x{}, this model takes {rows}x{dim}",
+                    f.rows, f.dim
+                ));
+            }
+            if f.data.len() != rows * dim * 4 {
+                return Err(format!(
+                    "image_features {i} carry {} bytes, {rows}x{dim} f32 values take {}",
+                    f.data.len(),
+                    rows * dim * 4
+                ));
+            }
+            let values: Vec<f32> = f
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(format!(
+                    "image_features {i} hold a value that is not finite"
+                ));
+            }
+            Tensor::from_vec(values, (rows, dim), model.device())
+                .map_err(|e| format!("image_features {i}: {e}"))
+        })
+        .collect()
+}
+
+/// Vision features as sent (f32, little-endian, row-major).
+pub fn vision_features_to_proto(features: &Tensor) -> Result<pb::VisionFeatures, ModelError> {
+    let (rows, dim) = features.dims2()?;
+    let values = features
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(pb::VisionFeatures {
+        rows: rows as u32,
+        dim: dim as u32,
+        data,
+    })
+}
+
 /// A new KV cache holding `prefix` (with `images` at its placeholders): a new session's
 /// history minus its root.
 pub fn prefilled_kv(
     model: &Llava,
     prefix: &[u32],
-    images: &[Tensor],
+    images: &PrefillImages,
 ) -> Result<KvCache, ModelError> {
     let mut kv = model.new_kv();
     if !prefix.is_empty() {
-        model.prefill(&mut kv, prefix, images)?;
+        model.prefill_images(&mut kv, prefix, images)?;
     }
     Ok(kv)
 }

@@ -1,13 +1,16 @@
 //! The session RPCs both model services serve the same way (`OpenSession`, `Append`,
 //! `CloseSession`): validate, decode the images off the async runtime, hand the work to
-//! the session worker and answer.
+//! the session worker and answer; and `EncodeImages` (the target's: images to vision
+//! features, no session).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use specllava_model::{ImageLimits, Llava};
 use specllava_proto::v1 as pb;
 
-use crate::prefill::prepare_prefill;
+use crate::convert::nanos;
+use crate::prefill::{decode_images, prepare_prefill, vision_features_to_proto};
 use crate::worker::{SessionBackend, WorkerError, WorkerHandle};
 
 /// The shared session handlers of a model service over its worker.
@@ -62,9 +65,15 @@ impl<B: SessionBackend> SessionRpc<B> {
             ))
             .into());
         }
-        let images = prepare_prefill(&self.model, self.image, &r.token_ids, r.images)
-            .await
-            .map_err(WorkerError::InvalidArgument)?;
+        let images = prepare_prefill(
+            &self.model,
+            self.image,
+            &r.token_ids,
+            r.images,
+            r.image_features,
+        )
+        .await
+        .map_err(WorkerError::InvalidArgument)?;
         let out = self
             .worker
             .open(r.session_id.clone(), r.token_ids, images)
@@ -82,9 +91,15 @@ impl<B: SessionBackend> SessionRpc<B> {
     /// session is left as it was.
     pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
         specllava_telemetry::metrics().record_request("Append");
-        let images = prepare_prefill(&self.model, self.image, &r.token_ids, r.images)
-            .await
-            .map_err(WorkerError::InvalidArgument)?;
+        let images = prepare_prefill(
+            &self.model,
+            self.image,
+            &r.token_ids,
+            r.images,
+            r.image_features,
+        )
+        .await
+        .map_err(WorkerError::InvalidArgument)?;
         let out = self
             .worker
             .append(r.session_id, r.keep_kv_len, r.token_ids, images)
@@ -92,6 +107,45 @@ impl<B: SessionBackend> SessionRpc<B> {
         Ok(pb::AppendResponse {
             kv_len: out.kv_len,
             forward_ns: out.forward_ns,
+        })
+    }
+
+    /// `EncodeImages`: decodes `images` and runs the vision tower over them as one batch (as
+    /// a prefill of them would), off the async runtime; no session changes. At most as many
+    /// images as the context holds.
+    pub async fn encode_images(
+        &self,
+        r: pb::EncodeImagesRequest,
+    ) -> Result<pb::EncodeImagesResponse, B::Error> {
+        specllava_telemetry::metrics().record_request("EncodeImages");
+        let per_image = self.model.num_image_tokens().max(1);
+        if r.images.len() > self.max_context / per_image {
+            return Err(WorkerError::InvalidArgument(format!(
+                "{} images of {per_image} tokens each exceed the context of {}",
+                r.images.len(),
+                self.max_context
+            ))
+            .into());
+        }
+        let t0 = Instant::now();
+        let pixels = decode_images(&self.model, self.image, r.images)
+            .await
+            .map_err(WorkerError::InvalidArgument)?;
+        let model = Arc::clone(&self.model);
+        let features = tokio::task::spawn_blocking(move || {
+            model
+                .vision_features(&pixels)?
+                .iter()
+                .map(vision_features_to_proto)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| WorkerError::Model(format!("vision tower task failed: {e}")))?
+        .map_err(|e| WorkerError::Model(format!("vision tower: {e}")))?;
+        Ok(pb::EncodeImagesResponse {
+            features,
+            vision_fingerprint: self.model.vision_fingerprint().to_owned(),
+            encode_ns: nanos(t0.elapsed()),
         })
     }
 

@@ -23,7 +23,7 @@ use std::sync::mpsc::{
 };
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use specllava_model::PrefillImages;
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
@@ -57,6 +57,9 @@ pub enum WorkerError {
          dropped; see the service log)"
     )]
     Panicked,
+    /// A model computation outside the worker (e.g. the vision tower of EncodeImages) failed.
+    #[error("internal error: {0}")]
+    Model(String),
 }
 
 impl WorkerError {
@@ -68,6 +71,7 @@ impl WorkerError {
             WorkerError::QueueFull { .. } => "queue_full",
             WorkerError::WorkerGone => "worker_gone",
             WorkerError::Panicked => "panicked",
+            WorkerError::Model(_) => "model",
         }
     }
 
@@ -77,7 +81,7 @@ impl WorkerError {
             WorkerError::InvalidArgument(_) | WorkerError::ContextFull(_) => Code::InvalidArgument,
             WorkerError::QueueFull { .. } => Code::ResourceExhausted,
             WorkerError::WorkerGone => Code::Unavailable,
-            WorkerError::Panicked => Code::Internal,
+            WorkerError::Panicked | WorkerError::Model(_) => Code::Internal,
         }
     }
 }
@@ -147,7 +151,7 @@ pub trait SessionBackend: Send + 'static {
         &mut self,
         prefix: &[u32],
         root: u32,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<Self::Session, Self::Error>;
 
     /// Truncates `session` to `keep_kv_len` KV rows, then appends `tokens` (not empty; the
@@ -157,7 +161,7 @@ pub trait SessionBackend: Send + 'static {
         session: &mut Self::Session,
         keep_kv_len: u64,
         tokens: Vec<u32>,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<(), AppendError<Self::Error>>;
 
     /// KV rows the session holds.
@@ -239,8 +243,8 @@ pub enum Command<B: SessionBackend + ?Sized> {
         id: String,
         /// History (all prefilled but the last).
         tokens: Vec<u32>,
-        /// Preprocessed images, one per placeholder.
-        images: Vec<Tensor>,
+        /// Images (pixels or vision features), one per placeholder.
+        images: PrefillImages,
         /// Answer.
         reply: Reply<PrefillOutcome, B::Error>,
     },
@@ -252,8 +256,8 @@ pub enum Command<B: SessionBackend + ?Sized> {
         keep_kv_len: u64,
         /// Tokens to append (the last becomes the root).
         tokens: Vec<u32>,
-        /// Preprocessed images, one per placeholder.
-        images: Vec<Tensor>,
+        /// Images (pixels or vision features), one per placeholder.
+        images: PrefillImages,
         /// Answer.
         reply: Reply<PrefillOutcome, B::Error>,
     },
@@ -384,7 +388,7 @@ impl<B: SessionBackend> WorkerHandle<B> {
         &self,
         id: String,
         tokens: Vec<u32>,
-        images: Vec<Tensor>,
+        images: PrefillImages,
     ) -> Result<PrefillOutcome, B::Error> {
         self.call(|reply| Command::Open {
             id,
@@ -402,7 +406,7 @@ impl<B: SessionBackend> WorkerHandle<B> {
         id: String,
         keep_kv_len: u64,
         tokens: Vec<u32>,
-        images: Vec<Tensor>,
+        images: PrefillImages,
     ) -> Result<PrefillOutcome, B::Error> {
         self.call(|reply| Command::Append {
             id,
@@ -556,7 +560,7 @@ impl<B: SessionBackend> Worker<B> {
         &mut self,
         id: &str,
         tokens: &[u32],
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<PrefillOutcome, B::Error> {
         if self.sessions.contains(id) {
             return Err(SessionStoreError::AlreadyExists(id.to_owned()).into());
@@ -579,7 +583,7 @@ impl<B: SessionBackend> Worker<B> {
         id: &str,
         keep_kv_len: u64,
         tokens: Vec<u32>,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<PrefillOutcome, B::Error> {
         if tokens.is_empty() {
             return Err(WorkerError::InvalidArgument("no tokens".into()).into());
@@ -751,7 +755,7 @@ mod tests {
         type Output = u32;
         type Error = FakeError;
 
-        fn open(&mut self, prefix: &[u32], _: u32, _: &[Tensor]) -> Result<Fake, FakeError> {
+        fn open(&mut self, prefix: &[u32], _: u32, _: &PrefillImages) -> Result<Fake, FakeError> {
             assert!(!prefix.contains(&POISON), "poisoned open");
             Ok(Fake(prefix.len() as u64))
         }
@@ -760,7 +764,7 @@ mod tests {
             s: &mut Fake,
             keep: u64,
             tokens: Vec<u32>,
-            _: &[Tensor],
+            _: &PrefillImages,
         ) -> Result<(), AppendError<FakeError>> {
             if keep > s.0 {
                 return Err(AppendError::rejected(WorkerError::InvalidArgument(
@@ -950,28 +954,36 @@ mod tests {
             max_context: 1000,
         };
         let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
-        let opened = w.open("a".into(), vec![1, 2, 3], vec![]).await.unwrap();
+        let opened = w
+            .open("a".into(), vec![1, 2, 3], PrefillImages::none())
+            .await
+            .unwrap();
         assert_eq!(opened.kv_len, 2);
-        w.open("b".into(), vec![1], vec![]).await.unwrap();
+        w.open("b".into(), vec![1], PrefillImages::none())
+            .await
+            .unwrap();
         assert!(matches!(
-            w.open("a".into(), vec![1], vec![]).await,
+            w.open("a".into(), vec![1], PrefillImages::none()).await,
             Err(FakeError::Session(SessionStoreError::AlreadyExists(_)))
         ));
         assert!(matches!(
-            w.append("a".into(), 9, vec![4], vec![]).await,
+            w.append("a".into(), 9, vec![4], PrefillImages::none())
+                .await,
             Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
         ));
         // Past the context: refused before the backend runs, the session unchanged.
         assert!(matches!(
-            w.append("a".into(), 1, vec![4; 1000], vec![]).await,
+            w.append("a".into(), 1, vec![4; 1000], PrefillImages::none())
+                .await,
             Err(FakeError::Worker(WorkerError::ContextFull(_)))
         ));
         assert!(matches!(
-            w.append("nope".into(), 1, vec![4; 1000], vec![]).await,
+            w.append("nope".into(), 1, vec![4; 1000], PrefillImages::none())
+                .await,
             Err(FakeError::Session(SessionStoreError::NotFound(_)))
         ));
         assert_eq!(
-            w.append("a".into(), 1, vec![4, 5], vec![])
+            w.append("a".into(), 1, vec![4, 5], PrefillImages::none())
                 .await
                 .unwrap()
                 .kv_len,
@@ -1021,7 +1033,9 @@ mod tests {
         let die = Arc::clone(&backend.die);
         let w = worker(backend);
         for id in ["a", "b"] {
-            w.open(id.into(), vec![1, 2, 3], vec![]).await.unwrap();
+            w.open(id.into(), vec![1, 2, 3], PrefillImages::none())
+                .await
+                .unwrap();
         }
         // A poisoned batch: INTERNAL for its request, its session dropped.
         let err = w.submit(job_of("a", POISON)).await.unwrap_err();
@@ -1039,15 +1053,19 @@ mod tests {
         assert_eq!(w.submit(job_of("b", 7)).await.unwrap(), 7);
         // A poisoned append drops its session; a poisoned open leaves none behind.
         assert!(matches!(
-            w.append("b".into(), 0, vec![POISON, 1], vec![]).await,
+            w.append("b".into(), 0, vec![POISON, 1], PrefillImages::none())
+                .await,
             Err(FakeError::Worker(WorkerError::Panicked))
         ));
         assert!(!w.close("b".into()).await.unwrap());
         assert!(matches!(
-            w.open("c".into(), vec![POISON, 1], vec![]).await,
+            w.open("c".into(), vec![POISON, 1], PrefillImages::none())
+                .await,
             Err(FakeError::Worker(WorkerError::Panicked))
         ));
-        w.open("c".into(), vec![1, 2], vec![]).await.unwrap();
+        w.open("c".into(), vec![1, 2], PrefillImages::none())
+            .await
+            .unwrap();
         assert_eq!(w.submit(job_of("c", 8)).await.unwrap(), 8);
         // Alive all along.
         assert!(

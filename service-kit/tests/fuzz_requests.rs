@@ -216,24 +216,56 @@ fn fuzz_prefill_validation() {
             p
         }),
     ];
+    // Vision features: the model's own shape (random values, sometimes not finite), or a
+    // wrong shape or byte count.
+    let (rows, dim) = (
+        model.num_image_tokens() as u32,
+        model.vision_feature_dim() as u32,
+    );
+    let feature = prop_oneof![
+        (any::<u32>(), any::<bool>()).prop_map(move |(seed, finite)| {
+            let mut data: Vec<u8> = (0..rows * dim)
+                .flat_map(|i| ((i ^ seed) as f32 / 1e9).to_le_bytes())
+                .collect();
+            if !finite {
+                data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            pb::VisionFeatures { rows, dim, data }
+        }),
+        (
+            0..rows + 2,
+            0..dim + 2,
+            prop::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(rows, dim, data)| pb::VisionFeatures { rows, dim, data }),
+    ];
     // Half the requests get exactly one placeholder per image and in-vocabulary ids, so the
-    // images are decoded.
+    // images are decoded; some send vision features instead of images, some both.
     let req = (
         prop::collection::vec(token, 0..24),
         prop::collection::vec(image, 0..3),
+        prop::collection::vec(feature, 0..3),
+        0..4u8,
         any::<bool>(),
     )
-        .prop_map(move |(mut token_ids, images, consistent)| {
+        .prop_map(move |(mut token_ids, images, features, pick, consistent)| {
+            let (images, image_features) = match pick {
+                0 => (Vec::new(), features),
+                1 => (images, features),
+                _ => (images, Vec::new()),
+            };
             if consistent {
                 token_ids.retain(|&t| t != image_id);
                 token_ids.iter_mut().for_each(|t| *t %= vocab);
-                token_ids.splice(0..0, std::iter::repeat_n(image_id, images.len()));
+                let n = images.len().max(image_features.len());
+                token_ids.splice(0..0, std::iter::repeat_n(image_id, n));
                 token_ids.push(1);
             }
             pb::OpenSessionRequest {
                 session_id: "s".into(),
                 images,
                 token_ids,
+                image_features,
             }
         });
     let (mut runner, n) = runner();
@@ -245,11 +277,13 @@ fn fuzz_prefill_validation() {
                 .into_iter()
                 .flatten()
             {
-                let (tokens, images) = (r.token_ids, r.images);
-                let n_images = images.len();
-                match rt.block_on(prepare_prefill(&model, IMAGES, &tokens, images)) {
+                let (tokens, images, features) = (r.token_ids, r.images, r.image_features);
+                let n_images = images.len().max(features.len());
+                let both = !images.is_empty() && !features.is_empty();
+                match rt.block_on(prepare_prefill(&model, IMAGES, &tokens, images, features)) {
                     Ok(t) => {
                         prefilled.set(prefilled.get() + 1);
+                        prop_assert!(!both, "images and features are alternatives");
                         prop_assert_eq!(t.len(), n_images);
                         prop_assert!(tokens.iter().all(|&t| t < vocab));
                     }

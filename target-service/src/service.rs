@@ -78,6 +78,14 @@ specllava_service_kit::model_service! {
             }))
         }
 
+        async fn encode_images(
+            &self,
+            request: Request<pb::EncodeImagesRequest>,
+        ) -> Result<Response<pb::EncodeImagesResponse>, Status> {
+            let resp = self.sessions.encode_images(request.into_inner()).await?;
+            Ok(Response::new(resp))
+        }
+
         async fn info(
             &self,
             _request: Request<pb::InfoRequest>,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use specllava_model::{KvCache, Llava, TreeBatchItem};
+use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
 use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{
     AppendError, BatchJob, Queued, SessionBackend, WorkerError, WorkerHandle,
@@ -119,7 +119,7 @@ impl SessionBackend for TargetBackend {
         &mut self,
         prefix: &[u32],
         root: u32,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<TargetSession, TargetError> {
         Ok(TargetSession {
             kv: prefilled_kv(&self.model, prefix, images)?,
@@ -132,7 +132,7 @@ impl SessionBackend for TargetBackend {
         session: &mut TargetSession,
         keep_kv_len: u64,
         tokens: Vec<u32>,
-        images: &[Tensor],
+        images: &PrefillImages,
     ) -> Result<(), AppendError<TargetError>> {
         let (&root, prefix) = tokens.split_last().expect("tokens is not empty");
         let committed = session.kv.committed_len() as u64;
@@ -148,7 +148,7 @@ impl SessionBackend for TargetBackend {
             .map_err(AppendError::rejected)?;
         if !prefix.is_empty() {
             self.model
-                .prefill(&mut session.kv, prefix, images)
+                .prefill_images(&mut session.kv, prefix, images)
                 .map_err(AppendError::corrupted)?;
         }
         session.root = root;
