@@ -1,0 +1,797 @@
+//! The generation engine: syncs a conversation onto its replicas, runs the
+//! draft -> verify loop, streams accepted tokens and collects statistics.
+//!
+//! One turn is [`Engine::generate`]: [`Engine::begin`] pins and syncs the replicas,
+//! then every step is
+//! 1. [`Engine::draft_step`]: the next tree from the draft stream (a root-only tree
+//!    without a draft, or when the draft fails: the turn continues target-only);
+//! 2. [`Engine::verify_step`]: the target verifies it and the conversation takes the
+//!    emitted tokens; a lost target session is re-prefilled and the step retried;
+//! 3. [`Engine::record_step`]: statistics and the budget policy learn from the step;
+//! 4. [`Engine::emit`]: the tokens' text is streamed, stop strings and finish checked;
+//!
+//! and [`Engine::end`] streams the summary.
+//!
+//! Correctness never depends on the draft: every emitted token comes from the
+//! target's `Verify`, so losing the draft only costs speed (another draft replica takes
+//! over when one is in rotation). A lost target session (NOT_FOUND after eviction) is
+//! re-prefilled from the authoritative history; a failed target replica (transport error,
+//! UNAVAILABLE, UNKNOWN, a missed deadline: [`is_replica_failure`]) is out of rotation at
+//! once and the session fails over: it is re-pinned to another target and re-prefilled
+//! there with the history so far, so the client's stream never sees the failure. The
+//! client hears UNAVAILABLE only when no target replica is left. Every replica call has a
+//! deadline ([`Guarded`]); sessions are closed on replicas in the background.
+//! Replicas whose model disagrees with the deployment (vocabulary, special ids, tokenizer)
+//! are refused before any session is opened.
+//!
+//! The turn loop is here; its parts live in the submodules: `replicas` (compatibility,
+//! target sessions, failover), `draft` (the draft's set-up, each step's tree shape and
+//! drafting) and `pipeline` (pre-drafts made while the target verifies).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use specllava_proto::v1 as pb;
+use specllava_service_kit::compat::{TokenizerIdentity, draft_mismatches, target_mismatches};
+use specllava_service_kit::convert::{
+    draft_params_to_proto, finish_from_proto, nanos, sampling_to_proto, tree_from_proto,
+    verify_cost_table, verify_outcome_from_proto,
+};
+use speculate::{AcceptanceStats, BudgetPolicy, DraftParams, SamplingParams, TreeLimits};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
+
+use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
+use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind};
+use crate::error::{OrchestratorError, is_replica_failure};
+use crate::plan::{PlanConfig, SpecSettings, choose_params};
+use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
+use crate::session::{Conversation, ReplicaSession};
+use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
+use crate::stats::Stats;
+use crate::sync::{PlannedSync, SyncReply, plan_sync};
+use crate::text::{Delta, Detokenize, TextStream};
+
+mod draft;
+mod pipeline;
+
+use pipeline::PreDraft;
+mod replicas;
+
+/// Validated sampling and stopping parameters of one generation.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Token budget.
+    pub max_new_tokens: u32,
+    /// Sampling (validated).
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Ignore EOS.
+    pub ignore_eos: bool,
+}
+
+/// Engine settings (operating decisions, all from flags).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Deadline of every draft call and of one draft step (a step longer than this falls
+    /// back to target-only; the draft replica is out of rotation).
+    pub draft_timeout: Duration,
+    /// Whether drafts are asked to pre-draft while the target verifies (draft-ahead).
+    pub draft_ahead: bool,
+    /// How long after a turn starts its steps may wait for the draft session's background
+    /// set-up before going on target-only (zero: the first token never waits for the draft).
+    pub draft_join_wait: Duration,
+    /// How much longer than a root-only tree's the verification of a turn's first tree (drafted
+    /// while the target prefills) may take, as a factor: the tree is cut to the nodes whose
+    /// verification fits. `None`: the step's shape as it is.
+    pub first_tree_verify_slack: Option<f64>,
+    /// Deadline of every target call (a target missing it fails over).
+    pub target_timeout: Duration,
+    /// Attempts to sync a target replica (after an eviction, a stale session, a refused
+    /// replica) before a turn fails; on top of these, each target replica that fails is
+    /// replaced by another one in rotation.
+    pub target_attempts: usize,
+    /// Target re-prefills (a lost session, a failover to another replica) per step, and
+    /// draft replacements per turn, before giving up.
+    pub max_recoveries: usize,
+    /// The budget policy's prior, search space, probing and fallback shape.
+    pub plan: PlanConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            draft_timeout: Duration::from_millis(2_000),
+            draft_ahead: true,
+            draft_join_wait: Duration::ZERO,
+            first_tree_verify_slack: None,
+            target_timeout: Duration::from_millis(10_000),
+            target_attempts: 3,
+            max_recoveries: 3,
+            plan: PlanConfig::default(),
+        }
+    }
+}
+
+/// What an engine is built from.
+pub struct EngineParts {
+    /// The replica calls (gRPC, or a fake in tests).
+    pub replicas: Arc<dyn ReplicaApi>,
+    /// Detokenizer of the streamed text.
+    pub tokenizer: Arc<dyn Detokenize + Send + Sync>,
+    /// The orchestrator's tokenizer: what every replica must agree with.
+    pub identity: TokenizerIdentity,
+    /// Draft replicas.
+    pub drafts: Arc<ReplicaSet>,
+    /// Target replicas.
+    pub targets: Arc<ReplicaSet>,
+    /// Settings.
+    pub cfg: EngineConfig,
+}
+
+/// Why a generation stopped early.
+#[derive(Debug)]
+pub enum Interrupted {
+    /// The client went away.
+    Cancelled,
+    /// A failure (already reported to the client when possible).
+    Failed(OrchestratorError),
+}
+
+impl From<OrchestratorError> for Interrupted {
+    fn from(e: OrchestratorError) -> Self {
+        Interrupted::Failed(e)
+    }
+}
+
+/// Replicas of one kind checked by [`Engine::check_replicas`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Replicas whose model agrees with the deployment.
+    pub compatible: usize,
+    /// Replicas refused, with why.
+    pub refused: Vec<String>,
+    /// Replicas that did not answer `Info` (checked again before first use).
+    pub unreachable: usize,
+}
+
+/// Shared state of all generations.
+pub struct Engine {
+    replicas: Arc<dyn ReplicaApi>,
+    tokenizer: Arc<dyn Detokenize + Send + Sync>,
+    identity: TokenizerIdentity,
+    drafts: Arc<ReplicaSet>,
+    targets: Arc<ReplicaSet>,
+    /// The model of the first compatible target: what drafts are checked against when no
+    /// conversation's target is at hand (start-up, discovery).
+    reference: OnceCell<pb::ModelInfo>,
+    policy: Mutex<BudgetPolicy>,
+    /// Whether the policy's verify cost comes from a target replica's measurement yet.
+    verify_cost_measured: AtomicBool,
+    /// EMA of the target batch sizes verify answers report (f64 bits): what the policy
+    /// sizes trees for.
+    target_batch: AtomicU64,
+    /// EMA of the target batch sizes of drafted steps (f64 bits; NaN until one): sessions
+    /// that draft reach the target at different times, so their batches are smaller than
+    /// those of sessions that only decode.
+    drafted_batch: AtomicU64,
+    /// Whether draft-ahead pays here, measured on the turns the policy shapes.
+    ahead_gate: Mutex<AheadGate>,
+    /// Whether the policy's draft cost has been measured on a draft yet (its start-up
+    /// calibration or a drafted step).
+    draft_cost_measured: AtomicBool,
+    /// Whether the policy's draft cost comes from a draft replica's start-up measurement.
+    draft_cost_calibrated: AtomicBool,
+    /// Adaptive turns that would have gone without a draft (see
+    /// [`PlanConfig::explore_turns`]).
+    undrafted_turns: AtomicU64,
+    /// Turns generating now.
+    active_turns: Arc<AtomicUsize>,
+    cfg: EngineConfig,
+}
+
+/// EMA rate of [`Engine`]'s target batch size.
+const BATCH_EMA: f64 = 0.1;
+
+/// EMA rate of a turn's own acceptance rates (the policy's shared ones learn at 0.02): a
+/// few steps tell how well the draft does on this image and prompt.
+const TURN_ACCEPTANCE_EMA: f64 = 0.2;
+
+/// Steps a turn keeps the policy's choice before asking again (choosing searches every
+/// shape: ~0.1 ms, a tenth of a step on a CPU), unless the batch size changed.
+const CHOICE_STEPS: u32 = 4;
+
+/// The policy's last choice for a turn.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    params: DraftParams,
+    step: u32,
+    batch: usize,
+}
+
+/// One turn in progress: what its steps share.
+struct Turn<'a> {
+    params: &'a GenParams,
+    spec: &'a SpecSettings,
+    started: Instant,
+    stats: Stats,
+    /// EOS ids the target stops at (empty with `ignore_eos`).
+    eos: Vec<u32>,
+    tree_limits: TreeLimits,
+    max_context: u64,
+    /// The target's model (what the draft is checked against).
+    target_model: pb::ModelInfo,
+    /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
+    draft: Option<DraftStream>,
+    /// The first tree the draft's set-up drafted (used by the first drafting step when its
+    /// root is still the history's last token).
+    first_tree: Option<FirstTree>,
+    /// The draft session's sync, running in the background while the target decodes.
+    draft_setup: Option<DraftSetup>,
+    text: TextStream,
+    generated: u32,
+    first_token_at: Option<Duration>,
+    /// Accepted path of the last drafted tree, for the draft's next request.
+    last_path: Vec<u32>,
+    /// This turn's own acceptance rates (starting from the policy's, learning fast): trees
+    /// grow where the draft agrees with the target and shrink where it does not.
+    acceptance: Option<AcceptanceStats>,
+    /// The policy's last choice (reused for [`CHOICE_STEPS`] steps).
+    choice: Option<Choice>,
+    /// Draft-ahead arm of the turn's current block of steps (adaptive turns).
+    ahead: AheadBlock,
+    /// The draft's pre-draft for the outcome of the tree being verified (pipelined
+    /// speculation), used as the next tree when the target's outcome is the assumed one.
+    pre_draft: Option<PreDraft>,
+    /// Whether the turn's pre-drafts hit often enough to keep asking for them.
+    pipeline: PipelineGate,
+    finish: pb::FinishReason,
+    /// Target re-prefills in the current step.
+    recoveries: usize,
+    /// Draft replicas replaced in this turn.
+    draft_failovers: usize,
+    /// History length before this turn's answer.
+    prompt_len: usize,
+}
+
+/// How a turn's draft starts.
+enum DraftStart {
+    /// The draft session is in sync already.
+    Ready,
+    /// Its sync runs in the background.
+    Running(DraftSetup),
+    /// No draft for this turn.
+    Unavailable,
+}
+
+/// Counts a turn as generating while it lives.
+struct ActiveTurn(Arc<AtomicUsize>);
+
+impl ActiveTurn {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for ActiveTurn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The tree a step verifies.
+struct Proposal {
+    tree: pb::TokenTree,
+    /// Whether the draft proposed it (not a root-only tree).
+    drafted: bool,
+    /// The draft round trip minus the draft's own time, when the draft was asked.
+    draft_overhead_ns: Option<u64>,
+    /// The draft round trip, when the draft was asked.
+    draft_rtt_ns: u64,
+    /// The shape asked for.
+    params: DraftParams,
+    /// `Some(ahead)`: the step is a clean sample of that draft-ahead arm.
+    ahead_sample: Option<bool>,
+    /// A pre-draft made while the previous tree was verified (no draft round trip): the
+    /// draft's time on it.
+    pipelined: Option<u64>,
+}
+
+/// What the target answered for a proposal.
+struct Verified {
+    resp: pb::VerifyResponse,
+    rtt_ns: u64,
+}
+
+/// Whether the turn goes on after a step.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+fn replica_err(kind: ReplicaKind, r: &Replica, status: Status) -> OrchestratorError {
+    OrchestratorError::Replica {
+        kind,
+        addr: r.addr.to_string(),
+        status,
+    }
+}
+
+impl Engine {
+    /// An engine over the given replica sets; fails when the policy prior is malformed.
+    pub fn new(parts: EngineParts) -> Result<Self, speculate::CostError> {
+        let deadlines = Deadlines {
+            draft: parts.cfg.draft_timeout,
+            target: parts.cfg.target_timeout,
+        };
+        Ok(Self {
+            policy: Mutex::new(parts.cfg.plan.policy()?),
+            replicas: Arc::new(Guarded::new(parts.replicas, deadlines)),
+            tokenizer: parts.tokenizer,
+            identity: parts.identity,
+            drafts: parts.drafts,
+            targets: parts.targets,
+            reference: OnceCell::new(),
+            verify_cost_measured: AtomicBool::new(false),
+            target_batch: AtomicU64::new(1.0f64.to_bits()),
+            drafted_batch: AtomicU64::new(f64::NAN.to_bits()),
+            ahead_gate: Mutex::new(AheadGate::default()),
+            draft_cost_measured: AtomicBool::new(false),
+            draft_cost_calibrated: AtomicBool::new(false),
+            undrafted_turns: AtomicU64::new(0),
+            active_turns: Arc::new(AtomicUsize::new(0)),
+            cfg: parts.cfg,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------
+    // The generation loop
+
+    /// Generates one turn: `conv.history` already ends with the turn's prompt.
+    /// Streams chunks and the final summary into `tx`.
+    pub async fn generate(
+        &self,
+        conv: &mut Conversation,
+        prompt_tokens: u32,
+        params: &GenParams,
+        spec: &SpecSettings,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
+        let result = self.run_turn(conv, prompt_tokens, params, spec, tx).await;
+        // Shared vision features serve the turn's syncs only (they can be large).
+        conv.image_features = None;
+        result
+    }
+
+    /// [`Engine::generate`]'s turn.
+    async fn run_turn(
+        &self,
+        conv: &mut Conversation,
+        prompt_tokens: u32,
+        params: &GenParams,
+        spec: &SpecSettings,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        let mut turn = self.begin(conv, params, spec).await?;
+        match self.decode(conv, &mut turn, tx).await {
+            Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
+            Err(e) => {
+                // Keep knowing what the draft session holds (it is closed with the rest).
+                self.join_draft(conv, &mut turn, true).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The turn's steps, until it finishes or fails.
+    async fn decode(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        let params = turn.params;
+        while turn.generated < params.max_new_tokens {
+            if tx.is_closed() {
+                return Err(Interrupted::Cancelled);
+            }
+            let kv_len = conv.target.as_ref().expect("ensured").kv_len;
+            let room = turn.max_context.saturating_sub(kv_len + 1) as usize;
+            if room == 0 {
+                turn.finish = pb::FinishReason::Length;
+                break;
+            }
+            let step_started = Instant::now();
+            let proposal = match self.redeem_pre_draft(conv, turn, room) {
+                Some(p) => p,
+                None => self.draft_step(conv, turn, room).await,
+            };
+            // Pipelined: the draft pre-drafts the next tree while the target verifies.
+            let asked = self.ask_pre_draft(conv, turn, &proposal, room).await;
+            let verified = self.verify_step(conv, turn, &proposal).await;
+            if let Some(params) = asked {
+                turn.pre_draft = self.receive_pre_draft(conv, turn, params).await;
+            }
+            let Some(verified) = verified? else {
+                // The target session was recovered: draft and verify again.
+                turn.pre_draft = None;
+                continue;
+            };
+            if verified.resp.emitted.is_empty() {
+                turn.finish = pb::FinishReason::Length;
+                break;
+            }
+            let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
+            let draft_ns = draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0);
+            self.record_step(turn, proposal, &verified);
+            let emit_started = Instant::now();
+            let flow = self.emit(conv, turn, &verified.resp, tx).await?;
+            // Where a step's time goes (`RUST_LOG=orchestrator=debug`), in microseconds.
+            tracing::debug!(
+                nodes,
+                emitted = verified.resp.emitted.len(),
+                draft_rtt_us = draft_rtt_ns / 1000,
+                draft_us = draft_ns / 1000,
+                verify_rtt_us = verified.rtt_ns / 1000,
+                target_us = verified.resp.total_ns / 1000,
+                forward_us = verified.resp.forward_ns / 1000,
+                emit_us = emit_started.elapsed().as_micros() as u64,
+                step_us = step_started.elapsed().as_micros() as u64,
+                "step timing"
+            );
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the draft session's sync in the background (when speculating), pins and
+    /// syncs the target, and attaches the draft if it is ready already.
+    async fn begin<'a>(
+        &self,
+        conv: &mut Conversation,
+        params: &'a GenParams,
+        spec: &'a SpecSettings,
+    ) -> Result<Turn<'a>, Interrupted> {
+        let started = Instant::now();
+        let mut stats = Stats::default();
+        // The draft session syncs while the target's does (and while the target decodes,
+        // if it takes longer).
+        let draft_start = if spec.mode.is_some() && self.turn_drafts(spec) {
+            // The target pinned first: its limits shape the first tree.
+            self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id);
+            let first = self.first_tree_params(conv, spec);
+            self.start_draft_sync(conv, Some(first)).await
+        } else {
+            DraftStart::Unavailable
+        };
+        let info = match self.ensure_target(conv, &mut stats).await {
+            Ok(info) => info,
+            Err(e) => {
+                if let DraftStart::Running(setup) = draft_start {
+                    // Keep knowing what the draft session holds.
+                    self.finish_draft_setup(conv, setup).await;
+                }
+                return Err(e.into());
+            }
+        };
+        let model = info.model.clone().unwrap_or_default();
+        let eos: Vec<u32> = if params.ignore_eos {
+            Vec::new()
+        } else if model.eos_token_ids.is_empty() {
+            vec![self.identity.eos_token_id]
+        } else {
+            model.eos_token_ids.clone()
+        };
+        let tree_limits = TreeLimits {
+            max_nodes: info.max_tree_nodes as usize,
+            max_depth: info.max_tree_depth as usize,
+            vocab_size: model.vocab_size as usize,
+        };
+        let (ready, draft_setup) = match draft_start {
+            DraftStart::Ready => (true, None),
+            DraftStart::Running(setup) => (false, Some(setup)),
+            DraftStart::Unavailable => (false, None),
+        };
+        let mut turn = Turn {
+            params,
+            spec,
+            started,
+            stats,
+            eos,
+            tree_limits,
+            max_context: model.max_context,
+            target_model: model,
+            draft: None,
+            first_tree: None,
+            draft_setup,
+            text: TextStream::new(params.stop.clone()),
+            generated: 0,
+            first_token_at: None,
+            last_path: Vec::new(),
+            acceptance: spec.mode.map(|_| {
+                let mut a = self
+                    .policy
+                    .lock()
+                    .expect("policy lock poisoned")
+                    .acceptance
+                    .clone();
+                a.alpha = TURN_ACCEPTANCE_EMA;
+                a
+            }),
+            choice: None,
+            ahead: AheadBlock::default(),
+            pre_draft: None,
+            pipeline: PipelineGate::default(),
+            finish: pb::FinishReason::Unspecified,
+            recoveries: 0,
+            draft_failovers: 0,
+            prompt_len: conv.history.len(),
+        };
+        if ready {
+            self.attach_draft(conv, &mut turn, None).await;
+        } else {
+            self.join_draft(conv, &mut turn, false).await;
+        }
+        // Where the time before the first step goes (`RUST_LOG=orchestrator=debug`).
+        tracing::debug!(
+            prefill_us = turn.stats.prefill_ns / 1000,
+            begin_us = started.elapsed().as_micros() as u64,
+            draft_attached = turn.draft.is_some(),
+            first_tree = turn.first_tree.is_some(),
+            "turn begun"
+        );
+        Ok(turn)
+    }
+
+    /// Verifies the proposal on the target and appends the emitted tokens to the
+    /// history. `Ok(None)`: the target session was lost (evicted, replica gone) and has
+    /// been re-prefilled from the history; the step must be retried.
+    async fn verify_step(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        proposal: &Proposal,
+    ) -> Result<Option<Verified>, Interrupted> {
+        let target = conv.target.as_mut().expect("ensured");
+        let req = pb::VerifyRequest {
+            session_id: conv.id.clone(),
+            expected_kv_len: target.kv_len,
+            tree: Some(proposal.tree.clone()),
+            sampling: Some(sampling_to_proto(&turn.params.sampling)),
+            stop: Some(pb::StopConditions {
+                eos_token_ids: turn.eos.clone(),
+                max_new_tokens: turn.params.max_new_tokens - turn.generated,
+            }),
+        };
+        let r = Arc::clone(target.pin.replica());
+        let t0 = Instant::now();
+        let resp = match self.replicas.verify(&r, req).await {
+            Ok(resp) => resp,
+            Err(s) => {
+                let failed = is_replica_failure(&s);
+                if !(failed || s.code() == Code::NotFound)
+                    || turn.recoveries >= self.cfg.max_recoveries
+                {
+                    return Err(replica_err(ReplicaKind::Target, &r, s).into());
+                }
+                turn.recoveries += 1;
+                if failed {
+                    // The replica is out of rotation (its call said so): fail over to
+                    // another one, re-prefilled with the history so far.
+                    tracing::warn!(replica = %r.addr, status = %s, "target replica failed mid-turn, failing over");
+                    self.targets.refresh().await;
+                } else {
+                    // Evicted: re-prefill from the history.
+                    tracing::warn!(status = %s, "target session lost, re-prefilling");
+                    target.opened = false;
+                }
+                self.ensure_target(conv, &mut turn.stats).await?;
+                return Ok(None);
+            }
+        };
+        turn.recoveries = 0;
+        let rtt_ns = nanos(t0.elapsed());
+        if !resp.emitted.is_empty() {
+            conv.history.extend_from_slice(&resp.emitted);
+            target.kv_len = resp.kv_len;
+            target.synced = conv.history.len();
+        }
+        Ok(Some(Verified { resp, rtt_ns }))
+    }
+
+    /// Statistics, metrics and the budget policy learn from a verified step.
+    fn record_step(&self, turn: &mut Turn<'_>, proposal: Proposal, verified: &Verified) {
+        let resp = &verified.resp;
+        turn.stats
+            .record_verify(resp, verified.rtt_ns, proposal.drafted);
+        if let Some(ns) = proposal.pipelined {
+            turn.stats.ahead_hits += 1;
+            turn.stats.ahead_saved_ns += ns;
+            turn.stats.pipelined_steps += 1;
+        }
+        specllava_telemetry::metrics()
+            .accepted_tokens_per_step
+            .observe(resp.emitted.len() as f64);
+        let nodes = proposal.tree.tokens.len();
+        let batch = resp.batch_size.max(1);
+        if let Ok(mut pol) = self.policy.lock() {
+            if let Some(ahead) = proposal.ahead_sample {
+                let predicted = pol.cost.step_ns(&proposal.params, batch as usize);
+                let measured = (proposal.draft_rtt_ns + verified.rtt_ns) as f64;
+                if let Ok(mut gate) = self.ahead_gate.lock() {
+                    gate.observe(ahead, measured, predicted);
+                }
+            }
+            pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
+            // The round trip minus the target's own time (queueing for batch-mates is not
+            // a per-step cost the tree size can amortise: it is other sessions' work).
+            pol.observe_overhead(
+                verified.rtt_ns.saturating_sub(resp.total_ns) as f64,
+                proposal.draft_overhead_ns.map(|ns| ns as f64),
+            );
+        }
+        let seen = f64::from_bits(self.target_batch.load(Ordering::Relaxed));
+        let ema = seen + BATCH_EMA * (f64::from(batch) - seen);
+        self.target_batch.store(ema.to_bits(), Ordering::Relaxed);
+        if proposal.drafted {
+            let seen = f64::from_bits(self.drafted_batch.load(Ordering::Relaxed));
+            let ema = if seen.is_nan() {
+                f64::from(batch)
+            } else {
+                seen + BATCH_EMA * (f64::from(batch) - seen)
+            };
+            self.drafted_batch.store(ema.to_bits(), Ordering::Relaxed);
+            turn.last_path = resp.accepted_path.clone();
+            if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
+                let outcome = verify_outcome_from_proto(resp);
+                if let Some(a) = turn.acceptance.as_mut() {
+                    a.observe(&tree, &outcome);
+                }
+                if let Ok(mut pol) = self.policy.lock() {
+                    pol.observe(&tree, &outcome);
+                }
+            }
+        }
+        if turn.first_token_at.is_none() {
+            turn.first_token_at = Some(turn.started.elapsed());
+        }
+    }
+
+    /// Streams the text of the emitted tokens (up to a stop string); `Stop` when the turn
+    /// is finished (stop string, EOS, length).
+    async fn emit(
+        &self,
+        conv: &mut Conversation,
+        turn: &mut Turn<'_>,
+        resp: &pb::VerifyResponse,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<Flow, Interrupted> {
+        let emitted = resp.emitted.clone();
+        let delta = self
+            .detokenize(&mut turn.text, move |text, tok| text.push(tok, &emitted))
+            .await?;
+        // Tokens past a stop string are not part of the answer.
+        let taken = &resp.emitted[..delta.consumed];
+        turn.generated += taken.len() as u32;
+        send_chunk(tx, taken.to_vec(), delta.text).await?;
+        if delta.stopped {
+            turn.finish = pb::FinishReason::StopString;
+            let keep = self
+                .detokenize(&mut turn.text, |text, tok| Ok(text.tokens_before_stop(tok)))
+                .await?;
+            if let Some(keep) = keep {
+                conv.truncate_history(turn.prompt_len + keep);
+            }
+            return Ok(Flow::Stop);
+        }
+        let f = finish_from_proto(resp.finish);
+        if f != pb::FinishReason::Unspecified {
+            turn.finish = f;
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Runs `f` on the turn's text stream on a blocking thread (detokenization never runs
+    /// on the async executor).
+    async fn detokenize<T: Send + 'static>(
+        &self,
+        text: &mut TextStream,
+        f: impl FnOnce(&mut TextStream, &dyn Detokenize) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Interrupted> {
+        let tok = Arc::clone(&self.tokenizer);
+        let mut owned = std::mem::take(text);
+        let (owned, res) = tokio::task::spawn_blocking(move || {
+            let res = f(&mut owned, tok.as_ref());
+            (owned, res)
+        })
+        .await
+        .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e.to_string())))?;
+        *text = owned;
+        res.map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))
+    }
+
+    /// Streams the held-back text and the summary.
+    async fn end(
+        &self,
+        conv: &mut Conversation,
+        mut turn: Turn<'_>,
+        prompt_tokens: u32,
+        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Interrupted> {
+        if turn.finish == pb::FinishReason::Unspecified {
+            turn.finish = pb::FinishReason::Length;
+        }
+        let tail: Delta = self
+            .detokenize(&mut turn.text, |text, tok| text.finish(tok))
+            .await?;
+        if !tail.text.is_empty() {
+            send_chunk(tx, Vec::new(), tail.text).await?;
+        }
+        drop(turn.draft.take());
+        conv.turns += 1;
+        let total = turn.started.elapsed();
+        let ttft = turn.first_token_at.unwrap_or(total);
+        let summary = pb::GenerateSummary {
+            finish: turn.finish as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens,
+                completion_tokens: turn.generated,
+            }),
+            stats: Some(turn.stats.summary(turn.generated, total, ttft)),
+            text: turn.text.text().to_owned(),
+        };
+        let msg = pb::GenerateResponse {
+            event: Some(pb::generate_response::Event::Summary(summary)),
+        };
+        let sent = tx.send(Ok(msg)).await;
+        // A draft sync still running (a short turn) is waited for after the answer, so the
+        // conversation knows what its draft session holds.
+        self.join_draft(conv, &mut turn, true).await;
+        sent.map_err(|_| Interrupted::Cancelled)
+    }
+}
+
+/// Streams one chunk; the client going away cancels the turn.
+async fn send_chunk(
+    tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    token_ids: Vec<u32>,
+    text: String,
+) -> Result<(), Interrupted> {
+    let chunk = pb::GenerateResponse {
+        event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
+            token_ids,
+            text,
+        })),
+    };
+    tx.send(Ok(chunk)).await.map_err(|_| Interrupted::Cancelled)
+}
+
+/// Closes `id` on a replica (best effort: a failure is only logged).
+async fn close_session(replicas: &dyn ReplicaApi, kind: ReplicaKind, r: &Replica, id: &str) {
+    let req = pb::CloseSessionRequest {
+        session_id: id.to_owned(),
+    };
+    if let Err(s) = replicas.close_session(kind, r, req).await {
+        tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
+    }
+}
+
+/// The conversation's shared vision features, for a replica whose vision fingerprint they
+/// were computed with.
+fn features_for<'c>(
+    features: &'c Option<(String, Vec<pb::VisionFeatures>)>,
+    r: &Replica,
+) -> Option<&'c [pb::VisionFeatures]> {
+    let (fingerprint, features) = features.as_ref()?;
+    let model = r.info.get()?.model()?;
+    (&model.vision_fingerprint == fingerprint).then_some(features.as_slice())
+}
