@@ -363,30 +363,21 @@ impl Engine {
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
         let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
-        let result = self.run_turn(conv, prompt_tokens, params, spec, tx).await;
+        let result = async {
+            let mut turn = self.begin(conv, params, spec).await?;
+            match self.decode(conv, &mut turn, tx).await {
+                Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
+                Err(e) => {
+                    // Keep knowing what the draft session holds (it is closed with the rest).
+                    self.join_draft(conv, &mut turn, true).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
         // Shared vision features serve the turn's syncs only (they can be large).
         conv.image_features = None;
         result
-    }
-
-    /// [`Engine::generate`]'s turn.
-    async fn run_turn(
-        &self,
-        conv: &mut Conversation,
-        prompt_tokens: u32,
-        params: &GenParams,
-        spec: &SpecSettings,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
-    ) -> Result<(), Interrupted> {
-        let mut turn = self.begin(conv, params, spec).await?;
-        match self.decode(conv, &mut turn, tx).await {
-            Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
-            Err(e) => {
-                // Keep knowing what the draft session holds (it is closed with the rest).
-                self.join_draft(conv, &mut turn, true).await;
-                Err(e)
-            }
-        }
     }
 
     /// The turn's steps, until it finishes or fails.
