@@ -192,6 +192,43 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // EncodeImages: the same image, and more images than the context holds, refused before
+    // any work; so are features of the wrong shape sent in place of an image.
+    let encode = |images: Vec<Vec<u8>>| pb::EncodeImagesRequest { images };
+    let err = cluster
+        .target_client()
+        .await
+        .encode_images(encode(vec![bomb.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("a side"), "{err:?}");
+    let err = cluster
+        .target_client()
+        .await
+        .encode_images(encode(vec![bomb.clone(); CONTEXT + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("exceed the context"), "{err:?}");
+    let wrong = pb::VisionFeatures {
+        rows: 3,
+        dim: 2,
+        data: vec![0; 24],
+    };
+    let err = cluster
+        .draft_client()
+        .await
+        .open_session(pb::OpenSessionRequest {
+            session_id: "wrong-features".into(),
+            images: vec![],
+            token_ids: vec![1, image_id, 5],
+            image_features: vec![wrong],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("image_features"), "{err:?}");
 
     // Others were served all along, with the same answer.
     assert_eq!(generate(&cluster, good).await.unwrap().0, before);

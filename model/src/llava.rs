@@ -213,16 +213,23 @@ impl Llava {
             w.pp(w.find_prefix(VISION_PREFIXES, "embeddings.patch_embedding.weight")?);
         let vision = VisionTower::load(&vision_weights, &cfg, backend)?;
         // Everything that decides a vision feature's bits: the tower's weights as loaded,
-        // its configuration, the feature layers and select strategy, the preprocessing.
+        // its configuration, the feature layers and select strategy, the preprocessing, the
+        // kernels (backend) and the device they run on.
         let vision_fingerprint =
             format!("fnv1a64:{:016x}:{:016x}", vision_weights.fingerprint()?, {
+                let device_kind = match device {
+                    Device::Cpu => "cpu",
+                    Device::Cuda(_) => "cuda",
+                    Device::Metal(_) => "metal",
+                };
                 let described = format!(
-                    "{:?}|{:?}|{:?}|{:?}|{:?}",
+                    "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{device_kind}",
                     cfg.vision,
                     cfg.vision_feature_layers,
                     cfg.vision_feature_select_strategy,
                     image_processor,
-                    dtype
+                    dtype,
+                    backend,
                 );
                 described.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)

@@ -110,12 +110,18 @@ pub struct GrpcReplicas;
 /// A replica's channel carrying the caller's trace context.
 type Traced = InterceptedService<Channel, TraceContextInterceptor>;
 
+/// Largest reply a replica may send (the replicas' own request limit,
+/// `--max-message-bytes`, by default): vision features run to megabytes per image.
+const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 fn draft(r: &Replica) -> DraftClient<Traced> {
     DraftClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
+        .max_decoding_message_size(MAX_REPLY_BYTES)
 }
 
 fn target(r: &Replica) -> TargetClient<Traced> {
     TargetClient::with_interceptor(r.channel.clone(), TraceContextInterceptor)
+        .max_decoding_message_size(MAX_REPLY_BYTES)
 }
 
 #[tonic::async_trait]

@@ -44,9 +44,9 @@ pub struct Conversation {
     pub id: String,
     /// Encoded images, one per image placeholder in the history.
     pub images: Vec<Vec<u8>>,
-    /// The images' vision features, computed by a target for this turn's syncs (empty, or
-    /// one per image), and the vision fingerprint they were computed with.
-    pub image_features: Option<(String, Vec<pb::VisionFeatures>)>,
+    /// The images' vision features, computed by a target for the syncs of a turn's start
+    /// (cleared once they are made).
+    pub image_features: Option<SharedFeatures>,
     /// Token history: prompts (one placeholder per image) and generated tokens.
     pub history: Vec<u32>,
     /// Completed turns.
@@ -55,6 +55,18 @@ pub struct Conversation {
     pub target: Option<ReplicaSession>,
     /// The draft replica session.
     pub draft: Option<ReplicaSession>,
+}
+
+/// Vision features of a conversation's images (one per image), computed by one target.
+#[derive(Debug, Clone)]
+pub struct SharedFeatures {
+    /// The vision fingerprint they were computed with.
+    pub fingerprint: String,
+    /// The target that computed them: the only target that prefills from them (another
+    /// one, even with the same fingerprint, might not compute the same bits).
+    pub encoded_by: std::net::SocketAddr,
+    /// The features.
+    pub features: Vec<pb::VisionFeatures>,
 }
 
 impl Conversation {

@@ -46,6 +46,10 @@ pub struct EarlyStream {
     pub first_tree: Option<DraftParams>,
     /// Deadline of the stream's opening and the tree.
     pub timeout: Duration,
+    /// The history's length once in sync; its last token is the first tree's root.
+    pub history_len: usize,
+    /// The root.
+    pub root: u32,
 }
 
 /// The first tree a set-up drafted, for the root the history had when the set-up started.
@@ -56,6 +60,8 @@ pub struct FirstTree {
     pub params: DraftParams,
     /// The root it was drafted for.
     pub root: u32,
+    /// The history's length it was drafted for (the root is its last token).
+    pub history_len: usize,
     /// Opening the stream, asking and receiving (overlapped with the target's prefill).
     pub rtt_ns: u64,
 }
@@ -79,21 +85,18 @@ pub struct DraftSetup {
 }
 
 impl DraftSetup {
-    /// Starts `planned` and then, if asked, the stream and the first tree (drafted for
-    /// `root`, the last history token the sync brings the session to).
+    /// Starts `planned` and then, if asked, the stream and the first tree.
     pub fn spawn(
         replicas: Arc<dyn ReplicaApi>,
         planned: PlannedSync,
-        early: Option<(EarlyStream, u32)>,
+        early: Option<EarlyStream>,
     ) -> Self {
         let call = planned.clone();
         let task = tokio::spawn(
             async move {
                 let reply = call.run(replicas.as_ref()).await;
                 let early = match (&reply, early) {
-                    (Ok(_), Some((req, root))) => {
-                        open_early(replicas.as_ref(), &call.replica, req, root).await
-                    }
+                    (Ok(_), Some(req)) => open_early(replicas.as_ref(), &call.replica, req).await,
                     _ => None,
                 };
                 SetupDone { reply, early }
@@ -116,7 +119,6 @@ async fn open_early(
     replicas: &dyn ReplicaApi,
     replica: &Replica,
     req: EarlyStream,
-    root: u32,
 ) -> Option<(DraftStream, Option<FirstTree>)> {
     let t0 = Instant::now();
     let got = tokio::time::timeout(req.timeout, async {
@@ -138,11 +140,12 @@ async fn open_early(
         let rooted = answer
             .tree
             .as_ref()
-            .is_some_and(|t| t.tokens.first() == Some(&root));
+            .is_some_and(|t| t.tokens.first() == Some(&req.root));
         let first = FirstTree {
             answer,
             params,
-            root,
+            root: req.root,
+            history_len: req.history_len,
             rtt_ns: nanos(t0.elapsed()),
         };
         // A tree for another root is not one to verify (the stream is fine).

@@ -4,6 +4,7 @@
 //! features, no session).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use specllava_model::{ImageLimits, Llava};
@@ -13,12 +14,20 @@ use crate::convert::nanos;
 use crate::prefill::{decode_images, prepare_prefill, vision_features_to_proto};
 use crate::worker::{SessionBackend, WorkerError, WorkerHandle};
 
+/// `EncodeImages` calls that may wait for the vision tower (one runs at a time); more are
+/// refused with RESOURCE_EXHAUSTED (the caller then sends the images themselves).
+pub const MAX_WAITING_ENCODES: usize = 32;
+
 /// The shared session handlers of a model service over its worker.
 pub struct SessionRpc<B: SessionBackend> {
     model: Arc<Llava>,
     worker: WorkerHandle<B>,
     image: ImageLimits,
     max_context: usize,
+    /// One `EncodeImages` runs the vision tower at a time.
+    encoding: Arc<tokio::sync::Semaphore>,
+    /// `EncodeImages` calls admitted (running or waiting).
+    encodes: Arc<AtomicUsize>,
 }
 
 impl<B: SessionBackend> SessionRpc<B> {
@@ -35,6 +44,8 @@ impl<B: SessionBackend> SessionRpc<B> {
             worker,
             image,
             max_context,
+            encoding: Arc::new(tokio::sync::Semaphore::new(1)),
+            encodes: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -127,6 +138,17 @@ impl<B: SessionBackend> SessionRpc<B> {
             ))
             .into());
         }
+        let admitted = Admitted::new(&self.encodes, MAX_WAITING_ENCODES + 1).ok_or(
+            WorkerError::QueueFull {
+                role: "vision encoder",
+                capacity: MAX_WAITING_ENCODES + 1,
+            },
+        )?;
+        let _running = self
+            .encoding
+            .acquire()
+            .await
+            .map_err(|_| WorkerError::WorkerGone)?;
         let t0 = Instant::now();
         let pixels = decode_images(&self.model, self.image, r.images)
             .await
@@ -142,6 +164,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         .await
         .map_err(|e| WorkerError::Model(format!("vision tower task failed: {e}")))?
         .map_err(|e| WorkerError::Model(format!("vision tower: {e}")))?;
+        drop(admitted);
         Ok(pb::EncodeImagesResponse {
             features,
             vision_fingerprint: self.model.vision_fingerprint().to_owned(),
@@ -212,4 +235,25 @@ macro_rules! model_service {
             $($rest)*
         }
     };
+}
+
+/// One admitted call of a bounded count (released on drop).
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl<'a> Admitted<'a> {
+    /// Admits a call while fewer than `max` are.
+    fn new(count: &'a AtomicUsize, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count))
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }

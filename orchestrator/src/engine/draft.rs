@@ -9,11 +9,14 @@ impl Engine {
     /// Pins and checks a draft and starts syncing the conversation's draft session in the
     /// background (the target decodes meanwhile: the first token never waits for the draft).
     /// With `early`, the set-up then opens the speculate stream and, with `Some` shape,
-    /// drafts the turn's first tree.
+    /// drafts the turn's first tree. With `share`, a conversation whose target and draft
+    /// sessions both open shares the target's vision features first (one `EncodeImages`
+    /// call before the set-up starts; never mid-turn).
     pub(super) async fn start_draft_sync(
         &self,
         conv: &mut Conversation,
         early: Option<Option<DraftParams>>,
+        share: bool,
     ) -> DraftStart {
         if !self.ensure_pinned(ReplicaKind::Draft, &mut conv.draft, &conv.id) {
             return DraftStart::Unavailable;
@@ -24,7 +27,8 @@ impl Engine {
             self.draft_failed(conv, e).await;
             return DraftStart::Unavailable;
         }
-        if !conv.draft.as_ref().is_some_and(|d| d.opened) {
+        let opening = |rs: Option<&ReplicaSession>| !rs.is_some_and(|rs| rs.opened);
+        if share && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()) {
             self.share_vision_features(conv, &r).await;
         }
         let image_id = self.identity.image_token_id;
@@ -35,19 +39,17 @@ impl Engine {
             &conv.id,
             &conv.history,
             &conv.images,
-            features_for(&conv.image_features, &r),
+            features_for(&conv.image_features, ReplicaKind::Draft, &r),
             image_id,
         ) {
             Ok(None) => DraftStart::Ready,
             Ok(Some(planned)) => {
-                let root = *conv.history.last().expect("history is never empty");
-                let early = early.map(|first_tree| {
-                    let req = EarlyStream {
-                        session_id: conv.id.clone(),
-                        first_tree,
-                        timeout: self.cfg.draft_timeout,
-                    };
-                    (req, root)
+                let early = early.map(|first_tree| EarlyStream {
+                    session_id: conv.id.clone(),
+                    first_tree,
+                    timeout: self.cfg.draft_timeout,
+                    history_len: conv.history.len(),
+                    root: *conv.history.last().expect("history is never empty"),
                 });
                 DraftStart::Running(DraftSetup::spawn(
                     Arc::clone(&self.replicas),
@@ -68,7 +70,7 @@ impl Engine {
     /// running its vision tower next to the target's prefill. Without them (no images, towers
     /// that differ, a failed call) the images travel as they are.
     pub(super) async fn share_vision_features(&self, conv: &mut Conversation, draft: &Replica) {
-        if conv.images.is_empty() || conv.image_features.is_some() {
+        if conv.images.is_empty() {
             return;
         }
         let Some(target) = conv.target.as_ref().map(|t| Arc::clone(t.pin.replica())) else {
@@ -98,10 +100,17 @@ impl Engine {
                     encode_us = resp.encode_ns / 1000,
                     "vision features shared"
                 );
-                conv.image_features = Some((shared, resp.features));
+                conv.image_features = Some(SharedFeatures {
+                    fingerprint: shared,
+                    encoded_by: target.addr,
+                    features: resp.features,
+                });
             }
             Ok(_) => tracing::warn!("EncodeImages answered other features; sending images"),
-            Err(s) => tracing::debug!(status = %s, "EncodeImages failed; sending images"),
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::debug!("the target has no EncodeImages; sending images");
+            }
+            Err(s) => tracing::warn!(status = %s, "EncodeImages failed; sending images"),
         }
     }
 
@@ -120,8 +129,14 @@ impl Engine {
             ReplicaInfo::Target(info) => info,
             ReplicaInfo::Draft(_) => return None,
         };
-        let max_context = info.model.as_ref()?.max_context as usize;
-        let room = max_context.saturating_sub(conv.history.len() + 1);
+        let model = info.model.as_ref()?;
+        let rows = kv_rows(
+            &conv.history,
+            conv.history.len(),
+            self.identity.image_token_id,
+            model.num_image_tokens,
+        ) as usize;
+        let room = (model.max_context as usize).saturating_sub(rows + 1);
         let batch = self.batch_estimate();
         let policy = self.policy.lock().expect("policy lock poisoned").clone();
         let choice = policy.choose(batch);
@@ -299,7 +314,7 @@ impl Engine {
             return root_only;
         }
         if let Some(first) = turn.first_tree.take()
-            && let Some(proposal) = self.first_proposal(turn, first, root, room)
+            && let Some(proposal) = self.first_proposal(turn, first, &conv.history, room)
         {
             return proposal;
         }
@@ -374,11 +389,12 @@ impl Engine {
         &self,
         turn: &mut Turn<'_>,
         first: FirstTree,
-        root: u32,
+        history: &[u32],
         room: usize,
     ) -> Option<Proposal> {
         let tree = first.answer.tree.as_ref()?;
-        let fits = first.root == root
+        let fits = history.last() == Some(&first.root)
+            && history.len() == first.history_len
             && first.params.depth < room
             && tree.tokens.len() <= turn.tree_limits.max_nodes
             && first.params.depth <= turn.tree_limits.max_depth;
@@ -499,7 +515,7 @@ impl Engine {
             return;
         }
         turn.draft_failovers += 1;
-        match self.start_draft_sync(conv, None).await {
+        match self.start_draft_sync(conv, None, false).await {
             DraftStart::Ready => self.attach_draft(conv, turn, None).await,
             DraftStart::Running(setup) => turn.draft_setup = Some(setup),
             DraftStart::Unavailable => {}

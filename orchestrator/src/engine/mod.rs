@@ -48,7 +48,7 @@ use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
-use crate::session::{Conversation, ReplicaSession};
+use crate::session::{Conversation, ReplicaSession, SharedFeatures, kv_rows};
 use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
 use crate::stats::Stats;
 use crate::sync::{PlannedSync, SyncReply, plan_sync};
@@ -453,17 +453,22 @@ impl Engine {
     ) -> Result<Turn<'a>, Interrupted> {
         let started = Instant::now();
         let mut stats = Stats::default();
+        // Features are shared for this turn's start only (never left from an earlier one).
+        conv.image_features = None;
         // The draft session syncs while the target's does (and while the target decodes,
         // if it takes longer).
         let draft_start = if spec.mode.is_some() && self.turn_drafts(spec) {
             // The target pinned first: its limits shape the first tree.
             self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id);
             let first = self.first_tree_params(conv, spec);
-            self.start_draft_sync(conv, Some(first)).await
+            self.start_draft_sync(conv, Some(first), true).await
         } else {
             DraftStart::Unavailable
         };
-        let info = match self.ensure_target(conv, &mut stats).await {
+        let synced = self.ensure_target(conv, &mut stats).await;
+        // Both sessions' syncs are planned: the features (possibly large) go.
+        conv.image_features = None;
+        let info = match synced {
             Ok(info) => info,
             Err(e) => {
                 if let DraftStart::Running(setup) = draft_start {
@@ -776,13 +781,17 @@ async fn close_session(replicas: &dyn ReplicaApi, kind: ReplicaKind, r: &Replica
     }
 }
 
-/// The conversation's shared vision features, for a replica whose vision fingerprint they
-/// were computed with.
+/// The conversation's shared vision features, for replica `r` of `kind`: the target that
+/// computed them, or a draft with the vision fingerprint they were computed with.
 fn features_for<'c>(
-    features: &'c Option<(String, Vec<pb::VisionFeatures>)>,
+    shared: &'c Option<SharedFeatures>,
+    kind: ReplicaKind,
     r: &Replica,
 ) -> Option<&'c [pb::VisionFeatures]> {
-    let (fingerprint, features) = features.as_ref()?;
-    let model = r.info.get()?.model()?;
-    (&model.vision_fingerprint == fingerprint).then_some(features.as_slice())
+    let shared = shared.as_ref()?;
+    let usable = match kind {
+        ReplicaKind::Target => r.addr == shared.encoded_by,
+        ReplicaKind::Draft => r.info.get()?.model()?.vision_fingerprint == shared.fingerprint,
+    };
+    usable.then_some(shared.features.as_slice())
 }

@@ -289,7 +289,7 @@ impl Engine {
                         &conv.id,
                         &conv.history,
                         &conv.images,
-                        features_for(&conv.image_features, &r),
+                        features_for(&conv.image_features, ReplicaKind::Target, &r),
                     )
                     .await
                     .map(|ns| (ns, info.clone())),
