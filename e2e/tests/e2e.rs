@@ -190,8 +190,13 @@ async fn a_greedy_and_b_seeded_speculative_equal_target_only() {
     }
     drop(same);
 
-    // A different (random) draft: mostly rejected, output still identical.
-    let other = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    // A different (random) draft: mostly rejected, output still identical. Its set-up runs
+    // its own vision tower (another fingerprint); the turn waits for it (bounded), so that
+    // it drafts however loaded the machine running the tests is.
+    let mut cfg = ClusterConfig::new(OTHER_DRAFT, TARGET);
+    cfg.orchestrator_args
+        .extend(["--draft-join-wait-ms".to_owned(), "5000".to_owned()]);
+    let other = Cluster::start(cfg).await;
     let base = generate(
         &other,
         request("shapes.webp", "What shapes?", greedy(30), off()),
