@@ -8,15 +8,14 @@ use super::*;
 impl Engine {
     /// Pins and checks a draft and starts syncing the conversation's draft session in the
     /// background (the target decodes meanwhile: the first token never waits for the draft).
-    /// With `early`, the set-up then opens the speculate stream and, with `Some` shape,
-    /// drafts the turn's first tree. With `share`, a conversation whose target and draft
-    /// sessions both open shares the target's vision features first (one `EncodeImages`
-    /// call before the set-up starts; never mid-turn).
+    /// At a turn's start (`start`, not a failover mid-turn) the set-up then opens the
+    /// speculate stream and drafts the turn's first tree (when it has a shape), and a
+    /// conversation whose target and draft sessions both open first shares the target's
+    /// vision features (one `EncodeImages` call).
     pub(super) async fn start_draft_sync(
         &self,
         conv: &mut Conversation,
-        early: Option<Option<DraftParams>>,
-        share: bool,
+        start: Option<TurnStart>,
     ) -> DraftStart {
         if !self.ensure_pinned(ReplicaKind::Draft, &mut conv.draft, &conv.id) {
             return DraftStart::Unavailable;
@@ -28,7 +27,7 @@ impl Engine {
             return DraftStart::Unavailable;
         }
         let opening = |rs: Option<&ReplicaSession>| !rs.is_some_and(|rs| rs.opened);
-        if share && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()) {
+        if start.is_some() && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()) {
             self.share_vision_features(conv, &r).await;
         }
         let image_id = self.identity.image_token_id;
@@ -44,9 +43,9 @@ impl Engine {
         ) {
             Ok(None) => DraftStart::Ready,
             Ok(Some(planned)) => {
-                let early = early.map(|first_tree| EarlyStream {
+                let early = start.map(|start| EarlyStream {
                     session_id: conv.id.clone(),
-                    first_tree,
+                    first_tree: start.first_tree,
                     timeout: self.cfg.draft_timeout,
                     history_len: conv.history.len(),
                     root: *conv.history.last().expect("history is never empty"),
@@ -515,7 +514,7 @@ impl Engine {
             return;
         }
         turn.draft_failovers += 1;
-        match self.start_draft_sync(conv, None, false).await {
+        match self.start_draft_sync(conv, None).await {
             DraftStart::Ready => self.attach_draft(conv, turn, None).await,
             DraftStart::Running(setup) => turn.draft_setup = Some(setup),
             DraftStart::Unavailable => {}

@@ -257,6 +257,12 @@ struct Turn<'a> {
     prompt_len: usize,
 }
 
+/// A draft set-up at a turn's start (not a failover mid-turn).
+struct TurnStart {
+    /// The first tree's shape (`None`: the first step drafts its own).
+    first_tree: Option<DraftParams>,
+}
+
 /// How a turn's draft starts.
 enum DraftStart {
     /// The draft session is in sync already.
@@ -461,7 +467,8 @@ impl Engine {
             // The target pinned first: its limits shape the first tree.
             self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id);
             let first = self.first_tree_params(conv, spec);
-            self.start_draft_sync(conv, Some(first), true).await
+            self.start_draft_sync(conv, Some(TurnStart { first_tree: first }))
+                .await
         } else {
             DraftStart::Unavailable
         };
