@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::clients::{ReplicaApi, TreeStream};
 use crate::routing::Replica;
-use crate::sync::{PlannedSync, SyncReply};
+use crate::sync::{PlannedSync, SyncReply, SyncTarget};
 
 /// An open Speculate stream.
 pub struct DraftStream {
@@ -78,8 +78,8 @@ pub struct SetupDone {
 
 /// A draft session's set-up running as a task of its own.
 pub struct DraftSetup {
-    /// The sync call (what the session holds once it succeeds).
-    pub planned: PlannedSync,
+    /// Where the sync goes and what the session holds once it succeeds.
+    pub target: SyncTarget,
     /// The task.
     pub task: JoinHandle<SetupDone>,
 }
@@ -91,12 +91,13 @@ impl DraftSetup {
         planned: PlannedSync,
         early: Option<EarlyStream>,
     ) -> Self {
-        let call = planned.clone();
+        let target = planned.target.clone();
         let task = tokio::spawn(
             async move {
-                let reply = call.run(replicas.as_ref()).await;
+                let replica = Arc::clone(&planned.target.replica);
+                let reply = planned.run(replicas.as_ref()).await;
                 let early = match (&reply, early) {
-                    (Ok(_), Some(req)) => open_early(replicas.as_ref(), &call.replica, req).await,
+                    (Ok(_), Some(req)) => open_early(replicas.as_ref(), &replica, req).await,
                     _ => None,
                 };
                 SetupDone { reply, early }
@@ -104,7 +105,7 @@ impl DraftSetup {
             // The set-up's calls belong to the turn's trace.
             .in_current_span(),
         );
-        Self { planned, task }
+        Self { target, task }
     }
 
     /// Whether the task has finished.

@@ -36,17 +36,27 @@ pub struct SyncReply {
     pub forward_ns: u64,
 }
 
-/// A sync to make: the call, the replica and the history length it brings the session to.
-#[derive(Clone)]
+/// A sync to make: the call, and where it goes.
 pub struct PlannedSync {
+    /// Where it goes and what the session holds once it succeeds.
+    pub target: SyncTarget,
+    /// The call (it owns the request, images or features included: whoever makes the call
+    /// takes it, so they are held once).
+    pub call: SyncCall,
+}
+
+/// Where a sync goes and what its session holds once it succeeds: what the caller records
+/// of its answer.
+#[derive(Clone)]
+pub struct SyncTarget {
     /// Which replica kind.
     pub kind: ReplicaKind,
     /// The replica.
     pub replica: Arc<Replica>,
-    /// The call.
-    pub call: SyncCall,
     /// History tokens the session knows once the call succeeds.
     pub synced: usize,
+    /// Whether the call opens the session.
+    pub opens: bool,
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
@@ -63,12 +73,15 @@ pub fn plan_sync(
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
     let features = features.filter(|f| f.len() == images.len());
     let replica = Arc::clone(rs.pin.replica());
-    let planned = |call| {
+    let planned = |call: SyncCall| {
         Ok(Some(PlannedSync {
-            kind,
-            replica,
+            target: SyncTarget {
+                kind,
+                replica,
+                synced: history.len(),
+                opens: matches!(call, SyncCall::Open(_)),
+            },
             call,
-            synced: history.len(),
         }))
     };
     if !rs.opened {
@@ -116,27 +129,34 @@ pub fn plan_sync(
 
 impl PlannedSync {
     /// Makes the call.
-    pub async fn run(&self, replicas: &dyn ReplicaApi) -> Result<SyncReply, Status> {
-        match &self.call {
-            SyncCall::Open(req) => replicas
-                .open_session(self.kind, &self.replica, req.clone())
-                .await
-                .map(|r| SyncReply {
-                    kv_len: r.kv_len,
-                    num_image_tokens: Some(r.num_image_tokens),
-                    forward_ns: r.prefill_ns,
-                }),
-            SyncCall::Append(req) => replicas
-                .append(self.kind, &self.replica, req.clone())
-                .await
-                .map(|r| SyncReply {
-                    kv_len: r.kv_len,
-                    num_image_tokens: None,
-                    forward_ns: r.forward_ns,
-                }),
+    pub async fn run(self, replicas: &dyn ReplicaApi) -> Result<SyncReply, Status> {
+        let SyncTarget { kind, replica, .. } = self.target;
+        match self.call {
+            SyncCall::Open(req) => {
+                replicas
+                    .open_session(kind, &replica, req)
+                    .await
+                    .map(|r| SyncReply {
+                        kv_len: r.kv_len,
+                        num_image_tokens: Some(r.num_image_tokens),
+                        forward_ns: r.prefill_ns,
+                    })
+            }
+            SyncCall::Append(req) => {
+                replicas
+                    .append(kind, &replica, req)
+                    .await
+                    .map(|r| SyncReply {
+                        kv_len: r.kv_len,
+                        num_image_tokens: None,
+                        forward_ns: r.forward_ns,
+                    })
+            }
         }
     }
+}
 
+impl SyncTarget {
     /// Records a successful call in `rs`.
     pub fn apply(&self, rs: &mut ReplicaSession, reply: &SyncReply) {
         rs.opened = true;
@@ -145,10 +165,5 @@ impl PlannedSync {
         if let Some(n) = reply.num_image_tokens {
             rs.num_image_tokens = n;
         }
-    }
-
-    /// Whether the call opens the session.
-    pub fn opens(&self) -> bool {
-        matches!(self.call, SyncCall::Open(_))
     }
 }

@@ -221,7 +221,7 @@ impl Engine {
         };
         let id = conv.id.clone();
         let d = conv.draft.as_mut()?;
-        match self.finish_sync(d, &id, &setup.planned, done.reply).await {
+        match self.finish_sync(d, &id, &setup.target, done.reply).await {
             Ok(_) => Some(done.early),
             Err(e) => {
                 self.draft_failed(conv, e).await;

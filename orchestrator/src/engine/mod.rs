@@ -51,7 +51,7 @@ use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession, SharedFeatures, kv_rows};
 use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
 use crate::stats::Stats;
-use crate::sync::{PlannedSync, SyncReply, plan_sync};
+use crate::sync::{SyncReply, SyncTarget, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
 
 mod draft;

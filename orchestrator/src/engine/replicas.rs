@@ -174,8 +174,9 @@ impl Engine {
         let Some(planned) = planned else {
             return Ok(0);
         };
+        let target = planned.target.clone();
         let reply = planned.run(self.replicas.as_ref()).await;
-        self.finish_sync(rs, conv_id, &planned, reply).await
+        self.finish_sync(rs, conv_id, &target, reply).await
     }
 
     /// Records a sync's answer in `rs`. A session that already exists where it was to be
@@ -184,7 +185,7 @@ impl Engine {
         &self,
         rs: &mut ReplicaSession,
         conv_id: &str,
-        planned: &PlannedSync,
+        planned: &SyncTarget,
         reply: Result<SyncReply, Status>,
     ) -> Result<u64, OrchestratorError> {
         match reply {
@@ -193,7 +194,7 @@ impl Engine {
                 Ok(reply.forward_ns)
             }
             Err(s) => {
-                if planned.opens() && s.code() == Code::AlreadyExists {
+                if planned.opens && s.code() == Code::AlreadyExists {
                     close_session(
                         self.replicas.as_ref(),
                         planned.kind,
