@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::LlavaConfig;
 use crate::cpu::{CpuDecoder, LogitRows};
 use crate::error::{ModelError, Result};
+use crate::fnv::Fnv1a64;
 use crate::image::ImageProcessor;
 use crate::kv::{KvCache, PendingNode};
 use crate::llama::Decoder;
@@ -215,26 +216,26 @@ impl Llava {
         // Everything that decides a vision feature's bits: the tower's weights as loaded,
         // its configuration, the feature layers and select strategy, the preprocessing, the
         // kernels (backend) and the device they run on.
-        let vision_fingerprint =
-            format!("fnv1a64:{:016x}:{:016x}", vision_weights.fingerprint()?, {
-                let device_kind = match device {
-                    Device::Cpu => "cpu",
-                    Device::Cuda(_) => "cuda",
-                    Device::Metal(_) => "metal",
-                };
-                let described = format!(
-                    "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{device_kind}",
-                    cfg.vision,
-                    cfg.vision_feature_layers,
-                    cfg.vision_feature_select_strategy,
-                    image_processor,
-                    dtype,
-                    backend,
-                );
-                described.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-                })
-            });
+        let device_kind = match device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Metal(_) => "metal",
+        };
+        let mut h = Fnv1a64::default();
+        h.write(
+            format!(
+                "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{device_kind}",
+                cfg.vision,
+                cfg.vision_feature_layers,
+                cfg.vision_feature_select_strategy,
+                image_processor,
+                dtype,
+                backend,
+            )
+            .as_bytes(),
+        );
+        vision_weights.hash_into(&mut h)?;
+        let vision_fingerprint = format!("fnv1a64:{:016x}", h.finish());
         let projector = Projector::load(
             &w.pp(w.find_prefix(PROJECTOR_PREFIXES, "linear_1.weight")?),
             &cfg,

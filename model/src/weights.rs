@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::fnv::Fnv1a64;
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -201,18 +202,9 @@ impl Weights {
             })
     }
 
-    /// A fingerprint of every tensor under the prefix (names below it, shapes, dtypes and
-    /// values as loaded): FNV-1a, 64 bits, over the tensors in name order.
-    pub fn fingerprint(&self) -> Result<u64> {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let mut h = OFFSET;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(PRIME);
-            }
-        };
+    /// Hashes every tensor under the prefix into `h` (names below it, shapes, dtypes and
+    /// values as loaded), in name order: a fingerprint of those weights.
+    pub fn hash_into(&self, h: &mut Fnv1a64) -> Result<()> {
         let mut names: Vec<&String> = self
             .tensors
             .keys()
@@ -221,14 +213,14 @@ impl Weights {
         names.sort();
         for name in names {
             let t = &self.tensors[name];
-            eat(&name.as_bytes()[self.prefix.len()..]);
-            eat(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
+            h.write(&name.as_bytes()[self.prefix.len()..]);
+            h.write(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
             let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             for v in values {
-                eat(&v.to_bits().to_le_bytes());
+                h.write(&v.to_bits().to_le_bytes());
             }
         }
-        Ok(h)
+        Ok(())
     }
 
     /// The checkpoint directory (for messages).

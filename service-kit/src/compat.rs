@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use specllava_model::LlavaTokenizer;
+use specllava_model::{Fnv1a64, LlavaTokenizer};
 use specllava_proto::v1 as pb;
 
 /// What the orchestrator's tokenizer defines.
@@ -50,23 +50,15 @@ impl TokenizerIdentity {
 /// string in id order, so two `tokenizer.json` files that map ids to the same strings
 /// agree however they are formatted.
 pub fn tokenizer_fingerprint(tok: &LlavaTokenizer) -> String {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(PRIME);
-        }
-    };
+    let mut h = Fnv1a64::default();
     let n = tok.vocab_size() as u32;
     for id in 0..n {
         let token = tok.inner().id_to_token(id).unwrap_or_default();
-        eat(&id.to_le_bytes());
-        eat(token.as_bytes());
-        eat(&[0xff]);
+        h.write(&id.to_le_bytes());
+        h.write(token.as_bytes());
+        h.write(&[0xff]);
     }
-    format!("fnv1a64:{h:016x}:{n}")
+    format!("fnv1a64:{:016x}:{n}", h.finish())
 }
 
 /// The fingerprint of `dir/tokenizer.json`, or an empty string when there is none (or it
