@@ -79,6 +79,12 @@ impl TextStream {
         Some(keep)
     }
 
+    /// Tokens the decode window holds once `new` more are pushed: each pushed token decodes
+    /// at most this many (the work of a push is bounded by it times the tokens pushed).
+    pub fn window_after(&self, new: usize) -> usize {
+        self.ids.len() - self.prefix_offset + new
+    }
+
     /// Adds generated tokens; returns the text that can be streamed now.
     /// Tokens are taken one at a time, so the text never depends on how the
     /// tokens were grouped into steps.

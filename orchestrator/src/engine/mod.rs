@@ -200,6 +200,11 @@ const BATCH_EMA: f64 = 0.1;
 /// few steps tell how well the draft does on this image and prompt.
 const TURN_ACCEPTANCE_EMA: f64 = 0.2;
 
+/// Largest decode window (tokens) a step's text is decoded with on the async executor
+/// (~1 µs per token and window); a larger one (a long run of tokens that do not complete a
+/// character) goes to a blocking thread.
+const INLINE_DETOKENIZE_WINDOW: usize = 64;
+
 /// Steps a turn keeps the policy's choice before asking again (choosing searches every
 /// shape: ~0.1 ms, a tenth of a step on a CPU), unless the batch size changed.
 const CHOICE_STEPS: u32 = 4;
@@ -677,10 +682,17 @@ impl Engine {
         resp: &pb::VerifyResponse,
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<Flow, Interrupted> {
-        let emitted = resp.emitted.clone();
-        let delta = self
-            .detokenize(&mut turn.text, move |text, tok| text.push(tok, &emitted))
-            .await?;
+        let delta = if turn.text.window_after(resp.emitted.len()) <= INLINE_DETOKENIZE_WINDOW {
+            // A few tokens decode in microseconds: a hand-off to a blocking thread (tens of
+            // microseconds, more on a busy machine) would cost more than the work.
+            turn.text
+                .push(self.tokenizer.as_ref(), &resp.emitted)
+                .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?
+        } else {
+            let emitted = resp.emitted.clone();
+            self.detokenize(&mut turn.text, move |text, tok| text.push(tok, &emitted))
+                .await?
+        };
         // Tokens past a stop string are not part of the answer.
         let taken = &resp.emitted[..delta.consumed];
         turn.generated += taken.len() as u32;
@@ -703,8 +715,8 @@ impl Engine {
         Ok(Flow::Continue)
     }
 
-    /// Runs `f` on the turn's text stream on a blocking thread (detokenization never runs
-    /// on the async executor).
+    /// Runs `f` on the turn's text stream on a blocking thread (detokenization work that
+    /// grows with the answer never runs on the async executor).
     async fn detokenize<T: Send + 'static>(
         &self,
         text: &mut TextStream,
