@@ -50,7 +50,9 @@ async fn generate(cluster: &Cluster, req: pb::GenerateRequest) -> Result<Vec<u32
 }
 
 async fn start_cluster(collector: &Collector) -> Cluster {
-    let mut cfg = ClusterConfig::new(MODEL, MODEL);
+    // The test asserts the turn speculated: wait for the draft's set-up even when a loaded
+    // machine makes it slower than the turn.
+    let mut cfg = ClusterConfig::new(MODEL, MODEL).wait_for_draft();
     cfg.metrics = true;
     cfg.env = collector.env();
     // Spans below the filter are never created: keep the services' own at info.
