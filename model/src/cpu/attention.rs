@@ -51,13 +51,15 @@ pub(crate) fn attend(
         head_dim,
     } = shape;
     let width = heads * head_dim;
+    let group = heads / kv_heads;
+    // A job is one new row's query heads that share a KV head (they read the same rows).
     // The first job of each segment, and the total.
     let mut first_job = Vec::with_capacity(segments.len() + 1);
     let mut jobs = 0;
     let mut visible_rows = 0;
     for seg in segments {
         first_job.push(jobs);
-        jobs += seg.n * heads;
+        jobs += seg.n * kv_heads;
         visible_rows += (0..seg.n).map(|i| seg.visible.count(i)).sum::<usize>();
     }
     first_job.push(jobs);
@@ -79,14 +81,15 @@ pub(crate) fn attend(
             }
             let seg = &segments[si];
             let local = job - first_job[si];
-            let (i, h) = (local / heads, local % heads);
+            let (i, g) = (local / kv_heads, local % kv_heads);
             let row = seg.start + i;
-            let g = h / (heads / kv_heads);
-            let qh = &q[row * q_stride + h * head_dim..][..head_dim];
-            // SAFETY: each (row, head) slice of `out` is written by exactly one job.
-            let oh = unsafe { out_ptr.slice(row * width + h * head_dim, head_dim) };
-            one_head(
-                qh,
+            let first_head = g * group;
+            let qg = &q[row * q_stride + first_head * head_dim..][..group * head_dim];
+            // SAFETY: each (row, KV group) slice of `out` is written by exactly one job.
+            let og =
+                unsafe { out_ptr.slice(row * width + first_head * head_dim, group * head_dim) };
+            one_group(
+                qg,
                 &seg.kv.k,
                 &seg.kv.v,
                 kv_heads,
@@ -95,7 +98,7 @@ pub(crate) fn attend(
                 seg.visible,
                 i,
                 &mut scores,
-                oh,
+                og,
             );
         }
     };
@@ -123,9 +126,11 @@ impl OutPtr {
 }
 
 multiversion! {
-    /// One query head of one row.
+    /// The query heads of one row that share KV head `g` (`q` and `out` hold them one after
+    /// the other). Each key row is read once for all of them; every head's scores, softmax
+    /// and weighted sum are computed exactly as for that head alone.
     #[allow(clippy::too_many_arguments)]
-    fn one_head(
+    fn one_group(
         q: &[f32],
         keys: &[f32],
         values: &[f32],
@@ -139,32 +144,43 @@ multiversion! {
     ) {
         let stride = kv_heads * head_dim;
         let offset = g * head_dim;
+        let group = q.len() / head_dim;
         let scale = (head_dim as f32).powf(-0.5);
         let (prefix, extra) = visible.row(row);
+        let n = prefix + extra.len();
+        // Head h's scores are scores[h * n..][..n], in visible-row order.
         scores.clear();
+        scores.resize(group * n, 0.0);
         // Plain loops, not closures: closures are not compiled with `fast`'s target features.
-        for j in (0..prefix).chain(extra.iter().copied()) {
-            scores.push(dot_inline(q, &keys[j * stride + offset..][..head_dim]) * scale);
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
-            *s -= max;
-        }
-        exp_inline(scores);
-        let sum: f32 = scores.iter().sum();
-        // The softmax weights, divided all at once (the same bits as one at a time).
-        for s in scores.iter_mut() {
-            *s /= sum;
+        for (slot, j) in (0..prefix).chain(extra.iter().copied()).enumerate() {
+            let key = &keys[j * stride + offset..][..head_dim];
+            for h in 0..group {
+                scores[h * n + slot] = dot_inline(&q[h * head_dim..][..head_dim], key) * scale;
+            }
         }
         let rows = Visible { prefix, extra, stride, offset };
-        match head_dim {
-            32 => weighted_sum::<32>(scores, values, rows, out),
-            48 => weighted_sum::<48>(scores, values, rows, out),
-            64 => weighted_sum::<64>(scores, values, rows, out),
-            _ => {
-                out.fill(0.0);
-                for (j, &w) in rows.iter().zip(scores.iter()) {
-                    axpy_inline(w, &values[j * stride + offset..][..head_dim], out);
+        for h in 0..group {
+            let s = &mut scores[h * n..][..n];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in s.iter_mut() {
+                *x -= max;
+            }
+            exp_inline(s);
+            let sum: f32 = s.iter().sum();
+            // The softmax weights, divided all at once (the same bits as one at a time).
+            for x in s.iter_mut() {
+                *x /= sum;
+            }
+            let oh = &mut out[h * head_dim..][..head_dim];
+            match head_dim {
+                32 => weighted_sum::<32>(s, values, rows, oh),
+                48 => weighted_sum::<48>(s, values, rows, oh),
+                64 => weighted_sum::<64>(s, values, rows, oh),
+                _ => {
+                    oh.fill(0.0);
+                    for (j, &w) in rows.iter().zip(s.iter()) {
+                        axpy_inline(w, &values[j * stride + offset..][..head_dim], oh);
+                    }
                 }
             }
         }
