@@ -104,6 +104,9 @@ fn sinc(x: f64) -> f64 {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// A sum's starting value: one half in fixed point (the sum is rounded, then truncated).
+const ROUND: i64 = 1 << (PRECISION_BITS - 1);
+
 /// Per output pixel: first source index, number of taps, and fixed-point weights.
 struct Coeffs {
     ksize: usize,
@@ -178,18 +181,25 @@ fn horizontal(src: &Image8, rows: std::ops::Range<usize>, out_w: usize, c: &Coef
     let ch = src.channels;
     let out_h = rows.len();
     let mut data = vec![0u8; out_w * out_h * ch];
-    let round = 1i64 << (PRECISION_BITS - 1);
-    for (oy, y) in rows.enumerate() {
-        let row = &src.data[y * src.width * ch..(y + 1) * src.width * ch];
-        for xx in 0..out_w {
-            let (xmin, xmax) = c.bounds[xx];
-            let k = &c.weights[xx * c.ksize..xx * c.ksize + xmax];
-            for cc in 0..ch {
-                let mut ss = round;
-                for (x, &w) in k.iter().enumerate() {
-                    ss += row[(x + xmin) * ch + cc] as i64 * w as i64;
+    let row_len = src.width * ch;
+    for (out_row, y) in data.chunks_exact_mut(out_w * ch).zip(rows) {
+        let row = &src.data[y * row_len..(y + 1) * row_len];
+        match ch {
+            3 => horizontal_row::<3>(row, out_row, c),
+            4 => horizontal_row::<4>(row, out_row, c),
+            1 => horizontal_row::<1>(row, out_row, c),
+            _ => {
+                for (xx, out_px) in out_row.chunks_exact_mut(ch).enumerate() {
+                    let (xmin, xmax) = c.bounds[xx];
+                    let k = &c.weights[xx * c.ksize..][..xmax];
+                    for (cc, out) in out_px.iter_mut().enumerate() {
+                        let mut ss = ROUND;
+                        for (x, &w) in k.iter().enumerate() {
+                            ss += row[(x + xmin) * ch + cc] as i64 * w as i64;
+                        }
+                        *out = clip8(ss);
+                    }
                 }
-                data[(oy * out_w + xx) * ch + cc] = clip8(ss);
             }
         }
     }
@@ -201,25 +211,49 @@ fn horizontal(src: &Image8, rows: std::ops::Range<usize>, out_w: usize, c: &Coef
     }
 }
 
+/// One row of the horizontal pass for `CH` channels: each output sample sums its taps in
+/// source order (Pillow's order), all channels of a source pixel read together.
+#[inline]
+fn horizontal_row<const CH: usize>(row: &[u8], out_row: &mut [u8], c: &Coeffs) {
+    for (xx, out_px) in out_row.chunks_exact_mut(CH).enumerate() {
+        let (xmin, xmax) = c.bounds[xx];
+        let k = &c.weights[xx * c.ksize..][..xmax];
+        let px = &row[xmin * CH..(xmin + xmax) * CH];
+        let mut ss = [ROUND; CH];
+        for (p, &w) in px.chunks_exact(CH).zip(k) {
+            for cc in 0..CH {
+                ss[cc] += p[cc] as i64 * w as i64;
+            }
+        }
+        for cc in 0..CH {
+            out_px[cc] = clip8(ss[cc]);
+        }
+    }
+}
+
 fn vertical(src: &Image8, out_h: usize, c: &Coeffs, row_shift: usize) -> Image8 {
     let ch = src.channels;
-    let w = src.width;
-    let mut data = vec![0u8; w * out_h * ch];
-    let round = 1i64 << (PRECISION_BITS - 1);
-    for yy in 0..out_h {
+    let row_len = src.width * ch;
+    let mut data = vec![0u8; row_len * out_h];
+    let mut acc = vec![0i64; row_len];
+    for (yy, out_row) in data.chunks_exact_mut(row_len).enumerate() {
         let (ymin, ymax) = c.bounds[yy];
         let ymin = ymin - row_shift;
-        let k = &c.weights[yy * c.ksize..yy * c.ksize + ymax];
-        for xx in 0..w * ch {
-            let mut ss = round;
-            for (y, &wt) in k.iter().enumerate() {
-                ss += src.data[(y + ymin) * w * ch + xx] as i64 * wt as i64;
+        let k = &c.weights[yy * c.ksize..][..ymax];
+        // Whole source rows, taps in source order: each sample's sum is Pillow's, in its order.
+        acc.fill(ROUND);
+        for (y, &wt) in k.iter().enumerate() {
+            let src_row = &src.data[(y + ymin) * row_len..][..row_len];
+            for (a, &v) in acc.iter_mut().zip(src_row) {
+                *a += v as i64 * wt as i64;
             }
-            data[yy * w * ch + xx] = clip8(ss);
+        }
+        for (out, &a) in out_row.iter_mut().zip(&acc) {
+            *out = clip8(a);
         }
     }
     Image8 {
-        width: w,
+        width: src.width,
         height: out_h,
         channels: ch,
         data,
