@@ -7,7 +7,7 @@
 //! of its path.
 
 use super::ops::{axpy_inline, dot_inline, exp_inline, multiversion};
-use super::pool;
+use super::pool::{self, DisjointOut};
 use crate::kv::HostLayerKv;
 use crate::segment::Visibility;
 
@@ -70,7 +70,7 @@ pub(crate) fn attend(
         (4 * pool::threads()).min(jobs)
     };
     let per = jobs.div_ceil(parts.max(1));
-    let out_ptr = OutPtr(out.as_mut_ptr(), out.len());
+    let out_ptr = DisjointOut::new(out);
     let run = |part: usize| {
         let mut scores = Vec::new();
         let (lo, hi) = (part * per, ((part + 1) * per).min(jobs));
@@ -87,7 +87,7 @@ pub(crate) fn attend(
             let qg = &q[row * q_stride + first_head * head_dim..][..group * head_dim];
             // SAFETY: each (row, KV group) slice of `out` is written by exactly one job.
             let og =
-                unsafe { out_ptr.slice(row * width + first_head * head_dim, group * head_dim) };
+                unsafe { out_ptr.range(row * width + first_head * head_dim, group * head_dim) };
             one_group(
                 qg,
                 &seg.kv.k,
@@ -106,22 +106,6 @@ pub(crate) fn attend(
         run(0);
     } else {
         pool::parallel_for(parts, &run);
-    }
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32, usize);
-// SAFETY: jobs write disjoint ranges and the caller waits for all of them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// No other live reference may overlap the range.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.1, "attention output range");
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 

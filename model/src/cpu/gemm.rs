@@ -15,7 +15,7 @@
 
 use half::{bf16, f16};
 
-use super::pool;
+use super::pool::{self, DisjointOut};
 
 /// Output columns per panel (two AVX2 vectors).
 pub const PANEL: usize = 16;
@@ -160,10 +160,10 @@ impl PackedMatrix {
             (4 * pool::threads()).min(self.panels)
         };
         if parts <= 1 {
-            self.matmul_panels(kernel, x, rows, 0..self.panels, SharedOut::new(y));
+            self.matmul_panels(kernel, x, rows, 0..self.panels, DisjointOut::new(y));
             return;
         }
-        let out = SharedOut::new(y);
+        let out = DisjointOut::new(y);
         // Whole tiles per part where the panels allow (a part may be left empty).
         let group = kernel.panels_per_tile(rows);
         let per = self.panels.div_ceil(parts);
@@ -188,7 +188,7 @@ impl PackedMatrix {
         x: &[f32],
         rows: usize,
         panels: std::ops::Range<usize>,
-        y: SharedOut,
+        y: DisjointOut,
     ) {
         let group_max = kernel.panels_per_tile(rows);
         // One accumulator block for all of this call's tiles (each tile writes what it reads).
@@ -219,7 +219,7 @@ impl PackedMatrix {
         rows: usize,
         p0: usize,
         group: usize,
-        y: SharedOut,
+        y: DisjointOut,
         acc: &mut TileAcc,
     ) {
         let k = self.in_dim;
@@ -270,7 +270,7 @@ impl PackedMatrix {
             let cols = (group * PANEL).min(out - col0);
             // SAFETY: this tile is the only writer of rows r0.. x these columns (panels are
             // split between threads, rows between tiles).
-            let dst = unsafe { y.row_cols((r0 + r) * out + col0, cols) };
+            let dst = unsafe { y.range((r0 + r) * out + col0, cols) };
             match &self.bias {
                 Some(b) => {
                     for ((d, &a), &b) in dst.iter_mut().zip(acc_row).zip(&b[col0..col0 + cols]) {
@@ -393,34 +393,6 @@ fn portable_tile<W: Copy>(
                 }
             }
         }
-    }
-}
-
-/// A raw view of the output that disjoint tiles (possibly on different threads) write to.
-#[derive(Clone, Copy)]
-struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: writers touch disjoint ranges (see `row_cols`); the owner waits for all of them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn new(y: &mut [f32]) -> Self {
-        SharedOut {
-            ptr: y.as_mut_ptr(),
-            len: y.len(),
-        }
-    }
-
-    /// # Safety
-    /// No other live reference may overlap `[start, start + len)`.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row_cols(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len, "output range");
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 

@@ -86,6 +86,39 @@ pub fn parallel_for(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     pool.run(parts, f);
 }
 
+/// A mutable `f32` slice that the parts of one [`parallel_for`] write in disjoint ranges.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: parts write disjoint ranges (see `range`) and the caller of `parallel_for` waits for
+// all of them before it uses the slice again.
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    /// A view of `out` for the parts of one `parallel_for` call.
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// `out[start..start + len]`.
+    ///
+    /// # Safety
+    /// No other live reference may overlap the range, and the slice `new` was given must
+    /// outlive the returned one.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "output range");
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
 /// Frees the pool when its owner returns, even by a re-raised panic.
 struct ReleaseOnDrop<'a>(&'a AtomicBool);
 
