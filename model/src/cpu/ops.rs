@@ -6,6 +6,7 @@
 //! ([`multiversion!`]): with AVX2 + FMA where the CPU has them, and portable. Lanes are
 //! independent and every reduction has a fixed order, so both builds give identical bits.
 
+use super::pool::{self, DisjointOut};
 use crate::nn::Activation;
 
 /// Lanes of the explicit lane arrays (one AVX2 vector).
@@ -214,15 +215,62 @@ multiversion! {
     }
 }
 
+/// Columns of one gating job (a multiple of [`LANES`]).
+const GATING_BLOCK: usize = 128;
+
+/// Outputs below which the gating runs on the calling thread alone.
+const GATING_PARALLEL_MIN: usize = 8192;
+
+/// SwiGLU-style gating: for every row of `gate_up` (`[gate | up]`, `2 * width` wide),
+/// `out = act(gate) * up`. Large products (a prefill's rows) are shared out over the CPU pool
+/// in blocks of columns of a row; every element is computed alone, so the split changes no
+/// bit.
+pub fn gated_activation(gate_up: &[f32], width: usize, act: Activation, out: &mut [f32]) {
+    debug_assert_eq!(gate_up.len(), 2 * out.len());
+    if out.len() < GATING_PARALLEL_MIN || pool::threads() <= 1 {
+        for (gu, o) in gate_up
+            .chunks_exact(2 * width)
+            .zip(out.chunks_exact_mut(width))
+        {
+            gated_columns(gu, width, act, 0, o);
+        }
+        return;
+    }
+    let rows = out.len() / width;
+    let blocks = width.div_ceil(GATING_BLOCK);
+    let jobs = rows * blocks;
+    let parts = (4 * pool::threads()).min(jobs);
+    let per = jobs.div_ceil(parts);
+    let shared = DisjointOut::new(out);
+    pool::parallel_for(parts, &|part| {
+        for job in part * per..((part + 1) * per).min(jobs) {
+            let (r, b) = (job / blocks, job % blocks);
+            let c0 = b * GATING_BLOCK;
+            let cols = GATING_BLOCK.min(width - c0);
+            // SAFETY: each (row, column block) of `out` is written by exactly one job.
+            let o = unsafe { shared.range(r * width + c0, cols) };
+            gated_columns(&gate_up[r * 2 * width..][..2 * width], width, act, c0, o);
+        }
+    });
+}
+
 multiversion! {
-    /// SwiGLU-style gating: for every row of `gate_up` (`[gate | up]`, `2 * width` wide),
-    /// `out = act(gate) * up`.
-    pub fn gated_activation(gate_up: &mut [f32], width: usize, act: Activation, out: &mut [f32]) {
-        for (gu, o) in gate_up.chunks_exact_mut(2 * width).zip(out.chunks_exact_mut(width)) {
-            let (gate, up) = gu.split_at_mut(width);
-            activate(gate, act);
-            for ((o, g), u) in o.iter_mut().zip(gate.iter()).zip(up.iter()) {
-                *o = g * u;
+    /// `out[i] = act(gate[c0 + i]) * up[c0 + i]` of one row `gu = [gate | up]`
+    /// (`2 * width` wide), a block of at most [`GATING_BLOCK`] columns at a time.
+    fn gated_columns(gu: &[f32], width: usize, act: Activation, c0: usize, out: &mut [f32]) {
+        let gate = &gu[c0..c0 + out.len()];
+        let up = &gu[width + c0..width + c0 + out.len()];
+        let mut v = [0f32; GATING_BLOCK];
+        for ((o, g), u) in out
+            .chunks_mut(GATING_BLOCK)
+            .zip(gate.chunks(GATING_BLOCK))
+            .zip(up.chunks(GATING_BLOCK))
+        {
+            let v = &mut v[..g.len()];
+            v.copy_from_slice(g);
+            activate(v, act);
+            for ((o, a), u) in o.iter_mut().zip(v.iter()).zip(u) {
+                *o = a * u;
             }
         }
     }
@@ -292,6 +340,36 @@ mod tests {
         let mut edge = [f32::NEG_INFINITY, -1000.0, -87.5];
         exp_in_place(&mut edge);
         assert_eq!(edge, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn gating_gives_each_element_the_same_bits_however_it_is_split() {
+        // A width that is not a multiple of the block or of the lanes; 3 rows stay on the
+        // calling thread, 40 are shared out over the pool.
+        let width = 300;
+        for rows in [3, 40] {
+            let gate_up: Vec<f32> = (0..rows * 2 * width)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0)
+                .collect();
+            for act in [Activation::Silu, Activation::QuickGelu, Activation::Relu] {
+                let mut out = vec![f32::NAN; rows * width];
+                gated_activation(&gate_up, width, act, &mut out);
+                for r in 0..rows {
+                    // The reference: the whole row's gate activated at once, times up.
+                    let mut gate = gate_up[r * 2 * width..][..width].to_vec();
+                    activate_in_place(&mut gate, act);
+                    let up = &gate_up[r * 2 * width + width..][..width];
+                    for c in 0..width {
+                        let want = gate[c] * up[c];
+                        assert_eq!(
+                            out[r * width + c].to_bits(),
+                            want.to_bits(),
+                            "{act:?} {r} {c}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
