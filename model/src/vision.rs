@@ -12,7 +12,7 @@
 use candle_core::{D, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
-use crate::cpu::CpuClipLayer;
+use crate::cpu::{CpuClipEmbeddings, CpuClipLayer};
 use crate::error::{ModelError, Result};
 use crate::llava::Backend;
 use crate::nn::{Activation, LayerNorm, Linear};
@@ -82,7 +82,11 @@ impl ClipLayer {
 /// The encoder layers on one backend.
 enum Encoder {
     Candle(Vec<ClipLayer>),
-    Cpu(Vec<CpuClipLayer>),
+    /// The CPU backend runs the embeddings too.
+    Cpu {
+        embeddings: CpuClipEmbeddings,
+        layers: Vec<CpuClipLayer>,
+    },
 }
 
 /// CLIP vision tower truncated to the layers LLaVA's feature selection needs.
@@ -109,11 +113,12 @@ impl VisionTower {
                     .map(|i| ClipLayer::load(&layer(i), v, backend))
                     .collect::<Result<Vec<_>>>()?,
             ),
-            Backend::Cpu => Encoder::Cpu(
-                (0..needed)
+            Backend::Cpu => Encoder::Cpu {
+                embeddings: CpuClipEmbeddings::load(w, v)?,
+                layers: (0..needed)
                     .map(|i| CpuClipLayer::load(&layer(i), v))
                     .collect::<Result<Vec<_>>>()?,
-            ),
+            },
         };
         Ok(VisionTower {
             patch_embedding: w.get(
@@ -143,40 +148,43 @@ impl VisionTower {
                 v.num_channels, v.image_size, v.image_size
             )));
         }
-        let patches = pixels
-            .contiguous()?
-            .conv2d(&self.patch_embedding, 0, v.patch_size, 1, 1)?; // [B, hidden, g, g]
-        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, hidden]
-        let cls = self
-            .class_embedding
-            .reshape((1, 1, v.hidden_size))?
-            .broadcast_as((b, 1, v.hidden_size))?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?;
-        let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut x = self.pre_layrnorm.forward(&x)?;
         let layers = match &self.layers {
             Encoder::Candle(l) => l.len(),
-            Encoder::Cpu(l) => l.len(),
+            Encoder::Cpu { layers, .. } => layers.len(),
         };
         let mut states: Vec<Option<Tensor>> = vec![None; layers + 1];
-        states[0] = Some(x.clone());
         match &self.layers {
             Encoder::Candle(layers) => {
+                let patches =
+                    pixels
+                        .contiguous()?
+                        .conv2d(&self.patch_embedding, 0, v.patch_size, 1, 1)?; // [B, hidden, g, g]
+                let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, hidden]
+                let cls = self
+                    .class_embedding
+                    .reshape((1, 1, v.hidden_size))?
+                    .broadcast_as((b, 1, v.hidden_size))?;
+                let x = Tensor::cat(&[&cls, &patches], 1)?;
+                let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+                let mut x = self.pre_layrnorm.forward(&x)?;
+                states[0] = Some(x.clone());
                 for (i, layer) in layers.iter().enumerate() {
                     x = layer.forward(&x)?;
                     states[i + 1] = Some(x.clone());
                 }
             }
-            Encoder::Cpu(layers) => {
+            Encoder::Cpu { embeddings, layers } => {
                 let _hold = crate::cpu::pool::hold();
-                let shape = x.dims().to_vec();
-                let (images, seq) = (shape[0], shape[1]);
-                let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+                let shape = [b, v.num_positions(), v.hidden_size];
+                let mut rows = embeddings.forward(&pixels.flatten_all()?.to_vec1::<f32>()?);
+                let device = pixels.device();
+                if self.feature_layers.contains(&0) {
+                    states[0] = Some(Tensor::from_slice(&rows, shape.as_slice(), device)?);
+                }
                 for (i, layer) in layers.iter().enumerate() {
-                    layer.forward(&mut rows, images, seq);
+                    layer.forward(&mut rows, b, shape[1]);
                     if self.feature_layers.contains(&(i + 1)) {
-                        states[i + 1] =
-                            Some(Tensor::from_slice(&rows, shape.as_slice(), x.device())?);
+                        states[i + 1] = Some(Tensor::from_slice(&rows, shape.as_slice(), device)?);
                     }
                 }
             }

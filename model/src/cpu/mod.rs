@@ -27,7 +27,7 @@ pub mod pool;
 pub(crate) mod vision;
 
 pub(crate) use decoder::{CpuDecoder, LogitRows};
-pub(crate) use vision::CpuClipLayer;
+pub(crate) use vision::{CpuClipEmbeddings, CpuClipLayer};
 
 /// Whether SIMD kernels (AVX2 + FMA + F16C or better) are in use (decided once per process).
 pub(crate) fn simd_enabled() -> bool {

@@ -1,10 +1,12 @@
-//! The CLIP encoder layers on the CPU backend: the same computation as the candle layers in
-//! [`crate::vision`], on slices, with q/k/v packed into one weight and attention reading the
-//! image's rows in place (every patch sees every patch).
+//! The CLIP tower on the CPU backend: the same computation as the candle code in
+//! [`crate::vision`], on slices. The embeddings (patch convolution as one packed product over
+//! the image's patches, CLS, positions, `pre_layrnorm`) and the encoder layers (q/k/v packed
+//! into one weight, attention reading the image's rows in place: every patch sees every
+//! patch).
 
 use super::attention::{Heads, SegmentAttention, attend};
 use super::gemm::PackedMatrix;
-use super::load::{pack_stacked, vec_of};
+use super::load::{format_of, pack_stacked, vec_of};
 use super::ops::{activate_in_place, add_in_place, layer_norm};
 use crate::config::VisionConfig;
 use crate::error::Result;
@@ -12,6 +14,82 @@ use crate::kv::HostLayerKv;
 use crate::nn::Activation;
 use crate::segment::Visibility;
 use crate::weights::Weights;
+
+/// The tower's embeddings: `pre_layrnorm(cat(CLS, conv(pixels)) + positions)`.
+pub(crate) struct CpuClipEmbeddings {
+    /// The patch convolution's kernel as a `[hidden, channels * patch * patch]` product.
+    patch: PackedMatrix,
+    class: Vec<f32>,
+    /// `[positions, hidden]`.
+    positions: Vec<f32>,
+    pre_norm: (Vec<f32>, Vec<f32>),
+    channels: usize,
+    image_size: usize,
+    patch_size: usize,
+    grid: usize,
+    eps: f32,
+}
+
+impl CpuClipEmbeddings {
+    /// Loads from `w` positioned at the tower's prefix (`embeddings.*`, `pre_layrnorm.*`).
+    pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (c, p) = (cfg.num_channels, cfg.patch_size);
+        let name = "embeddings.patch_embedding.weight".to_string();
+        let kernel = vec_of(&w.get(&name, &[h, c, p, p])?)?;
+        Ok(Self {
+            patch: PackedMatrix::pack(&kernel, h, c * p * p, None, format_of(w, &[name])),
+            class: vec_of(&w.get("embeddings.class_embedding", &[h])?)?,
+            positions: vec_of(&w.get(
+                "embeddings.position_embedding.weight",
+                &[cfg.num_positions(), h],
+            )?)?,
+            pre_norm: norm(w, "pre_layrnorm", h)?,
+            channels: c,
+            image_size: cfg.image_size,
+            patch_size: p,
+            grid: cfg.grid(),
+            eps: cfg.layer_norm_eps as f32,
+        })
+    }
+
+    /// The embedded rows `[images * (1 + grid^2), hidden]` of `pixels` (`[images, C, H, W]`,
+    /// row-major, H = W = the configured image size).
+    pub fn forward(&self, pixels: &[f32]) -> Vec<f32> {
+        let (c, p, g) = (self.channels, self.patch_size, self.grid);
+        let side = self.image_size;
+        let images = pixels.len() / (c * side * side);
+        let h = self.class.len();
+        let seq = 1 + g * g;
+        // One row per patch, its values in the kernel's (channel, y, x) order.
+        let mut patches = Vec::with_capacity(images * g * g * c * p * p);
+        for image in pixels.chunks_exact(c * side * side) {
+            for gy in 0..g {
+                for gx in 0..g {
+                    for plane in image.chunks_exact(side * side) {
+                        for ky in 0..p {
+                            let row = (gy * p + ky) * side + gx * p;
+                            patches.extend_from_slice(&plane[row..row + p]);
+                        }
+                    }
+                }
+            }
+        }
+        let mut embedded = vec![0f32; images * g * g * h];
+        self.patch.matmul(&patches, images * g * g, &mut embedded);
+        let mut x = Vec::with_capacity(images * seq * h);
+        for image in embedded.chunks_exact(g * g * h) {
+            x.extend_from_slice(&self.class);
+            x.extend_from_slice(image);
+        }
+        for rows in x.chunks_exact_mut(seq * h) {
+            add_in_place(rows, &self.positions);
+        }
+        let mut out = vec![0f32; x.len()];
+        layer_norm(&x, &self.pre_norm.0, &self.pre_norm.1, self.eps, &mut out);
+        out
+    }
+}
 
 /// One pre-LN encoder layer.
 pub(crate) struct CpuClipLayer {
