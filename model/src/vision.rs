@@ -84,7 +84,7 @@ enum Encoder {
     Candle(Vec<ClipLayer>),
     /// The CPU backend runs the embeddings too.
     Cpu {
-        embeddings: CpuClipEmbeddings,
+        embeddings: Box<CpuClipEmbeddings>,
         layers: Vec<CpuClipLayer>,
     },
 }
@@ -114,7 +114,7 @@ impl VisionTower {
                     .collect::<Result<Vec<_>>>()?,
             ),
             Backend::Cpu => Encoder::Cpu {
-                embeddings: CpuClipEmbeddings::load(w, v)?,
+                embeddings: Box::new(CpuClipEmbeddings::load(w, v)?),
                 layers: (0..needed)
                     .map(|i| CpuClipLayer::load(&layer(i), v))
                     .collect::<Result<Vec<_>>>()?,
