@@ -2,12 +2,12 @@
 //! kept near the memory roofline for the few-row products of speculative decoding.
 //!
 //! What runs where:
-//! - **CPU device** (default): the decoder ([`CpuDecoder`]), the CLIP encoder layers
-//!   ([`vision`]) and every other [`crate::nn::Linear`] (projector) use this module: weights
-//!   packed once at load time in the
-//!   checkpoint's precision ([`gemm`]), multi-threaded products on a worker pool that polls while a forward
-//!   runs and sleeps between forwards ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention over host KV rows
-//!   ([`attention`]). The products run AVX-512F or AVX2 + FMA + F16C register tiles chosen at
+//! - **CPU device** (default): the decoder ([`CpuDecoder`]), the CLIP tower's embeddings and
+//!   encoder layers ([`vision`]) and every other [`crate::nn::Linear`] (projector) use this
+//!   module: weights packed once at load time in the checkpoint's precision ([`gemm`]),
+//!   multi-threaded products on a worker pool that polls while a forward runs and sleeps
+//!   between forwards ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention
+//!   over host KV rows ([`attention`]). The products run AVX-512F or AVX2 + FMA + F16C register tiles chosen at
 //!   run time (the element-wise kernels AVX2), with a portable fallback; all give the same
 //!   bits.
 //! - **CUDA / Metal devices**, or [`crate::Backend::Candle`] on the CPU: candle's own kernels
