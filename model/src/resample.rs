@@ -283,7 +283,7 @@ fn nearest(src: &Image8, out_w: usize, out_h: usize) -> Image8 {
 
 /// Resizes `src` to `out_w` x `out_h` exactly like Pillow's `Image.resize(size, filter)`.
 pub fn resize(src: &Image8, out_w: usize, out_h: usize, filter: Filter) -> Image8 {
-    if out_w == 0 || out_h == 0 || src.width == 0 || src.height == 0 {
+    if out_w == 0 || out_h == 0 || src.width == 0 || src.height == 0 || src.channels == 0 {
         return Image8 {
             width: out_w,
             height: out_h,

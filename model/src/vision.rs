@@ -79,9 +79,21 @@ impl ClipLayer {
     }
 }
 
-/// The encoder layers on one backend.
+/// The tower's embeddings as candle tensors: the patch convolution's kernel, CLS, the
+/// position embeddings and `pre_layrnorm`.
+struct CandleEmbeddings {
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+}
+
+/// The embeddings and encoder layers on one backend.
 enum Encoder {
-    Candle(Vec<ClipLayer>),
+    Candle {
+        embeddings: CandleEmbeddings,
+        layers: Vec<ClipLayer>,
+    },
     /// The CPU backend runs the embeddings too.
     Cpu {
         embeddings: Box<CpuClipEmbeddings>,
@@ -91,10 +103,6 @@ enum Encoder {
 
 /// CLIP vision tower truncated to the layers LLaVA's feature selection needs.
 pub struct VisionTower {
-    patch_embedding: Tensor,
-    class_embedding: Tensor,
-    position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
     layers: Encoder,
     feature_layers: Vec<usize>,
     cfg: VisionConfig,
@@ -108,11 +116,28 @@ impl VisionTower {
         let needed = feature_layers.iter().copied().max().unwrap_or(0);
         let layer = |i: usize| w.pp(&format!("encoder.layers.{i}."));
         let layers = match backend {
-            Backend::Candle => Encoder::Candle(
-                (0..needed)
+            Backend::Candle => Encoder::Candle {
+                embeddings: CandleEmbeddings {
+                    patch_embedding: w.get(
+                        "embeddings.patch_embedding.weight",
+                        &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size],
+                    )?,
+                    class_embedding: w.get("embeddings.class_embedding", &[v.hidden_size])?,
+                    position_embedding: w.get(
+                        "embeddings.position_embedding.weight",
+                        &[v.num_positions(), v.hidden_size],
+                    )?,
+                    pre_layrnorm: LayerNorm::load(
+                        w,
+                        "pre_layrnorm",
+                        v.hidden_size,
+                        v.layer_norm_eps,
+                    )?,
+                },
+                layers: (0..needed)
                     .map(|i| ClipLayer::load(&layer(i), v, backend))
                     .collect::<Result<Vec<_>>>()?,
-            ),
+            },
             Backend::Cpu => Encoder::Cpu {
                 embeddings: Box::new(CpuClipEmbeddings::load(w, v)?),
                 layers: (0..needed)
@@ -121,16 +146,6 @@ impl VisionTower {
             },
         };
         Ok(VisionTower {
-            patch_embedding: w.get(
-                "embeddings.patch_embedding.weight",
-                &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size],
-            )?,
-            class_embedding: w.get("embeddings.class_embedding", &[v.hidden_size])?,
-            position_embedding: w.get(
-                "embeddings.position_embedding.weight",
-                &[v.num_positions(), v.hidden_size],
-            )?,
-            pre_layrnorm: LayerNorm::load(w, "pre_layrnorm", v.hidden_size, v.layer_norm_eps)?,
             layers,
             feature_layers,
             cfg: v.clone(),
@@ -149,24 +164,27 @@ impl VisionTower {
             )));
         }
         let layers = match &self.layers {
-            Encoder::Candle(l) => l.len(),
+            Encoder::Candle { layers, .. } => layers.len(),
             Encoder::Cpu { layers, .. } => layers.len(),
         };
         let mut states: Vec<Option<Tensor>> = vec![None; layers + 1];
         match &self.layers {
-            Encoder::Candle(layers) => {
-                let patches =
-                    pixels
-                        .contiguous()?
-                        .conv2d(&self.patch_embedding, 0, v.patch_size, 1, 1)?; // [B, hidden, g, g]
+            Encoder::Candle { embeddings, layers } => {
+                let patches = pixels.contiguous()?.conv2d(
+                    &embeddings.patch_embedding,
+                    0,
+                    v.patch_size,
+                    1,
+                    1,
+                )?; // [B, hidden, g, g]
                 let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, hidden]
-                let cls = self
+                let cls = embeddings
                     .class_embedding
                     .reshape((1, 1, v.hidden_size))?
                     .broadcast_as((b, 1, v.hidden_size))?;
                 let x = Tensor::cat(&[&cls, &patches], 1)?;
-                let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-                let mut x = self.pre_layrnorm.forward(&x)?;
+                let x = x.broadcast_add(&embeddings.position_embedding.unsqueeze(0)?)?;
+                let mut x = embeddings.pre_layrnorm.forward(&x)?;
                 states[0] = Some(x.clone());
                 for (i, layer) in layers.iter().enumerate() {
                     x = layer.forward(&x)?;

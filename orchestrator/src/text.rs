@@ -79,10 +79,10 @@ impl TextStream {
         Some(keep)
     }
 
-    /// Tokens the decode window holds once `new` more are pushed: each pushed token decodes
-    /// at most this many (the work of a push is bounded by it times the tokens pushed).
-    pub fn window_after(&self, new: usize) -> usize {
-        self.ids.len() - self.prefix_offset + new
+    /// A bound on the tokens that pushing `new` more decodes: each pushed token decodes the
+    /// window twice, and the window holds at most what is pending plus the new tokens.
+    pub fn push_work(&self, new: usize) -> usize {
+        2 * new * (self.ids.len() - self.prefix_offset + new)
     }
 
     /// Adds generated tokens; returns the text that can be streamed now.

@@ -36,8 +36,11 @@ pub(crate) struct SegmentAttention<'a> {
 
 /// Attention of every segment's new rows. Row `i`'s query heads are
 /// `q[i * q_stride..][..heads * head_dim]` (rope applied); writes `out`
-/// `[rows, heads * head_dim]`. The (row, head) jobs of all segments are shared out over the
-/// CPU pool together, so sessions of one row each still keep both cores busy.
+/// `[rows, heads * head_dim]`. A job is one new row's query heads that share a KV head (they
+/// read the same key rows), or one head when that leaves too few jobs for the pool (a row or
+/// two under grouped-query attention); the jobs of all segments are shared out over the CPU
+/// pool together, so sessions of one row each still keep the cores busy. Each head's result
+/// is the same whichever job computes it.
 pub(crate) fn attend(
     shape: Heads,
     q: &[f32],
@@ -51,15 +54,21 @@ pub(crate) fn attend(
         head_dim,
     } = shape;
     let width = heads * head_dim;
-    let group = heads / kv_heads;
-    // A job is one new row's query heads that share a KV head (they read the same rows).
+    let rows: usize = segments.iter().map(|s| s.n).sum();
+    // Query heads per job: a KV head's group, or one head when groups are too few jobs.
+    let job_heads = if rows * kv_heads >= 4 * pool::threads() {
+        heads / kv_heads
+    } else {
+        1
+    };
+    let row_jobs = heads / job_heads;
     // The first job of each segment, and the total.
     let mut first_job = Vec::with_capacity(segments.len() + 1);
     let mut jobs = 0;
     let mut visible_rows = 0;
     for seg in segments {
         first_job.push(jobs);
-        jobs += seg.n * kv_heads;
+        jobs += seg.n * row_jobs;
         visible_rows += (0..seg.n).map(|i| seg.visible.count(i)).sum::<usize>();
     }
     first_job.push(jobs);
@@ -81,13 +90,14 @@ pub(crate) fn attend(
             }
             let seg = &segments[si];
             let local = job - first_job[si];
-            let (i, g) = (local / kv_heads, local % kv_heads);
+            let (i, j) = (local / row_jobs, local % row_jobs);
             let row = seg.start + i;
-            let first_head = g * group;
-            let qg = &q[row * q_stride + first_head * head_dim..][..group * head_dim];
-            // SAFETY: each (row, KV group) slice of `out` is written by exactly one job.
+            let first_head = j * job_heads;
+            let g = first_head / (heads / kv_heads);
+            let qg = &q[row * q_stride + first_head * head_dim..][..job_heads * head_dim];
+            // SAFETY: each (row, heads) slice of `out` is written by exactly one job.
             let og =
-                unsafe { out_ptr.range(row * width + first_head * head_dim, group * head_dim) };
+                unsafe { out_ptr.range(row * width + first_head * head_dim, job_heads * head_dim) };
             one_group(
                 qg,
                 &seg.kv.k,
@@ -110,9 +120,9 @@ pub(crate) fn attend(
 }
 
 multiversion! {
-    /// The query heads of one row that share KV head `g` (`q` and `out` hold them one after
-    /// the other). Each key row is read once for all of them; every head's scores, softmax
-    /// and weighted sum are computed exactly as for that head alone.
+    /// Query heads of one row that all read KV head `g` (`q` and `out` hold them one after the
+    /// other). Each key row is read once for all of them; every head's scores, softmax and
+    /// weighted sum are computed exactly as for that head alone.
     #[allow(clippy::too_many_arguments)]
     fn one_group(
         q: &[f32],

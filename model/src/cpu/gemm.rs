@@ -188,7 +188,7 @@ impl PackedMatrix {
         x: &[f32],
         rows: usize,
         panels: std::ops::Range<usize>,
-        y: DisjointOut,
+        y: DisjointOut<'_>,
     ) {
         let group_max = kernel.panels_per_tile(rows);
         // One accumulator block for all of this call's tiles (each tile writes what it reads).
@@ -219,7 +219,7 @@ impl PackedMatrix {
         rows: usize,
         p0: usize,
         group: usize,
-        y: DisjointOut,
+        y: DisjointOut<'_>,
         acc: &mut TileAcc,
     ) {
         let k = self.in_dim;

@@ -222,9 +222,9 @@ const GATING_BLOCK: usize = 128;
 const GATING_PARALLEL_MIN: usize = 8192;
 
 /// SwiGLU-style gating: for every row of `gate_up` (`[gate | up]`, `2 * width` wide),
-/// `out = act(gate) * up`. Large products (a prefill's rows) are shared out over the CPU pool
-/// in blocks of columns of a row; every element is computed alone, so the split changes no
-/// bit.
+/// `out = act(gate) * up`. From [`GATING_PARALLEL_MIN`] outputs (many rows, or a wide
+/// intermediate) the rows' blocks of columns are shared out over the CPU pool; every element
+/// is computed alone, so the split changes no bit.
 pub fn gated_activation(gate_up: &[f32], width: usize, act: Activation, out: &mut [f32]) {
     debug_assert_eq!(gate_up.len(), 2 * out.len());
     if out.len() < GATING_PARALLEL_MIN || pool::threads() <= 1 {

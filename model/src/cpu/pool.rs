@@ -86,35 +86,41 @@ pub fn parallel_for(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     pool.run(parts, f);
 }
 
-/// A mutable `f32` slice that the parts of one [`parallel_for`] write in disjoint ranges.
+/// A mutable `f32` slice that the parts of one [`parallel_for`] write in disjoint ranges. It
+/// borrows the slice for `'a`, so the slice can be neither read nor outlived while parts may
+/// write it.
 #[derive(Clone, Copy)]
-pub(crate) struct DisjointOut {
+pub(crate) struct DisjointOut<'a> {
     ptr: *mut f32,
     len: usize,
+    _slice: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: parts write disjoint ranges (see `range`) and the caller of `parallel_for` waits for
-// all of them before it uses the slice again.
-unsafe impl Send for DisjointOut {}
-unsafe impl Sync for DisjointOut {}
+// all of them before the borrow ends.
+unsafe impl Send for DisjointOut<'_> {}
+unsafe impl Sync for DisjointOut<'_> {}
 
-impl DisjointOut {
+impl<'a> DisjointOut<'a> {
     /// A view of `out` for the parts of one `parallel_for` call.
-    pub(crate) fn new(out: &mut [f32]) -> Self {
+    pub(crate) fn new(out: &'a mut [f32]) -> Self {
         Self {
             ptr: out.as_mut_ptr(),
             len: out.len(),
+            _slice: std::marker::PhantomData,
         }
     }
 
     /// `out[start..start + len]`.
     ///
     /// # Safety
-    /// No other live reference may overlap the range, and the slice `new` was given must
-    /// outlive the returned one.
+    /// No other live reference may overlap the range.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len, "output range");
+    pub(crate) unsafe fn range(&self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "output range"
+        );
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }

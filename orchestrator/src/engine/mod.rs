@@ -200,10 +200,11 @@ const BATCH_EMA: f64 = 0.1;
 /// few steps tell how well the draft does on this image and prompt.
 const TURN_ACCEPTANCE_EMA: f64 = 0.2;
 
-/// Largest decode window (tokens) a step's text is decoded with on the async executor
-/// (~1 µs per token and window); a larger one (a long run of tokens that do not complete a
-/// character) goes to a blocking thread.
-const INLINE_DETOKENIZE_WINDOW: usize = 64;
+/// Most tokens a step's detokenization may decode on the async executor (see
+/// `TextStream::push_work`; a decode takes well under a microsecond per token, so this is tens
+/// of microseconds at most); more (a deep tree accepted whole, or a long run of tokens that
+/// do not complete a character) goes to a blocking thread.
+const INLINE_DETOKENIZE_WORK: usize = 256;
 
 /// Steps a turn keeps the policy's choice before asking again (choosing searches every
 /// shape: ~0.1 ms, a tenth of a step on a CPU), unless the batch size changed.
@@ -682,12 +683,17 @@ impl Engine {
         resp: &pb::VerifyResponse,
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<Flow, Interrupted> {
-        let delta = if turn.text.window_after(resp.emitted.len()) <= INLINE_DETOKENIZE_WINDOW {
+        let delta = if turn.text.push_work(resp.emitted.len()) <= INLINE_DETOKENIZE_WORK {
             // A few tokens decode in microseconds: a hand-off to a blocking thread (tens of
-            // microseconds, more on a busy machine) would cost more than the work.
-            turn.text
-                .push(self.tokenizer.as_ref(), &resp.emitted)
-                .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?
+            // microseconds, more on a busy machine) would cost more than the work. A panic in
+            // the tokenizer fails the turn, as on the blocking pool.
+            let tok = self.tokenizer.as_ref();
+            let text = &mut turn.text;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                text.push(tok, &resp.emitted)
+            }))
+            .unwrap_or_else(|_| Err("detokenization panicked".to_owned()))
+            .map_err(|e| Interrupted::Failed(OrchestratorError::Internal(e)))?
         } else {
             let emitted = resp.emitted.clone();
             self.detokenize(&mut turn.text, move |text, tok| text.push(tok, &emitted))
