@@ -322,27 +322,13 @@ impl Engine {
             // Not drafting this step: no round trip to the draft (it catches up next time).
             return root_only;
         }
-        let d = conv
-            .draft
-            .as_mut()
-            .expect("a draft stream implies a draft session");
         // The policy's turns: a clean sample of this step's draft-ahead arm.
         let ahead_sample = self
             .ahead_arm(turn)
             .and_then(|(on, sample)| sample.then_some(on));
-        let req = pb::SpeculateRequest {
-            session_id: conv.id.clone(),
-            new_tokens: conv.history[d.synced..].to_vec(),
-            accepted_path: std::mem::take(&mut turn.last_path),
-            params: Some(draft_params_to_proto(&p)),
-            // Draft-ahead runs as pipelined pre-drafts ([`Engine::ask_pre_draft`]), asked for
-            // right after this answer when the turn's guesses hit: none in spare time.
-            draft_ahead: false,
-            answer_ahead: false,
-        };
+        let req = speculate_request(conv, &mut turn.last_path, &p, false);
         let stream = turn.draft.as_mut().expect("checked above");
         let t0 = Instant::now();
-        d.synced = conv.history.len();
         // The request and its tree under one deadline: a stuck draft holds up one step.
         let got = tokio::time::timeout(self.cfg.draft_timeout, async {
             match stream.requests.send(req).await {
@@ -596,5 +582,32 @@ impl Engine {
             }
         };
         choose_params(&self.cfg.plan, turn.spec, &params, step)
+    }
+}
+
+/// The next request on the turn's speculate stream: the history the draft session has not
+/// seen yet (which it now has), the last verified path and the shape wanted; with
+/// `answer_ahead`, the pre-draft after the tree being verified instead of the tree for the
+/// root. Draft-ahead otherwise runs only as such pipelined pre-drafts, never in the draft's
+/// spare time.
+pub(super) fn speculate_request(
+    conv: &mut Conversation,
+    last_path: &mut Vec<u32>,
+    params: &DraftParams,
+    answer_ahead: bool,
+) -> pb::SpeculateRequest {
+    let d = conv
+        .draft
+        .as_mut()
+        .expect("a draft stream implies a draft session");
+    let new_tokens = conv.history[d.synced..].to_vec();
+    d.synced = conv.history.len();
+    pb::SpeculateRequest {
+        session_id: conv.id.clone(),
+        new_tokens,
+        accepted_path: std::mem::take(last_path),
+        params: Some(draft_params_to_proto(params)),
+        draft_ahead: false,
+        answer_ahead,
     }
 }

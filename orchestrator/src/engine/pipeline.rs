@@ -85,18 +85,11 @@ impl Engine {
         if params.depth == 0 || params.budget == 0 {
             return None;
         }
-        let (Some(d), Some(stream)) = (conv.draft.as_mut(), turn.draft.as_mut()) else {
+        if conv.draft.is_none() || turn.draft.is_none() {
             return None;
-        };
-        let req = pb::SpeculateRequest {
-            session_id: conv.id.clone(),
-            new_tokens: conv.history[d.synced..].to_vec(),
-            accepted_path: std::mem::take(&mut turn.last_path),
-            params: Some(draft_params_to_proto(&params)),
-            draft_ahead: false,
-            answer_ahead: true,
-        };
-        d.synced = conv.history.len();
+        }
+        let req = draft::speculate_request(conv, &mut turn.last_path, &params, true);
+        let stream = turn.draft.as_mut().expect("checked above");
         match tokio::time::timeout(self.cfg.draft_timeout, stream.requests.send(req)).await {
             Ok(Ok(())) => Some(params),
             _ => {
