@@ -4,8 +4,9 @@
 //! features, no session).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+use tokio::sync::Semaphore;
 
 use specllava_model::{ImageLimits, Llava};
 use specllava_proto::v1 as pb;
@@ -25,9 +26,9 @@ pub struct SessionRpc<B: SessionBackend> {
     image: ImageLimits,
     max_context: usize,
     /// One `EncodeImages` runs the vision tower at a time.
-    encoding: Arc<tokio::sync::Semaphore>,
-    /// `EncodeImages` calls admitted (running or waiting).
-    encodes: Arc<AtomicUsize>,
+    encoding: Arc<Semaphore>,
+    /// `EncodeImages` calls admitted (running or waiting): one permit each.
+    encodes: Arc<Semaphore>,
 }
 
 impl<B: SessionBackend> SessionRpc<B> {
@@ -44,8 +45,8 @@ impl<B: SessionBackend> SessionRpc<B> {
             worker,
             image,
             max_context,
-            encoding: Arc::new(tokio::sync::Semaphore::new(1)),
-            encodes: Arc::new(AtomicUsize::new(0)),
+            encoding: Arc::new(Semaphore::new(1)),
+            encodes: Arc::new(Semaphore::new(MAX_WAITING_ENCODES + 1)),
         }
     }
 
@@ -138,12 +139,13 @@ impl<B: SessionBackend> SessionRpc<B> {
             ))
             .into());
         }
-        let admitted = Admitted::new(&self.encodes, MAX_WAITING_ENCODES + 1).ok_or(
-            WorkerError::QueueFull {
+        let _admitted = self
+            .encodes
+            .try_acquire()
+            .map_err(|_| WorkerError::QueueFull {
                 role: "vision encoder",
                 capacity: MAX_WAITING_ENCODES + 1,
-            },
-        )?;
+            })?;
         let _running = self
             .encoding
             .acquire()
@@ -164,7 +166,6 @@ impl<B: SessionBackend> SessionRpc<B> {
         .await
         .map_err(|e| WorkerError::Model(format!("vision tower task failed: {e}")))?
         .map_err(|e| WorkerError::Model(format!("vision tower: {e}")))?;
-        drop(admitted);
         Ok(pb::EncodeImagesResponse {
             features,
             vision_fingerprint: self.model.vision_fingerprint().to_owned(),
@@ -235,25 +236,4 @@ macro_rules! model_service {
             $($rest)*
         }
     };
-}
-
-/// One admitted call of a bounded count (released on drop).
-struct Admitted<'a>(&'a AtomicUsize);
-
-impl<'a> Admitted<'a> {
-    /// Admits a call while fewer than `max` are.
-    fn new(count: &'a AtomicUsize, max: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(count))
-    }
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
