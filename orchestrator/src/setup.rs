@@ -1,7 +1,9 @@
 //! A draft session's set-up, run as a task of its own while the target prefills: the sync
 //! call (open or append) and then, when the turn drafts, the speculate stream and (when its
 //! verification is cheap enough) the turn's first tree. Neither the stream's opening nor a
-//! draft round trip then stands between the target's prefill and the first token.
+//! draft round trip then stands between the target's prefill and the first token. A set-up
+//! that finishes after the target's first steps still serves: its first tree, below the
+//! tokens the target emitted meanwhile ([`FirstTree::after`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +66,74 @@ pub struct FirstTree {
     pub history_len: usize,
     /// Opening the stream, asking and receiving (overlapped with the target's prefill).
     pub rtt_ns: u64,
+}
+
+/// The part of a first tree that serves after the target emitted some of its tokens (in
+/// target-only steps while the draft set up): the subtree below the node those tokens lead
+/// to, re-rooted there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subtree {
+    /// The subtree (its root is the node the emitted tokens lead to).
+    pub tree: pb::TokenTree,
+    /// For each of its nodes, the node of the first tree it is.
+    pub nodes: Vec<u32>,
+    /// The first tree's nodes from its root down to the subtree's root, that excluded:
+    /// what the draft, which drafted the whole tree, hears as accepted before the
+    /// subtree's accepted path.
+    pub path_above: Vec<u32>,
+    /// Levels below the subtree's root.
+    pub depth: usize,
+}
+
+impl FirstTree {
+    /// The tree for a history that holds `emitted` after the one it was drafted for: the
+    /// subtree below the node the emitted tokens lead to, when every one of them is a
+    /// drafted node (the whole tree when none are); `None` when one of them is not or
+    /// the tree is malformed.
+    pub fn after(&self, emitted: &[u32]) -> Option<Subtree> {
+        let tree = self.answer.tree.as_ref()?;
+        let n = tree.tokens.len();
+        if tree.parents.len() != n || tree.scores.len() != n || n == 0 {
+            return None;
+        }
+        let parent = |i: usize| usize::try_from(tree.parents[i]).ok();
+        let mut path = vec![0usize];
+        for &token in emitted {
+            let at = *path.last().expect("never empty");
+            let child = (at + 1..n).find(|&c| parent(c) == Some(at) && tree.tokens[c] == token)?;
+            path.push(child);
+        }
+        let top = *path.last().expect("never empty");
+        // Parents precede their children: one pass keeps the nodes below `top`.
+        let mut index = vec![None::<usize>; n];
+        let mut level = vec![0usize; n];
+        let mut sub = pb::TokenTree::default();
+        let mut nodes = Vec::new();
+        for i in top..n {
+            let under = if i == top {
+                None
+            } else {
+                match parent(i).and_then(|p| index.get(p).copied().flatten()) {
+                    Some(p) => Some(p),
+                    None => continue,
+                }
+            };
+            index[i] = Some(nodes.len());
+            level[nodes.len()] = under.map_or(0, |p| level[p] + 1);
+            sub.tokens.push(tree.tokens[i]);
+            sub.parents.push(under.map_or(-1, |p| p as i32));
+            sub.scores.push(tree.scores[i]);
+            nodes.push(i as u32);
+        }
+        let depth = level[..nodes.len()].iter().copied().max().unwrap_or(0);
+        path.pop();
+        Some(Subtree {
+            tree: sub,
+            nodes,
+            path_above: path.into_iter().map(|i| i as u32).collect(),
+            depth,
+        })
+    }
 }
 
 /// What a finished set-up hands the turn.
@@ -154,4 +224,57 @@ async fn open_early(
     })
     .await;
     got.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// root 10 -> {11 -> {13, 14 -> 15}, 12}
+    fn first() -> FirstTree {
+        FirstTree {
+            answer: pb::DraftTree {
+                tree: Some(pb::TokenTree {
+                    tokens: vec![10, 11, 12, 13, 14, 15],
+                    parents: vec![-1, 0, 0, 1, 1, 4],
+                    scores: vec![0.0, -0.1, -0.2, -0.3, -0.4, -0.5],
+                }),
+                ..Default::default()
+            },
+            params: DraftParams::dynamic(3, 2, 5),
+            root: 10,
+            history_len: 4,
+            rtt_ns: 0,
+        }
+    }
+
+    #[test]
+    fn nothing_emitted_keeps_the_whole_tree() {
+        let sub = first().after(&[]).unwrap();
+        assert_eq!(sub.tree, first().answer.tree.unwrap());
+        assert_eq!(sub.nodes, [0, 1, 2, 3, 4, 5]);
+        assert!(sub.path_above.is_empty());
+        assert_eq!(sub.depth, 3);
+    }
+
+    #[test]
+    fn emitted_tokens_lead_to_the_subtree_below_them() {
+        let sub = first().after(&[11]).unwrap();
+        assert_eq!(sub.tree.tokens, [11, 13, 14, 15]);
+        assert_eq!(sub.tree.parents, [-1, 0, 0, 2]);
+        assert_eq!(sub.tree.scores, [-0.1, -0.3, -0.4, -0.5]);
+        assert_eq!(sub.nodes, [1, 3, 4, 5]);
+        assert_eq!(sub.path_above, [0]);
+        assert_eq!(sub.depth, 2);
+        let leaf = first().after(&[11, 14, 15]).unwrap();
+        assert_eq!(leaf.tree.tokens, [15]);
+        assert_eq!(leaf.path_above, [0, 1, 4]);
+        assert_eq!(leaf.depth, 0);
+    }
+
+    #[test]
+    fn a_token_the_draft_did_not_propose_leaves_nothing() {
+        assert_eq!(first().after(&[12, 13]), None);
+        assert_eq!(first().after(&[99]), None);
+    }
 }

@@ -66,6 +66,10 @@ struct Faults {
     draft_vocab: Option<u32>,
     /// Target sessions take this long to open (a slow prefill).
     target_open_delay: Option<std::time::Duration>,
+    /// Draft sessions take this long to open.
+    draft_open_delay: Option<std::time::Duration>,
+    /// Every verify takes this long.
+    verify_delay: Option<std::time::Duration>,
 }
 
 /// In-process draft and target replicas: sessions are token histories.
@@ -75,6 +79,8 @@ struct Fake {
     drafts: Arc<Mutex<HashMap<String, Vec<u32>>>>,
     faults: Mutex<Faults>,
     calls: Arc<Mutex<Vec<String>>>,
+    /// The accepted paths the draft heard (those not empty).
+    draft_paths: Arc<Mutex<Vec<Vec<u32>>>>,
 }
 
 impl Fake {
@@ -107,8 +113,14 @@ impl ReplicaApi for Fake {
         req: pb::OpenSessionRequest,
     ) -> Result<pb::OpenSessionResponse, Status> {
         self.hang_if_stuck(r).await;
-        let delay = self.faults.lock().unwrap().target_open_delay;
-        if let (ReplicaKind::Target, Some(delay)) = (kind, delay) {
+        let delay = {
+            let f = self.faults.lock().unwrap();
+            match kind {
+                ReplicaKind::Target => f.target_open_delay,
+                ReplicaKind::Draft => f.draft_open_delay,
+            }
+        };
+        if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
         self.log(format!("open {kind} {}", r.addr));
@@ -200,6 +212,10 @@ impl ReplicaApi for Fake {
         req: pb::VerifyRequest,
     ) -> Result<pb::VerifyResponse, Status> {
         self.hang_if_stuck(r).await;
+        let delay = self.faults.lock().unwrap().verify_delay;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         if let Some(code) = self.faults.lock().unwrap().verify_once.remove(&r.addr) {
             self.log(format!("verify fails {code:?}"));
             // The session is gone (evicted, or the replica restarted).
@@ -287,6 +303,7 @@ impl ReplicaApi for Fake {
     ) -> Result<TreeStream, Status> {
         let drafts = Arc::clone(&self.drafts);
         let calls = Arc::clone(&self.calls);
+        let paths = Arc::clone(&self.draft_paths);
         let fails_at = self.faults.lock().unwrap().draft_fails_at;
         let mut step = 0;
         let trees = ReceiverStream::new(requests).map(move |req| {
@@ -299,6 +316,9 @@ impl ReplicaApi for Fake {
                 .get_mut(&req.session_id)
                 .ok_or_else(|| Status::not_found("no draft session"))?;
             history.extend(&req.new_tokens);
+            if !req.accepted_path.is_empty() {
+                paths.lock().unwrap().push(req.accepted_path.clone());
+            }
             let depth = req.params.unwrap_or_default().depth as usize;
             let mut tokens = vec![*history.last().unwrap()];
             for i in 0..depth {
@@ -358,8 +378,18 @@ async fn run(
     engine: &Engine,
     mode: Option<TreeMode>,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
+    run_after(engine, vec![1, 10, 11, 12], mode).await
+}
+
+/// [`run`] after the prompt `history`.
+async fn run_after(
+    engine: &Engine,
+    history: Vec<u32>,
+    mode: Option<TreeMode>,
+) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
     let mut conv = Conversation::new("s1".into(), Vec::new());
-    conv.history = vec![1, 10, 11, 12];
+    let prompt_len = history.len();
+    conv.history = history;
     let params = GenParams {
         max_new_tokens: 24,
         sampling: SamplingParams::greedy(),
@@ -374,7 +404,9 @@ async fn run(
         draft_ahead: true,
     };
     let (tx, mut rx) = mpsc::channel(256);
-    engine.generate(&mut conv, 4, &params, &spec, &tx).await?;
+    engine
+        .generate(&mut conv, prompt_len as u32, &params, &spec, &tx)
+        .await?;
     drop(tx);
     let (mut tokens, mut summary) = (Vec::new(), None);
     while let Some(msg) = rx.recv().await {
@@ -384,7 +416,7 @@ async fn run(
         }
     }
     assert_eq!(
-        conv.history[4..],
+        conv.history[prompt_len..],
         tokens[..],
         "the history holds the answer"
     );
@@ -399,7 +431,12 @@ fn fail_verify_once(fake: &Fake, addr: &str, code: Code) {
 
 /// What target-only decoding emits.
 fn expected() -> Vec<u32> {
-    let mut t = 12;
+    expected_after(12)
+}
+
+/// What target-only decoding emits after `root`.
+fn expected_after(root: u32) -> Vec<u32> {
+    let mut t = root;
     (0..24)
         .map(|_| {
             t = target_next(t);
@@ -699,4 +736,59 @@ async fn a_first_tree_too_costly_to_verify_is_not_drafted() {
             .any(|c| c.starts_with("draft tree")),
         "nothing drafted during the prefill: {calls:?}"
     );
+}
+
+/// A first tree drafted while target-only steps ran (the draft set up late) still serves:
+/// the subtree below the tokens the target emitted meanwhile is verified without a draft
+/// round trip, and the draft hears the accepted path as a path of the tree it drafted.
+#[tokio::test(start_paused = true)]
+async fn a_late_first_tree_serves_below_the_tokens_emitted_meanwhile() {
+    let fake = Arc::new(Fake::default());
+    let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+    // The target's limits, which shape the first tree, are known from the turn before.
+    run(&e, None).await.ok().unwrap();
+    {
+        let mut f = fake.faults.lock().unwrap();
+        f.draft_open_delay = Some(std::time::Duration::from_micros(1500));
+        f.verify_delay = Some(std::time::Duration::from_millis(1));
+    }
+    fake.calls.lock().unwrap().clear();
+    // After 10 the draft guesses what the target emits: 35, 38, 16, 34.
+    let (tokens, _) = run_after(&e, vec![1, 10], Some(TreeMode::Chain))
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(tokens, expected_after(10));
+    assert_eq!(tokens[..4], [35, 38, 16, 34]);
+    let calls = fake.calls_settled().await;
+    let third = calls
+        .iter()
+        .filter(|c| c.starts_with("verify"))
+        .nth(2)
+        .and_then(|v| calls.iter().position(|c| std::ptr::eq(c, v)))
+        .unwrap();
+    let steps: Vec<&str> = calls[..=third]
+        .iter()
+        .filter(|c| c.starts_with("verify") || c.starts_with("draft tree"))
+        .map(String::as_str)
+        .collect();
+    // Two target-only steps while the draft opened (and drafted its first tree), then
+    // the first tree below 35, 38: no draft round trip of its own.
+    steps
+        .iter()
+        .filter(|c| c.starts_with("draft tree"))
+        .for_each(|c| assert_eq!(*c, "draft tree 5 nodes"));
+    let verifies: Vec<&str> = steps
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("verify"))
+        .collect();
+    assert_eq!(
+        verifies,
+        ["verify 1 nodes", "verify 1 nodes", "verify 3 nodes"]
+    );
+    assert_eq!(steps.len(), 4, "one tree drafted: {steps:?}");
+    // The subtree's path 38 -> 16 -> 34, heard as the first tree's root -> 35 -> 38 -> ...
+    let paths = fake.draft_paths.lock().unwrap().clone();
+    assert_eq!(paths.first(), Some(&vec![0, 1, 2, 3, 4]), "{paths:?}");
 }

@@ -305,6 +305,7 @@ impl Engine {
             params: DraftParams::none(),
             ahead_sample: None,
             pipelined: None,
+            below: None,
         };
         if turn.draft.is_none() {
             self.join_draft(conv, turn, false).await;
@@ -356,6 +357,7 @@ impl Engine {
                     params: p,
                     ahead_sample,
                     pipelined: None,
+                    below: None,
                 }
             }
             other => {
@@ -367,9 +369,11 @@ impl Engine {
         }
     }
 
-    /// The first tree the draft's set-up drafted, as this step's tree: when it is still for
-    /// the history's root (no target-only step came first) and fits the context left and the
-    /// target's limits. Drafted while the target prefilled, it costs the step no round trip.
+    /// The first tree the draft's set-up drafted, as this step's tree: when the history
+    /// has gone on from its root only with tokens it drafted (when target-only steps came
+    /// first while the draft set up: then the subtree below them), and it fits the context
+    /// left and the target's limits. Drafted while the target prefilled (or decoded), it
+    /// costs the step no round trip.
     pub(super) fn first_proposal(
         &self,
         turn: &mut Turn<'_>,
@@ -377,39 +381,52 @@ impl Engine {
         history: &[u32],
         room: usize,
     ) -> Option<Proposal> {
-        let tree = first.answer.tree.as_ref()?;
-        let fits = history.last() == Some(&first.root)
-            && history.len() == first.history_len
-            && first.params.depth < room
-            && tree.tokens.len() <= turn.tree_limits.max_nodes
-            && first.params.depth <= turn.tree_limits.max_depth;
+        let emitted = history.get(first.history_len..)?;
+        let drafted_for_root =
+            first.history_len > 0 && history.get(first.history_len - 1) == Some(&first.root);
+        let sub = first.after(emitted).filter(|_| drafted_for_root);
+        let fits = sub.as_ref().is_some_and(|sub| {
+            sub.tree.tokens.len() > 1
+                && sub.depth < room
+                && sub.tree.tokens.len() <= turn.tree_limits.max_nodes
+                && sub.depth <= turn.tree_limits.max_depth
+        });
         tracing::debug!(
             fits,
-            nodes = tree.tokens.len(),
+            emitted = emitted.len(),
+            nodes = sub.as_ref().map_or(0, |s| s.tree.tokens.len()),
             rtt_us = first.rtt_ns / 1000,
             "first tree from the draft's set-up"
         );
-        if !fits {
-            // The draft drops its rows when the next request reports the history.
-            return None;
-        }
-        // Drafted while the target prefilled: no draft time of the step's own, and a draft
-        // time that shared the machine with the prefill is no measure of a step's.
+        // One that does not serve: the draft drops its rows when the next request reports
+        // the history.
+        let sub = sub.filter(|_| fits)?;
+        // Drafted next to the prefill: no draft time of the step's own, and a draft time
+        // that shared the machine with it is no measure of a step's.
         specllava_telemetry::metrics()
             .drafted_nodes_per_step
             .observe(f64::from(first.answer.drafted_nodes));
         let ahead_sample = self
             .ahead_arm(turn)
             .and_then(|(on, sample)| sample.then_some(on));
-        let tree = first.answer.tree?;
+        let params = DraftParams {
+            depth: sub.depth,
+            budget: sub.tree.tokens.len() - 1,
+            ..first.params
+        };
+        let below = (!emitted.is_empty()).then_some(Below {
+            nodes: sub.nodes,
+            path_above: sub.path_above,
+        });
         Some(Proposal {
-            drafted: tree.tokens.len() > 1,
-            tree,
+            tree: sub.tree,
+            drafted: true,
             draft_overhead_ns: None,
             draft_rtt_ns: 0,
-            params: first.params,
+            params,
             ahead_sample,
             pipelined: None,
+            below,
         })
     }
 

@@ -311,6 +311,29 @@ struct Proposal {
     /// A pre-draft made while the previous tree was verified (no draft round trip): the
     /// draft's time on it.
     pipelined: Option<u64>,
+    /// A subtree of the first tree (the target emitted some of its tokens first): where
+    /// its nodes sit in the tree the draft drafted.
+    below: Option<Below>,
+}
+
+/// Where a subtree's nodes sit in the tree the draft drafted (see [`crate::setup::Subtree`]).
+struct Below {
+    nodes: Vec<u32>,
+    path_above: Vec<u32>,
+}
+
+impl Below {
+    /// A path of the subtree as the path of the drafted tree (empty if it is not one).
+    fn drafted_path(&self, path: &[u32]) -> Vec<u32> {
+        let mapped = path.iter().map(|&i| self.nodes.get(i as usize).copied());
+        self.path_above
+            .iter()
+            .copied()
+            .map(Some)
+            .chain(mapped)
+            .collect::<Option<Vec<u32>>>()
+            .unwrap_or_default()
+    }
 }
 
 /// What the target answered for a proposal.
@@ -658,7 +681,11 @@ impl Engine {
                 seen + BATCH_EMA * (f64::from(batch) - seen)
             };
             self.drafted_batch.store(ema.to_bits(), Ordering::Relaxed);
-            turn.last_path = resp.accepted_path.clone();
+            // The draft hears the path in the tree it drafted.
+            turn.last_path = match &proposal.below {
+                Some(below) => below.drafted_path(&resp.accepted_path),
+                None => resp.accepted_path.clone(),
+            };
             if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
                 let outcome = verify_outcome_from_proto(resp);
                 if let Some(a) = turn.acceptance.as_mut() {

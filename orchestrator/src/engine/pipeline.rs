@@ -55,6 +55,7 @@ impl Engine {
             params: pre.params,
             ahead_sample,
             pipelined: Some(pre.draft_ns),
+            below: None,
         })
     }
 
@@ -74,7 +75,13 @@ impl Engine {
             && (proposal.pipelined.is_some() || turn.ahead.on || !turn.spec.is_adaptive());
         // After a hit the draft hears the outcome this way; otherwise only while the turn's
         // pre-drafts hit often enough.
-        if !proposal.drafted || !on || (proposal.pipelined.is_none() && !turn.pipeline.ask()) {
+        // A subtree of a tree the draft drafted earlier is not the tree it would pre-draft
+        // after.
+        if !proposal.drafted
+            || !on
+            || proposal.below.is_some()
+            || (proposal.pipelined.is_none() && !turn.pipeline.ask())
+        {
             return None;
         }
         // The pre-draft is the next step's tree: shaped as that step would be, within the
