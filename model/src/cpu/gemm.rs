@@ -20,8 +20,9 @@ use super::pool::{self, DisjointOut};
 /// Output columns per panel (two AVX2 vectors).
 pub const PANEL: usize = 16;
 
-/// Largest number of rows one register tile holds.
-const MAX_TILE_ROWS: usize = 6;
+/// Largest number of rows one register tile holds (AVX-512, for products of up to that many
+/// rows; see [`Kernel::tiling`]).
+const MAX_TILE_ROWS: usize = 8;
 
 /// Largest number of panels one register tile holds.
 const MAX_TILE_PANELS: usize = 8;
@@ -165,7 +166,7 @@ impl PackedMatrix {
         }
         let out = DisjointOut::new(y);
         // Whole tiles per part where the panels allow (a part may be left empty).
-        let group = kernel.panels_per_tile(rows);
+        let (_, group) = kernel.tiling(rows);
         let per = self.panels.div_ceil(parts);
         let per = if per >= group {
             per.next_multiple_of(group)
@@ -190,12 +191,9 @@ impl PackedMatrix {
         panels: std::ops::Range<usize>,
         y: DisjointOut<'_>,
     ) {
-        let group_max = kernel.panels_per_tile(rows);
+        let (tiles, group_max) = kernel.tiling(rows);
         // One accumulator block for all of this call's tiles (each tile writes what it reads).
         let mut acc: TileAcc = [[0f32; PANEL * MAX_TILE_PANELS]; MAX_TILE_ROWS];
-        // Rows split into tiles of near-equal height (16 rows: 6 + 5 + 5, not 6 + 6 + 4), so no
-        // tile is left with too few accumulators to hide the FMA latency.
-        let tiles = rows.div_ceil(MAX_TILE_ROWS);
         let mut p = panels.start;
         while p < panels.end {
             let group = group_max.min(panels.end - p);
@@ -338,13 +336,30 @@ impl Kernel {
         }
     }
 
+    /// How a product of `rows` rows is tiled: the number of register tiles its rows split
+    /// into (of near-equal height, 16 rows as 6 + 5 + 5, not 6 + 6 + 4, so no tile is left
+    /// with too few accumulators to hide the FMA latency) and the panels each tile holds
+    /// (16 vector registers with AVX2, 32 with AVX-512). Each tile streams every weight
+    /// once: the fewer the tiles, the fewer times a weight is loaded and widened.
+    fn tiling(self, rows: usize) -> (usize, usize) {
+        let tiles = match self {
+            // Up to 8 rows in one tile of 2 panels: each weight widened once for all rows.
+            Kernel::Avx512 if rows <= MAX_TILE_ROWS => 1,
+            // More in tiles of up to 6 rows and 4 panels (tiles of 8 rows and 2 panels
+            // measured slower from 16 rows on: fewer accumulators per broadcast).
+            _ => rows.div_ceil(6).max(1),
+        };
+        (tiles, self.panels_per_tile(rows.div_ceil(tiles)))
+    }
+
     /// Panels per register tile of `rows` rows: few rows leave registers for several panels
     /// at once, which keeps enough independent accumulators in flight to hide the FMA
-    /// latency (16 vector registers with AVX2, 32 with AVX-512).
+    /// latency.
     fn panels_per_tile(self, rows: usize) -> usize {
         match (self, rows) {
             (Kernel::Avx512, 1) => 8,
-            (Kernel::Avx512, _) => 4,
+            (Kernel::Avx512, 2..=6) => 4,
+            (Kernel::Avx512, _) => 2,
             (_, 1) => 4,
             (_, 2 | 3) => 2,
             _ => 1,
@@ -618,6 +633,12 @@ mod avx512 {
                 (6, 2) => tile_rp::<W, 6, 2>(x, k, w, span, acc),
                 (6, 3) => tile_rp::<W, 6, 3>(x, k, w, span, acc),
                 (6, 4) => tile_rp::<W, 6, 4>(x, k, w, span, acc),
+                (7, 1) => tile_rp::<W, 7, 1>(x, k, w, span, acc),
+                (7, 2) => tile_rp::<W, 7, 2>(x, k, w, span, acc),
+                (7, 3) => tile_rp::<W, 7, 3>(x, k, w, span, acc),
+                (8, 1) => tile_rp::<W, 8, 1>(x, k, w, span, acc),
+                (8, 2) => tile_rp::<W, 8, 2>(x, k, w, span, acc),
+                (8, 3) => tile_rp::<W, 8, 3>(x, k, w, span, acc),
                 _ => unreachable!("tile shape {rows}x{group}"),
             }
         }
@@ -714,7 +735,7 @@ mod tests {
                 }
                 let b = data(out, 99);
                 let m = PackedMatrix::pack(&w, out, inp, Some(b.clone()), format);
-                for rows in [1, 2, 3, 4, 5, 6, 7, 13, 64] {
+                for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 64] {
                     let x = data(rows * inp, rows as u64);
                     let want = reference(&x, rows, &w, out, inp, Some(&b));
                     for kernel in Kernel::available() {
