@@ -345,8 +345,9 @@ impl Kernel {
         let tiles = match self {
             // Up to 8 rows in one tile of 2 panels: each weight widened once for all rows.
             Kernel::Avx512 if rows <= MAX_TILE_ROWS => 1,
-            // More in tiles of up to 6 rows and 4 panels (tiles of 8 rows and 2 panels
-            // measured slower from 16 rows on: fewer accumulators per broadcast).
+            // More rows (any with AVX2 or portable code) in tiles of up to 6 rows: on AVX-512
+            // tiles of 8 rows and 2 panels measured slower than 6 rows and 4 panels from 16
+            // rows on (fewer accumulators per broadcast).
             _ => rows.div_ceil(6).max(1),
         };
         (tiles, self.panels_per_tile(rows.div_ceil(tiles)))
@@ -635,10 +636,8 @@ mod avx512 {
                 (6, 4) => tile_rp::<W, 6, 4>(x, k, w, span, acc),
                 (7, 1) => tile_rp::<W, 7, 1>(x, k, w, span, acc),
                 (7, 2) => tile_rp::<W, 7, 2>(x, k, w, span, acc),
-                (7, 3) => tile_rp::<W, 7, 3>(x, k, w, span, acc),
                 (8, 1) => tile_rp::<W, 8, 1>(x, k, w, span, acc),
                 (8, 2) => tile_rp::<W, 8, 2>(x, k, w, span, acc),
-                (8, 3) => tile_rp::<W, 8, 3>(x, k, w, span, acc),
                 _ => unreachable!("tile shape {rows}x{group}"),
             }
         }
