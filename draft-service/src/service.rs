@@ -1,11 +1,12 @@
 //! The `specllava.v1.Draft` gRPC service.
 
 use std::pin::Pin;
+use std::time::Instant;
 
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_server::Draft;
 use specllava_service_kit::SessionRpc;
-use specllava_service_kit::convert::{draft_params_from_proto, tree_to_proto};
+use specllava_service_kit::convert::{draft_params_from_proto, nanos, tree_to_proto};
 use speculate::DraftParams;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -92,6 +93,7 @@ specllava_service_kit::model_service! {
                 async move {
                     let mut session_id = String::new();
                     while let Some(msg) = inbound.next().await {
+                        let received = Instant::now();
                         let msg = match msg {
                             Ok(m) => m,
                             Err(status) => {
@@ -145,6 +147,7 @@ specllava_service_kit::model_service! {
                                     ahead_ns: d.ahead_ns,
                                     assumed_path,
                                     assumed_emitted,
+                                    total_ns: nanos(received.elapsed()),
                                 })
                             }
                             Err(e) => Err(Status::from(e)),

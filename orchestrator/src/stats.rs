@@ -43,7 +43,8 @@ impl Stats {
     /// A drafted tree that came back after `rtt_ns`.
     pub fn record_draft(&mut self, tree: &pb::DraftTree, rtt_ns: u64) {
         self.draft_ns += tree.draft_ns;
-        self.network_ns += rtt_ns.saturating_sub(tree.draft_ns);
+        // The wait for the draft worker is idle time, not network (as a verify's queueing).
+        self.network_ns += rtt_ns.saturating_sub(draft_service_ns(tree));
         match pb::AheadOutcome::try_from(tree.ahead) {
             Ok(pb::AheadOutcome::Hit) => {
                 self.ahead_hits += 1;
@@ -118,6 +119,12 @@ impl Stats {
     }
 }
 
+/// The time the draft service reports on a tree, from the request's arrival to the answer
+/// (its drafting time from a draft that does not report that).
+pub fn draft_service_ns(tree: &pb::DraftTree) -> u64 {
+    tree.total_ns.max(tree.draft_ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +149,21 @@ mod tests {
         assert_eq!(sum.acceptance_per_depth, vec![0.5, 0.5]);
         assert_eq!(sum.tokens_per_second, 4.0);
         assert!((sum.mean_accepted_length - 5.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_draft_round_trip_counts_its_wait_for_the_worker_as_idle_not_network() {
+        let mut s = Stats::default();
+        let tree = |draft_ns, total_ns| pb::DraftTree {
+            draft_ns,
+            total_ns,
+            ..Default::default()
+        };
+        // 30 of drafting after 50 of waiting for the worker, 20 on the wire.
+        s.record_draft(&tree(30, 80), 100);
+        assert_eq!((s.draft_ns, s.network_ns), (30, 20));
+        // A draft that does not report its total: everything but the drafting.
+        s.record_draft(&tree(30, 0), 100);
+        assert_eq!((s.draft_ns, s.network_ns), (60, 90));
     }
 }

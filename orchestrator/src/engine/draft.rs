@@ -347,12 +347,15 @@ impl Engine {
                 let rtt = nanos(t0.elapsed());
                 turn.stats.record_draft(&t, rtt);
                 self.observe_tree(&t);
+                // Network and calls only: the wait for the draft worker is other sessions'
+                // work (as a verify's queueing, see `record_step`).
+                let overhead = rtt.saturating_sub(draft_service_ns(&t));
                 let tree = t.tree.expect("checked above");
                 let drafted = tree.tokens.len() > 1;
                 Proposal {
                     tree,
                     drafted,
-                    draft_overhead_ns: Some(rtt.saturating_sub(t.draft_ns)),
+                    draft_overhead_ns: Some(overhead),
                     draft_rtt_ns: rtt,
                     params: p,
                     ahead_sample,

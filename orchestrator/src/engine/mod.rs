@@ -50,7 +50,7 @@ use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession, SharedFeatures, kv_rows};
 use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
-use crate::stats::Stats;
+use crate::stats::{Stats, draft_service_ns};
 use crate::sync::{SyncReply, SyncTarget, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
 
