@@ -356,6 +356,9 @@ pub struct AcceptanceStats {
     max_rank: usize,
     /// `rates[(d - 1) * max_rank + j]`: P(target token = j-th best child | at depth d - 1 node).
     rates: Vec<f64>,
+    /// Whether a rate has been observed; one that has not is its depth's parent's (see
+    /// [`AcceptanceStats::rate`]).
+    seen: Vec<bool>,
     /// EMA rate (0..=1).
     pub alpha: f64,
     observations: u64,
@@ -374,12 +377,13 @@ impl AcceptanceStats {
     /// Stats starting from `prior[j]` for rank `j` at every depth.
     pub fn with_prior(max_depth: usize, prior: &[f64]) -> Self {
         let max_rank = prior.len();
-        let rates = (0..max_depth)
+        let rates: Vec<f64> = (0..max_depth)
             .flat_map(|_| prior.iter().map(|p| p.clamp(0.0, 1.0)))
             .collect();
         Self {
             max_depth,
             max_rank,
+            seen: vec![false; rates.len()],
             rates,
             alpha: 0.02,
             observations: 0,
@@ -402,12 +406,19 @@ impl AcceptanceStats {
     }
 
     /// P(the target's token is the `rank`-th best draft child) at a node of depth `depth - 1`;
-    /// 0 outside the tracked range.
+    /// 0 outside the tracked range. A depth never observed at this rank takes the rate of
+    /// the depth above it (the prior only where nothing above was observed either): trees
+    /// the policy has not grown that deep yet are judged by what it has seen, not held back
+    /// by a prior that only drafting that deep would correct.
     pub fn rate(&self, depth: usize, rank: usize) -> f64 {
         if depth == 0 || depth > self.max_depth || rank >= self.max_rank {
             return 0.0;
         }
-        self.rates[(depth - 1) * self.max_rank + rank]
+        let i = (depth - 1) * self.max_rank + rank;
+        if !self.seen[i] && depth > 1 {
+            return self.rate(depth - 1, rank);
+        }
+        self.rates[i]
     }
 
     /// Expected accepted tokens per depth for a chain of `depth` best children.
@@ -441,8 +452,11 @@ impl AcceptanceStats {
             let row = (depth - 1) * self.max_rank;
             for j in 0..kids.len().min(self.max_rank) {
                 let target = if hit == Some(j) { 1.0 } else { 0.0 };
+                // A first observation moves the rate the cell had (inherited) until now.
+                let before = self.rate(depth, j);
+                self.seen[row + j] = true;
                 let r = &mut self.rates[row + j];
-                *r += self.alpha * (target - *r);
+                *r = before + self.alpha * (target - before);
             }
             self.observations += 1;
         }

@@ -165,10 +165,14 @@ fn acceptance_stats_learn_from_outcomes() {
         assert!(stats.rate(d, 0) > 0.99, "depth {d}: {}", stats.rate(d, 0));
         assert!(stats.rate(d, 1) < 0.01);
     }
+    // Depth 6 was never visited with children: it takes depth 5's rates (not the prior).
+    assert_ne!(stats.rate(6, 0), prior);
+    assert_eq!(stats.rate(6, 0), stats.rate(5, 0));
+    assert_eq!(stats.rate(8, 1), stats.rate(5, 1));
     assert_eq!(
-        stats.rate(6, 0),
+        AcceptanceStats::new(8, 4).rate(8, 0),
         prior,
-        "depth 6 never visited with children"
+        "nothing observed: the prior"
     );
     assert_eq!(stats.observations(), 300 * 5);
     // Near-certain acceptance makes long chains worthwhile even on the CPU cost curve.
