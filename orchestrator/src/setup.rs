@@ -93,7 +93,13 @@ impl FirstTree {
     pub fn after(&self, emitted: &[u32]) -> Option<Subtree> {
         let tree = self.answer.tree.as_ref()?;
         let n = tree.tokens.len();
-        if tree.parents.len() != n || tree.scores.len() != n || n == 0 {
+        // One root, every parent before its child (as `TokenTree::new` requires).
+        let well_formed = n > 0
+            && tree.parents.len() == n
+            && tree.scores.len() == n
+            && tree.parents[0] == -1
+            && (1..n).all(|i| usize::try_from(tree.parents[i]).is_ok_and(|p| p < i));
+        if !well_formed {
             return None;
         }
         let parent = |i: usize| usize::try_from(tree.parents[i]).ok();
@@ -270,6 +276,17 @@ mod tests {
         assert_eq!(leaf.tree.tokens, [15]);
         assert_eq!(leaf.path_above, [0, 1, 4]);
         assert_eq!(leaf.depth, 0);
+    }
+
+    #[test]
+    fn a_malformed_tree_serves_nothing() {
+        let mut bad = first();
+        bad.answer.tree.as_mut().unwrap().parents = vec![-1, 0, 3, 1, 1, 4];
+        assert_eq!(bad.after(&[]), None);
+        bad.answer.tree.as_mut().unwrap().parents = vec![-1, 0, 0, 1, -1, 4];
+        assert_eq!(bad.after(&[]), None);
+        bad.answer.tree.as_mut().unwrap().parents = vec![-1, 0, 0, 9, 1, 4];
+        assert_eq!(bad.after(&[]), None);
     }
 
     #[test]

@@ -763,9 +763,10 @@ async fn a_late_first_tree_serves_below_the_tokens_emitted_meanwhile() {
     let calls = fake.calls_settled().await;
     let third = calls
         .iter()
-        .filter(|c| c.starts_with("verify"))
+        .enumerate()
+        .filter(|(_, c)| c.starts_with("verify"))
         .nth(2)
-        .and_then(|v| calls.iter().position(|c| std::ptr::eq(c, v)))
+        .map(|(i, _)| i)
         .unwrap();
     let steps: Vec<&str> = calls[..=third]
         .iter()

@@ -24,6 +24,9 @@ pub const PANEL: usize = 16;
 /// rows; see [`Kernel::tiling`]).
 const MAX_TILE_ROWS: usize = 8;
 
+/// Rows per register tile when a product's rows split into several tiles.
+const SPLIT_TILE_ROWS: usize = 6;
+
 /// Largest number of panels one register tile holds.
 const MAX_TILE_PANELS: usize = 8;
 
@@ -348,7 +351,7 @@ impl Kernel {
             // More rows (any with AVX2 or portable code) in tiles of up to 6 rows: on AVX-512
             // tiles of 8 rows and 2 panels measured slower than 6 rows and 4 panels from 16
             // rows on (fewer accumulators per broadcast).
-            _ => rows.div_ceil(6).max(1),
+            _ => rows.div_ceil(SPLIT_TILE_ROWS).max(1),
         };
         (tiles, self.panels_per_tile(rows.div_ceil(tiles)))
     }
@@ -539,8 +542,8 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! AVX-512F register tiles: one 16-lane register per panel row, up to 6 rows x 4 panels
-    //! of accumulators in the 32 vector registers. The same per-element FMA chain as
+    //! AVX-512F register tiles: one 16-lane register per panel row, up to 6 rows x 4 panels,
+    //! 8 rows x 2 panels or 1 row x 8 panels of accumulators in the 32 vector registers. The same per-element FMA chain as
     //! [`super::avx2`], so both give the same bits.
 
     use std::arch::x86_64::*;

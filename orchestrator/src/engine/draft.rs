@@ -376,7 +376,8 @@ impl Engine {
     /// has gone on from its root only with tokens it drafted (when target-only steps came
     /// first while the draft set up: then the subtree below them), and it fits the context
     /// left and the target's limits. Drafted while the target prefilled (or decoded), it
-    /// costs the step no round trip.
+    /// costs the step no round trip. A tree of its root alone serves no step: the step asks
+    /// the draft.
     pub(super) fn first_proposal(
         &self,
         turn: &mut Turn<'_>,

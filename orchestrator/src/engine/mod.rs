@@ -232,8 +232,8 @@ struct Turn<'a> {
     target_model: pb::ModelInfo,
     /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
     draft: Option<DraftStream>,
-    /// The first tree the draft's set-up drafted (used by the first drafting step when its
-    /// root is still the history's last token).
+    /// The first tree the draft's set-up drafted (used by the first drafting step, below
+    /// the tokens the target emitted since, when they are tokens it drafted).
     first_tree: Option<FirstTree>,
     /// The draft session's sync, running in the background while the target decodes.
     draft_setup: Option<DraftSetup>,
@@ -463,6 +463,7 @@ impl Engine {
                 nodes,
                 emitted = verified.resp.emitted.len(),
                 draft_rtt_us = draft_rtt_ns / 1000,
+                // The draft service's time on the request (its wait for the worker included).
                 draft_us = draft_ns / 1000,
                 verify_rtt_us = verified.rtt_ns / 1000,
                 target_us = verified.resp.total_ns / 1000,
@@ -686,7 +687,14 @@ impl Engine {
                 Some(below) => below.drafted_path(&resp.accepted_path),
                 None => resp.accepted_path.clone(),
             };
-            if let Ok(tree) = tree_from_proto(proposal.tree, &turn.tree_limits) {
+            // A subtree's nodes were drafted deeper than they sit in it: acceptance by depth
+            // learns from whole trees only.
+            let whole_tree = if proposal.below.is_none() {
+                tree_from_proto(proposal.tree, &turn.tree_limits).ok()
+            } else {
+                None
+            };
+            if let Some(tree) = whole_tree {
                 let outcome = verify_outcome_from_proto(resp);
                 if let Some(a) = turn.acceptance.as_mut() {
                     a.observe(&tree, &outcome);
