@@ -93,9 +93,8 @@ specllava_service_kit::model_service! {
                 async move {
                     let mut session_id = String::new();
                     while let Some(msg) = inbound.next().await {
-                        // `total_ns` runs from here: when the request is read off the stream
-                        // (one after another per stream, so a request sent while the previous
-                        // one was drafted waits in the stream, outside it).
+                        // `total_ns` runs from when the request is read off the stream (a
+                        // stream's requests are read one at a time).
                         let received = Instant::now();
                         let msg = match msg {
                             Ok(m) => m,

@@ -102,11 +102,12 @@ impl FirstTree {
         if !well_formed {
             return None;
         }
-        let parent = |i: usize| usize::try_from(tree.parents[i]).ok();
+        // Node `i >= 1`'s parent (in range: checked above).
+        let parent = |i: usize| tree.parents[i] as usize;
         let mut path = vec![0usize];
         for &token in emitted {
             let at = *path.last().expect("never empty");
-            let child = (at + 1..n).find(|&c| parent(c) == Some(at) && tree.tokens[c] == token)?;
+            let child = (at + 1..n).find(|&c| parent(c) == at && tree.tokens[c] == token)?;
             path.push(child);
         }
         let top = *path.last().expect("never empty");
@@ -119,7 +120,7 @@ impl FirstTree {
             let under = if i == top {
                 None
             } else {
-                match parent(i).and_then(|p| index.get(p).copied().flatten()) {
+                match index[parent(i)] {
                     Some(p) => Some(p),
                     None => continue,
                 }

@@ -543,8 +543,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! AVX-512F register tiles: one 16-lane register per panel row, up to 6 rows x 4 panels,
-    //! 8 rows x 2 panels or 1 row x 8 panels of accumulators in the 32 vector registers. The same per-element FMA chain as
-    //! [`super::avx2`], so both give the same bits.
+    //! 8 rows x 2 panels or 1 row x 8 panels of accumulators in the 32 vector registers. The
+    //! same per-element FMA chain as [`super::avx2`], so both give the same bits.
 
     use std::arch::x86_64::*;
 

@@ -7,9 +7,9 @@
 //!   module: weights packed once at load time in the checkpoint's precision ([`gemm`]),
 //!   multi-threaded products on a worker pool that polls while a forward runs and sleeps
 //!   between forwards ([`pool`]), fused element-wise kernels ([`ops`]) and tree attention
-//!   over host KV rows ([`attention`]). The products run AVX-512F or AVX2 + FMA + F16C register tiles chosen at
-//!   run time (the element-wise kernels AVX2), with a portable fallback; all give the same
-//!   bits.
+//!   over host KV rows ([`attention`]). The products run AVX-512F or AVX2 + FMA + F16C
+//!   register tiles chosen at run time (the element-wise kernels AVX2), with a portable
+//!   fallback; all give the same bits.
 //! - **CUDA / Metal devices**, or [`crate::Backend::Candle`] on the CPU: candle's own kernels
 //!   ([`crate::llama::Decoder`]); nothing here is used, and a GPU build compiles without it
 //!   mattering.
