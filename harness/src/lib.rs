@@ -69,8 +69,33 @@ pub enum ServiceError {
     Endpoint(String, tonic::transport::Error),
 }
 
-/// A free loopback port (bound then released).
+/// Ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999), from
+/// which the kernel picks the local ports of outgoing connections and of binds to port 0.
+const PORTS: std::ops::Range<u32> = 20_000..32_768;
+
+/// A free loopback port (bound then released) that an outgoing connection cannot take
+/// before the service binds it: one outside the ephemeral range (a port the kernel picked
+/// for a bind to port 0 could go to another test's client connection in the meantime).
+/// Ports are handed out in turn from a point that differs between processes, so one
+/// process never hands out a port twice while others are unlikely to pick the same ones.
 pub fn free_port() -> Result<u16, ServiceError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        nanos ^ std::process::id().wrapping_mul(2_654_435_761)
+    });
+    let span = PORTS.end - PORTS.start;
+    for _ in 0..256 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (PORTS.start + start.wrapping_add(n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // All tried were busy: let the kernel pick one.
     let l = TcpListener::bind("127.0.0.1:0").map_err(ServiceError::Port)?;
     Ok(l.local_addr().map_err(ServiceError::Port)?.port())
 }
@@ -347,5 +372,23 @@ pub async fn wait_healthy(p: &mut ServiceProcess, timeout: Duration) -> Result<(
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..64).map(|_| free_port().unwrap()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len());
+        for p in ports {
+            assert!(PORTS.contains(&u32::from(p)), "{p}");
+            assert!(TcpListener::bind(("127.0.0.1", p)).is_ok());
+        }
     }
 }
