@@ -7,10 +7,10 @@
 //! turns whose shape the policy chooses, the engine runs both arms (asking for pipelined
 //! pre-drafts after a drafted step, or not) and keeps the faster one: steps come in blocks
 //! of one arm; every step of a block but its first (whose tree was pre-drafted, or not,
-//! under the previous block's arm) is a sample of its arm, measured
-//! as the step's wall time (draft + verify round trips) over the cost model's prediction
-//! for its shape, so trees of different sizes compare fairly. Each arm is tried until it
-//! has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every
+//! under the previous block's arm) is a sample of its arm, measured as the step's wall time
+//! (its tree's round trip, the verify, and the wait for a pre-draft asked meanwhile) over the
+//! cost model's prediction for its shape, so trees of different sizes compare fairly. Each
+//! arm is tried until it has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every
 //! [`EXPLORE_EVERY`]-th block tries the other so a change in load is noticed.
 
 /// A turn's pre-draft hit rate below which it stops asking for pre-drafts.

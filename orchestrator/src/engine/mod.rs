@@ -455,7 +455,9 @@ impl Engine {
             }
             let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
             let draft_ns = draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0);
-            self.record_step(turn, proposal, &verified);
+            // The step's wall time so far: its tree, the verify and the pre-draft's answer.
+            let step_ns = nanos(step_started.elapsed());
+            self.record_step(turn, proposal, &verified, step_ns);
             let emit_started = Instant::now();
             let flow = self.emit(conv, turn, &verified.resp, tx).await?;
             // Where a step's time goes (`RUST_LOG=orchestrator=debug`), in microseconds.
@@ -640,8 +642,15 @@ impl Engine {
         Ok(Some(Verified { resp, rtt_ns }))
     }
 
-    /// Statistics, metrics and the budget policy learn from a verified step.
-    fn record_step(&self, turn: &mut Turn<'_>, proposal: Proposal, verified: &Verified) {
+    /// Statistics, metrics and the budget policy learn from a verified step that took
+    /// `step_ns` of wall time (its tree, the verify and the wait for a pre-draft's answer).
+    fn record_step(
+        &self,
+        turn: &mut Turn<'_>,
+        proposal: Proposal,
+        verified: &Verified,
+        step_ns: u64,
+    ) {
         let resp = &verified.resp;
         turn.stats
             .record_verify(resp, verified.rtt_ns, proposal.drafted);
@@ -658,7 +667,8 @@ impl Engine {
         if let Ok(mut pol) = self.policy.lock() {
             if let Some(ahead) = proposal.ahead_sample {
                 let predicted = pol.cost.step_ns(&proposal.params, batch as usize);
-                let measured = (proposal.draft_rtt_ns + verified.rtt_ns) as f64;
+                // The whole step: a pre-draft that outlasts the verify delays the next one.
+                let measured = step_ns as f64;
                 if let Ok(mut gate) = self.ahead_gate.lock() {
                     gate.observe(ahead, measured, predicted);
                 }
