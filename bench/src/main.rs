@@ -379,11 +379,16 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
     );
     let model = |p: &Path| p.display().to_string();
     let mut procs = Vec::new();
+    // No encoder cache: the eval set's images come back in every mode and round, so a cache
+    // would serve every mode after the first with its towers already run. Every request
+    // encodes its images, as unique images would (calls in flight still share a run).
+    let no_vision_cache = ("SPECLLAVA_VISION_CACHE_MIB", "0".to_owned());
     let target_env = [
         ("SPECLLAVA_LISTEN", addr(tp)),
         ("SPECLLAVA_MODEL_DIR", model(&models.target_model)),
         ("SPECLLAVA_DEVICE", models.device.clone()),
         ("SPECLLAVA_METRICS_ADDR", addr(tm)),
+        no_vision_cache.clone(),
     ];
     let args = &a.service_args;
     procs.push(services::spawn(
@@ -400,6 +405,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
         ("SPECLLAVA_DEVICE", models.device.clone()),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ("SPECLLAVA_CPU_THREADS", a.draft_cpu_threads.to_string()),
+        no_vision_cache,
     ];
     procs.push(services::spawn(
         &a.bin_dir,

@@ -125,6 +125,19 @@ impl Metrics {
         }
     }
 
+    /// The value of counter `name` with `labels`, 0 when it was never counted.
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let counted = self
+            .samples
+            .iter()
+            .any(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+        if counted {
+            self.value(name, labels)
+        } else {
+            0.0
+        }
+    }
+
     /// The value of the single sample `name` whose labels include `labels`.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let found: Vec<&Sample> = self
@@ -289,10 +302,19 @@ async fn one_generate_is_one_trace_and_metrics_are_served() {
     );
 
     // The demo pair shares its vision tower: the target encodes the image once and both
-    // sessions prefill from its features (the lossless tests check the output).
+    // sessions prefill from its features (the lossless tests check the output). Its
+    // EncodeImages and its own OpenSession, sent at once, share one tower run.
     assert_eq!(
         target.value("specllava_requests_total", &[("rpc", "EncodeImages")]),
         1.0
+    );
+    let lookups = |outcome| target.count("specllava_vision_cache_total", &[("outcome", outcome)]);
+    assert_eq!(lookups("miss"), 1.0, "one tower run on the target");
+    assert_eq!(lookups("shared") + lookups("hit"), 1.0);
+    assert_eq!(
+        draft.count("specllava_vision_cache_total", &[("outcome", "miss")]),
+        0.0,
+        "the draft prefills from the target's features"
     );
     let verifies = target.value("specllava_requests_total", &[("rpc", "Verify")]);
     assert_eq!(verifies, steps, "one verify per step");

@@ -5,8 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use specllava_proto::v1 as pb;
-
 use crate::error::OrchestratorError;
 use crate::routing::Pin;
 
@@ -44,9 +42,6 @@ pub struct Conversation {
     pub id: String,
     /// Encoded images, one per image placeholder in the history.
     pub images: Vec<Vec<u8>>,
-    /// The images' vision features, computed by a target for the syncs of a turn's start
-    /// (cleared once they are made).
-    pub image_features: Option<SharedFeatures>,
     /// Token history: prompts (one placeholder per image) and generated tokens.
     pub history: Vec<u32>,
     /// Completed turns.
@@ -57,25 +52,12 @@ pub struct Conversation {
     pub draft: Option<ReplicaSession>,
 }
 
-/// Vision features of a conversation's images (one per image), computed by one target.
-#[derive(Debug, Clone)]
-pub struct SharedFeatures {
-    /// The vision fingerprint they were computed with.
-    pub fingerprint: String,
-    /// The target that computed them: the only target that prefills from them (another
-    /// one, even with the same fingerprint, might not compute the same bits).
-    pub encoded_by: std::net::SocketAddr,
-    /// The features.
-    pub features: Vec<pb::VisionFeatures>,
-}
-
 impl Conversation {
     /// A new conversation around `images`.
     pub fn new(id: String, images: Vec<Vec<u8>>) -> Self {
         Self {
             id,
             images,
-            image_features: None,
             history: Vec::new(),
             turns: 0,
             target: None,

@@ -1,5 +1,6 @@
-//! A draft session's set-up, run as a task of its own while the target prefills: the sync
-//! call (open or append) and then, when the turn drafts, the speculate stream and (when its
+//! A draft session's set-up, run as a task of its own while the target prefills: the vision
+//! features from the turn's target (when the draft's tower is the target's), the sync call
+//! (open or append) and then, when the turn drafts, the speculate stream and (when its
 //! verification is cheap enough) the turn's first tree. Neither the stream's opening nor a
 //! draft round trip then stands between the target's prefill and the first token. A set-up
 //! that finishes after the target's first steps still serves: its first tree, below the
@@ -14,7 +15,7 @@ use speculate::DraftParams;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::clients::{ReplicaApi, TreeStream};
@@ -143,6 +144,48 @@ impl FirstTree {
     }
 }
 
+/// Where a draft's set-up gets the vision features it prefills from instead of encoding the
+/// images itself: the turn's target, whose tower is the draft's (same vision fingerprint).
+/// The target computes them once for both sessions: its `EncodeImages` and its own
+/// `OpenSession` with the images, sent at the same time, share one tower run (its encoder
+/// cache), so the target's prefill never waits for this call.
+#[derive(Clone)]
+pub struct FeatureSource {
+    /// The turn's target.
+    pub target: Arc<Replica>,
+    /// The vision fingerprint the draft and the target share.
+    pub fingerprint: String,
+}
+
+impl FeatureSource {
+    /// Has the target encode the images `planned` opens the draft session with, and puts their
+    /// features in the request instead; on any failure the images stay (the draft encodes them).
+    async fn supply(&self, replicas: &dyn ReplicaApi, planned: &mut PlannedSync) {
+        let images = planned.open_images();
+        if images.is_empty() {
+            return;
+        }
+        let req = pb::EncodeImagesRequest {
+            images: images.to_vec(),
+        };
+        match replicas.encode_images(&self.target, req).await {
+            Ok(resp) if resp.vision_fingerprint == self.fingerprint => {
+                let (n, encode_us) = (resp.features.len(), resp.encode_ns / 1000);
+                if planned.carry_features(resp.features) {
+                    tracing::debug!(images = n, encode_us, "vision features shared");
+                } else {
+                    tracing::warn!("EncodeImages answered other features; sending images");
+                }
+            }
+            Ok(_) => tracing::warn!("EncodeImages answered other features; sending images"),
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::debug!("the target has no EncodeImages; sending images");
+            }
+            Err(s) => tracing::warn!(status = %s, "EncodeImages failed; sending images"),
+        }
+    }
+}
+
 /// What a finished set-up hands the turn.
 pub struct SetupDone {
     /// The sync call's answer.
@@ -162,15 +205,20 @@ pub struct DraftSetup {
 }
 
 impl DraftSetup {
-    /// Starts `planned` and then, if asked, the stream and the first tree.
+    /// Starts `planned` (with the vision features from `features`, when given) and then, if
+    /// asked, the stream and the first tree.
     pub fn spawn(
         replicas: Arc<dyn ReplicaApi>,
-        planned: PlannedSync,
+        mut planned: PlannedSync,
+        features: Option<FeatureSource>,
         early: Option<EarlyStream>,
     ) -> Self {
         let target = planned.target.clone();
         let task = tokio::spawn(
             async move {
+                if let Some(source) = features {
+                    source.supply(replicas.as_ref(), &mut planned).await;
+                }
                 let replica = Arc::clone(&planned.target.replica);
                 let reply = planned.run(replicas.as_ref()).await;
                 let early = match (&reply, early) {

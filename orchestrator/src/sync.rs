@@ -60,18 +60,15 @@ pub struct SyncTarget {
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
-/// when it is in sync already. With `features` (one per image, computed with the replica's
-/// vision fingerprint), the call carries them instead of the encoded images.
+/// when it is in sync already.
 pub fn plan_sync(
     kind: ReplicaKind,
     rs: &ReplicaSession,
     conv_id: &str,
     history: &[u32],
     images: &[Vec<u8>],
-    features: Option<&[pb::VisionFeatures]>,
     image_token_id: u32,
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
-    let features = features.filter(|f| f.len() == images.len());
     let replica = Arc::clone(rs.pin.replica());
     let planned = |call: SyncCall| {
         Ok(Some(PlannedSync {
@@ -85,15 +82,11 @@ pub fn plan_sync(
         }))
     };
     if !rs.opened {
-        let (images, image_features) = match features {
-            Some(f) => (Vec::new(), f.to_vec()),
-            None => (images.to_vec(), Vec::new()),
-        };
         return planned(SyncCall::Open(pb::OpenSessionRequest {
             session_id: conv_id.to_owned(),
-            images,
+            images: images.to_vec(),
             token_ids: history.to_vec(),
-            image_features,
+            image_features: Vec::new(),
         }));
     }
     if rs.synced == history.len() {
@@ -114,20 +107,39 @@ pub fn plan_sync(
             images.len()
         )));
     }
-    let (images, image_features) = match features {
-        Some(f) => (Vec::new(), f[range].to_vec()),
-        None => (images[range].to_vec(), Vec::new()),
-    };
     planned(SyncCall::Append(pb::AppendRequest {
         session_id: conv_id.to_owned(),
         keep_kv_len: keep,
         token_ids: tokens,
-        images,
-        image_features,
+        images: images[range].to_vec(),
+        image_features: Vec::new(),
     }))
 }
 
 impl PlannedSync {
+    /// The images an `OpenSession` carries (none for an `Append`, which the set-ups that
+    /// share features never make).
+    pub fn open_images(&self) -> &[Vec<u8>] {
+        match &self.call {
+            SyncCall::Open(req) => &req.images,
+            SyncCall::Append(_) => &[],
+        }
+    }
+
+    /// Has the `OpenSession` carry `features` (one per image, computed with the replica's
+    /// vision fingerprint) instead of its images; `false`, changing nothing, when they do not
+    /// match its images one for one.
+    pub fn carry_features(&mut self, features: Vec<pb::VisionFeatures>) -> bool {
+        match &mut self.call {
+            SyncCall::Open(req) if !req.images.is_empty() && req.images.len() == features.len() => {
+                req.images.clear();
+                req.image_features = features;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Makes the call.
     pub async fn run(self, replicas: &dyn ReplicaApi) -> Result<SyncReply, Status> {
         let SyncTarget { kind, replica, .. } = self.target;

@@ -19,6 +19,7 @@ pub mod server;
 pub mod session_rpc;
 pub mod sessions;
 pub mod tls;
+pub mod vision_encoder;
 pub mod worker;
 
 pub use auth::{ApiKeys, AuthArgs, AuthError, BearerAuth};
@@ -32,6 +33,7 @@ pub use server::{
 pub use session_rpc::SessionRpc;
 pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError};
 pub use tls::{ServerTls, ServerTlsArgs, UpstreamTlsArgs};
+pub use vision_encoder::VisionEncoder;
 pub use worker::{
     AppendError, BatchJob, BatchLimits, PrefillOutcome, Queued, SessionBackend, WorkerConfig,
     WorkerError, WorkerHandle,

@@ -8,7 +8,7 @@ use specllava_model::{Backend, ImageLimits, Llava};
 
 use crate::{
     BatchLimits, ImageLimitArgs, SessionBackend, SessionLimits, SessionRpc, SessionStore,
-    WorkerConfig, WorkerHandle, parse_device, parse_dtype,
+    VisionEncoder, WorkerConfig, WorkerHandle, parse_device, parse_dtype,
 };
 
 /// Flags common to the draft and the target service (every flag is also an
@@ -59,6 +59,10 @@ pub struct ModelServerArgs {
     /// with another (the draft next to the target) runs best on its own share of the cores.
     #[arg(long, env = "SPECLLAVA_CPU_THREADS", default_value_t = 0)]
     pub cpu_threads: usize,
+    /// Bytes of vision features the encoder cache keeps, in MiB (the tower's output for recent
+    /// image lists; 0 keeps none, calls asking for the same images at once still share a run).
+    #[arg(long, env = "SPECLLAVA_VISION_CACHE_MIB", default_value_t = 64)]
+    pub vision_cache_mib: usize,
     /// Measure this replica's forward cost at start-up and report it through `Info` (the
     /// orchestrator's budget policy starts from it: the target's verify cost, the draft's
     /// cost per level); `false` skips those forwards.
@@ -120,12 +124,12 @@ impl LoadedModel {
             SessionStore::new(limits).with_metrics(),
             args.worker_config(batch, self.max_context),
         )?;
-        Ok(SessionRpc::new(
+        let encoder = VisionEncoder::new(
             Arc::clone(&self.model),
-            worker,
             args.image_limits(),
-            self.max_context,
-        ))
+            args.vision_cache_mib.saturating_mul(1024 * 1024),
+        );
+        Ok(SessionRpc::new(worker, encoder, self.max_context))
     }
 }
 

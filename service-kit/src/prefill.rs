@@ -7,46 +7,59 @@ use candle_core::Tensor;
 use specllava_model::{ImageLimits, KvCache, Llava, ModelError, PrefillImages};
 use specllava_proto::v1 as pb;
 
+use crate::vision_encoder::VisionEncoder;
+use crate::worker::WorkerError;
+
 /// Checks history tokens (vocabulary, placeholder count, root not a placeholder) and
-/// prepares the images: decoded and preprocessed off the async runtime, or (when the request
-/// carries `features` instead) checked and read as vision features.
+/// prepares the images as vision features: the `encoder`'s (decoded, preprocessed and run
+/// through the tower off the async runtime, or from its cache), or, when the request
+/// carries `features` instead, those checked and read.
 pub async fn prepare_prefill(
-    model: &Arc<Llava>,
-    image_limits: ImageLimits,
+    encoder: &VisionEncoder,
     tokens: &[u32],
     images: Vec<Vec<u8>>,
     features: Vec<pb::VisionFeatures>,
-) -> Result<PrefillImages, String> {
+) -> Result<PrefillImages, WorkerError> {
+    let model = encoder.model();
     let cfg = model.config();
     let vocab = cfg.text.vocab_size;
     let image_id = cfg.image_token_id;
+    let invalid = |m: String| WorkerError::InvalidArgument(m);
     let Some(&last) = tokens.last() else {
-        return Err("token_ids must not be empty".into());
+        return Err(invalid("token_ids must not be empty".into()));
     };
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(format!(
+        return Err(invalid(format!(
             "token id {bad} is outside the vocabulary of {vocab}"
-        ));
+        )));
     }
     if last == image_id {
-        return Err("the last token (the root) must not be an image placeholder".into());
+        return Err(invalid(
+            "the last token (the root) must not be an image placeholder".into(),
+        ));
     }
     if !images.is_empty() && !features.is_empty() {
-        return Err("images and image_features are alternatives: send one of them".into());
+        return Err(invalid(
+            "images and image_features are alternatives: send one of them".into(),
+        ));
     }
     let given = images.len().max(features.len());
     let placeholders = tokens.iter().filter(|&&t| t == image_id).count();
     if placeholders != given {
-        return Err(format!(
+        return Err(invalid(format!(
             "{placeholders} image placeholders but {given} images"
-        ));
+        )));
     }
     if !features.is_empty() {
-        return vision_features_from_proto(model, &features).map(PrefillImages::VisionFeatures);
+        return vision_features_from_proto(model, &features)
+            .map(PrefillImages::VisionFeatures)
+            .map_err(invalid);
     }
-    decode_images(model, image_limits, images)
-        .await
-        .map(PrefillImages::Pixels)
+    if images.is_empty() {
+        return Ok(PrefillImages::none());
+    }
+    let features = encoder.encode(images).await?;
+    Ok(PrefillImages::VisionFeatures(features.to_vec()))
 }
 
 /// Decodes and preprocesses `images` off the async runtime.

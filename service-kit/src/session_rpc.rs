@@ -1,18 +1,19 @@
 //! The session RPCs both model services serve the same way (`OpenSession`, `Append`,
-//! `CloseSession`): validate, decode the images off the async runtime, hand the work to
-//! the session worker and answer; and `EncodeImages` (the target's: images to vision
-//! features, no session).
+//! `CloseSession`): validate, encode the images off the async runtime (the
+//! [`VisionEncoder`] and its cache), hand the work to the session worker and answer; and
+//! `EncodeImages` (the target's: images to vision features, no session).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use specllava_model::{ImageLimits, Llava};
+use specllava_model::Llava;
 use specllava_proto::v1 as pb;
 
 use crate::convert::nanos;
-use crate::prefill::{decode_images, prepare_prefill, vision_features_to_proto};
+use crate::prefill::{prepare_prefill, vision_features_to_proto};
+use crate::vision_encoder::VisionEncoder;
 use crate::worker::{SessionBackend, WorkerError, WorkerHandle};
 
 /// `EncodeImages` calls that may wait for the vision tower (one runs at a time); more are
@@ -23,29 +24,21 @@ pub const MAX_WAITING_ENCODES: usize = 32;
 pub struct SessionRpc<B: SessionBackend> {
     model: Arc<Llava>,
     worker: WorkerHandle<B>,
-    image: ImageLimits,
+    encoder: VisionEncoder,
     max_context: usize,
-    /// One `EncodeImages` runs the vision tower at a time.
-    encoding: Arc<Semaphore>,
     /// `EncodeImages` calls admitted (running or waiting): one permit each.
     encodes: Arc<Semaphore>,
 }
 
 impl<B: SessionBackend> SessionRpc<B> {
-    /// Handlers for `model`'s sessions, owned by `worker`; histories longer than
-    /// `max_context` tokens are refused.
-    pub fn new(
-        model: Arc<Llava>,
-        worker: WorkerHandle<B>,
-        image: ImageLimits,
-        max_context: usize,
-    ) -> Self {
+    /// Handlers for `model`'s sessions, owned by `worker`, with their images encoded by
+    /// `encoder`; histories longer than `max_context` tokens are refused.
+    pub fn new(worker: WorkerHandle<B>, encoder: VisionEncoder, max_context: usize) -> Self {
         Self {
-            model,
+            model: Arc::clone(encoder.model()),
             worker,
-            image,
+            encoder,
             max_context,
-            encoding: Arc::new(Semaphore::new(1)),
             encodes: Arc::new(Semaphore::new(MAX_WAITING_ENCODES + 1)),
         }
     }
@@ -77,15 +70,8 @@ impl<B: SessionBackend> SessionRpc<B> {
             ))
             .into());
         }
-        let images = prepare_prefill(
-            &self.model,
-            self.image,
-            &r.token_ids,
-            r.images,
-            r.image_features,
-        )
-        .await
-        .map_err(WorkerError::InvalidArgument)?;
+        let images =
+            prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
         let out = self
             .worker
             .open(r.session_id.clone(), r.token_ids, images)
@@ -103,15 +89,8 @@ impl<B: SessionBackend> SessionRpc<B> {
     /// session is left as it was.
     pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
         specllava_telemetry::metrics().record_request("Append");
-        let images = prepare_prefill(
-            &self.model,
-            self.image,
-            &r.token_ids,
-            r.images,
-            r.image_features,
-        )
-        .await
-        .map_err(WorkerError::InvalidArgument)?;
+        let images =
+            prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
         let out = self
             .worker
             .append(r.session_id, r.keep_kv_len, r.token_ids, images)
@@ -122,9 +101,9 @@ impl<B: SessionBackend> SessionRpc<B> {
         })
     }
 
-    /// `EncodeImages`: decodes `images` and runs the vision tower over them as one batch (as
-    /// a prefill of them would), off the async runtime; no session changes. At most as many
-    /// images as the context holds.
+    /// `EncodeImages`: the vision features of `images` (decoded and run through the tower as
+    /// one batch, as a prefill of them would, off the async runtime; or the encoder cache's);
+    /// no session changes. At most as many images as the context holds.
     pub async fn encode_images(
         &self,
         r: pb::EncodeImagesRequest,
@@ -146,26 +125,16 @@ impl<B: SessionBackend> SessionRpc<B> {
                 role: "vision encoder",
                 capacity: MAX_WAITING_ENCODES + 1,
             })?;
-        let _running = self
-            .encoding
-            .acquire()
-            .await
-            .map_err(|_| WorkerError::WorkerGone)?;
         let t0 = Instant::now();
-        let pixels = decode_images(&self.model, self.image, r.images)
+        let features = self
+            .encoder
+            .encode(r.images)
             .await
-            .map_err(WorkerError::InvalidArgument)?;
-        let model = Arc::clone(&self.model);
-        let features = tokio::task::spawn_blocking(move || {
-            model
-                .vision_features(&pixels)?
-                .iter()
-                .map(vision_features_to_proto)
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| WorkerError::Model(format!("vision tower task failed: {e}")))?
-        .map_err(|e| WorkerError::Model(format!("vision tower: {e}")))?;
+            .map_err(WorkerError::from)?
+            .iter()
+            .map(vision_features_to_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WorkerError::Model(format!("vision features: {e}")))?;
         Ok(pb::EncodeImagesResponse {
             features,
             vision_fingerprint: self.model.vision_fingerprint().to_owned(),

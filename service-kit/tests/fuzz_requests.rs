@@ -18,7 +18,8 @@ use specllava_proto::v1 as pb;
 use specllava_service_kit::convert::{
     draft_params_from_proto, sampling_from_proto, stop_from_proto, tree_from_proto,
 };
-use specllava_service_kit::prepare_prefill;
+use specllava_service_kit::worker::WorkerError;
+use specllava_service_kit::{VisionEncoder, prepare_prefill};
 use speculate::TreeLimits;
 
 #[global_allocator]
@@ -198,6 +199,7 @@ fn fuzz_prefill_validation() {
         .enable_all()
         .build()
         .unwrap();
+    let encoder = VisionEncoder::new(Arc::clone(&model), IMAGES, 1 << 20);
     let token = prop_oneof![
         40 => 0..vocab,
         2 => Just(image_id),
@@ -280,19 +282,21 @@ fn fuzz_prefill_validation() {
                 let (tokens, images, features) = (r.token_ids, r.images, r.image_features);
                 let n_images = images.len().max(features.len());
                 let both = !images.is_empty() && !features.is_empty();
-                match rt.block_on(prepare_prefill(&model, IMAGES, &tokens, images, features)) {
+                match rt.block_on(prepare_prefill(&encoder, &tokens, images, features)) {
                     Ok(t) => {
                         prefilled.set(prefilled.get() + 1);
                         prop_assert!(!both, "images and features are alternatives");
                         prop_assert_eq!(t.len(), n_images);
                         prop_assert!(tokens.iter().all(|&t| t < vocab));
                     }
-                    Err(m) => prop_assert!(!m.is_empty()),
+                    // Bad input is the caller's fault, never an internal error.
+                    Err(WorkerError::InvalidArgument(m)) => prop_assert!(!m.is_empty()),
+                    Err(e) => prop_assert!(false, "not an invalid argument: {e}"),
                 }
             }
             Ok(())
         })
         .unwrap();
     let ok = prefilled.get();
-    println!("fuzz_prefill_validation: {n} cases, {ok} requests accepted (images decoded)");
+    println!("fuzz_prefill_validation: {n} cases, {ok} requests accepted (images encoded)");
 }

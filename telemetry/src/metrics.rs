@@ -76,7 +76,8 @@ impl EncodeLabelSet for ReasonLabel {
     }
 }
 
-/// Labels of `specllava_draft_ahead_total`: what became of a pre-draft (`hit`, `miss`, `late`).
+/// Labels of `specllava_draft_ahead_total` (what became of a pre-draft: `hit`, `miss`, `late`)
+/// and `specllava_vision_cache_total` (how a lookup was served: `hit`, `shared`, `miss`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OutcomeLabel(pub &'static str);
 
@@ -131,6 +132,8 @@ pub struct Metrics {
     pub draft_ahead: Family<OutcomeLabel, Counter>,
     /// Spare-time drafting used by hits, in seconds (draft).
     pub draft_ahead_saved_seconds: Counter<f64, AtomicU64>,
+    /// Vision-feature lookups of the encoder cache, by outcome (`hit`, `shared`, `miss`).
+    pub vision_cache: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -155,6 +158,7 @@ impl Metrics {
             replicas_refused: Family::default(),
             draft_ahead: Family::default(),
             draft_ahead_saved_seconds: Counter::default(),
+            vision_cache: Family::default(),
         };
         registry.register(
             "accepted_tokens_per_step",
@@ -231,7 +235,20 @@ impl Metrics {
             "Spare-time drafting that requests hitting a pre-draft did not wait for",
             metrics.draft_ahead_saved_seconds.clone(),
         );
+        registry.register(
+            "vision_cache",
+            "Vision-feature lookups by outcome: hit (cached), shared (joined a tower run in \
+             flight), miss (ran the tower)",
+            metrics.vision_cache.clone(),
+        );
         metrics
+    }
+
+    /// Counts one vision-feature lookup (`hit`, `shared`, `miss`).
+    pub fn record_vision_cache(&self, outcome: &'static str) {
+        self.vision_cache
+            .get_or_create(&OutcomeLabel(outcome))
+            .inc();
     }
 
     /// Counts one draft-ahead outcome (`hit`, `miss`, `late`); a hit also adds the

@@ -10,8 +10,8 @@ impl Engine {
     /// background (the target decodes meanwhile: the first token never waits for the draft).
     /// At a turn's start (`start`, not a failover mid-turn) the set-up then opens the
     /// speculate stream and drafts the turn's first tree (when it has a shape), and a
-    /// conversation whose target and draft sessions both open first shares the target's
-    /// vision features (one `EncodeImages` call).
+    /// conversation whose target and draft sessions both open first has the draft prefill from
+    /// the target's vision features ([`FeatureSource`]).
     pub(super) async fn start_draft_sync(
         &self,
         conv: &mut Conversation,
@@ -27,9 +27,10 @@ impl Engine {
             return DraftStart::Unavailable;
         }
         let opening = |rs: Option<&ReplicaSession>| !rs.is_some_and(|rs| rs.opened);
-        if start.is_some() && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()) {
-            self.share_vision_features(conv, &r).await;
-        }
+        let features =
+            (start.is_some() && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()))
+                .then(|| feature_source(conv, &r))
+                .flatten();
         let image_id = self.identity.image_token_id;
         let d = conv.draft.as_mut().expect("pinned above");
         match plan_sync(
@@ -38,7 +39,6 @@ impl Engine {
             &conv.id,
             &conv.history,
             &conv.images,
-            features_for(&conv.image_features, ReplicaKind::Draft, &r),
             image_id,
         ) {
             Ok(None) => DraftStart::Ready,
@@ -53,6 +53,7 @@ impl Engine {
                 DraftStart::Running(DraftSetup::spawn(
                     Arc::clone(&self.replicas),
                     planned,
+                    features,
                     early,
                 ))
             }
@@ -60,56 +61,6 @@ impl Engine {
                 self.draft_failed(conv, e).await;
                 DraftStart::Unavailable
             }
-        }
-    }
-
-    /// Has the conversation's target encode its images once (`Target.EncodeImages`) when the
-    /// `draft` computes the same vision features (same vision fingerprint): both sessions
-    /// then prefill from the features, and the draft's set-up skips decoding the images and
-    /// running its vision tower next to the target's prefill. Without them (no images, towers
-    /// that differ, a failed call) the images travel as they are.
-    pub(super) async fn share_vision_features(&self, conv: &mut Conversation, draft: &Replica) {
-        if conv.images.is_empty() {
-            return;
-        }
-        let Some(target) = conv.target.as_ref().map(|t| Arc::clone(t.pin.replica())) else {
-            return;
-        };
-        let fingerprint = |r: &Replica| {
-            r.info
-                .get()
-                .and_then(ReplicaInfo::model)
-                .map(|m| m.vision_fingerprint.clone())
-                .unwrap_or_default()
-        };
-        let shared = fingerprint(&target);
-        if shared.is_empty() || shared != fingerprint(draft) {
-            return;
-        }
-        let req = pb::EncodeImagesRequest {
-            images: conv.images.clone(),
-        };
-        match self.replicas.encode_images(&target, req).await {
-            Ok(resp)
-                if resp.vision_fingerprint == shared
-                    && resp.features.len() == conv.images.len() =>
-            {
-                tracing::debug!(
-                    images = resp.features.len(),
-                    encode_us = resp.encode_ns / 1000,
-                    "vision features shared"
-                );
-                conv.image_features = Some(SharedFeatures {
-                    fingerprint: shared,
-                    encoded_by: target.addr,
-                    features: resp.features,
-                });
-            }
-            Ok(_) => tracing::warn!("EncodeImages answered other features; sending images"),
-            Err(s) if s.code() == Code::Unimplemented => {
-                tracing::debug!("the target has no EncodeImages; sending images");
-            }
-            Err(s) => tracing::warn!(status = %s, "EncodeImages failed; sending images"),
         }
     }
 
@@ -631,4 +582,25 @@ pub(super) fn speculate_request(
         draft_ahead: false,
         answer_ahead,
     }
+}
+
+/// The conversation's target as the source of `draft`'s vision features, when it has images
+/// and the two towers are the same (same vision fingerprint).
+fn feature_source(conv: &Conversation, draft: &Replica) -> Option<FeatureSource> {
+    if conv.images.is_empty() {
+        return None;
+    }
+    let target = Arc::clone(conv.target.as_ref()?.pin.replica());
+    let fingerprint = |r: &Replica| {
+        r.info
+            .get()
+            .and_then(ReplicaInfo::model)
+            .map(|m| m.vision_fingerprint.clone())
+            .unwrap_or_default()
+    };
+    let shared = fingerprint(&target);
+    (!shared.is_empty() && shared == fingerprint(draft)).then_some(FeatureSource {
+        target,
+        fingerprint: shared,
+    })
 }

@@ -48,8 +48,8 @@ use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
-use crate::session::{Conversation, ReplicaSession, SharedFeatures, kv_rows};
-use crate::setup::{DraftSetup, DraftStream, EarlyStream, FirstTree, SetupDone};
+use crate::session::{Conversation, ReplicaSession, kv_rows};
+use crate::setup::{DraftSetup, DraftStream, EarlyStream, FeatureSource, FirstTree, SetupDone};
 use crate::stats::{Stats, draft_service_ns};
 use crate::sync::{SyncReply, SyncTarget, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
@@ -398,21 +398,15 @@ impl Engine {
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
         let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
-        let result = async {
-            let mut turn = self.begin(conv, params, spec).await?;
-            match self.decode(conv, &mut turn, tx).await {
-                Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
-                Err(e) => {
-                    // Keep knowing what the draft session holds (it is closed with the rest).
-                    self.join_draft(conv, &mut turn, true).await;
-                    Err(e)
-                }
+        let mut turn = self.begin(conv, params, spec).await?;
+        match self.decode(conv, &mut turn, tx).await {
+            Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
+            Err(e) => {
+                // Keep knowing what the draft session holds (it is closed with the rest).
+                self.join_draft(conv, &mut turn, true).await;
+                Err(e)
             }
         }
-        .await;
-        // Shared vision features serve the turn's syncs only (they can be large).
-        conv.image_features = None;
-        result
     }
 
     /// The turn's steps, until it finishes or fails.
@@ -491,8 +485,6 @@ impl Engine {
     ) -> Result<Turn<'a>, Interrupted> {
         let started = Instant::now();
         let mut stats = Stats::default();
-        // Features are shared for this turn's start only (never left from an earlier one).
-        conv.image_features = None;
         // The draft session syncs while the target's does (and while the target decodes,
         // if it takes longer).
         let draft_start = if spec.mode.is_some() && self.turn_drafts(spec) {
@@ -505,8 +497,6 @@ impl Engine {
             DraftStart::Unavailable
         };
         let synced = self.ensure_target(conv, &mut stats).await;
-        // Both sessions' syncs are planned: the features (possibly large) go.
-        conv.image_features = None;
         let info = match synced {
             Ok(info) => info,
             Err(e) => {
@@ -849,19 +839,4 @@ async fn close_session(replicas: &dyn ReplicaApi, kind: ReplicaKind, r: &Replica
     if let Err(s) = replicas.close_session(kind, r, req).await {
         tracing::debug!(%kind, addr = %r.addr, status = %s, "close failed");
     }
-}
-
-/// The conversation's shared vision features, for replica `r` of `kind`: the target that
-/// computed them, or a draft with the vision fingerprint they were computed with.
-fn features_for<'c>(
-    shared: &'c Option<SharedFeatures>,
-    kind: ReplicaKind,
-    r: &Replica,
-) -> Option<&'c [pb::VisionFeatures]> {
-    let shared = shared.as_ref()?;
-    let usable = match kind {
-        ReplicaKind::Target => r.addr == shared.encoded_by,
-        ReplicaKind::Draft => r.info.get()?.model()?.vision_fingerprint == shared.fingerprint,
-    };
-    usable.then_some(shared.features.as_slice())
 }

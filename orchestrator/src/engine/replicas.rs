@@ -167,10 +167,9 @@ impl Engine {
         conv_id: &str,
         history: &[u32],
         images: &[Vec<u8>],
-        features: Option<&[pb::VisionFeatures]>,
     ) -> Result<u64, OrchestratorError> {
         let image_id = self.identity.image_token_id;
-        let planned = plan_sync(kind, rs, conv_id, history, images, features, image_id)?;
+        let planned = plan_sync(kind, rs, conv_id, history, images, image_id)?;
         let Some(planned) = planned else {
             return Ok(0);
         };
@@ -290,7 +289,6 @@ impl Engine {
                         &conv.id,
                         &conv.history,
                         &conv.images,
-                        features_for(&conv.image_features, ReplicaKind::Target, &r),
                     )
                     .await
                     .map(|ns| (ns, info.clone())),
