@@ -497,6 +497,7 @@ pub async fn draft_holds(svc: &Service, session: &str) -> bool {
         token_ids: vec![1],
         images: vec![],
         image_features: vec![],
+        first_step: None,
     };
     let mut client = DraftClient::new(connected(svc).await);
     match client.append(req).await {

@@ -224,6 +224,7 @@ async fn the_draft_pre_drafts_in_spare_time_and_redeems_the_guess() {
             images: vec![],
             token_ids: vec![1, 5, 6, 7],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap();

@@ -88,6 +88,7 @@ async fn open_target(cluster: &Cluster, id: &str, tokens: Vec<u32>) -> u64 {
             images: vec![],
             token_ids: tokens,
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap()
@@ -176,6 +177,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         images: vec![bomb.clone()],
         token_ids: vec![1, image_id, 5],
         image_features: vec![],
+        first_step: None,
     };
     let err = cluster
         .target_client()
@@ -224,6 +226,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
             images: vec![],
             token_ids: vec![1, image_id, 5],
             image_features: vec![wrong],
+            first_step: None,
         })
         .await
         .unwrap_err();
@@ -252,6 +255,7 @@ async fn unknown_enums_and_malformed_streams_get_error_statuses() {
             images: vec![],
             token_ids: vec![1, 2, 3],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap();
@@ -337,6 +341,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             token_ids: long.clone(),
             images: vec![],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap_err();
@@ -354,6 +359,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             token_ids: vec![7; CONTEXT],
             images: vec![],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap()
@@ -367,6 +373,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             images: vec![],
             token_ids: vec![1, 2, 3],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap();
@@ -377,6 +384,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             token_ids: long,
             images: vec![],
             image_features: vec![],
+            first_step: None,
         })
         .await
         .unwrap_err();

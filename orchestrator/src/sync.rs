@@ -26,7 +26,7 @@ pub enum SyncCall {
 }
 
 /// What the replica answered.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SyncReply {
     /// KV rows the session holds now.
     pub kv_len: u64,
@@ -34,6 +34,8 @@ pub struct SyncReply {
     pub num_image_tokens: Option<u32>,
     /// Prefill time the replica reports.
     pub forward_ns: u64,
+    /// The token the prefill picked after the history, when the call asked for it.
+    pub first_step: Option<pb::FirstStep>,
 }
 
 /// A sync to make: the call, and where it goes.
@@ -60,7 +62,8 @@ pub struct SyncTarget {
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
-/// when it is in sync already.
+/// when it is in sync already. With `first_step` (a target's), the call also computes the
+/// history's last token and picks the one after it.
 pub fn plan_sync(
     kind: ReplicaKind,
     rs: &ReplicaSession,
@@ -68,6 +71,7 @@ pub fn plan_sync(
     history: &[u32],
     images: &[Vec<u8>],
     image_token_id: u32,
+    first_step: Option<pb::FirstStepRequest>,
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
     let replica = Arc::clone(rs.pin.replica());
     let planned = |call: SyncCall| {
@@ -87,6 +91,7 @@ pub fn plan_sync(
             images: images.to_vec(),
             token_ids: history.to_vec(),
             image_features: Vec::new(),
+            first_step,
         }));
     }
     if rs.synced == history.len() {
@@ -113,6 +118,7 @@ pub fn plan_sync(
         token_ids: tokens,
         images: images[range].to_vec(),
         image_features: Vec::new(),
+        first_step,
     }))
 }
 
@@ -152,6 +158,7 @@ impl PlannedSync {
                         kv_len: r.kv_len,
                         num_image_tokens: Some(r.num_image_tokens),
                         forward_ns: r.prefill_ns,
+                        first_step: r.first_step,
                     })
             }
             SyncCall::Append(req) => {
@@ -162,6 +169,7 @@ impl PlannedSync {
                         kv_len: r.kv_len,
                         num_image_tokens: None,
                         forward_ns: r.forward_ns,
+                        first_step: r.first_step,
                     })
             }
         }

@@ -72,6 +72,25 @@ struct Faults {
     verify_delay: Option<std::time::Duration>,
 }
 
+/// A fake target prefill's first step: the token after `history`'s last, appended (the
+/// session's new root).
+fn pick_first(history: &mut Vec<u32>, ask: Option<pb::FirstStepRequest>) -> Option<pb::FirstStep> {
+    let stop = ask?.stop.unwrap_or_default();
+    let token = target_next(*history.last().unwrap());
+    history.push(token);
+    let finish = if stop.eos_token_ids.contains(&token) {
+        pb::FinishReason::Eos
+    } else if stop.max_new_tokens == 1 {
+        pb::FinishReason::Length
+    } else {
+        pb::FinishReason::Unspecified
+    };
+    Some(pb::FirstStep {
+        token,
+        finish: finish as i32,
+    })
+}
+
 /// In-process draft and target replicas: sessions are token histories.
 #[derive(Default)]
 struct Fake {
@@ -124,25 +143,28 @@ impl ReplicaApi for Fake {
             tokio::time::sleep(delay).await;
         }
         self.log(format!("open {kind} {}", r.addr));
-        let kv_len = req.token_ids.len() as u64 - 1;
-        match kind {
+        let mut history = req.token_ids;
+        let kv_len = history.len() as u64 - 1 + u64::from(req.first_step.is_some());
+        let first_step = match kind {
             ReplicaKind::Target => {
+                let first = pick_first(&mut history, req.first_step);
                 self.targets
                     .lock()
                     .unwrap()
-                    .insert((r.addr, req.session_id), req.token_ids);
+                    .insert((r.addr, req.session_id), history);
+                first
             }
             ReplicaKind::Draft => {
-                self.drafts
-                    .lock()
-                    .unwrap()
-                    .insert(req.session_id, req.token_ids);
+                assert!(req.first_step.is_none(), "a draft picks no tokens");
+                self.drafts.lock().unwrap().insert(req.session_id, history);
+                None
             }
-        }
+        };
         Ok(pb::OpenSessionResponse {
             kv_len,
             num_image_tokens: 1,
             prefill_ns: 1,
+            first_step,
         })
     }
 
@@ -157,27 +179,31 @@ impl ReplicaApi for Fake {
         let update = |h: &mut Vec<u32>| {
             h.truncate(keep);
             h.extend(&req.token_ids);
-            h.len() as u64 - 1
         };
-        let kv_len = match kind {
+        let (kv_len, first_step) = match kind {
             ReplicaKind::Target => {
                 let mut t = self.targets.lock().unwrap();
                 let h = t
                     .get_mut(&(r.addr, req.session_id.clone()))
                     .ok_or_else(|| Status::not_found("no session"))?;
-                update(h)
+                update(h);
+                let first = pick_first(h, req.first_step);
+                (h.len() as u64 - 1, first)
             }
             ReplicaKind::Draft => {
+                assert!(req.first_step.is_none(), "a draft picks no tokens");
                 let mut d = self.drafts.lock().unwrap();
                 let h = d
                     .get_mut(&req.session_id)
                     .ok_or_else(|| Status::not_found("no session"))?;
-                update(h)
+                update(h);
+                (h.len() as u64 - 1, None)
             }
         };
         Ok(pb::AppendResponse {
             kv_len,
             forward_ns: 1,
+            first_step,
         })
     }
 
@@ -387,11 +413,21 @@ async fn run_after(
     history: Vec<u32>,
     mode: Option<TreeMode>,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
+    run_for(engine, history, mode, 24).await
+}
+
+/// [`run_after`] with a budget of `max_new_tokens`.
+async fn run_for(
+    engine: &Engine,
+    history: Vec<u32>,
+    mode: Option<TreeMode>,
+    max_new_tokens: u32,
+) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
     let mut conv = Conversation::new("s1".into(), Vec::new());
     let prompt_len = history.len();
     conv.history = history;
     let params = GenParams {
-        max_new_tokens: 24,
+        max_new_tokens,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         ignore_eos: true,
@@ -686,8 +722,12 @@ async fn the_first_tree_is_drafted_while_the_target_prefills() {
     let e = Engine::new(parts).unwrap();
     // The target's limits are known (as after start-up's check).
     e.check_replicas(ReplicaKind::Target).await;
-    let (tokens, summary) = run(&e, Some(TreeMode::Chain)).await.ok().unwrap();
-    assert_eq!(tokens, expected());
+    // After 10 the draft guesses what the target emits (35, 38, 16, 34).
+    let (tokens, summary) = run_after(&e, vec![1, 10], Some(TreeMode::Chain))
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(tokens, expected_after(10));
     assert!(summary.stats.unwrap().speculative);
     let calls = fake.calls.lock().unwrap().clone();
     let at = |call: &str| calls.iter().position(|c| c.starts_with(call));
@@ -696,12 +736,13 @@ async fn the_first_tree_is_drafted_while_the_target_prefills() {
         first_tree.is_some() && first_tree < target_open,
         "the first tree is drafted during the target's prefill: {calls:?}"
     );
+    // The prefill picked the first token (35); the first step verifies the tree below it.
     assert_eq!(
         calls
             .iter()
             .find(|c| c.starts_with("verify"))
             .map(String::as_str),
-        Some("verify 5 nodes"),
+        Some("verify 4 nodes"),
         "the first step verifies it: {calls:?}"
     );
     // It is the first step's tree: no second request for the same root came first.
@@ -711,6 +752,40 @@ async fn the_first_tree_is_drafted_while_the_target_prefills() {
         .filter(|c| c.starts_with("draft tree"))
         .count();
     assert_eq!(trees_before, 1, "{calls:?}");
+}
+
+/// The target's prefill picks a turn's first token: no verify call comes before it, and a
+/// budget of one token needs none at all, speculative or not.
+#[tokio::test]
+async fn the_prefill_picks_the_first_token() {
+    for mode in [None, Some(TreeMode::Chain)] {
+        let fake = Arc::new(Fake::default());
+        let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+        let (tokens, summary) = run_for(&e, vec![1, 10, 11, 12], mode, 1)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(tokens, expected()[..1]);
+        let summary_stats = summary.stats.unwrap();
+        assert_eq!(summary_stats.steps, 1, "the prefill's step");
+        assert_eq!(summary.finish, pb::FinishReason::Length as i32);
+        let calls = fake.calls_settled().await;
+        assert!(!calls.iter().any(|c| c.starts_with("verify")), "{calls:?}");
+        // Longer answers: the first token still needs no verify (24 tokens in fewer calls).
+        fake.calls.lock().unwrap().clear();
+        let (tokens, _) = run_for(&e, vec![1, 10, 11, 12], None, 24)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(tokens, expected());
+        let verifies = fake
+            .calls_settled()
+            .await
+            .iter()
+            .filter(|c| c.starts_with("verify"))
+            .count();
+        assert_eq!(verifies, 23, "mode {mode:?}");
+    }
 }
 
 #[tokio::test]
@@ -773,8 +848,9 @@ async fn a_late_first_tree_serves_below_the_tokens_emitted_meanwhile() {
         .filter(|c| c.starts_with("verify") || c.starts_with("draft tree"))
         .map(String::as_str)
         .collect();
-    // Two target-only steps while the draft opened (and drafted its first tree), then
-    // the first tree below 35, 38: no draft round trip of its own.
+    // The prefill's first token (35) and two target-only steps while the draft opened (and
+    // drafted its first tree), then the first tree below 35, 38, 16: no draft round trip of
+    // its own.
     steps
         .iter()
         .filter(|c| c.starts_with("draft tree"))
@@ -786,10 +862,10 @@ async fn a_late_first_tree_serves_below_the_tokens_emitted_meanwhile() {
         .collect();
     assert_eq!(
         verifies,
-        ["verify 1 nodes", "verify 1 nodes", "verify 3 nodes"]
+        ["verify 1 nodes", "verify 1 nodes", "verify 2 nodes"]
     );
     assert_eq!(steps.len(), 4, "one tree drafted: {steps:?}");
-    // The subtree's path 38 -> 16 -> 34, heard as the first tree's root -> 35 -> 38 -> ...
+    // The subtree's path 16 -> 34, heard as the first tree's root -> 35 -> 38 -> 16 -> ...
     let paths = fake.draft_paths.lock().unwrap().clone();
     assert_eq!(paths.first(), Some(&vec![0, 1, 2, 3, 4]), "{paths:?}");
 }

@@ -11,6 +11,8 @@ use speculate::{
     TreeLimits, TreeMode, VerifyCostTable, VerifyOutcome,
 };
 
+use crate::worker::FirstStep;
+
 /// What `Info` reports of a loaded model.
 pub fn model_info(
     model: &specllava_model::Llava,
@@ -149,6 +151,22 @@ pub fn stop_from_proto(p: Option<pb::StopConditions>) -> StopConditions {
             p.max_new_tokens as usize
         },
     }
+}
+
+/// A wire first-step request, its sampling validated.
+pub fn first_step_from_proto(p: pb::FirstStepRequest) -> Result<FirstStep, SamplingError> {
+    Ok(FirstStep {
+        sampling: sampling_from_proto(p.sampling)?,
+        stop: stop_from_proto(p.stop),
+    })
+}
+
+/// The token a first step picked, on the wire (`None` when the outcome emitted nothing).
+pub fn first_step_to_proto(o: &VerifyOutcome) -> Option<pb::FirstStep> {
+    Some(pb::FirstStep {
+        token: *o.emitted.last()?,
+        finish: finish_to_proto(o.finish) as i32,
+    })
 }
 
 /// The finish reason on the wire (`None`: not finished).

@@ -35,6 +35,6 @@ pub use sessions::{SessionLimits, SessionState, SessionStore, SessionStoreError}
 pub use tls::{ServerTls, ServerTlsArgs, UpstreamTlsArgs};
 pub use vision_encoder::VisionEncoder;
 pub use worker::{
-    AppendError, BatchJob, BatchLimits, PrefillOutcome, Queued, SessionBackend, WorkerConfig,
-    WorkerError, WorkerHandle,
+    AppendError, BatchJob, BatchLimits, FirstStep, PrefillOutcome, Queued, SessionBackend,
+    WorkerConfig, WorkerError, WorkerHandle,
 };

@@ -11,10 +11,10 @@ use tokio::sync::Semaphore;
 use specllava_model::Llava;
 use specllava_proto::v1 as pb;
 
-use crate::convert::nanos;
+use crate::convert::{first_step_from_proto, first_step_to_proto, nanos};
 use crate::prefill::{prepare_prefill, vision_features_to_proto};
 use crate::vision_encoder::VisionEncoder;
-use crate::worker::{SessionBackend, WorkerError, WorkerHandle};
+use crate::worker::{FIRST_STEP_REFUSED, FirstStep, SessionBackend, WorkerError, WorkerHandle};
 
 /// `EncodeImages` calls that may wait for the vision tower (one runs at a time); more are
 /// refused with RESOURCE_EXHAUSTED (the caller then sends the images themselves).
@@ -53,7 +53,8 @@ impl<B: SessionBackend> SessionRpc<B> {
         &self.model
     }
 
-    /// `OpenSession`: prefills all history tokens but the last (the root).
+    /// `OpenSession`: prefills all history tokens but the last (the root); with `first_step`,
+    /// the root too, and answers the token picked after it.
     pub async fn open(
         &self,
         r: pb::OpenSessionRequest,
@@ -70,34 +71,39 @@ impl<B: SessionBackend> SessionRpc<B> {
             ))
             .into());
         }
+        let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
         let out = self
             .worker
-            .open(r.session_id.clone(), r.token_ids, images)
+            .open(r.session_id.clone(), r.token_ids, images, first)
             .await?;
         tracing::info!(session = %r.session_id, kv_len = out.kv_len, "session opened");
         Ok(pb::OpenSessionResponse {
             kv_len: out.kv_len,
             num_image_tokens: self.model.num_image_tokens() as u32,
             prefill_ns: out.forward_ns,
+            first_step: out.first.as_ref().and_then(first_step_to_proto),
         })
     }
 
-    /// `Append`: truncates the session's KV, then appends tokens (the last becomes the root).
-    /// A history longer than the context is refused by the worker before any forward; the
-    /// session is left as it was.
+    /// `Append`: truncates the session's KV, then appends tokens (the last becomes the root;
+    /// with `first_step`, it is computed too and the token after it answered). A history
+    /// longer than the context is refused by the worker before any forward; the session is
+    /// left as it was.
     pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
         specllava_telemetry::metrics().record_request("Append");
+        let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
         let out = self
             .worker
-            .append(r.session_id, r.keep_kv_len, r.token_ids, images)
+            .append(r.session_id, r.keep_kv_len, r.token_ids, images, first)
             .await?;
         Ok(pb::AppendResponse {
             kv_len: out.kv_len,
             forward_ns: out.forward_ns,
+            first_step: out.first.as_ref().and_then(first_step_to_proto),
         })
     }
 
@@ -153,6 +159,20 @@ impl<B: SessionBackend> SessionRpc<B> {
         tracing::info!(session = %id, existed, "session closed");
         Ok(pb::CloseSessionResponse { existed })
     }
+}
+
+/// A request's first step, checked before any work: refused by a backend that picks no
+/// tokens (a draft), its sampling validated.
+fn first_step<B: SessionBackend>(
+    r: Option<pb::FirstStepRequest>,
+) -> Result<Option<FirstStep>, WorkerError> {
+    let Some(r) = r else { return Ok(None) };
+    if !B::PICKS_FIRST_TOKEN {
+        return Err(WorkerError::InvalidArgument(FIRST_STEP_REFUSED.into()));
+    }
+    first_step_from_proto(r)
+        .map(Some)
+        .map_err(|e| WorkerError::InvalidArgument(format!("first_step: {e}")))
 }
 
 /// Implements a model service's gRPC trait (`Draft`, `Target`): the session RPCs

@@ -24,6 +24,7 @@ use std::sync::mpsc::{
 use std::time::{Duration, Instant};
 
 use specllava_model::PrefillImages;
+use speculate::{SamplingParams, StopConditions, VerifyOutcome};
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
@@ -86,13 +87,30 @@ impl WorkerError {
     }
 }
 
+/// Why a replica that picks no tokens (a draft) refuses a [`FirstStep`].
+pub const FIRST_STEP_REFUSED: &str = "first_step: this replica picks no tokens (a target does)";
+
 /// Result of a prefill (open / append).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PrefillOutcome {
-    /// KV rows of the session after the prefill (the history minus the root).
+    /// KV rows of the session after the prefill (the history minus the root; with a
+    /// [`FirstStep`], the whole history).
     pub kv_len: u64,
     /// Time of the prefill.
     pub forward_ns: u64,
+    /// The token picked after the history, when a [`FirstStep`] asked for it: the outcome
+    /// of verifying a root-only tree.
+    pub first: Option<VerifyOutcome>,
+}
+
+/// A prefill asked to compute the root too and pick the token after it, as a `Verify` of a
+/// root-only tree would (the target's; a turn's first token without a second forward).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstStep {
+    /// How the token is picked.
+    pub sampling: SamplingParams,
+    /// When the generation stops.
+    pub stop: StopConditions,
 }
 
 /// Why an append failed, and whether the session survived it.
@@ -163,6 +181,37 @@ pub trait SessionBackend: Send + 'static {
         tokens: Vec<u32>,
         images: &PrefillImages,
     ) -> Result<(), AppendError<Self::Error>>;
+
+    /// Whether prefills can pick the token after the history ([`FirstStep`]); requests asking
+    /// a backend that cannot are refused before any work.
+    const PICKS_FIRST_TOKEN: bool = false;
+
+    /// [`SessionBackend::open`] with the root computed too (`tokens` is the whole history)
+    /// and the token after it picked; the session's root is that token.
+    fn open_and_pick(
+        &mut self,
+        _tokens: &[u32],
+        _images: &PrefillImages,
+        _first: &FirstStep,
+    ) -> Result<(Self::Session, VerifyOutcome), Self::Error> {
+        Err(WorkerError::InvalidArgument(FIRST_STEP_REFUSED.into()).into())
+    }
+
+    /// [`SessionBackend::append`] with the last token computed too and the token after it
+    /// picked; the session's root is that token.
+    fn append_and_pick(
+        &mut self,
+        _session: &mut Self::Session,
+        _keep_kv_len: u64,
+        _tokens: Vec<u32>,
+        _images: &PrefillImages,
+        _first: &FirstStep,
+    ) -> Result<VerifyOutcome, AppendError<Self::Error>> {
+        Err(AppendError {
+            error: WorkerError::InvalidArgument(FIRST_STEP_REFUSED.into()).into(),
+            drop_session: false,
+        })
+    }
 
     /// KV rows the session holds.
     fn kv_len(session: &Self::Session) -> u64;
@@ -245,6 +294,8 @@ pub enum Command<B: SessionBackend + ?Sized> {
         tokens: Vec<u32>,
         /// Images (pixels or vision features), one per placeholder.
         images: PrefillImages,
+        /// Compute the root too and pick the token after it.
+        first: Option<FirstStep>,
         /// Answer.
         reply: Reply<PrefillOutcome, B::Error>,
     },
@@ -258,6 +309,8 @@ pub enum Command<B: SessionBackend + ?Sized> {
         tokens: Vec<u32>,
         /// Images (pixels or vision features), one per placeholder.
         images: PrefillImages,
+        /// Compute the last token too and pick the token after it.
+        first: Option<FirstStep>,
         /// Answer.
         reply: Reply<PrefillOutcome, B::Error>,
     },
@@ -383,36 +436,41 @@ impl<B: SessionBackend> WorkerHandle<B> {
             .map_err(|_| B::Error::from(WorkerError::WorkerGone))?
     }
 
-    /// Opens a session: prefills all tokens but the last (the root).
+    /// Opens a session: prefills all tokens but the last (the root); with `first`, the root
+    /// too, and picks the token after it.
     pub async fn open(
         &self,
         id: String,
         tokens: Vec<u32>,
         images: PrefillImages,
+        first: Option<FirstStep>,
     ) -> Result<PrefillOutcome, B::Error> {
         self.call(|reply| Command::Open {
             id,
             tokens,
             images,
+            first,
             reply,
         })
         .await
     }
 
     /// Truncates a session to `keep_kv_len` KV rows, then appends `tokens` (all computed
-    /// but the last, the new root).
+    /// but the last, the new root; with `first`, that one too, and the token after it picked).
     pub async fn append(
         &self,
         id: String,
         keep_kv_len: u64,
         tokens: Vec<u32>,
         images: PrefillImages,
+        first: Option<FirstStep>,
     ) -> Result<PrefillOutcome, B::Error> {
         self.call(|reply| Command::Append {
             id,
             keep_kv_len,
             tokens,
             images,
+            first,
             reply,
         })
         .await
@@ -481,13 +539,16 @@ impl<B: SessionBackend> Worker<B> {
                     id,
                     tokens,
                     images,
+                    first,
                     reply,
                 } => {
-                    let res = catch_unwind(AssertUnwindSafe(|| self.open(&id, &tokens, &images)))
-                        .unwrap_or_else(|panic| {
-                            self.contained(panic.as_ref(), "open", &[id.as_str()]);
-                            Err(WorkerError::Panicked.into())
-                        });
+                    let res = catch_unwind(AssertUnwindSafe(|| {
+                        self.open(&id, &tokens, &images, first.as_ref())
+                    }))
+                    .unwrap_or_else(|panic| {
+                        self.contained(panic.as_ref(), "open", &[id.as_str()]);
+                        Err(WorkerError::Panicked.into())
+                    });
                     let _ = reply.send(res);
                 }
                 Command::Append {
@@ -495,10 +556,11 @@ impl<B: SessionBackend> Worker<B> {
                     keep_kv_len,
                     tokens,
                     images,
+                    first,
                     reply,
                 } => {
                     let res = catch_unwind(AssertUnwindSafe(|| {
-                        self.append(&id, keep_kv_len, tokens, &images)
+                        self.append(&id, keep_kv_len, tokens, &images, first.as_ref())
                     }))
                     .unwrap_or_else(|panic| {
                         self.contained(panic.as_ref(), "append", &[id.as_str()]);
@@ -561,6 +623,7 @@ impl<B: SessionBackend> Worker<B> {
         id: &str,
         tokens: &[u32],
         images: &PrefillImages,
+        first: Option<&FirstStep>,
     ) -> Result<PrefillOutcome, B::Error> {
         if self.sessions.contains(id) {
             return Err(SessionStoreError::AlreadyExists(id.to_owned()).into());
@@ -569,13 +632,23 @@ impl<B: SessionBackend> Worker<B> {
             .split_last()
             .ok_or_else(|| WorkerError::InvalidArgument("no tokens".into()))?;
         let t0 = Instant::now();
-        let session = self.backend.open(prefix, root, images)?;
+        let (session, first) = match first {
+            None => (self.backend.open(prefix, root, images)?, None),
+            Some(step) => {
+                let (session, outcome) = self.backend.open_and_pick(tokens, images, step)?;
+                (session, Some(outcome))
+            }
+        };
         let forward_ns = nanos(t0.elapsed());
         let kv_len = B::kv_len(&session);
         for evicted in self.sessions.insert(id, session)? {
             tracing::info!(session = %evicted, "session evicted (LRU)");
         }
-        Ok(PrefillOutcome { kv_len, forward_ns })
+        Ok(PrefillOutcome {
+            kv_len,
+            forward_ns,
+            first,
+        })
     }
 
     fn append(
@@ -584,6 +657,7 @@ impl<B: SessionBackend> Worker<B> {
         keep_kv_len: u64,
         tokens: Vec<u32>,
         images: &PrefillImages,
+        first: Option<&FirstStep>,
     ) -> Result<PrefillOutcome, B::Error> {
         if tokens.is_empty() {
             return Err(WorkerError::InvalidArgument("no tokens".into()).into());
@@ -600,18 +674,35 @@ impl<B: SessionBackend> Worker<B> {
             .into());
         }
         let t0 = Instant::now();
-        if let Err(e) = self.backend.append(session, keep_kv_len, tokens, images) {
-            if e.drop_session {
-                self.sessions.remove(id);
+        let appended = match first {
+            None => self
+                .backend
+                .append(session, keep_kv_len, tokens, images)
+                .map(|()| None),
+            Some(step) => self
+                .backend
+                .append_and_pick(session, keep_kv_len, tokens, images, step)
+                .map(Some),
+        };
+        let first = match appended {
+            Ok(first) => first,
+            Err(e) => {
+                if e.drop_session {
+                    self.sessions.remove(id);
+                }
+                return Err(e.error);
             }
-            return Err(e.error);
-        }
+        };
         let forward_ns = nanos(t0.elapsed());
         let kv_len = B::kv_len(session);
         for evicted in self.sessions.update(id) {
             tracing::info!(session = %evicted, "session evicted (LRU)");
         }
-        Ok(PrefillOutcome { kv_len, forward_ns })
+        Ok(PrefillOutcome {
+            kv_len,
+            forward_ns,
+            first,
+        })
     }
 }
 
@@ -955,39 +1046,68 @@ mod tests {
         };
         let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
         let opened = w
-            .open("a".into(), vec![1, 2, 3], PrefillImages::none())
+            .open("a".into(), vec![1, 2, 3], PrefillImages::none(), None)
             .await
             .unwrap();
         assert_eq!(opened.kv_len, 2);
-        w.open("b".into(), vec![1], PrefillImages::none())
+        w.open("b".into(), vec![1], PrefillImages::none(), None)
             .await
             .unwrap();
         assert!(matches!(
-            w.open("a".into(), vec![1], PrefillImages::none()).await,
+            w.open("a".into(), vec![1], PrefillImages::none(), None)
+                .await,
             Err(FakeError::Session(SessionStoreError::AlreadyExists(_)))
         ));
         assert!(matches!(
-            w.append("a".into(), 9, vec![4], PrefillImages::none())
+            w.append("a".into(), 9, vec![4], PrefillImages::none(), None)
                 .await,
             Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
         ));
         // Past the context: refused before the backend runs, the session unchanged.
         assert!(matches!(
-            w.append("a".into(), 1, vec![4; 1000], PrefillImages::none())
+            w.append("a".into(), 1, vec![4; 1000], PrefillImages::none(), None)
                 .await,
             Err(FakeError::Worker(WorkerError::ContextFull(_)))
         ));
         assert!(matches!(
-            w.append("nope".into(), 1, vec![4; 1000], PrefillImages::none())
+            w.append("nope".into(), 1, vec![4; 1000], PrefillImages::none(), None)
                 .await,
             Err(FakeError::Session(SessionStoreError::NotFound(_)))
         ));
         assert_eq!(
-            w.append("a".into(), 1, vec![4, 5], PrefillImages::none())
+            w.append("a".into(), 1, vec![4, 5], PrefillImages::none(), None)
                 .await
                 .unwrap()
                 .kv_len,
             2
+        );
+        // A backend that picks no tokens refuses a first step, opening or appending nothing.
+        let first = || {
+            Some(FirstStep {
+                sampling: SamplingParams::greedy(),
+                stop: StopConditions {
+                    eos_token_ids: vec![],
+                    max_new_tokens: 1,
+                },
+            })
+        };
+        assert!(matches!(
+            w.open("c".into(), vec![1, 2], PrefillImages::none(), first())
+                .await,
+            Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
+        ));
+        assert!(matches!(
+            w.append("a".into(), 1, vec![6], PrefillImages::none(), first())
+                .await,
+            Err(FakeError::Worker(WorkerError::InvalidArgument(_)))
+        ));
+        assert_eq!(
+            w.append("a".into(), 2, vec![6], PrefillImages::none(), None)
+                .await
+                .unwrap()
+                .kv_len,
+            2,
+            "the session as the last append left it"
         );
         let (x, y) = tokio::join!(
             w.submit(Job {
@@ -1033,7 +1153,7 @@ mod tests {
         let die = Arc::clone(&backend.die);
         let w = worker(backend);
         for id in ["a", "b"] {
-            w.open(id.into(), vec![1, 2, 3], PrefillImages::none())
+            w.open(id.into(), vec![1, 2, 3], PrefillImages::none(), None)
                 .await
                 .unwrap();
         }
@@ -1053,17 +1173,17 @@ mod tests {
         assert_eq!(w.submit(job_of("b", 7)).await.unwrap(), 7);
         // A poisoned append drops its session; a poisoned open leaves none behind.
         assert!(matches!(
-            w.append("b".into(), 0, vec![POISON, 1], PrefillImages::none())
+            w.append("b".into(), 0, vec![POISON, 1], PrefillImages::none(), None)
                 .await,
             Err(FakeError::Worker(WorkerError::Panicked))
         ));
         assert!(!w.close("b".into()).await.unwrap());
         assert!(matches!(
-            w.open("c".into(), vec![POISON, 1], PrefillImages::none())
+            w.open("c".into(), vec![POISON, 1], PrefillImages::none(), None)
                 .await,
             Err(FakeError::Worker(WorkerError::Panicked))
         ));
-        w.open("c".into(), vec![1, 2], PrefillImages::none())
+        w.open("c".into(), vec![1, 2], PrefillImages::none(), None)
             .await
             .unwrap();
         assert_eq!(w.submit(job_of("c", 8)).await.unwrap(), 8);

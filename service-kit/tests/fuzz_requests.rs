@@ -268,6 +268,7 @@ fn fuzz_prefill_validation() {
                 images,
                 token_ids,
                 image_features,
+                first_step: None,
             }
         });
     let (mut runner, n) = runner();

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
 use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{
-    AppendError, BatchJob, Queued, SessionBackend, WorkerError, WorkerHandle,
+    AppendError, BatchJob, FirstStep, Queued, SessionBackend, WorkerError, WorkerHandle,
 };
 use specllava_service_kit::{SessionState, SessionStore, prefilled_kv};
 use speculate::{FinishReason, SamplingParams, StopConditions, TokenTree, VerifyOutcome};
@@ -135,17 +135,7 @@ impl SessionBackend for TargetBackend {
         images: &PrefillImages,
     ) -> Result<(), AppendError<TargetError>> {
         let (&root, prefix) = tokens.split_last().expect("tokens is not empty");
-        let committed = session.kv.committed_len() as u64;
-        if keep_kv_len > committed {
-            return Err(AppendError::rejected(TargetError::InvalidArgument(
-                format!("keep_kv_len {keep_kv_len} is beyond the session's kv_len {committed}"),
-            )));
-        }
-        session.kv.discard_pending();
-        session
-            .kv
-            .rollback(keep_kv_len as usize)
-            .map_err(AppendError::rejected)?;
+        self.truncate(session, keep_kv_len)?;
         if !prefix.is_empty() {
             self.model
                 .prefill_images(&mut session.kv, prefix, images)
@@ -153,6 +143,35 @@ impl SessionBackend for TargetBackend {
         }
         session.root = root;
         Ok(())
+    }
+
+    const PICKS_FIRST_TOKEN: bool = true;
+
+    fn open_and_pick(
+        &mut self,
+        tokens: &[u32],
+        images: &PrefillImages,
+        first: &FirstStep,
+    ) -> Result<(TargetSession, VerifyOutcome), TargetError> {
+        let mut kv = self.model.new_kv();
+        let (outcome, root) = self.prefill_and_pick(&mut kv, tokens, images, first)?;
+        Ok((TargetSession { kv, root }, outcome))
+    }
+
+    fn append_and_pick(
+        &mut self,
+        session: &mut TargetSession,
+        keep_kv_len: u64,
+        tokens: Vec<u32>,
+        images: &PrefillImages,
+        first: &FirstStep,
+    ) -> Result<VerifyOutcome, AppendError<TargetError>> {
+        self.truncate(session, keep_kv_len)?;
+        let (outcome, root) = self
+            .prefill_and_pick(&mut session.kv, &tokens, images, first)
+            .map_err(AppendError::corrupted)?;
+        session.root = root;
+        Ok(outcome)
     }
 
     fn kv_len(session: &TargetSession) -> u64 {
@@ -172,6 +191,61 @@ impl SessionBackend for TargetBackend {
 }
 
 impl TargetBackend {
+    /// Drops a session's pending rows and its committed rows past `keep_kv_len` (an append's
+    /// first part); refused, the session unchanged, past its KV length.
+    fn truncate(
+        &self,
+        session: &mut TargetSession,
+        keep_kv_len: u64,
+    ) -> Result<(), AppendError<TargetError>> {
+        let committed = session.kv.committed_len() as u64;
+        if keep_kv_len > committed {
+            return Err(AppendError::rejected(TargetError::InvalidArgument(
+                format!("keep_kv_len {keep_kv_len} is beyond the session's kv_len {committed}"),
+            )));
+        }
+        session.kv.discard_pending();
+        session
+            .kv
+            .rollback(keep_kv_len as usize)
+            .map_err(AppendError::rejected)
+    }
+
+    /// Prefills `tokens` (the last one, the root, included) into `kv` and picks the token
+    /// after the root from its logits, as verifying a root-only tree would: the outcome and
+    /// the new root.
+    fn prefill_and_pick(
+        &self,
+        kv: &mut KvCache,
+        tokens: &[u32],
+        images: &PrefillImages,
+        first: &FirstStep,
+    ) -> Result<(VerifyOutcome, u32), TargetError> {
+        let &root = tokens.last().expect("tokens is not empty");
+        let logits = self.model.prefill_images(kv, tokens, images)?;
+        let flat = logits
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| TargetError::BatchFailed(e.to_string()))?;
+        let vocab = flat.len();
+        // The root sits at the last committed row.
+        let root_position = kv.committed_len() as u64 - 1;
+        let outcome = speculate::verify(
+            &TokenTree::root(root),
+            &flat,
+            vocab,
+            &first.sampling,
+            root_position,
+            &first.stop,
+        );
+        // A root-only verify emits one token unless its budget is none (the wire's 0 reads
+        // as no limit, so only a caller's bug gets here).
+        let &next = outcome.emitted.last().ok_or_else(|| {
+            TargetError::InvalidArgument("first_step: a budget of no tokens".into())
+        })?;
+        Ok((outcome, next))
+    }
+
     /// Checks a job against its session (taken out of the store when it is to be verified).
     fn check(
         &self,

@@ -40,6 +40,7 @@ impl Engine {
             &conv.history,
             &conv.images,
             image_id,
+            None,
         ) {
             Ok(None) => DraftStart::Ready,
             Ok(Some(planned)) => {

@@ -232,6 +232,9 @@ struct Turn<'a> {
     target_model: pb::ModelInfo,
     /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
     draft: Option<DraftStream>,
+    /// The turn's first token, picked by the target's prefill (streamed before the first
+    /// step), as a root-only verify's answer.
+    first_token: Option<pb::VerifyResponse>,
     /// The first tree the draft's set-up drafted (used by the first drafting step, below
     /// the tokens the target emitted since, when they are tokens it drafted).
     first_tree: Option<FirstTree>,
@@ -417,6 +420,14 @@ impl Engine {
         tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Interrupted> {
         let params = turn.params;
+        if let Some(first) = turn.first_token.take() {
+            // A step of the prefill's: no verify call, no forward of its own.
+            turn.stats.record_verify(&first, 0, false);
+            turn.first_token_at = Some(turn.started.elapsed());
+            if self.emit(conv, turn, &first, tx).await? == Flow::Stop {
+                return Ok(());
+            }
+        }
         while turn.generated < params.max_new_tokens {
             if tx.is_closed() {
                 return Err(Interrupted::Cancelled);
@@ -496,9 +507,10 @@ impl Engine {
         } else {
             DraftStart::Unavailable
         };
-        let synced = self.ensure_target(conv, &mut stats).await;
-        let info = match synced {
-            Ok(info) => info,
+        // The target's prefill picks the first token: no verify call stands before it.
+        let synced = self.ensure_target(conv, &mut stats, Some(params)).await;
+        let (info, first_step) = match synced {
+            Ok(synced) => synced,
             Err(e) => {
                 if let DraftStart::Running(setup) = draft_start {
                     // Keep knowing what the draft session holds.
@@ -508,13 +520,20 @@ impl Engine {
             }
         };
         let model = info.model.clone().unwrap_or_default();
-        let eos: Vec<u32> = if params.ignore_eos {
-            Vec::new()
-        } else if model.eos_token_ids.is_empty() {
-            vec![self.identity.eos_token_id]
-        } else {
-            model.eos_token_ids.clone()
-        };
+        let eos = self.eos_ids(params, &model);
+        let first_token = first_step.map(|first| {
+            let target = conv.target.as_mut().expect("ensured");
+            conv.history.push(first.token);
+            target.synced = conv.history.len();
+            pb::VerifyResponse {
+                emitted: vec![first.token],
+                accepted_path: vec![0],
+                kv_len: target.kv_len,
+                finish: first.finish,
+                batch_size: 1,
+                ..Default::default()
+            }
+        });
         let tree_limits = TreeLimits {
             max_nodes: info.max_tree_nodes as usize,
             max_depth: info.max_tree_depth as usize,
@@ -535,6 +554,7 @@ impl Engine {
             max_context: model.max_context,
             target_model: model,
             draft: None,
+            first_token,
             first_tree: None,
             draft_setup,
             text: TextStream::new(params.stop.clone()),
@@ -574,6 +594,17 @@ impl Engine {
             "turn begun"
         );
         Ok(turn)
+    }
+
+    /// The EOS ids a generation with `params` stops at on `model` (none with `ignore_eos`).
+    fn eos_ids(&self, params: &GenParams, model: &pb::ModelInfo) -> Vec<u32> {
+        if params.ignore_eos {
+            Vec::new()
+        } else if model.eos_token_ids.is_empty() {
+            vec![self.identity.eos_token_id]
+        } else {
+            model.eos_token_ids.clone()
+        }
     }
 
     /// Verifies the proposal on the target and appends the emitted tokens to the
@@ -618,7 +649,7 @@ impl Engine {
                     tracing::warn!(status = %s, "target session lost, re-prefilling");
                     target.opened = false;
                 }
-                self.ensure_target(conv, &mut turn.stats).await?;
+                self.ensure_target(conv, &mut turn.stats, None).await?;
                 return Ok(None);
             }
         };

@@ -158,8 +158,9 @@ impl Engine {
         }
     }
 
-    /// Opens the session on `rs` or brings it up to date with the history; returns the
-    /// replica's prefill time.
+    /// Opens the session on `rs` or brings it up to date with the history (with `first_step`,
+    /// a target's prefill also picks the token after it); the replica's answer, `None` when
+    /// the session was in sync already.
     pub(super) async fn sync(
         &self,
         kind: ReplicaKind,
@@ -167,15 +168,18 @@ impl Engine {
         conv_id: &str,
         history: &[u32],
         images: &[Vec<u8>],
-    ) -> Result<u64, OrchestratorError> {
+        first_step: Option<pb::FirstStepRequest>,
+    ) -> Result<Option<SyncReply>, OrchestratorError> {
         let image_id = self.identity.image_token_id;
-        let planned = plan_sync(kind, rs, conv_id, history, images, image_id)?;
+        let planned = plan_sync(kind, rs, conv_id, history, images, image_id, first_step)?;
         let Some(planned) = planned else {
-            return Ok(0);
+            return Ok(None);
         };
         let target = planned.target.clone();
         let reply = planned.run(self.replicas.as_ref()).await;
-        self.finish_sync(rs, conv_id, &target, reply).await
+        self.finish_sync(rs, conv_id, &target, reply)
+            .await
+            .map(Some)
     }
 
     /// Records a sync's answer in `rs`. A session that already exists where it was to be
@@ -186,11 +190,11 @@ impl Engine {
         conv_id: &str,
         planned: &SyncTarget,
         reply: Result<SyncReply, Status>,
-    ) -> Result<u64, OrchestratorError> {
+    ) -> Result<SyncReply, OrchestratorError> {
         match reply {
             Ok(reply) => {
                 planned.apply(rs, &reply);
-                Ok(reply.forward_ns)
+                Ok(reply)
             }
             Err(s) => {
                 if planned.opens && s.code() == Code::AlreadyExists {
@@ -262,12 +266,15 @@ impl Engine {
     }
 
     /// Pins a compatible target, checks it and syncs it, re-pinning / re-prefilling on
-    /// failure; returns the target's `Info`.
+    /// failure; returns the target's `Info` and, when `first` asked for it (a turn's start)
+    /// and the sync prefilled, the token its prefill picked after the history (the turn's
+    /// first token: not yet in the history).
     pub(super) async fn ensure_target(
         &self,
         conv: &mut Conversation,
         stats: &mut Stats,
-    ) -> Result<pb::InfoResponse, OrchestratorError> {
+        first: Option<&GenParams>,
+    ) -> Result<(pb::InfoResponse, Option<pb::FirstStep>), OrchestratorError> {
         let mut last_err = None;
         // A failed replica is out of rotation, so each one costs one attempt at most: the
         // turn fails over to every target in rotation before it fails.
@@ -282,25 +289,38 @@ impl Engine {
             let t = conv.target.as_mut().expect("pinned above");
             let r = Arc::clone(t.pin.replica());
             let synced = match self.checked_info(ReplicaKind::Target, &r, None).await {
-                Ok(ReplicaInfo::Target(info)) => self
-                    .sync(
+                Ok(ReplicaInfo::Target(info)) => {
+                    let model = info.model.clone().unwrap_or_default();
+                    let first_step = first.map(|params| pb::FirstStepRequest {
+                        sampling: Some(sampling_to_proto(&params.sampling)),
+                        stop: Some(pb::StopConditions {
+                            eos_token_ids: self.eos_ids(params, &model),
+                            max_new_tokens: params.max_new_tokens,
+                        }),
+                    });
+                    self.sync(
                         ReplicaKind::Target,
                         t,
                         &conv.id,
                         &conv.history,
                         &conv.images,
+                        first_step,
                     )
                     .await
-                    .map(|ns| (ns, info.clone())),
+                    .map(|reply| (reply, info.clone()))
+                }
                 Ok(ReplicaInfo::Draft(_)) => Err(OrchestratorError::Internal(
                     "a target replica answered as a draft".into(),
                 )),
                 Err(e) => Err(e),
             };
             match synced {
-                Ok((ns, info)) => {
-                    stats.prefill_ns += ns;
-                    return Ok(info);
+                Ok((reply, info)) => {
+                    let Some(reply) = reply else {
+                        return Ok((info, None));
+                    };
+                    stats.prefill_ns += reply.forward_ns;
+                    return Ok((info, reply.first_step));
                 }
                 Err(e @ OrchestratorError::Incompatible { .. }) => {
                     conv.target = None;
