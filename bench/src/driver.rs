@@ -102,6 +102,14 @@ impl RequestResult {
         self.chunks.first().map(|c| c.0)
     }
 
+    /// Tokens decoded after the first chunk: a first chunk of several tokens (a tree
+    /// verified before anything was streamed) arrives with the first token's latency, and
+    /// its tokens are no part of the decode time.
+    pub fn decode_tokens(&self) -> usize {
+        let first = self.chunks.first().map_or(0, |c| c.1 as usize);
+        self.tokens.len().saturating_sub(first.max(1))
+    }
+
     /// Decode time: from the first token to the last, ns.
     pub fn decode_ns(&self) -> u64 {
         match (self.chunks.first(), self.chunks.last()) {
@@ -234,6 +242,16 @@ mod tests {
         };
         assert_eq!(r.ttft_ns(), Some(100));
         assert_eq!(r.decode_ns(), 400);
+        assert_eq!(r.decode_tokens(), 5);
+        let several_first = RequestResult {
+            chunks: vec![(100, 3), (400, 3)],
+            ..r.clone()
+        };
+        assert_eq!(
+            several_first.decode_tokens(),
+            3,
+            "the first chunk's are not decoded"
+        );
         assert_eq!(
             r.per_token_latencies_ns(),
             vec![100.0, 100.0, 100.0, 50.0, 50.0]

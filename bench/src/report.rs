@@ -34,8 +34,8 @@ impl Run {
         self.results.iter().map(|r| r.1.tokens.len()).sum()
     }
 
-    /// Decode rate: tokens after each request's first, over the summed decode times (from first
-    /// to last token), tokens per second. At concurrency 1 this is pure decoding speed.
+    /// Decode rate: tokens after each request's first chunk, over the summed decode times (from
+    /// first to last chunk), tokens per second. At concurrency 1 this is pure decoding speed.
     pub fn decode_tok_s(&self) -> f64 {
         self.decode_tok_s_where(|_| true)
     }
@@ -43,7 +43,7 @@ impl Run {
     /// The decode rate over the requests whose item index passes `keep`.
     pub fn decode_tok_s_where(&self, keep: impl Fn(usize) -> bool) -> f64 {
         let kept = || self.results.iter().filter(|r| keep(r.0));
-        let toks: usize = kept().map(|r| r.1.tokens.len().saturating_sub(1)).sum();
+        let toks: usize = kept().map(|r| r.1.decode_tokens()).sum();
         let ns: u64 = kept().map(|r| r.1.decode_ns()).sum();
         if ns == 0 {
             0.0
@@ -518,7 +518,7 @@ pub fn render_markdown(
 ) -> String {
     let mut md = markdown(report);
     md.push_str(
-        "\nColumns: decode tok/s = tokens after the first over time from first to last token \
+        "\nColumns: decode tok/s = tokens after the first chunk over time from first to last chunk \
          (summed over requests); speedup = ratio to target-only in the same round (median of \
          rounds); e2e = all tokens over the wall time of the pass, prefill included; tokens/step = \
          accepted draft tokens + 1; acceptance dN = fraction of steps whose accepted path reached \
