@@ -1,6 +1,7 @@
 //! A target's prefill picks a turn's first token (`first_step`) as a `Verify` of a root-only
-//! tree would: the same token, greedy and seeded, and the session goes on as after that
-//! verify. A draft refuses the request before any work.
+//! tree would: the same token, greedy and seeded, opening a session or appending to one (after
+//! a rollback too), and the session goes on as after that verify. A draft refuses the request
+//! before any work.
 
 use specllava_e2e::{Cluster, ClusterConfig, fixture_image};
 use specllava_proto::v1 as pb;
@@ -121,6 +122,74 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
                 (next_b.emitted, next_b.kv_len)
             );
         }
+    }
+    // Append (a conversation's next turn, and a rollback of its last rows first): the token
+    // picked and the step after it as after Append then a root-only verify.
+    for seed in [None, Some(5)] {
+        let mut twins = Vec::new();
+        for (id, ask) in [("ta", true), ("tb", false)] {
+            let id = format!("{id}{}", seed.unwrap_or(0));
+            let first_step = ask.then(|| pb::FirstStepRequest {
+                sampling: Some(sampling(seed)),
+                stop: Some(stop()),
+            });
+            let history = vec![1u32, 5, 6, 7, 8];
+            target
+                .open_session(pb::OpenSessionRequest {
+                    session_id: id.clone(),
+                    images: vec![],
+                    token_ids: history.clone(),
+                    image_features: vec![],
+                    first_step: None,
+                })
+                .await
+                .unwrap();
+            // Keep 3 of the 4 rows (a rollback), re-send the 4th and the root, add a turn.
+            let tokens = vec![history[3], history[4], 11, 12, 13];
+            let appended = target
+                .append(pb::AppendRequest {
+                    session_id: id.clone(),
+                    keep_kv_len: 3,
+                    token_ids: tokens,
+                    images: vec![],
+                    image_features: vec![],
+                    first_step,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (token, kv_len) = match appended.first_step {
+                Some(first) => (first.token, appended.kv_len),
+                None => {
+                    let v = target
+                        .verify(pb::VerifyRequest {
+                            session_id: id.clone(),
+                            expected_kv_len: appended.kv_len,
+                            tree: Some(root_only(13)),
+                            sampling: Some(sampling(seed)),
+                            stop: Some(stop()),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    (v.emitted[0], v.kv_len)
+                }
+            };
+            let next = target
+                .verify(pb::VerifyRequest {
+                    session_id: id,
+                    expected_kv_len: kv_len,
+                    tree: Some(root_only(token)),
+                    sampling: Some(sampling(seed)),
+                    stop: Some(stop()),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            twins.push((token, kv_len, next.emitted, next.kv_len));
+        }
+        assert_eq!(twins[0], twins[1], "seed {seed:?}");
+        assert_eq!(twins[0].1, 8, "3 kept rows + 5 appended, the root included");
     }
     // A draft picks no tokens: refused before any work, the session not opened.
     let mut draft = cluster.draft_client().await;

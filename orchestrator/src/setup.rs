@@ -155,6 +155,9 @@ pub struct FeatureSource {
     pub target: Arc<Replica>,
     /// The vision fingerprint the draft and the target share.
     pub fingerprint: String,
+    /// How long the set-up waits for them (a target busy encoding other turns' images must
+    /// not cost the draft its set-up's deadline): past it, the draft gets the images.
+    pub timeout: Duration,
 }
 
 impl FeatureSource {
@@ -168,7 +171,10 @@ impl FeatureSource {
         let req = pb::EncodeImagesRequest {
             images: images.to_vec(),
         };
-        match replicas.encode_images(&self.target, req).await {
+        let answer = tokio::time::timeout(self.timeout, replicas.encode_images(&self.target, req))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("EncodeImages took too long")));
+        match answer {
             Ok(resp) if resp.vision_fingerprint == self.fingerprint => {
                 let (n, encode_us) = (resp.features.len(), resp.encode_ns / 1000);
                 if planned.carry_features(resp.features) {

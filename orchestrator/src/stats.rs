@@ -8,7 +8,7 @@ use specllava_service_kit::convert::nanos;
 /// Statistics accumulated during a generation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
-    /// Verify steps.
+    /// Steps: the prefill's (when it picked the first token) and every verify.
     pub steps: u32,
     /// Steps that verified a drafted tree (not root-only).
     pub spec_steps: u32,

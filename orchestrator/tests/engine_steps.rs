@@ -423,13 +423,27 @@ async fn run_for(
     mode: Option<TreeMode>,
     max_new_tokens: u32,
 ) -> Result<(Vec<u32>, pb::GenerateSummary), Interrupted> {
+    let (tokens, summary, kept) =
+        run_with(engine, history, mode, max_new_tokens, Vec::new()).await?;
+    assert_eq!(kept, tokens, "the history holds the answer");
+    Ok((tokens, summary))
+}
+
+/// [`run_for`] with stop strings: also the tokens the history kept after the prompt.
+async fn run_with(
+    engine: &Engine,
+    history: Vec<u32>,
+    mode: Option<TreeMode>,
+    max_new_tokens: u32,
+    stop: Vec<String>,
+) -> Result<(Vec<u32>, pb::GenerateSummary, Vec<u32>), Interrupted> {
     let mut conv = Conversation::new("s1".into(), Vec::new());
     let prompt_len = history.len();
     conv.history = history;
     let params = GenParams {
         max_new_tokens,
         sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
+        stop,
         ignore_eos: true,
     };
     let spec = SpecSettings {
@@ -451,12 +465,8 @@ async fn run_for(
             pb::generate_response::Event::Summary(s) => summary = Some(s),
         }
     }
-    assert_eq!(
-        conv.history[prompt_len..],
-        tokens[..],
-        "the history holds the answer"
-    );
-    Ok((tokens, summary.expect("a summary")))
+    let kept = conv.history[prompt_len..].to_vec();
+    Ok((tokens, summary.expect("a summary"), kept))
 }
 
 /// Makes the target at `addr` fail its next verify with `code` (dropping the session).
@@ -785,6 +795,26 @@ async fn the_prefill_picks_the_first_token() {
             .filter(|c| c.starts_with("verify"))
             .count();
         assert_eq!(verifies, 23, "mode {mode:?}");
+    }
+}
+
+/// A stop string in the first token (or the second) leaves the history at the prompt (or
+/// the prompt and the first token): the conversation never holds text past the stop.
+#[tokio::test]
+async fn a_stop_string_at_the_first_tokens_cuts_the_history_there() {
+    // After 12 the target emits 6 ('g'), then 7 ('h').
+    for mode in [None, Some(TreeMode::Chain)] {
+        for (stop, want) in [("g", vec![]), ("h", vec![6])] {
+            let fake = Arc::new(Fake::default());
+            let e = engine(Arc::clone(&fake), &["127.0.0.1:7000"]);
+            let (_, summary, kept) =
+                run_with(&e, vec![1, 10, 11, 12], mode, 24, vec![stop.to_owned()])
+                    .await
+                    .ok()
+                    .unwrap();
+            assert_eq!(kept, want, "stop {stop:?}, mode {mode:?}");
+            assert_eq!(summary.finish, pb::FinishReason::StopString as i32);
+        }
     }
 }
 

@@ -22,7 +22,6 @@ pub const MAX_WAITING_ENCODES: usize = 32;
 
 /// The shared session handlers of a model service over its worker.
 pub struct SessionRpc<B: SessionBackend> {
-    model: Arc<Llava>,
     worker: WorkerHandle<B>,
     encoder: VisionEncoder,
     max_context: usize,
@@ -35,7 +34,6 @@ impl<B: SessionBackend> SessionRpc<B> {
     /// `encoder`; histories longer than `max_context` tokens are refused.
     pub fn new(worker: WorkerHandle<B>, encoder: VisionEncoder, max_context: usize) -> Self {
         Self {
-            model: Arc::clone(encoder.model()),
             worker,
             encoder,
             max_context,
@@ -50,7 +48,7 @@ impl<B: SessionBackend> SessionRpc<B> {
 
     /// The model.
     pub fn model(&self) -> &Arc<Llava> {
-        &self.model
+        self.encoder.model()
     }
 
     /// `OpenSession`: prefills all history tokens but the last (the root); with `first_step`,
@@ -81,7 +79,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         tracing::info!(session = %r.session_id, kv_len = out.kv_len, "session opened");
         Ok(pb::OpenSessionResponse {
             kv_len: out.kv_len,
-            num_image_tokens: self.model.num_image_tokens() as u32,
+            num_image_tokens: self.encoder.model().num_image_tokens() as u32,
             prefill_ns: out.forward_ns,
             first_step: out.first.as_ref().and_then(first_step_to_proto),
         })
@@ -115,7 +113,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         r: pb::EncodeImagesRequest,
     ) -> Result<pb::EncodeImagesResponse, B::Error> {
         specllava_telemetry::metrics().record_request("EncodeImages");
-        let per_image = self.model.num_image_tokens().max(1);
+        let per_image = self.encoder.model().num_image_tokens().max(1);
         if r.images.len() > self.max_context / per_image {
             return Err(WorkerError::InvalidArgument(format!(
                 "{} images of {per_image} tokens each exceed the context of {}",
@@ -143,7 +141,7 @@ impl<B: SessionBackend> SessionRpc<B> {
             .map_err(|e| WorkerError::Model(format!("vision features: {e}")))?;
         Ok(pb::EncodeImagesResponse {
             features,
-            vision_fingerprint: self.model.vision_fingerprint().to_owned(),
+            vision_fingerprint: self.encoder.model().vision_fingerprint().to_owned(),
             encode_ns: nanos(t0.elapsed()),
         })
     }

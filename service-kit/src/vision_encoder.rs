@@ -71,8 +71,9 @@ impl Lookup {
 pub struct VisionEncoder {
     model: Arc<Llava>,
     limits: ImageLimits,
-    /// One tower run at a time.
-    running: Semaphore,
+    /// One tower run at a time (the permit travels with the run, which outlives a caller
+    /// that goes away).
+    running: Arc<Semaphore>,
     cache: FeatureCache,
 }
 
@@ -83,17 +84,26 @@ impl VisionEncoder {
         Self {
             model,
             limits,
-            running: Semaphore::new(1),
+            running: Arc::new(Semaphore::new(1)),
             cache: FeatureCache::new(cache_bytes),
         }
     }
 
     /// The vision features of `images` (as one batch, as a prefill of them would run the
-    /// tower): from the cache, from a run in flight, or computed now.
+    /// tower): from the cache, from a run in flight, or computed now. An image over the size
+    /// limit is refused before any work.
     pub async fn encode(&self, images: Vec<Vec<u8>>) -> Result<Features, EncodeError> {
+        let max = self.limits.max_bytes;
+        if let Some((i, image)) = images.iter().enumerate().find(|(_, b)| b.len() > max) {
+            return Err(EncodeError::Image(format!(
+                "image {i}: {} bytes exceed the limit of {max}",
+                image.len()
+            )));
+        }
+        let key = key_off_runtime(&images).await?;
         let (features, lookup) = self
             .cache
-            .get_or_compute(&images, || self.compute(images.clone()))
+            .get_or_compute(key, || self.compute(images))
             .await?;
         specllava_telemetry::metrics().record_vision_cache(lookup.label());
         Ok(features)
@@ -104,26 +114,38 @@ impl VisionEncoder {
         &self.model
     }
 
-    /// Bytes of features the cache holds.
-    pub fn cached_bytes(&self) -> usize {
-        self.cache.bytes()
-    }
-
     async fn compute(&self, images: Vec<Vec<u8>>) -> Result<Vec<Tensor>, EncodeError> {
-        let _running = self
-            .running
-            .acquire()
-            .await
-            .map_err(|_| EncodeError::Tower("encoder closed".into()))?;
         let pixels = decode_images(&self.model, self.limits, images)
             .await
             .map_err(EncodeError::Image)?;
-        let model = Arc::clone(&self.model);
-        tokio::task::spawn_blocking(move || model.vision_features(&pixels))
+        let running = Arc::clone(&self.running)
+            .acquire_owned()
             .await
-            .map_err(|e| EncodeError::Tower(format!("task failed: {e}")))?
-            .map_err(|e| EncodeError::Tower(e.to_string()))
+            .map_err(|_| EncodeError::Tower("encoder closed".into()))?;
+        let model = Arc::clone(&self.model);
+        tokio::task::spawn_blocking(move || {
+            let _running = running;
+            model.vision_features(&pixels)
+        })
+        .await
+        .map_err(|e| EncodeError::Tower(format!("task failed: {e}")))?
+        .map_err(|e| EncodeError::Tower(e.to_string()))
     }
+}
+
+/// Image lists up to this many bytes are hashed on the async runtime (microseconds); larger
+/// ones on a blocking thread.
+const INLINE_HASH_BYTES: usize = 1 << 20;
+
+/// [`key_of`], off the async runtime for large images.
+async fn key_off_runtime(images: &[Vec<u8>]) -> Result<Key, EncodeError> {
+    if images.iter().map(Vec::len).sum::<usize>() <= INLINE_HASH_BYTES {
+        return Ok(key_of(images));
+    }
+    let owned = images.to_vec();
+    tokio::task::spawn_blocking(move || key_of(&owned))
+        .await
+        .map_err(|e| EncodeError::Tower(format!("hashing task failed: {e}")))
 }
 
 /// SHA-256 of an image list (each image's length, then its bytes).
@@ -169,25 +191,26 @@ impl FeatureCache {
         }
     }
 
+    #[cfg(test)]
     fn bytes(&self) -> usize {
         self.entries.lock().expect("vision cache lock").bytes
     }
 
     async fn get_or_compute<F, Fut>(
         &self,
-        images: &[Vec<u8>],
+        key: Key,
         compute: F,
     ) -> Result<(Features, Lookup), EncodeError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Tensor>, EncodeError>>,
     {
-        let key = key_of(images);
         let cell = {
             let mut e = self.entries.lock().expect("vision cache lock");
             e.clock += 1;
             let now = e.clock;
-            // Runs nobody waits for any more (their callers went away) leave nothing behind.
+            // Runs nobody waits for any more (their callers went away) leave nothing behind
+            // (they hold no bytes: only computed lists do).
             e.map
                 .retain(|_, v| v.cell.initialized() || Arc::strong_count(&v.cell) > 1);
             let entry = e.map.entry(key).or_insert_with(|| Entry {
@@ -214,7 +237,7 @@ impl FeatureCache {
                 let features = Arc::clone(features);
                 if computed_here {
                     let size = features.iter().map(tensor_bytes).sum::<usize>();
-                    self.admit(&mut e, key, size);
+                    self.admit(&mut e, key, &cell, size);
                 }
                 let lookup = if computed_here {
                     Lookup::Miss
@@ -224,8 +247,9 @@ impl FeatureCache {
                 Ok((features, lookup))
             }
             Err(err) => {
-                // Not cached: the next call tries again.
-                if e.map.get(&key).is_some_and(|v| !v.cell.initialized()) {
+                // Not cached: the next call tries again (this cell's entry only: another
+                // call may have started a new one for the same images since).
+                if e.map.get(&key).is_some_and(|v| Arc::ptr_eq(&v.cell, &cell)) {
                     e.map.remove(&key);
                 }
                 Err(err)
@@ -233,17 +257,24 @@ impl FeatureCache {
         }
     }
 
-    /// Counts `key`'s computed features in, then drops the least recently used lists until
-    /// the cache fits; a list larger than the whole cache is not kept.
-    fn admit(&self, e: &mut Entries, key: Key, size: usize) {
+    /// Counts the features `cell` (`key`'s entry) just computed in, then drops the least
+    /// recently used lists until the cache fits; a list larger than the whole cache is not
+    /// kept. An entry replaced meanwhile (evicted, or another cell for the same images) is
+    /// left as it is.
+    fn admit(&self, e: &mut Entries, key: Key, cell: &Arc<OnceCell<Features>>, size: usize) {
+        let Some(entry) = e
+            .map
+            .get_mut(&key)
+            .filter(|v| Arc::ptr_eq(&v.cell, cell) && v.bytes == 0)
+        else {
+            return;
+        };
         if size > self.capacity {
             e.map.remove(&key);
             return;
         }
-        if let Some(entry) = e.map.get_mut(&key) {
-            entry.bytes = size;
-            e.bytes += size;
-        }
+        entry.bytes = size;
+        e.bytes += size;
         while e.bytes > self.capacity {
             let oldest = e
                 .map
@@ -278,8 +309,9 @@ mod tests {
             .collect()
     }
 
-    fn image(byte: u8) -> Vec<Vec<u8>> {
-        vec![vec![byte; 8]]
+    /// The key of a one-image list.
+    fn image(byte: u8) -> Key {
+        key_of(&[vec![byte; 8]])
     }
 
     #[tokio::test]
@@ -290,8 +322,8 @@ mod tests {
             runs.fetch_add(1, Ordering::SeqCst);
             Ok(features(1, 1.0))
         };
-        let (_, first) = cache.get_or_compute(&image(1), compute).await.unwrap();
-        let (f, second) = cache.get_or_compute(&image(1), compute).await.unwrap();
+        let (_, first) = cache.get_or_compute(image(1), compute).await.unwrap();
+        let (f, second) = cache.get_or_compute(image(1), compute).await.unwrap();
         assert_eq!((first, second), (Lookup::Miss, Lookup::Hit));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(f[0].dtype(), DType::F32);
@@ -317,11 +349,11 @@ mod tests {
             Ok(features(1, 2.0))
         };
         let images = image(3);
-        let a = cache.get_or_compute(&images, compute);
+        let a = cache.get_or_compute(images, compute);
         let b = async {
             // `a` is in flight by now.
             tokio::task::yield_now().await;
-            let got = cache.get_or_compute(&images, compute);
+            let got = cache.get_or_compute(images, compute);
             release.send(()).unwrap();
             got.await
         };
@@ -337,41 +369,41 @@ mod tests {
         let cache = FeatureCache::new(32);
         let ok = || async { Ok(features(1, 0.0)) };
         for b in [1, 2] {
-            cache.get_or_compute(&image(b), ok).await.unwrap();
+            cache.get_or_compute(image(b), ok).await.unwrap();
         }
         // 1 is used again, so 2 is the oldest when 3 comes in.
         assert_eq!(
-            cache.get_or_compute(&image(1), ok).await.unwrap().1,
+            cache.get_or_compute(image(1), ok).await.unwrap().1,
             Lookup::Hit
         );
-        cache.get_or_compute(&image(3), ok).await.unwrap();
+        cache.get_or_compute(image(3), ok).await.unwrap();
         assert_eq!(cache.bytes(), 32);
         assert_eq!(
-            cache.get_or_compute(&image(1), ok).await.unwrap().1,
+            cache.get_or_compute(image(1), ok).await.unwrap().1,
             Lookup::Hit
         );
         assert_eq!(
-            cache.get_or_compute(&image(2), ok).await.unwrap().1,
+            cache.get_or_compute(image(2), ok).await.unwrap().1,
             Lookup::Miss
         );
         // A list larger than the cache is computed, not kept.
         let big = || async { Ok(features(3, 0.0)) };
-        cache.get_or_compute(&image(9), big).await.unwrap();
+        cache.get_or_compute(image(9), big).await.unwrap();
         assert_eq!(cache.bytes(), 32, "the cached lists stay");
         assert_eq!(
-            cache.get_or_compute(&image(1), ok).await.unwrap().1,
+            cache.get_or_compute(image(1), ok).await.unwrap().1,
             Lookup::Hit
         );
         assert_eq!(
-            cache.get_or_compute(&image(9), big).await.unwrap().1,
+            cache.get_or_compute(image(9), big).await.unwrap().1,
             Lookup::Miss
         );
         // A failure is reported and tried again next time.
         let bad = || async { Err(EncodeError::Image("not an image".into())) };
-        let err = cache.get_or_compute(&image(7), bad).await.unwrap_err();
+        let err = cache.get_or_compute(image(7), bad).await.unwrap_err();
         assert_eq!(err, EncodeError::Image("not an image".into()));
         assert_eq!(
-            cache.get_or_compute(&image(7), ok).await.unwrap().1,
+            cache.get_or_compute(image(7), ok).await.unwrap().1,
             Lookup::Miss
         );
     }

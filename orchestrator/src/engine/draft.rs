@@ -29,7 +29,7 @@ impl Engine {
         let opening = |rs: Option<&ReplicaSession>| !rs.is_some_and(|rs| rs.opened);
         let features =
             (start.is_some() && opening(conv.draft.as_ref()) && opening(conv.target.as_ref()))
-                .then(|| feature_source(conv, &r))
+                .then(|| feature_source(conv, &r, self.cfg.draft_timeout / 2))
                 .flatten();
         let image_id = self.identity.image_token_id;
         let d = conv.draft.as_mut().expect("pinned above");
@@ -585,9 +585,13 @@ pub(super) fn speculate_request(
     }
 }
 
-/// The conversation's target as the source of `draft`'s vision features, when it has images
-/// and the two towers are the same (same vision fingerprint).
-fn feature_source(conv: &Conversation, draft: &Replica) -> Option<FeatureSource> {
+/// The conversation's target as the source of `draft`'s vision features, waited for at most
+/// `timeout`, when it has images and the two towers are the same (same vision fingerprint).
+fn feature_source(
+    conv: &Conversation,
+    draft: &Replica,
+    timeout: Duration,
+) -> Option<FeatureSource> {
     if conv.images.is_empty() {
         return None;
     }
@@ -603,5 +607,6 @@ fn feature_source(conv: &Conversation, draft: &Replica) -> Option<FeatureSource>
     (!shared.is_empty() && shared == fingerprint(draft)).then_some(FeatureSource {
         target,
         fingerprint: shared,
+        timeout,
     })
 }

@@ -1,8 +1,8 @@
 //! The generation engine: syncs a conversation onto its replicas, runs the
 //! draft -> verify loop, streams accepted tokens and collects statistics.
 //!
-//! One turn is [`Engine::generate`]: [`Engine::begin`] pins and syncs the replicas,
-//! then every step is
+//! One turn is [`Engine::generate`]: [`Engine::begin`] pins and syncs the replicas (the
+//! target's prefill picking the turn's first token, streamed first), then every step is
 //! 1. [`Engine::draft_step`]: the next tree from the draft stream (a root-only tree
 //!    without a draft, or when the draft fails: the turn continues target-only);
 //! 2. [`Engine::verify_step`]: the target verifies it and the conversation takes the
@@ -12,15 +12,15 @@
 //!
 //! and [`Engine::end`] streams the summary.
 //!
-//! Correctness never depends on the draft: every emitted token comes from the
-//! target's `Verify`, so losing the draft only costs speed (another draft replica takes
-//! over when one is in rotation). A lost target session (NOT_FOUND after eviction) is
-//! re-prefilled from the authoritative history; a failed target replica (transport error,
-//! UNAVAILABLE, UNKNOWN, a missed deadline: [`is_replica_failure`]) is out of rotation at
-//! once and the session fails over: it is re-pinned to another target and re-prefilled
-//! there with the history so far, so the client's stream never sees the failure. The
-//! client hears UNAVAILABLE only when no target replica is left. Every replica call has a
-//! deadline ([`Guarded`]); sessions are closed on replicas in the background.
+//! Correctness never depends on the draft: every emitted token comes from the target (its
+//! prefill's first step or a `Verify`), so losing the draft only costs speed (another draft
+//! replica takes over when one is in rotation). A lost target session (NOT_FOUND after
+//! eviction) is re-prefilled from the authoritative history; a failed target replica
+//! (transport error, UNAVAILABLE, UNKNOWN, a missed deadline: [`is_replica_failure`]) is
+//! out of rotation at once and the session fails over: it is re-pinned to another target
+//! and re-prefilled there with the history so far, so the client's stream never sees the
+//! failure. The client hears UNAVAILABLE only when no target replica is left. Every replica
+//! call has a deadline ([`Guarded`]); sessions are closed on replicas in the background.
 //! Replicas whose model disagrees with the deployment (vocabulary, special ids, tokenizer)
 //! are refused before any session is opened.
 //!
@@ -521,6 +521,8 @@ impl Engine {
         };
         let model = info.model.clone().unwrap_or_default();
         let eos = self.eos_ids(params, &model);
+        // The prompt: the history before the first token joins it.
+        let prompt_len = conv.history.len();
         let first_token = first_step.map(|first| {
             let target = conv.target.as_mut().expect("ensured");
             conv.history.push(first.token);
@@ -578,7 +580,7 @@ impl Engine {
             finish: pb::FinishReason::Unspecified,
             recoveries: 0,
             draft_failovers: 0,
-            prompt_len: conv.history.len(),
+            prompt_len,
         };
         if ready {
             self.attach_draft(conv, &mut turn, None).await;

@@ -291,6 +291,18 @@ impl Engine {
             let synced = match self.checked_info(ReplicaKind::Target, &r, None).await {
                 Ok(ReplicaInfo::Target(info)) => {
                     let model = info.model.clone().unwrap_or_default();
+                    // A budget of no tokens asks for none (on the wire, 0 means no limit),
+                    // nor does a prompt that fills the context (the steps' rule: a token is
+                    // emitted while a position is left past the root).
+                    let image_id = self.identity.image_token_id;
+                    let rows = kv_rows(
+                        &conv.history,
+                        conv.history.len(),
+                        image_id,
+                        model.num_image_tokens,
+                    );
+                    let first = first
+                        .filter(|params| params.max_new_tokens > 0 && rows < model.max_context);
                     let first_step = first.map(|params| pb::FirstStepRequest {
                         sampling: Some(sampling_to_proto(&params.sampling)),
                         stop: Some(pb::StopConditions {
