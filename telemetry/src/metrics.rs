@@ -162,7 +162,8 @@ impl Metrics {
         };
         registry.register(
             "accepted_tokens_per_step",
-            "Tokens emitted per verify step (accepted draft tokens plus the target's own token)",
+            "Tokens emitted per verify step (accepted draft tokens plus the target's own token; \
+             a turn's first token, picked by the prefill, is no verify step's)",
             metrics.accepted_tokens_per_step.clone(),
         );
         registry.register(
