@@ -434,6 +434,18 @@ impl Cluster {
         TargetClient::new(connected(&self.target).await)
     }
 
+    /// The (first) target's model, as its `Info` reports it.
+    pub async fn target_model(&self) -> pb::ModelInfo {
+        self.target_client()
+            .await
+            .info(pb::InfoRequest {})
+            .await
+            .expect("target Info")
+            .into_inner()
+            .model
+            .expect("the target reports its model")
+    }
+
     /// A direct client of the draft service.
     pub async fn draft_client(&self) -> DraftClient<Channel> {
         DraftClient::new(connected(self.draft.as_ref().expect("draft started")).await)

@@ -43,14 +43,7 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
     cfg.target_args = vec!["--calibrate".into(), "false".into()];
     let cluster = Cluster::start(cfg).await;
     let mut target = cluster.target_client().await;
-    let image_id = target
-        .info(pb::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap()
-        .image_token_id;
+    let image_id = cluster.target_model().await.image_token_id;
     let image = fixture_image("red_square.png");
     let histories = [vec![1, image_id, 17, 23, 42], vec![1, 5, 6, 7, 8, 9]];
     let mut n = 0;

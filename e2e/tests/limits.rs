@@ -162,16 +162,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("pixels"), "{err:?}");
-    let image_id = cluster
-        .target_client()
-        .await
-        .info(pb::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap()
-        .image_token_id;
+    let image_id = cluster.target_model().await.image_token_id;
     let open = |id: &str| pb::OpenSessionRequest {
         session_id: id.into(),
         images: vec![bomb.clone()],
