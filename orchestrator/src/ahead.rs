@@ -11,7 +11,9 @@
 //! (its tree's round trip, the verify, and the wait for a pre-draft asked meanwhile) over the
 //! cost model's prediction for its shape, so trees of different sizes compare fairly. Each
 //! arm is tried until it has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every
-//! [`EXPLORE_EVERY`]-th block tries the other so a change in load is noticed.
+//! [`EXPLORE_EVERY`]-th block tries the other so a change in load is noticed. The engine
+//! keeps one gate for greedy turns and one for sampled ones: their pre-drafts guess right at
+//! very different rates.
 
 /// A turn's pre-draft hit rate below which it stops asking for pre-drafts.
 pub const PIPELINE_MIN_HIT_RATE: f64 = 0.4;

@@ -437,12 +437,10 @@ impl Engine {
         if !(turn.spec.draft_ahead && self.cfg.draft_ahead && turn.spec.is_adaptive()) {
             return None;
         }
-        let on = turn.ahead.next_step(|| {
-            self.ahead_gate
-                .lock()
-                .expect("ahead gate lock poisoned")
-                .pick()
-        });
+        let kind = ahead_kind(turn);
+        let on = turn
+            .ahead
+            .next_step(|| self.ahead_gates.lock().expect("ahead gate lock poisoned")[kind].pick());
         Some((on, turn.ahead.is_sample()))
     }
 

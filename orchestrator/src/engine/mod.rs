@@ -178,8 +178,10 @@ pub struct Engine {
     /// that draft reach the target at different times, so their batches are smaller than
     /// those of sessions that only decode.
     drafted_batch: AtomicU64,
-    /// Whether draft-ahead pays here, measured on the turns the policy shapes.
-    ahead_gate: Mutex<AheadGate>,
+    /// Whether draft-ahead pays here, measured on the turns the policy shapes: one gate for
+    /// greedy turns and one for sampled ones, whose pre-drafts guess right at very different
+    /// rates ([`ahead_kind`]).
+    ahead_gates: Mutex<[AheadGate; 2]>,
     /// Whether the policy's draft cost has been measured on a draft yet (its start-up
     /// calibration or a drafted step).
     draft_cost_measured: AtomicBool,
@@ -378,7 +380,7 @@ impl Engine {
             verify_cost_measured: AtomicBool::new(false),
             target_batch: AtomicU64::new(1.0f64.to_bits()),
             drafted_batch: AtomicU64::new(f64::NAN.to_bits()),
-            ahead_gate: Mutex::new(AheadGate::default()),
+            ahead_gates: Mutex::new(Default::default()),
             draft_cost_measured: AtomicBool::new(false),
             draft_cost_calibrated: AtomicBool::new(false),
             undrafted_turns: AtomicU64::new(0),
@@ -692,8 +694,8 @@ impl Engine {
                 let predicted = pol.cost.step_ns(&proposal.params, batch as usize);
                 // The whole step: a pre-draft that outlasts the verify delays the next one.
                 let measured = step_ns as f64;
-                if let Ok(mut gate) = self.ahead_gate.lock() {
-                    gate.observe(ahead, measured, predicted);
+                if let Ok(mut gates) = self.ahead_gates.lock() {
+                    gates[ahead_kind(turn)].observe(ahead, measured, predicted);
                 }
             }
             pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
@@ -862,6 +864,11 @@ async fn send_chunk(
         })),
     };
     tx.send(Ok(chunk)).await.map_err(|_| Interrupted::Cancelled)
+}
+
+/// Which draft-ahead gate a turn's steps feed and follow: 0 greedy, 1 sampled.
+fn ahead_kind(turn: &Turn<'_>) -> usize {
+    usize::from(!turn.params.sampling.is_greedy())
 }
 
 /// Closes `id` on a replica (best effort: a failure is only logged).
