@@ -128,6 +128,8 @@ impl LoadedModel {
             Arc::clone(&self.model),
             args.image_limits(),
             args.vision_cache_mib.saturating_mul(1024 * 1024),
+            // As many images may wait for the tower as prefills for the worker.
+            args.queue_capacity,
         );
         Ok(SessionRpc::new(worker, encoder, self.max_context))
     }

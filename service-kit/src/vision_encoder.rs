@@ -31,6 +31,9 @@ pub enum EncodeError {
     /// The vision tower failed.
     #[error("vision tower: {0}")]
     Tower(String),
+    /// As many calls as the encoder admits are waiting already.
+    #[error("vision encoder overloaded ({0} calls waiting)")]
+    Busy(usize),
 }
 
 impl From<EncodeError> for WorkerError {
@@ -38,6 +41,10 @@ impl From<EncodeError> for WorkerError {
         match e {
             EncodeError::Image(m) => WorkerError::InvalidArgument(m),
             e @ EncodeError::Tower(_) => WorkerError::Model(e.to_string()),
+            EncodeError::Busy(capacity) => WorkerError::QueueFull {
+                role: "vision encoder",
+                capacity,
+            },
         }
     }
 }
@@ -71,28 +78,45 @@ impl Lookup {
 pub struct VisionEncoder {
     model: Arc<Llava>,
     limits: ImageLimits,
-    /// One tower run at a time (the permit travels with the run, which outlives a caller
-    /// that goes away).
+    /// One tower run at a time (the permit is held until the run ends, even when its caller
+    /// went away meanwhile).
     running: Arc<Semaphore>,
+    /// Calls admitted (computing, waiting for a run or for the tower): one permit each.
+    admitted: Semaphore,
+    /// Their bound.
+    max_calls: usize,
     cache: FeatureCache,
 }
 
 impl VisionEncoder {
     /// An encoder for `model`'s images within `limits`, caching up to `cache_bytes` of
-    /// features (0: tower runs are still shared while in flight, nothing is kept).
-    pub fn new(model: Arc<Llava>, limits: ImageLimits, cache_bytes: usize) -> Self {
+    /// features (0: tower runs are still shared while in flight, nothing is kept) and
+    /// admitting at most `max_calls` calls at a time (more are refused before any work).
+    pub fn new(
+        model: Arc<Llava>,
+        limits: ImageLimits,
+        cache_bytes: usize,
+        max_calls: usize,
+    ) -> Self {
+        let max_calls = max_calls.max(1);
         Self {
             model,
             limits,
             running: Arc::new(Semaphore::new(1)),
+            admitted: Semaphore::new(max_calls),
+            max_calls,
             cache: FeatureCache::new(cache_bytes),
         }
     }
 
     /// The vision features of `images` (as one batch, as a prefill of them would run the
     /// tower): from the cache, from a run in flight, or computed now. An image over the size
-    /// limit is refused before any work.
+    /// limit, or a call past the admitted number, is refused before any work.
     pub async fn encode(&self, images: Vec<Vec<u8>>) -> Result<Features, EncodeError> {
+        let _admitted = self
+            .admitted
+            .try_acquire()
+            .map_err(|_| EncodeError::Busy(self.max_calls))?;
         let max = self.limits.max_bytes;
         if let Some((i, image)) = images.iter().enumerate().find(|(_, b)| b.len() > max) {
             return Err(EncodeError::Image(format!(
@@ -100,7 +124,7 @@ impl VisionEncoder {
                 image.len()
             )));
         }
-        let key = key_off_runtime(&images).await?;
+        let (key, images) = key_off_runtime(images).await?;
         let (features, lookup) = self
             .cache
             .get_or_compute(key, || self.compute(images))
@@ -137,13 +161,12 @@ impl VisionEncoder {
 /// ones on a blocking thread.
 const INLINE_HASH_BYTES: usize = 1 << 20;
 
-/// [`key_of`], off the async runtime for large images.
-async fn key_off_runtime(images: &[Vec<u8>]) -> Result<Key, EncodeError> {
+/// [`key_of`] (and the images back), off the async runtime for large images.
+async fn key_off_runtime(images: Vec<Vec<u8>>) -> Result<(Key, Vec<Vec<u8>>), EncodeError> {
     if images.iter().map(Vec::len).sum::<usize>() <= INLINE_HASH_BYTES {
-        return Ok(key_of(images));
+        return Ok((key_of(&images), images));
     }
-    let owned = images.to_vec();
-    tokio::task::spawn_blocking(move || key_of(&owned))
+    tokio::task::spawn_blocking(move || (key_of(&images), images))
         .await
         .map_err(|e| EncodeError::Tower(format!("hashing task failed: {e}")))
 }

@@ -199,7 +199,7 @@ fn fuzz_prefill_validation() {
         .enable_all()
         .build()
         .unwrap();
-    let encoder = VisionEncoder::new(Arc::clone(&model), IMAGES, 1 << 20);
+    let encoder = VisionEncoder::new(Arc::clone(&model), IMAGES, 1 << 20, 8);
     let token = prop_oneof![
         40 => 0..vocab,
         2 => Just(image_id),
