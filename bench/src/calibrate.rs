@@ -6,6 +6,8 @@
 //! the budget policy uses ([`Calibration::cost_model`]). The target service measures the same
 //! verify table at start-up (a smaller plan) and reports it through its `Info` RPC.
 
+use std::time::Instant;
+
 use candle_core::Device;
 use serde::Serialize;
 use specllava_model::{ForwardTimer, Llava, ModelError};
@@ -13,7 +15,7 @@ use speculate::{CostError, CostModel, VerifyCostTable};
 use thiserror::Error;
 
 use crate::roofline::{ForwardCost, MachineRates};
-use crate::stats::linear_fit;
+use crate::stats::{linear_fit, median};
 
 /// Calibration failures.
 #[derive(Debug, Error)]
@@ -43,7 +45,7 @@ pub struct CalibrationPlan {
     pub draft_rows: Vec<usize>,
     /// Committed KV rows of every session before the tree (typical prompt + image length).
     pub prefix_len: usize,
-    /// Timed repetitions per point (the median is kept), after one warm-up.
+    /// Timed rounds over all points (each point's median is kept), after one warm-up round.
     pub reps: usize,
 }
 
@@ -55,7 +57,7 @@ impl CalibrationPlan {
             batches: vec![1, 4, 16],
             draft_rows: vec![1, 2, 4, 8, 16, 32],
             prefix_len,
-            reps: 3,
+            reps: 9,
         }
     }
 
@@ -132,8 +134,12 @@ impl Calibration {
     }
 }
 
-/// Measures verify and draft costs. `progress` is called after each measured point with
-/// (points done, points in all).
+/// Measures verify and draft costs. Every point is timed once per round, round after round
+/// (one untimed warm-up round, then [`CalibrationPlan::reps`] timed ones), and keeps its
+/// median: points compared with each other (batch 4 against batch 1, 16 nodes against one)
+/// are measured side by side, so a drift of the machine's speed during the sweep moves them
+/// together instead of skewing their ratios. `progress` is called after each timed forward
+/// with (forwards done, forwards in all).
 pub fn calibrate(
     target: &Llava,
     draft: Option<&Llava>,
@@ -144,42 +150,62 @@ pub fn calibrate(
     if plan.nodes.is_empty() || plan.batches.is_empty() {
         return Err(CalibrationError::EmptyPlan("needs node and batch sizes"));
     }
-    let total = plan.nodes.len() * plan.batches.len() + draft.map_or(0, |_| plan.draft_rows.len());
+    let rounds = plan.reps.max(1) + 1;
+    let tree_points: Vec<(usize, usize)> = plan
+        .batches
+        .iter()
+        .flat_map(|&batch| plan.nodes.iter().map(move |&nodes| (batch, nodes)))
+        .collect();
+    let draft_len = draft.map_or(0, |_| plan.draft_rows.len());
+    let total = rounds * (tree_points.len() + draft_len);
     let mut done = 0;
+    let mut tick = || {
+        done += 1;
+        progress(done, total);
+    };
+
     let target_cost = ForwardCost::for_model(target);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
     let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
-    let mut verify = Vec::new();
-    for &batch in &plan.batches {
-        for &nodes in &plan.nodes {
-            let ns = timer.time_tree(nodes, batch, plan.reps)?;
-            verify.push(VerifyPoint {
-                nodes,
-                batch,
-                measured_ns: ns,
-                roofline_ns: rates
-                    .map(|r| 1e9 * target_cost.roofline_s(&r, nodes, batch, plan.prefix_len)),
-            });
-            done += 1;
-            progress(done, total);
-        }
-    }
+    let verify_ns = sweep(tree_points.len(), rounds, |i| {
+        let (batch, nodes) = tree_points[i];
+        let ns = timed(|| timer.run_tree(nodes, batch))?;
+        tick();
+        Ok(ns)
+    })?;
     drop(timer);
+    let verify = tree_points
+        .iter()
+        .zip(verify_ns)
+        .map(|(&(batch, nodes), ns)| VerifyPoint {
+            nodes,
+            batch,
+            measured_ns: ns,
+            roofline_ns: rates
+                .map(|r| 1e9 * target_cost.roofline_s(&r, nodes, batch, plan.prefix_len)),
+        })
+        .collect();
+
     let (mut draft_points, mut level_ns, mut row_ns, mut draft_cost) = (Vec::new(), 0.0, 0.0, None);
     if let Some(d) = draft {
         let cost = ForwardCost::for_model(d);
         let mut timer = ForwardTimer::new(d, 1, plan.prefix_len)?;
-        for &rows in &plan.draft_rows {
-            // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
-            let ns = timer.time_level(rows, plan.reps)?;
-            draft_points.push(DraftPoint {
+        // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
+        let level_ns_by_rows = sweep(plan.draft_rows.len(), rounds, |i| {
+            let ns = timed(|| timer.run_level(plan.draft_rows[i]))?;
+            tick();
+            Ok(ns)
+        })?;
+        draft_points = plan
+            .draft_rows
+            .iter()
+            .zip(level_ns_by_rows)
+            .map(|(&rows, ns)| DraftPoint {
                 rows,
                 measured_ns: ns,
                 roofline_ns: rates.map(|r| 1e9 * cost.roofline_s(&r, rows, 1, plan.prefix_len)),
-            });
-            done += 1;
-            progress(done, total);
-        }
+            })
+            .collect();
         let pts: Vec<(f64, f64)> = draft_points
             .iter()
             .map(|p| (p.rows as f64, p.measured_ns))
@@ -201,6 +227,35 @@ pub fn calibrate(
         draft_cost,
         rates,
     })
+}
+
+/// Times `points` measurements round-robin for `rounds` rounds (the first one untimed, a
+/// warm-up) and returns each point's median.
+fn sweep(
+    points: usize,
+    rounds: usize,
+    mut time_point: impl FnMut(usize) -> Result<f64, ModelError>,
+) -> Result<Vec<f64>, ModelError> {
+    let mut samples = vec![Vec::with_capacity(rounds); points];
+    for round in 0..rounds {
+        for (i, point) in samples.iter_mut().enumerate() {
+            let ns = time_point(i)?;
+            if round > 0 {
+                point.push(ns);
+            }
+        }
+    }
+    Ok(samples
+        .iter()
+        .map(|s| median(s).unwrap_or(f64::NAN))
+        .collect())
+}
+
+/// Wall time of `run`, ns.
+fn timed(run: impl FnOnce() -> Result<(), ModelError>) -> Result<f64, ModelError> {
+    let start = Instant::now();
+    run()?;
+    Ok(start.elapsed().as_nanos() as f64)
 }
 
 /// Machine rates sized for a CPU or a GPU: 64 MiB GEMV and a 1024^3 matmul on CPU, 1 GiB and
@@ -274,4 +329,24 @@ pub fn render(c: &Calibration) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_times_points_round_robin_and_keeps_medians_without_the_warm_up() {
+        let mut order = Vec::new();
+        let medians = sweep(2, 4, |i| {
+            order.push(i);
+            // Point 0 times 100, 1, 2, 3 (the warm-up's 100 dropped); point 1 twice that.
+            let round = order.len().div_ceil(2) - 1;
+            let ns = if round == 0 { 100.0 } else { round as f64 };
+            Ok(ns * (i + 1) as f64)
+        })
+        .unwrap();
+        assert_eq!(order, [0, 1, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(medians, [2.0, 4.0]);
+    }
 }
