@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eval_pair  # noqa: E402
+import finetune_draft  # noqa: E402
 import gen_data  # noqa: E402
 import vlm_common as vc  # noqa: E402
 
@@ -106,6 +107,44 @@ class TreeTest(unittest.TestCase):
                 self.assertLessEqual(scores[i], scores[p])
         chain, cparents, _ = eval_pair.build_tree(FakePair(), {}, [1, 2], depth=5, k=1, m=5)
         self.assertEqual(cparents, [-1, 0, 1, 2, 3])
+
+
+class OnPolicyBatchTest(unittest.TestCase):
+    """The draft fine-tune's on-policy batches, with the committed target (about a second)."""
+
+    def test_answers_are_the_targets_own_greedy_answers(self):
+        import torch
+        from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "models/draft")).backend_tokenizer
+        target = LlavaForConditionalGeneration.from_pretrained(
+            os.path.join(root, "models/target"), dtype=torch.float32
+        ).eval()
+        start, n, max_new = 123, 3, 24
+        batch = finetune_draft.on_policy_batch(target, tok, start, n, max_new)
+        for b in range(n):
+            conv = gen_data.conversation("train", start + b, vc.IMAGE_SIZE)
+            prompt = vc.encode_prompt(tok, conv.turns[0][0])
+            ids = batch["input_ids"][b]
+            mask = batch["answer_mask"][b]
+            answer = ids[mask].tolist()
+            # The prompt first, then the answer, then padding only.
+            self.assertEqual(ids[: len(prompt)].tolist(), prompt)
+            self.assertFalse(mask[: len(prompt)].any())
+            self.assertTrue(mask[len(prompt) : len(prompt) + len(answer)].all())
+            self.assertTrue((ids[len(prompt) + len(answer) :] == vc.PAD_ID).all())
+            self.assertTrue(answer[-1] == vc.EOS_ID or len(answer) == max_new)
+            # The same tokens the target's unpadded greedy decoding writes.
+            alone = target.generate(
+                input_ids=torch.tensor([prompt]),
+                pixel_values=vc.pixels([conv.image]),
+                max_new_tokens=len(answer),
+                do_sample=False,
+                pad_token_id=vc.PAD_ID,
+                eos_token_id=vc.EOS_ID,
+            )[0, len(prompt) :].tolist()
+            self.assertEqual(answer, alone)
 
 
 if __name__ == "__main__":
