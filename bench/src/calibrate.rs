@@ -45,7 +45,7 @@ pub struct CalibrationPlan {
     pub draft_rows: Vec<usize>,
     /// Committed KV rows of every session before the tree (typical prompt + image length).
     pub prefix_len: usize,
-    /// Timed rounds over all points (each point's median is kept), after one warm-up round.
+    /// Timed rounds over all points (each point's median is kept).
     pub reps: usize,
 }
 
@@ -135,11 +135,13 @@ impl Calibration {
 }
 
 /// Measures verify and draft costs. Every point is timed once per round, round after round
-/// (one untimed warm-up round, then [`CalibrationPlan::reps`] timed ones), and keeps its
-/// median: points compared with each other (batch 4 against batch 1, 16 nodes against one)
-/// are measured side by side, so a drift of the machine's speed during the sweep moves them
-/// together instead of skewing their ratios. `progress` is called after each timed forward
-/// with (forwards done, forwards in all).
+/// ([`CalibrationPlan::reps`] rounds), and keeps its median: points compared with each other
+/// (batch 4 against batch 1, 16 nodes against one) are measured side by side, so a drift of
+/// the machine's speed during the sweep moves them together instead of skewing their ratios.
+/// Each timed forward follows untimed ones of the same point ([`WARM_UPS`]), as a forward
+/// follows others of its kind while serving (the weights in cache, the CPU pool awake), not
+/// the sweep's largest point. `progress` is called after each timed forward with (timed
+/// forwards done, timed forwards in all).
 pub fn calibrate(
     target: &Llava,
     draft: Option<&Llava>,
@@ -150,7 +152,7 @@ pub fn calibrate(
     if plan.nodes.is_empty() || plan.batches.is_empty() {
         return Err(CalibrationError::EmptyPlan("needs node and batch sizes"));
     }
-    let rounds = plan.reps.max(1) + 1;
+    let rounds = plan.reps.max(1);
     let tree_points: Vec<(usize, usize)> = plan
         .batches
         .iter()
@@ -159,7 +161,7 @@ pub fn calibrate(
     let draft_len = draft.map_or(0, |_| plan.draft_rows.len());
     let total = rounds * (tree_points.len() + draft_len);
     let mut done = 0;
-    let mut tick = || {
+    let mut tick = move || {
         done += 1;
         progress(done, total);
     };
@@ -167,12 +169,15 @@ pub fn calibrate(
     let target_cost = ForwardCost::for_model(target);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
     let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
-    let verify_ns = sweep(tree_points.len(), rounds, |i| {
-        let (batch, nodes) = tree_points[i];
-        let ns = timed(|| timer.run_tree(nodes, batch))?;
-        tick();
-        Ok(ns)
-    })?;
+    let verify_ns = sweep(
+        tree_points.len(),
+        rounds,
+        |i| {
+            let (batch, nodes) = tree_points[i];
+            timer.run_tree(nodes, batch)
+        },
+        &mut tick,
+    )?;
     drop(timer);
     let verify = tree_points
         .iter()
@@ -191,11 +196,12 @@ pub fn calibrate(
         let cost = ForwardCost::for_model(d);
         let mut timer = ForwardTimer::new(d, 1, plan.prefix_len)?;
         // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
-        let level_ns_by_rows = sweep(plan.draft_rows.len(), rounds, |i| {
-            let ns = timed(|| timer.run_level(plan.draft_rows[i]))?;
-            tick();
-            Ok(ns)
-        })?;
+        let level_ns_by_rows = sweep(
+            plan.draft_rows.len(),
+            rounds,
+            |i| timer.run_level(plan.draft_rows[i]),
+            &mut tick,
+        )?;
         draft_points = plan
             .draft_rows
             .iter()
@@ -229,33 +235,36 @@ pub fn calibrate(
     })
 }
 
-/// Times `points` measurements round-robin for `rounds` rounds (the first one untimed, a
-/// warm-up) and returns each point's median.
+/// Untimed forwards of a point right before each timed one: a forward measured right after
+/// the sweep's largest point runs with the weights out of cache (verify(1) measured 1.5x its
+/// steady cost after one warm-up, its steady cost after three).
+const WARM_UPS: usize = 3;
+
+/// Times `points` points round-robin for `rounds` rounds (`run_point(i)` runs point `i` once;
+/// each timed run follows [`WARM_UPS`] untimed ones) and returns each point's median time, ns.
+/// `timed` is called after each timed run.
 fn sweep(
     points: usize,
     rounds: usize,
-    mut time_point: impl FnMut(usize) -> Result<f64, ModelError>,
+    mut run_point: impl FnMut(usize) -> Result<(), ModelError>,
+    mut timed: impl FnMut(),
 ) -> Result<Vec<f64>, ModelError> {
     let mut samples = vec![Vec::with_capacity(rounds); points];
-    for round in 0..rounds {
+    for _ in 0..rounds {
         for (i, point) in samples.iter_mut().enumerate() {
-            let ns = time_point(i)?;
-            if round > 0 {
-                point.push(ns);
+            for _ in 0..WARM_UPS {
+                run_point(i)?;
             }
+            let start = Instant::now();
+            run_point(i)?;
+            point.push(start.elapsed().as_nanos() as f64);
+            timed();
         }
     }
     Ok(samples
         .iter()
         .map(|s| median(s).unwrap_or(f64::NAN))
         .collect())
-}
-
-/// Wall time of `run`, ns.
-fn timed(run: impl FnOnce() -> Result<(), ModelError>) -> Result<f64, ModelError> {
-    let start = Instant::now();
-    run()?;
-    Ok(start.elapsed().as_nanos() as f64)
 }
 
 /// Machine rates sized for a CPU or a GPU: 64 MiB GEMV and a 1024^3 matmul on CPU, 1 GiB and
@@ -336,17 +345,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sweep_times_points_round_robin_and_keeps_medians_without_the_warm_up() {
-        let mut order = Vec::new();
-        let medians = sweep(2, 4, |i| {
-            order.push(i);
-            // Point 0 times 100, 1, 2, 3 (the warm-up's 100 dropped); point 1 twice that.
-            let round = order.len().div_ceil(2) - 1;
-            let ns = if round == 0 { 100.0 } else { round as f64 };
-            Ok(ns * (i + 1) as f64)
-        })
+    fn a_sweep_times_points_round_robin_after_warm_ups_and_keeps_medians() {
+        let mut runs = Vec::new();
+        let mut timed = 0;
+        let medians = sweep(
+            2,
+            3,
+            |i| {
+                runs.push(i);
+                // Point 1's runs take longer than point 0's.
+                std::thread::sleep(std::time::Duration::from_micros(200 * (1 + 20 * i as u64)));
+                Ok(())
+            },
+            || timed += 1,
+        )
         .unwrap();
-        assert_eq!(order, [0, 1, 0, 1, 0, 1, 0, 1]);
-        assert_eq!(medians, [2.0, 4.0]);
+        let round: Vec<usize> = [0; WARM_UPS + 1]
+            .into_iter()
+            .chain([1; WARM_UPS + 1])
+            .collect();
+        assert_eq!(runs, [round.clone(), round.clone(), round].concat());
+        assert_eq!(timed, 6);
+        assert!(medians[0] >= 200e3 && medians[1] >= 4_200e3 && medians[1] > medians[0]);
     }
 }
