@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--offset", type=int, default=0, help="index offset into both sample streams (fresh samples for a second run)"
+    )
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with bf16 units)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,7 +128,7 @@ def main() -> None:
 
     budget = args.minutes * 60
     t0 = time.time()
-    step, off_idx, on_idx = 0, OFF_POLICY_START, ON_POLICY_START
+    step, off_idx, on_idx = 0, OFF_POLICY_START + args.offset, ON_POLICY_START + args.offset
     while True:
         frac = (time.time() - t0) / budget
         if frac >= 1.0 or (args.steps and step >= args.steps):
@@ -161,8 +164,8 @@ def main() -> None:
             )
         step += 1
     print(
-        f"[draft-ft] done: {step} steps, {off_idx - OFF_POLICY_START} off-policy and "
-        f"{on_idx - ON_POLICY_START} on-policy samples, {time.time() - t0:.0f}s",
+        f"[draft-ft] done: {step} steps, {off_idx - OFF_POLICY_START - args.offset} off-policy and "
+        f"{on_idx - ON_POLICY_START - args.offset} on-policy samples, {time.time() - t0:.0f}s",
         flush=True,
     )
     draft.eval()
