@@ -7,13 +7,9 @@
 //! turns whose shape the policy chooses, the engine runs both arms (asking for pipelined
 //! pre-drafts after a drafted step, or not) and keeps the faster one: steps come in blocks
 //! of one arm; every step of a block but its first (whose tree was pre-drafted, or not,
-//! under the previous block's arm) is a sample, measured as the step's wall time (its tree's
-//! round trip, the verify, and the wait for a pre-draft asked meanwhile) over the cost
-//! model's prediction for its shape, so trees of different sizes compare fairly. A sample
-//! counts for what the step did, not for its block's arm: "on" if a pre-draft was asked
-//! during its verify or its tree was one, else "off" (in an "on" block a turn whose
-//! pre-drafts miss asks for none, and such a step runs exactly as with draft-ahead off;
-//! counted as "on", those steps diluted the cost of the ones that pre-drafted). Each
+//! under the previous block's arm) is a sample of its arm, measured as the step's wall time
+//! (its tree's round trip, the verify, and the wait for a pre-draft asked meanwhile) over the
+//! cost model's prediction for its shape, so trees of different sizes compare fairly. Each
 //! arm is tried until it has [`MIN_SAMPLES`] samples; then the cheaper arm runs, and every
 //! [`EXPLORE_EVERY`]-th block tries the other so a change in load is noticed. The engine
 //! keeps one gate for greedy turns and one for sampled ones: their pre-drafts guess right at

@@ -311,8 +311,7 @@ struct Proposal {
     draft_rtt_ns: u64,
     /// The shape asked for.
     params: DraftParams,
-    /// `Some(arm)`: the step is a clean sample for the draft-ahead gate (`arm`: its block's;
-    /// the gate learns from what the step did, see [`crate::ahead`]).
+    /// `Some(ahead)`: the step is a clean sample of that draft-ahead arm.
     ahead_sample: Option<bool>,
     /// A pre-draft made while the previous tree was verified (no draft round trip): the
     /// draft's time on it.
@@ -462,23 +461,20 @@ impl Engine {
                 break;
             }
             let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
-            // Whether pre-drafting touched this step: a pre-draft asked during its verify,
-            // or its tree one.
-            let pre_drafted = asked.is_some() || proposal.pipelined.is_some();
-            // -1: not a sample of the draft-ahead gate; 0 / 1: a sample without / with.
-            let ahead_sample = proposal.ahead_sample.map_or(-1, |_| i8::from(pre_drafted));
+            // -1: not a sample of the draft-ahead gate; 0 / 1: a sample of its arm off / on.
+            let ahead_arm = proposal.ahead_sample.map_or(-1, i8::from);
             let ahead_hit = proposal.pipelined.is_some();
             let draft_ns = draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0);
             // The step's wall time so far: its tree, the verify and the pre-draft's answer.
             let step_ns = nanos(step_started.elapsed());
-            self.record_step(turn, proposal, &verified, step_ns, pre_drafted);
+            self.record_step(turn, proposal, &verified, step_ns);
             let emit_started = Instant::now();
             let flow = self.emit(conv, turn, &verified.resp, tx).await?;
             // Where a step's time goes (`RUST_LOG=orchestrator=debug`), in microseconds.
             tracing::debug!(
                 nodes,
                 emitted = verified.resp.emitted.len(),
-                ahead_sample,
+                ahead_arm,
                 ahead_hit,
                 ahead_asked = asked.is_some(),
                 draft_rtt_us = draft_rtt_ns / 1000,
@@ -678,15 +674,13 @@ impl Engine {
     }
 
     /// Statistics, metrics and the budget policy learn from a verified step that took
-    /// `step_ns` of wall time (its tree, the verify and the wait for a pre-draft's answer);
-    /// `pre_drafted`: a pre-draft was asked during its verify, or its tree was one.
+    /// `step_ns` of wall time (its tree, the verify and the wait for a pre-draft's answer).
     fn record_step(
         &self,
         turn: &mut Turn<'_>,
         proposal: Proposal,
         verified: &Verified,
         step_ns: u64,
-        pre_drafted: bool,
     ) {
         let resp = &verified.resp;
         turn.stats
@@ -702,16 +696,14 @@ impl Engine {
         let nodes = proposal.tree.tokens.len();
         let batch = resp.batch_size.max(1);
         if let Ok(mut pol) = self.policy.lock() {
-            if proposal.ahead_sample.is_some() {
+            if let Some(ahead) = proposal.ahead_sample {
                 let predicted = pol.cost.step_ns(&proposal.params, batch as usize);
                 // The whole step: a pre-draft that outlasts the verify delays the next one.
                 let measured = step_ns as f64;
-                // A sample of what the step did, not of its block's arm: a step of an
-                // "on" block whose turn asked for no pre-draft (its pre-drafts miss too
-                // often) ran exactly as with draft-ahead off, and counting it as "on"
-                // would hide the cost of the steps that did pre-draft.
+                // A sample of the block's arm, not of what the step did: after a miss the
+                // draft's rollback falls on the next step, which may ask for no pre-draft.
                 if let Ok(mut gates) = self.ahead_gates.lock() {
-                    gates[ahead_kind(turn)].observe(pre_drafted, measured, predicted);
+                    gates[ahead_kind(turn)].observe(ahead, measured, predicted);
                 }
             }
             pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
