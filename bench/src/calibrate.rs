@@ -6,16 +6,14 @@
 //! the budget policy uses ([`Calibration::cost_model`]). The target service measures the same
 //! verify table at start-up (a smaller plan) and reports it through its `Info` RPC.
 
-use std::time::Instant;
-
 use candle_core::Device;
 use serde::Serialize;
-use specllava_model::{ForwardTimer, Llava, ModelError};
+use specllava_model::{ForwardTimer, Llava, ModelError, SweepPlan, TimedForward};
 use speculate::{CostError, CostModel, VerifyCostTable};
 use thiserror::Error;
 
 use crate::roofline::{ForwardCost, MachineRates};
-use crate::stats::{linear_fit, median};
+use crate::stats::linear_fit;
 
 /// Calibration failures.
 #[derive(Debug, Error)]
@@ -134,14 +132,11 @@ impl Calibration {
     }
 }
 
-/// Measures verify and draft costs. Every point is timed once per round, round after round
-/// ([`CalibrationPlan::reps`] rounds), and keeps its median: points compared with each other
-/// (batch 4 against batch 1, 16 nodes against one) are measured side by side, so a drift of
-/// the machine's speed during the sweep moves them together instead of skewing their ratios.
-/// Each timed forward follows untimed ones of the same point ([`WARM_UPS`]), as a forward
-/// follows others of its kind while serving (the weights in cache, the CPU pool awake), not
-/// the sweep's largest point. `progress` is called after each timed forward with (timed
-/// forwards done, timed forwards in all).
+/// Measures verify and draft costs, each set of points in one round-robin sweep
+/// ([`ForwardTimer::sweep`]: [`CalibrationPlan::reps`] rounds, [`WARM_UPS`] untimed forwards
+/// before each timed one, as a forward follows others of its kind while serving).
+/// `progress` is called after each timed forward with (timed forwards done, timed forwards
+/// in all).
 pub fn calibrate(
     target: &Llava,
     draft: Option<&Llava>,
@@ -153,10 +148,18 @@ pub fn calibrate(
         return Err(CalibrationError::EmptyPlan("needs node and batch sizes"));
     }
     let rounds = plan.reps.max(1);
+    let sweep_plan = SweepPlan {
+        rounds,
+        warm_ups: WARM_UPS,
+    };
     let tree_points: Vec<(usize, usize)> = plan
         .batches
         .iter()
         .flat_map(|&batch| plan.nodes.iter().map(move |&nodes| (batch, nodes)))
+        .collect();
+    let trees: Vec<TimedForward> = tree_points
+        .iter()
+        .map(|&(batch, nodes)| TimedForward::Tree { nodes, batch })
         .collect();
     let draft_len = draft.map_or(0, |_| plan.draft_rows.len());
     let total = rounds * (tree_points.len() + draft_len);
@@ -169,15 +172,7 @@ pub fn calibrate(
     let target_cost = ForwardCost::for_model(target);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
     let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
-    let verify_ns = sweep(
-        tree_points.len(),
-        rounds,
-        |i| {
-            let (batch, nodes) = tree_points[i];
-            timer.run_tree(nodes, batch)
-        },
-        &mut tick,
-    )?;
+    let verify_ns = timer.sweep(&trees, sweep_plan, &mut tick)?;
     drop(timer);
     let verify = tree_points
         .iter()
@@ -196,12 +191,12 @@ pub fn calibrate(
         let cost = ForwardCost::for_model(d);
         let mut timer = ForwardTimer::new(d, 1, plan.prefix_len)?;
         // One level of `rows` sibling nodes under the root (what expanding a frontier feeds).
-        let level_ns_by_rows = sweep(
-            plan.draft_rows.len(),
-            rounds,
-            |i| timer.run_level(plan.draft_rows[i]),
-            &mut tick,
-        )?;
+        let levels: Vec<TimedForward> = plan
+            .draft_rows
+            .iter()
+            .map(|&rows| TimedForward::Level { rows })
+            .collect();
+        let level_ns_by_rows = timer.sweep(&levels, sweep_plan, &mut tick)?;
         draft_points = plan
             .draft_rows
             .iter()
@@ -235,37 +230,8 @@ pub fn calibrate(
     })
 }
 
-/// Untimed forwards of a point right before each timed one: a forward measured right after
-/// the sweep's largest point runs with the weights out of cache (verify(1) measured 1.5x its
-/// steady cost after one warm-up, its steady cost after three).
+/// Untimed forwards of a point right before each timed one (see [`SweepPlan::warm_ups`]).
 const WARM_UPS: usize = 3;
-
-/// Times `points` points round-robin for `rounds` rounds (`run_point(i)` runs point `i` once;
-/// each timed run follows [`WARM_UPS`] untimed ones) and returns each point's median time, ns.
-/// `timed` is called after each timed run.
-fn sweep(
-    points: usize,
-    rounds: usize,
-    mut run_point: impl FnMut(usize) -> Result<(), ModelError>,
-    mut timed: impl FnMut(),
-) -> Result<Vec<f64>, ModelError> {
-    let mut samples = vec![Vec::with_capacity(rounds); points];
-    for _ in 0..rounds {
-        for (i, point) in samples.iter_mut().enumerate() {
-            for _ in 0..WARM_UPS {
-                run_point(i)?;
-            }
-            let start = Instant::now();
-            run_point(i)?;
-            point.push(start.elapsed().as_nanos() as f64);
-            timed();
-        }
-    }
-    Ok(samples
-        .iter()
-        .map(|s| median(s).unwrap_or(f64::NAN))
-        .collect())
-}
 
 /// Machine rates sized for a CPU or a GPU: 64 MiB GEMV and a 1024^3 matmul on CPU, 1 GiB and
 /// 4096^3 on a GPU.
@@ -338,34 +304,4 @@ pub fn render(c: &Calibration) -> String {
         );
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_sweep_times_points_round_robin_after_warm_ups_and_keeps_medians() {
-        let mut runs = Vec::new();
-        let mut timed = 0;
-        let medians = sweep(
-            2,
-            3,
-            |i| {
-                runs.push(i);
-                // Point 1's runs take longer than point 0's.
-                std::thread::sleep(std::time::Duration::from_micros(200 * (1 + 20 * i as u64)));
-                Ok(())
-            },
-            || timed += 1,
-        )
-        .unwrap();
-        let round: Vec<usize> = [0; WARM_UPS + 1]
-            .into_iter()
-            .chain([1; WARM_UPS + 1])
-            .collect();
-        assert_eq!(runs, [round.clone(), round.clone(), round].concat());
-        assert_eq!(timed, 6);
-        assert!(medians[0] >= 200e3 && medians[1] >= 4_200e3 && medians[1] > medians[0]);
-    }
 }

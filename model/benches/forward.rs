@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use specllava_model::{Device, ForwardTimer, Llava};
+use specllava_model::{Device, ForwardTimer, Llava, TimedForward};
 
 /// Committed prefix of every timed session (an image prompt plus a short answer).
 const PREFIX: usize = 64;
@@ -30,18 +30,30 @@ fn forwards(c: &mut Criterion) {
         let mut group = c.benchmark_group("target_verify");
         for nodes in [1, 4, 16, 64] {
             group.bench_function(format!("batch1_nodes{nodes}"), |b| {
-                b.iter(|| timer.run_tree(nodes, 1).expect("forward"))
+                b.iter(|| {
+                    timer
+                        .run_forward(TimedForward::Tree { nodes, batch: 1 })
+                        .expect("forward")
+                })
             });
         }
         group.bench_function("batch4_nodes1", |b| {
-            b.iter(|| timer.run_tree(1, 4).expect("forward"))
+            b.iter(|| {
+                timer
+                    .run_forward(TimedForward::Tree { nodes: 1, batch: 4 })
+                    .expect("forward")
+            })
         });
         group.finish();
     }
     if let Some(draft) = load("draft") {
         let mut timer = ForwardTimer::new(&draft, 1, PREFIX).expect("prefill");
         c.bench_function("draft_level_rows1", |b| {
-            b.iter(|| timer.run_level(1).expect("forward"))
+            b.iter(|| {
+                timer
+                    .run_forward(TimedForward::Level { rows: 1 })
+                    .expect("forward")
+            })
         });
     }
 }

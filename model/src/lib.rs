@@ -42,5 +42,5 @@ pub use fnv::Fnv1a64;
 pub use image::{ImageLimits, ImageProcessor, check_image_header, decode_image};
 pub use kv::KvCache;
 pub use llava::{Backend, Llava, PrefillImages, TreeBatchItem};
-pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer};
+pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer, SweepPlan, TimedForward};
 pub use tokenizer::LlavaTokenizer;

@@ -10,6 +10,74 @@ use crate::{KvCache, Llava, ModelError, TreeBatchItem};
 /// sessions ([`ForwardTimer::for_calibration`]).
 pub const CALIBRATION_PROMPT_ROWS: usize = 32;
 
+/// A forward [`ForwardTimer`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimedForward {
+    /// A bushy 4-ary tree of `nodes` nodes (root included, like the draft's dynamic trees)
+    /// on each of the first `batch` sessions, packed into one call: one batched Verify.
+    Tree {
+        /// Nodes per session.
+        nodes: usize,
+        /// Sessions.
+        batch: usize,
+    },
+    /// `rows` sibling nodes on the first session: what expanding a frontier of `rows` nodes
+    /// costs the draft model.
+    Level {
+        /// Rows fed.
+        rows: usize,
+    },
+}
+
+/// How [`sweep`] times its points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepPlan {
+    /// Timed rounds over all points (each point's median is kept).
+    pub rounds: usize,
+    /// Untimed runs of a point right before each timed one: a forward timed right after a
+    /// much larger one runs with the weights out of cache (one node's verify measured 1.5x
+    /// its steady cost after one untimed run, its steady cost after three).
+    pub warm_ups: usize,
+}
+
+/// Times `points` points round-robin for `plan.rounds` rounds (`run_point(i)` runs point
+/// `i` once; each timed run follows `plan.warm_ups` untimed ones) and returns each point's
+/// median time, ns; `timed` is called after each timed run. Points compared with each other
+/// (batch 4 against batch 1, 16 nodes against one) are measured side by side, so a drift of
+/// the machine's speed during the sweep moves them together instead of skewing their ratios
+/// (timed point after point, batch 4 read 1.4x to 2.0x batch 1 between runs of the same code).
+pub fn sweep(
+    points: usize,
+    plan: SweepPlan,
+    mut run_point: impl FnMut(usize) -> Result<(), ModelError>,
+    mut timed: impl FnMut(),
+) -> Result<Vec<f64>, ModelError> {
+    let mut samples = vec![Vec::with_capacity(plan.rounds.max(1)); points];
+    for _ in 0..plan.rounds.max(1) {
+        for (i, point) in samples.iter_mut().enumerate() {
+            for _ in 0..plan.warm_ups {
+                run_point(i)?;
+            }
+            let start = Instant::now();
+            run_point(i)?;
+            point.push(start.elapsed().as_nanos() as f64);
+            timed();
+        }
+    }
+    Ok(samples.iter_mut().map(|s| median(s)).collect())
+}
+
+/// The median of a non-empty sample.
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let mid = samples.len() / 2;
+    if samples.len() % 2 == 1 {
+        samples[mid]
+    } else {
+        (samples[mid - 1] + samples[mid]) / 2.0
+    }
+}
+
 /// Sessions with a committed filler prefix, ready for timed tree forwards. Trees are
 /// forwarded and then discarded, so the prefix stays the same between measurements.
 pub struct ForwardTimer<'m> {
@@ -61,38 +129,34 @@ impl<'m> ForwardTimer<'m> {
         Ok(Some((Self::new(model, sessions, prefix_len)?, fitting)))
     }
 
-    /// Median time (ns) of one forward of a bushy 4-ary tree of `nodes` nodes (root
-    /// included, like the draft's dynamic trees) on each of the first `batch` sessions,
-    /// packed into one call: the cost of one batched Verify. One untimed warm-up, then
-    /// `reps` timed runs.
-    pub fn time_tree(
+    /// Times `forwards` round-robin (see [`sweep`]) and returns each one's median time, ns.
+    /// `timed` is called after each timed forward.
+    pub fn sweep(
         &mut self,
-        nodes: usize,
-        batch: usize,
-        reps: usize,
-    ) -> Result<f64, ModelError> {
-        let (tokens, parents) = self.bushy_tree(nodes);
-        self.time(&tokens, &parents, batch, reps)
+        forwards: &[TimedForward],
+        plan: SweepPlan,
+        timed: impl FnMut(),
+    ) -> Result<Vec<f64>, ModelError> {
+        sweep(
+            forwards.len(),
+            plan,
+            |i| self.run_forward(forwards[i]),
+            timed,
+        )
     }
 
-    /// Median time (ns) of one forward of `rows` sibling nodes on the first session: what
-    /// expanding a frontier of `rows` nodes costs the draft model.
-    pub fn time_level(&mut self, rows: usize, reps: usize) -> Result<f64, ModelError> {
-        let (tokens, parents) = Self::level(rows);
-        self.time(&tokens, &parents, 1, reps)
-    }
-
-    /// One untimed forward of the tree [`ForwardTimer::time_tree`] times (for external
-    /// benchmark drivers such as criterion).
-    pub fn run_tree(&mut self, nodes: usize, batch: usize) -> Result<(), ModelError> {
-        let (tokens, parents) = self.bushy_tree(nodes);
-        self.run(&tokens, &parents, batch)
-    }
-
-    /// One untimed forward of the level [`ForwardTimer::time_level`] times.
-    pub fn run_level(&mut self, rows: usize) -> Result<(), ModelError> {
-        let (tokens, parents) = Self::level(rows);
-        self.run(&tokens, &parents, 1)
+    /// One untimed forward (for external benchmark drivers such as criterion).
+    pub fn run_forward(&mut self, forward: TimedForward) -> Result<(), ModelError> {
+        match forward {
+            TimedForward::Tree { nodes, batch } => {
+                let (tokens, parents) = self.bushy_tree(nodes);
+                self.run(&tokens, &parents, batch)
+            }
+            TimedForward::Level { rows } => {
+                let (tokens, parents) = Self::level(rows);
+                self.run(&tokens, &parents, 1)
+            }
+        }
     }
 
     fn bushy_tree(&self, nodes: usize) -> (Vec<u32>, Vec<i32>) {
@@ -132,29 +196,41 @@ impl<'m> ForwardTimer<'m> {
         }
         Ok(())
     }
+}
 
-    fn time(
-        &mut self,
-        tokens: &[u32],
-        parents: &[i32],
-        batch: usize,
-        reps: usize,
-    ) -> Result<f64, ModelError> {
-        let mut samples = Vec::with_capacity(reps.max(1));
-        for rep in 0..=reps.max(1) {
-            let start = Instant::now();
-            self.run(tokens, parents, batch)?;
-            let ns = start.elapsed().as_nanos() as f64;
-            if rep > 0 {
-                samples.push(ns);
-            }
-        }
-        samples.sort_by(f64::total_cmp);
-        let mid = samples.len() / 2;
-        Ok(if samples.len() % 2 == 1 {
-            samples[mid]
-        } else {
-            (samples[mid - 1] + samples[mid]) / 2.0
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_times_points_round_robin_after_warm_ups_and_keeps_medians() {
+        let mut runs = Vec::new();
+        let mut timed = 0;
+        let plan = SweepPlan {
+            rounds: 3,
+            warm_ups: 2,
+        };
+        let medians = sweep(
+            2,
+            plan,
+            |i| {
+                runs.push(i);
+                // Point 1's runs take longer than point 0's.
+                std::thread::sleep(std::time::Duration::from_micros(200 * (1 + 20 * i as u64)));
+                Ok(())
+            },
+            || timed += 1,
+        )
+        .unwrap();
+        let round = [0, 0, 0, 1, 1, 1];
+        assert_eq!(runs, [round, round, round].concat());
+        assert_eq!(timed, 6);
+        assert!(medians[0] >= 200e3 && medians[1] >= 4_200e3 && medians[1] > medians[0]);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
