@@ -45,6 +45,8 @@ pub struct CalibrationPlan {
     pub prefix_len: usize,
     /// Timed rounds over all points (each point's median is kept).
     pub reps: usize,
+    /// Untimed forwards of a point right before each timed one.
+    pub warm_ups: usize,
 }
 
 impl CalibrationPlan {
@@ -56,6 +58,22 @@ impl CalibrationPlan {
             draft_rows: vec![1, 2, 4, 8, 16, 32],
             prefix_len,
             reps: 9,
+            warm_ups: WARM_UPS,
+        }
+    }
+
+    /// The full sweep of a target whose weights stream from memory (a forward of 16 x 128
+    /// nodes would take seconds there): the small trees the memory-bound window holds in
+    /// detail, batches 1 and 4, fewer rounds (a memory-bound forward barely varies) and one
+    /// warm-up (the weights never stay cached anyway).
+    pub fn memory_bound(prefix_len: usize) -> Self {
+        Self {
+            nodes: vec![1, 2, 3, 4, 6, 8, 12, 16, 32, 64],
+            batches: vec![1, 4],
+            draft_rows: vec![1, 2, 4, 8, 16, 32],
+            prefix_len,
+            reps: 5,
+            warm_ups: 1,
         }
     }
 
@@ -67,6 +85,7 @@ impl CalibrationPlan {
             draft_rows: vec![1, 4, 16],
             prefix_len,
             reps: 1,
+            warm_ups: 1,
         }
     }
 }
@@ -79,6 +98,17 @@ pub struct VerifyPoint {
     /// Sessions in the batch.
     pub batch: usize,
     /// Median measured time of the batched forward, ns.
+    pub measured_ns: f64,
+    /// Roofline time, ns (if machine rates were given).
+    pub roofline_ns: Option<f64>,
+}
+
+/// The measured prefill of a typical prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PrefillPoint {
+    /// Prompt rows (the plan's prefix length).
+    pub rows: usize,
+    /// Median measured time, ns.
     pub measured_ns: f64,
     /// Roofline time, ns (if machine rates were given).
     pub roofline_ns: Option<f64>,
@@ -102,6 +132,8 @@ pub struct Calibration {
     pub plan: CalibrationPlan,
     /// Verify points, batch-major (`batches x nodes`).
     pub verify: Vec<VerifyPoint>,
+    /// The target's prefill of `plan.prefix_len` rows.
+    pub prefill: PrefillPoint,
     /// Draft points (empty without a draft model).
     pub draft: Vec<DraftPoint>,
     /// Fitted fixed cost of one draft level, ns.
@@ -150,19 +182,23 @@ pub fn calibrate(
     let rounds = plan.reps.max(1);
     let sweep_plan = SweepPlan {
         rounds,
-        warm_ups: WARM_UPS,
+        warm_ups: plan.warm_ups,
     };
     let tree_points: Vec<(usize, usize)> = plan
         .batches
         .iter()
         .flat_map(|&batch| plan.nodes.iter().map(move |&nodes| (batch, nodes)))
         .collect();
+    // The tree points, then the prefill, in one sweep.
     let trees: Vec<TimedForward> = tree_points
         .iter()
         .map(|&(batch, nodes)| TimedForward::Tree { nodes, batch })
+        .chain([TimedForward::Prefill {
+            rows: plan.prefix_len,
+        }])
         .collect();
     let draft_len = draft.map_or(0, |_| plan.draft_rows.len());
-    let total = rounds * (tree_points.len() + draft_len);
+    let total = rounds * (trees.len() + draft_len);
     let mut done = 0;
     let mut tick = move || {
         done += 1;
@@ -172,8 +208,13 @@ pub fn calibrate(
     let target_cost = ForwardCost::for_model(target);
     let max_batch = *plan.batches.iter().max().expect("non-empty");
     let mut timer = ForwardTimer::new(target, max_batch, plan.prefix_len)?;
-    let verify_ns = timer.sweep(&trees, sweep_plan, &mut tick)?;
+    let mut verify_ns = timer.sweep(&trees, sweep_plan, &mut tick)?;
     drop(timer);
+    let prefill = PrefillPoint {
+        rows: plan.prefix_len,
+        measured_ns: verify_ns.pop().expect("the prefill point"),
+        roofline_ns: rates.map(|r| 1e9 * target_cost.prefill_roofline_s(&r, plan.prefix_len)),
+    };
     let verify = tree_points
         .iter()
         .zip(verify_ns)
@@ -221,6 +262,7 @@ pub fn calibrate(
     Ok(Calibration {
         plan: plan.clone(),
         verify,
+        prefill,
         draft: draft_points,
         draft_level_ns: level_ns,
         draft_row_ns: row_ns,
@@ -251,10 +293,11 @@ pub fn render(c: &Calibration) -> String {
     if let Some(r) = c.rates {
         let _ = writeln!(
             s,
-            "machine: memory bandwidth {:.1} GB/s (f32 GEMV {:.1}, streaming read {:.1}), f32 matmul {:.1} GFLOP/s",
+            "machine: memory bandwidth {:.1} GB/s (f32 GEMV {:.1}, streaming read {:.1}); f32 FMA peak {:.1} GFLOP/s (f32 matmul {:.1})",
             r.bandwidth_bytes_per_s / 1e9,
             r.gemv_bytes_per_s / 1e9,
             r.stream_bytes_per_s / 1e9,
+            r.compute_flops_per_s() / 1e9,
             r.matmul_flops_per_s / 1e9
         );
     }
@@ -285,6 +328,18 @@ pub fn render(c: &Calibration) -> String {
         }
         let _ = writeln!(s);
     }
+    let p = &c.prefill;
+    let _ = writeln!(
+        s,
+        "\ntarget prefill of {} rows: {:.2} ms{}",
+        p.rows,
+        p.measured_ns / 1e6,
+        p.roofline_ns.map_or(String::new(), |r| format!(
+            " [roofline {:.2} ms, {:.2}x]",
+            r / 1e6,
+            p.measured_ns / r
+        ))
+    );
     if !c.draft.is_empty() {
         let _ = writeln!(
             s,

@@ -19,6 +19,7 @@ use specllava_bench::calibrate::{self, Calibration, CalibrationPlan};
 use specllava_bench::driver;
 use specllava_bench::evalset::{self, EvalSizes};
 use specllava_bench::modes::{Mode, Sampling};
+use specllava_bench::pairs::{self, ModelPair, PairKind};
 use specllava_bench::plots;
 use specllava_bench::report::{self, Meta, ReferenceTokens, Report};
 use specllava_bench::runner::{self, Plan};
@@ -43,6 +44,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Only the in-process cost-model measurement (verify vs nodes and batch, draft per level).
     CostModel(CostArgs),
+    /// Writes the function-preserving widening of a checkpoint (the bench's wide target).
+    Widen(WidenArgs),
     /// Soak / load test: concurrent mixed requests for a bounded time, checked lossless.
     Soak(Box<SoakArgs>),
 }
@@ -95,12 +98,28 @@ struct ModelArgs {
 }
 
 #[derive(Args)]
+struct WidenArgs {
+    /// Checkpoint folder to widen.
+    #[arg(long, default_value = "models/target")]
+    model: PathBuf,
+    /// Widening factor (decoder weights grow by its square).
+    #[arg(long, default_value_t = 4)]
+    factor: usize,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct CostArgs {
     #[command(flatten)]
     models: ModelArgs,
     /// A short sweep (for smoke runs).
     #[arg(long, env = "SPECLLAVA_BENCH_QUICK")]
     quick: bool,
+    /// The memory-bound plan (small trees in detail, batches 1 and 4; for a wide target).
+    #[arg(long)]
+    memory_bound: bool,
     /// Write the calibration as JSON here.
     #[arg(long, env = "SPECLLAVA_BENCH_COST_JSON")]
     json: Option<PathBuf>,
@@ -156,6 +175,25 @@ struct ServiceArgs {
 struct RunArgs {
     #[command(flatten)]
     models: ModelArgs,
+    /// Widening factor of the wide pair's target (the demo target widened, function-preserving;
+    /// built once under --wide-cache); 0 or 1 runs the demo pair alone.
+    #[arg(long, env = "SPECLLAVA_BENCH_WIDE_FACTOR", default_value_t = 4)]
+    wide_factor: usize,
+    /// Where widened targets are built (git-ignored).
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_WIDE_CACHE",
+        default_value = "target/wide-models"
+    )]
+    wide_cache: PathBuf,
+    /// Pairs to run (comma list of `demo`, `wide`).
+    #[arg(
+        long,
+        env = "SPECLLAVA_BENCH_PAIRS",
+        value_delimiter = ',',
+        default_value = "demo,wide"
+    )]
+    pairs: Vec<String>,
     /// Smoke run (seconds once built): fewer items, tokens, repeats and modes; quick cost model.
     #[arg(long, env = "SPECLLAVA_BENCH_QUICK")]
     quick: bool,
@@ -233,18 +271,26 @@ fn typical_prefix(target: &Llava) -> usize {
     target.num_image_tokens() + 24
 }
 
-fn cost_model(models: &ModelArgs, quick: bool) -> Result<Calibration> {
-    let dev = specllava_service_kit::parse_device(&models.device)?;
-    let target = Llava::load(&models.target_model, &dev)
-        .with_context(|| format!("loading target {}", models.target_model.display()))?;
-    let draft = Llava::load(&models.draft_model, &dev)
-        .with_context(|| format!("loading draft {}", models.draft_model.display()))?;
+/// Which calibration plan a cost-model measurement runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlanKind {
+    Quick,
+    Full,
+    MemoryBound,
+}
+
+fn cost_model(target: &Path, draft: &Path, device: &str, kind: PlanKind) -> Result<Calibration> {
+    let dev = specllava_service_kit::parse_device(device)?;
+    let target = Llava::load(target, &dev)
+        .with_context(|| format!("loading target {}", target.display()))?;
+    let draft =
+        Llava::load(draft, &dev).with_context(|| format!("loading draft {}", draft.display()))?;
     let rates = calibrate::measure_rates(&dev)?;
     let prefix = typical_prefix(&target);
-    let plan = if quick {
-        CalibrationPlan::quick(prefix)
-    } else {
-        CalibrationPlan::full(prefix)
+    let plan = match kind {
+        PlanKind::Quick => CalibrationPlan::quick(prefix),
+        PlanKind::Full => CalibrationPlan::full(prefix),
+        PlanKind::MemoryBound => CalibrationPlan::memory_bound(prefix),
     };
     let pb = bar(0, "cost model");
     let c = calibrate::calibrate(&target, Some(&draft), Some(rates), &plan, |done, total| {
@@ -293,8 +339,32 @@ struct Sizing {
     hf_repeats: usize,
 }
 
-fn sizing(quick: bool) -> Sizing {
+fn sizing(quick: bool, pair: PairKind) -> Sizing {
     let m = |s: &str| s.parse::<Mode>().expect("built-in mode");
+    if !quick && pair == PairKind::Wide {
+        // A forward of the wide target streams its weights (~14 ms on a 30 GB/s machine):
+        // the shapes that matter there, the same items, rounds and concurrencies.
+        return Sizing {
+            eval: EvalSizes {
+                in_domain_images: 6,
+                ood_images: 3,
+                prompts_per_image: 2,
+            },
+            max_new_tokens: 32,
+            repeats: 3,
+            modes: vec![
+                m("chain:3"),
+                m("chain:4"),
+                m("chain:6"),
+                m("dynamic:5,3,16"),
+                m("adaptive"),
+                m("adaptive/no-ahead"),
+            ],
+            concurrent_modes: vec![m("chain:4"), m("adaptive")],
+            concurrency: vec![1, 4, 16],
+            hf_repeats: 1,
+        };
+    }
     if quick {
         Sizing {
             eval: EvalSizes {
@@ -355,7 +425,13 @@ impl Services {
     }
 }
 
-async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Result<Services> {
+async fn start_services(
+    target: &Path,
+    draft: &Path,
+    device: &str,
+    a: &ServiceArgs,
+    logs: &Path,
+) -> Result<Services> {
     if let Some(addr) = &a.orchestrator {
         let tls = match &a.orchestrator_tls_ca {
             Some(ca) => Some(specllava_service_kit::tls::client_config(ca, None, None)?),
@@ -385,8 +461,8 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
     let no_vision_cache = ("SPECLLAVA_VISION_CACHE_MIB", "0".to_owned());
     let target_env = [
         ("SPECLLAVA_LISTEN", addr(tp)),
-        ("SPECLLAVA_MODEL_DIR", model(&models.target_model)),
-        ("SPECLLAVA_DEVICE", models.device.clone()),
+        ("SPECLLAVA_MODEL_DIR", model(target)),
+        ("SPECLLAVA_DEVICE", device.to_owned()),
         ("SPECLLAVA_METRICS_ADDR", addr(tm)),
         no_vision_cache.clone(),
     ];
@@ -401,8 +477,8 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
     )?);
     let draft_env = [
         ("SPECLLAVA_LISTEN", addr(dp)),
-        ("SPECLLAVA_MODEL_DIR", model(&models.draft_model)),
-        ("SPECLLAVA_DEVICE", models.device.clone()),
+        ("SPECLLAVA_MODEL_DIR", model(draft)),
+        ("SPECLLAVA_DEVICE", device.to_owned()),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ("SPECLLAVA_CPU_THREADS", a.draft_cpu_threads.to_string()),
         no_vision_cache,
@@ -422,7 +498,7 @@ async fn start_services(models: &ModelArgs, a: &ServiceArgs, logs: &Path) -> Res
         ("SPECLLAVA_LISTEN", addr(op)),
         ("SPECLLAVA_TARGET_ENDPOINTS", addr(tp)),
         ("SPECLLAVA_DRAFT_ENDPOINTS", addr(dp)),
-        ("SPECLLAVA_MODEL_DIR", model(&models.target_model)),
+        ("SPECLLAVA_MODEL_DIR", model(target)),
         ("SPECLLAVA_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let mut orch = services::spawn(
@@ -470,9 +546,17 @@ fn run_hf(
     Ok(v)
 }
 
-async fn run(a: RunArgs) -> Result<ExitCode> {
+/// What one pair's measurement produced.
+struct PairOutcome {
+    report: Report,
+    hf: Option<serde_json::Value>,
+}
+
+/// Measures one pair: cost model, services, every mode interleaved, peer baseline; writes
+/// `<out>/<pair>/bench.json` (and the peer baseline's JSON and service logs beside it).
+async fn run_pair(a: &RunArgs, pair: &ModelPair, command: &str) -> Result<PairOutcome> {
     let started = Instant::now();
-    let size = sizing(a.quick);
+    let size = sizing(a.quick, pair.kind);
     let eval = EvalSizes {
         in_domain_images: a.in_domain.unwrap_or(size.eval.in_domain_images),
         ood_images: a.ood.unwrap_or(size.eval.ood_images),
@@ -499,17 +583,38 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         repeats: a.repeats.unwrap_or(size.repeats),
         max_new_tokens: a.max_new_tokens.unwrap_or(size.max_new_tokens),
     };
-    std::fs::create_dir_all(&a.out_dir)?;
+    let out_dir = a.out_dir.join(pair.kind.name());
+    std::fs::create_dir_all(&out_dir)?;
+    println!(
+        "== pair `{}`: target {}, draft {}",
+        pair.kind.name(),
+        pair.target.display(),
+        pair.draft.display()
+    );
 
     let calibration = if a.skip_cost_model {
         None
     } else {
-        let c = cost_model(&a.models, a.quick)?;
+        let kind = match (a.quick, pair.kind) {
+            (true, _) => PlanKind::Quick,
+            (false, PairKind::Demo) => PlanKind::Full,
+            (false, PairKind::Wide) => PlanKind::MemoryBound,
+        };
+        let c = cost_model(&pair.target, &pair.draft, &a.models.device, kind)?;
         println!("{}", calibrate::render(&c));
         Some(c)
     };
 
-    let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
+    let ready = Instant::now();
+    let svc = start_services(
+        &pair.target,
+        &pair.draft,
+        &a.models.device,
+        &a.services,
+        &out_dir.join("logs"),
+    )
+    .await?;
+    println!("services ready in {:.1} s", ready.elapsed().as_secs_f64());
     let channel = svc.api_channel()?;
     let total = plan.total_requests(items.len());
     println!(
@@ -564,9 +669,11 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         .collect();
     let mut report = Report {
         meta: Meta {
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            target_model: a.models.target_model.display().to_string(),
-            draft_model: a.models.draft_model.display().to_string(),
+            command: command.to_owned(),
+            pair: pair.kind.name().to_owned(),
+            description: pair.description.clone(),
+            target_model: pair.target.display().to_string(),
+            draft_model: pair.draft.display().to_string(),
             max_new_tokens: plan.max_new_tokens,
             repeats: plan.repeats,
             items: items.len(),
@@ -577,18 +684,19 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         summaries,
         greedy_tokens,
         outputs_checked: outcome.check.checked(),
+        baseline_reruns_checked: outcome.check.baseline_reruns(),
         mismatches: outcome.check.mismatches().to_vec(),
         calibration,
     };
-    let bench_json = a.out_dir.join("bench.json");
+    let bench_json = out_dir.join("bench.json");
     write_json(&bench_json, &report)?;
 
     let hf = if a.no_hf || a.python.is_empty() {
         None
     } else {
-        let hf_json = a.out_dir.join("hf_baseline.json");
+        let hf_json = out_dir.join("hf_baseline.json");
         match run_hf(
-            &a,
+            a,
             &bench_json,
             &hf_json,
             a.hf_repeats.unwrap_or(size.hf_repeats),
@@ -602,23 +710,65 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     };
     report.meta.wall_s = started.elapsed().as_secs_f64();
     write_json(&bench_json, &report)?;
+    Ok(PairOutcome { report, hf })
+}
 
-    plots::speedup_by_mode(&report.summaries, &a.out_dir.join("speedup_by_mode.svg"))?;
-    plots::accepted_length_histogram(
-        &report.summaries,
-        &a.out_dir.join("accepted_length_hist.svg"),
+/// Everything a run measured, as `bench/results/bench.json` holds it.
+#[derive(serde::Serialize)]
+struct RunReport<'a> {
+    command: &'a str,
+    wall_s: f64,
+    pairs: Vec<&'a Report>,
+}
+
+async fn run(a: RunArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let all = pairs::pairs(
+        &a.models.target_model,
+        &a.models.draft_model,
+        if a.pairs.iter().any(|p| p == "wide") {
+            a.wide_factor
+        } else {
+            0
+        },
+        &a.wide_cache,
+    )
+    .context("preparing the model pairs")?;
+    let selected: Vec<&ModelPair> = all
+        .iter()
+        .filter(|p| a.pairs.iter().any(|n| n == p.kind.name()))
+        .collect();
+    if selected.is_empty() {
+        anyhow::bail!("--pairs selects no pair (demo, wide)");
+    }
+    std::fs::create_dir_all(&a.out_dir)?;
+    let mut outcomes = Vec::new();
+    for pair in selected {
+        outcomes.push(run_pair(&a, pair, &command).await?);
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let reports: Vec<&Report> = outcomes.iter().map(|o| &o.report).collect();
+    write_json(
+        &a.out_dir.join("bench.json"),
+        &RunReport {
+            command: &command,
+            wall_s,
+            pairs: reports.clone(),
+        },
     )?;
-    plots::throughput_vs_concurrency(
-        &report.summaries,
-        &a.out_dir.join("throughput_vs_concurrency.svg"),
-    )?;
+    plots::draw_all(&reports, &a.out_dir)?;
     // Plot links relative to the markdown file.
     let rel = a
         .results_md
         .parent()
         .and_then(|p| a.out_dir.strip_prefix(p).ok())
         .unwrap_or(&a.out_dir);
-    let md = report::render_markdown(&report, hf.as_ref(), rel);
+    let with_hf: Vec<(&Report, Option<&serde_json::Value>)> = outcomes
+        .iter()
+        .map(|o| (&o.report, o.hf.as_ref()))
+        .collect();
+    let md = report::render_markdown(&with_hf, &command, wall_s, rel);
     if let Some(dir) = a.results_md.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -627,18 +777,23 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     println!(
         "wrote {}, {} and plots in {}",
         a.results_md.display(),
-        bench_json.display(),
+        a.out_dir.join("bench.json").display(),
         a.out_dir.display()
     );
 
-    if !report.mismatches.is_empty() {
+    let mut failed = false;
+    for r in &reports {
+        if r.mismatches.is_empty() {
+            continue;
+        }
+        failed = true;
         eprintln!(
-            "\n!!! LOSSLESSNESS VIOLATED: {} of {} outputs differ from target-only output (details in {})",
-            report.mismatches.len(),
-            report.outputs_checked,
-            bench_json.display()
+            "\n!!! LOSSLESSNESS VIOLATED on pair `{}`: {} of {} outputs differ from target-only output",
+            r.meta.pair,
+            r.mismatches.len(),
+            r.outputs_checked + r.baseline_reruns_checked,
         );
-        for m in report.mismatches.iter().take(10) {
+        for m in r.mismatches.iter().take(10) {
             eprintln!(
                 "!!!   {} [{}] {} x{} round {}: first difference at token {}",
                 m.item,
@@ -649,9 +804,12 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
                 m.first_difference
             );
         }
-        return Ok(ExitCode::from(2));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn soak(a: SoakArgs) -> Result<ExitCode> {
@@ -662,7 +820,14 @@ async fn soak(a: SoakArgs) -> Result<ExitCode> {
     };
     let items = evalset::load(&a.examples, sizes)?;
     std::fs::create_dir_all(&a.out_dir)?;
-    let svc = start_services(&a.models, &a.services, &a.out_dir.join("logs")).await?;
+    let svc = start_services(
+        &a.models.target_model,
+        &a.models.draft_model,
+        &a.models.device,
+        &a.services,
+        &a.out_dir.join("logs"),
+    )
+    .await?;
     let watched: Vec<Watched> = svc
         .procs
         .iter()
@@ -702,7 +867,28 @@ async fn soak(a: SoakArgs) -> Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CostModel(a) => cost_model(&a.models, a.quick).and_then(|c| {
+        Command::Widen(a) => specllava_model::widen::widen_checkpoint(&a.model, &a.out, a.factor)
+            .map(|()| {
+                println!(
+                    "wrote {} (the function of {}, decoder widths x{})",
+                    a.out.display(),
+                    a.model.display(),
+                    a.factor
+                );
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+        Command::CostModel(a) => cost_model(
+            &a.models.target_model,
+            &a.models.draft_model,
+            &a.models.device,
+            match (a.quick, a.memory_bound) {
+                (true, _) => PlanKind::Quick,
+                (false, true) => PlanKind::MemoryBound,
+                (false, false) => PlanKind::Full,
+            },
+        )
+        .and_then(|c| {
             println!("{}", calibrate::render(&c));
             let policy = c.cost_model()?;
             println!(

@@ -321,6 +321,10 @@ pub struct ReferenceTokens {
 pub struct Meta {
     /// Command line that produced the report.
     pub command: String,
+    /// The model pair's name (`demo`, `wide`).
+    pub pair: String,
+    /// What the pair is.
+    pub description: String,
     /// Target model directory.
     pub target_model: String,
     /// Draft model directory.
@@ -348,8 +352,10 @@ pub struct Report {
     pub summaries: Vec<ModeSummary>,
     /// Greedy reference tokens per item.
     pub greedy_tokens: Vec<ReferenceTokens>,
-    /// Outputs checked against target-only output.
+    /// Speculative outputs checked against target-only output.
     pub outputs_checked: usize,
+    /// Target-only re-runs checked against the first target-only output (determinism).
+    pub baseline_reruns_checked: usize,
     /// Outputs that differed (must be empty).
     pub mismatches: Vec<Mismatch>,
     /// Cost-model calibration, if measured.
@@ -366,23 +372,23 @@ pub fn markdown(report: &Report) -> String {
     use std::fmt::Write;
     let m = &report.meta;
     let mut s = String::new();
-    let _ = writeln!(s, "# Benchmark results\n");
     let _ = writeln!(
         s,
-        "Target `{}`, draft `{}`; {} requests (images x prompts), max_new_tokens {}, {} repeats \
-         interleaved, medians; {} CPU cores; {:.0} s in all. Every output was checked against \
-         target-only output ({} checked, {} mismatches).\n",
+        "Target `{}`, draft `{}` ({}); {} requests (images x prompts), max_new_tokens {}, {} \
+         rounds, the order of modes rotating from round to round, medians; {:.0} s for this \
+         pair. Every output was checked against target-only output: {} speculative outputs \
+         and {} target-only re-runs checked, {} mismatches.\n",
         m.target_model,
         m.draft_model,
+        m.description,
         m.items,
         m.max_new_tokens,
         m.repeats,
-        m.cpus,
         m.wall_s,
         report.outputs_checked,
+        report.baseline_reruns_checked,
         report.mismatches.len()
     );
-    let _ = writeln!(s, "Command: `{}`\n", m.command);
     let _ = writeln!(
         s,
         "| sampling | conc | mode | decode tok/s | speedup (in / ood) | e2e tok/s | e2e speedup | tokens/step (in / ood) | \
@@ -463,7 +469,7 @@ pub fn hf_markdown(hf: &serde_json::Value, report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "## Peer baseline: Hugging Face transformers {} (torch {}, {} threads), same checkpoints, prompts, machine\n",
+        "### Peer baseline: Hugging Face transformers {} (torch {}, {} threads), same checkpoints, prompts, machine\n",
         s["transformers"].as_str().unwrap_or("?"),
         s["torch"].as_str().unwrap_or("?"),
         s["threads"]
@@ -510,37 +516,116 @@ pub fn hf_markdown(hf: &serde_json::Value, report: &Report) -> String {
     out
 }
 
-/// The whole RESULTS.md: the table, the peer baseline, the cost model and the plots.
+/// The column legend under every results table.
+const COLUMNS: &str = "Columns: decode tok/s = tokens after the first chunk over time from first \
+     to last chunk (summed over requests); speedup = ratio to target-only in the same round \
+     (median of rounds); e2e = all tokens over the wall time of the pass, prefill included; \
+     tokens/step = accepted draft tokens + 1; acceptance dN = fraction of steps whose accepted \
+     path reached depth N; time split from the orchestrator's per-request statistics; target \
+     batch = mean sessions per batched target forward (target metrics).\n";
+
+/// One headline row per pair: the adaptive mode's speedups next to the best fixed shape.
+fn headline(pairs: &[(&Report, Option<&serde_json::Value>)]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| pair | target-only decode tok/s | greedy x1 | sampled x1 | e2e greedy x1 | greedy x4 | greedy x16 | best fixed shape, greedy x1 | outputs checked / mismatches |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|---|");
+    for (r, _) in pairs {
+        let find = |sampling: &str, conc: usize, label: &str| {
+            r.summaries.iter().find(|x| {
+                x.sampling.starts_with(sampling) && x.concurrency == conc && x.label == label
+            })
+        };
+        let speed = |sampling: &str, conc: usize| {
+            find(sampling, conc, "adaptive").map_or("-".into(), |x| format!("{:.2}x", x.speedup))
+        };
+        let best_fixed = r
+            .summaries
+            .iter()
+            .filter(|x| {
+                x.concurrency == 1
+                    && x.sampling == "greedy"
+                    && !x.mode.is_baseline()
+                    && x.label != "adaptive"
+                    && !x.label.starts_with("adaptive/")
+            })
+            .max_by(|a, b| a.speedup.total_cmp(&b.speedup));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            r.meta.pair,
+            find("greedy", 1, "target-only")
+                .map_or("-".into(), |x| format!("{:.1}", x.decode_tok_s)),
+            speed("greedy", 1),
+            speed("sampled", 1),
+            find("greedy", 1, "adaptive")
+                .map_or("-".into(), |x| format!("{:.2}x", x.throughput_speedup)),
+            speed("greedy", 4),
+            speed("greedy", 16),
+            best_fixed.map_or("-".into(), |x| format!("`{}` {:.2}x", x.label, x.speedup)),
+            r.outputs_checked,
+            r.mismatches.len()
+        );
+    }
+    s
+}
+
+/// The whole RESULTS.md: the headline over every pair, then per pair its table, peer baseline
+/// and cost model, then the plots (in `plots_dir`, relative to the markdown file).
 pub fn render_markdown(
-    report: &Report,
-    hf: Option<&serde_json::Value>,
+    pairs: &[(&Report, Option<&serde_json::Value>)],
+    command: &str,
+    wall_s: f64,
     plots_dir: &std::path::Path,
 ) -> String {
-    let mut md = markdown(report);
-    md.push_str(
-        "\nColumns: decode tok/s = tokens after the first chunk over time from first to last chunk \
-         (summed over requests); speedup = ratio to target-only in the same round (median of \
-         rounds); e2e = all tokens over the wall time of the pass, prefill included; tokens/step = \
-         accepted draft tokens + 1; acceptance dN = fraction of steps whose accepted path reached \
-         depth N; time split from the orchestrator's per-request statistics; target batch = mean \
-         sessions per batched target forward (target metrics).\n\n",
+    use std::fmt::Write;
+    let mut md = String::new();
+    let cpus = pairs.first().map_or(0, |(r, _)| r.meta.cpus);
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "{} model pairs on one machine ({cpus} CPU cores), {wall_s:.0} s in all. Command: `{command}`\n",
+        pairs.len()
     );
-    if let Some(hf) = hf {
-        md.push_str(&hf_markdown(hf, report));
+    if let Some(rates) = pairs
+        .iter()
+        .find_map(|(r, _)| r.calibration.as_ref().and_then(|c| c.rates))
+    {
+        let _ = writeln!(
+            md,
+            "Machine: memory bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s (measured by the cost model).\n",
+            rates.bandwidth_bytes_per_s / 1e9,
+            rates.compute_flops_per_s() / 1e9
+        );
+    }
+    md.push_str("## Headline: `adaptive` decode speedup over target-only, same rounds\n\n");
+    md.push_str(&headline(pairs));
+    md.push('\n');
+    for (report, hf) in pairs {
+        let _ = writeln!(md, "## Pair `{}`\n", report.meta.pair);
+        md.push_str(&markdown(report));
         md.push('\n');
+        if let Some(hf) = hf {
+            md.push_str(&hf_markdown(hf, report));
+            md.push('\n');
+        }
+        if let Some(c) = &report.calibration {
+            let _ = writeln!(
+                md,
+                "### Cost model of `{}` (in-process, this machine) vs roofline\n\n```text",
+                report.meta.pair
+            );
+            md.push_str(&crate::calibrate::render(c));
+            md.push_str("```\n\n");
+        }
     }
-    if let Some(c) = &report.calibration {
-        md.push_str("## Cost model (in-process, this machine) vs roofline\n\n```text\n");
-        md.push_str(&crate::calibrate::render(c));
-        md.push_str("```\n\n");
-    }
-    md.push_str("## Plots\n\n");
-    for (alt, file) in [
-        ("speedup by mode", "speedup_by_mode.svg"),
-        ("tokens per step", "accepted_length_hist.svg"),
-        ("throughput vs concurrency", "throughput_vs_concurrency.svg"),
-    ] {
-        md.push_str(&format!("![{alt}]({})\n", plots_dir.join(file).display()));
+    md.push_str(COLUMNS);
+    md.push_str("\n## Plots\n\n");
+    for (alt, file) in crate::plots::FILES {
+        let _ = writeln!(md, "![{alt}]({})", plots_dir.join(file).display());
     }
     md
 }

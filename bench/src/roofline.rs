@@ -3,8 +3,10 @@
 //!
 //! Both machine rates are measured here, on the device the model runs on: bandwidth with a
 //! matrix-vector product over a matrix far larger than the caches (the operation decoding is
-//! made of), the matmul rate with a large square f32 matmul (on a CPU, the faster of candle's
-//! and the CPU backend's own packed product).
+//! made of), the compute peak as the faster of a large square f32 matmul (on a CPU, candle's or
+//! the CPU backend's own packed product) and, on a CPU, a register-only fused multiply-add loop
+//! on every core: the rate no product can beat, so no forward ever reads as faster than its
+//! roofline.
 
 use std::time::Instant;
 
@@ -13,10 +15,17 @@ use serde::Serialize;
 use specllava_model::cpu::gemm::{PackedMatrix, WeightFormat};
 use specllava_model::{Llava, TextConfig};
 
+use crate::probes;
+
+/// Bytes the streaming-read probe reads: far beyond any last-level cache we have met (one
+/// machine reported 480 MiB of L3), so that it measures memory.
+const STREAM_BYTES: usize = 1 << 30;
+
 /// Measured machine rates.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MachineRates {
-    /// Sustained memory bandwidth, bytes per second: the better of the two measurements below.
+    /// Sustained memory bandwidth, bytes per second: the streaming read on a CPU, the GEMV on
+    /// other devices.
     pub bandwidth_bytes_per_s: f64,
     /// Bandwidth seen by an f32 matrix-vector product on the device.
     pub gemv_bytes_per_s: f64,
@@ -24,6 +33,17 @@ pub struct MachineRates {
     pub stream_bytes_per_s: f64,
     /// Sustained dense f32 matmul rate, FLOP per second.
     pub matmul_flops_per_s: f64,
+    /// Peak f32 fused multiply-add rate of every core, FLOP per second (CPU: a loop of
+    /// independent FMAs in registers; other devices: the matmul rate).
+    pub fma_peak_flops_per_s: f64,
+}
+
+impl MachineRates {
+    /// The compute rate a roofline holds forwards against: the best of the peak and the
+    /// matmul rate, FLOP per second.
+    pub fn compute_flops_per_s(&self) -> f64 {
+        self.fma_peak_flops_per_s.max(self.matmul_flops_per_s)
+    }
 }
 
 /// Best (shortest) wall time of `reps` runs of `f`, in seconds, after one warm-up run.
@@ -39,41 +59,6 @@ fn best_time<F: FnMut() -> candle_core::Result<()>>(
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
-}
-
-/// Bytes per second of reading `len` f32s split over every available thread (best of 5).
-fn stream_read_bandwidth(len: usize) -> f64 {
-    let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = len.div_ceil(threads);
-    let mut best = f64::INFINITY;
-    for _ in 0..6 {
-        let t = Instant::now();
-        let total: f32 = std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(chunk)
-                .map(|c| {
-                    s.spawn(move || {
-                        let mut acc = [0f32; 16];
-                        let mut it = c.chunks_exact(16);
-                        for block in &mut it {
-                            for (a, x) in acc.iter_mut().zip(block) {
-                                *a += x;
-                            }
-                        }
-                        acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("reader thread"))
-                .sum()
-        });
-        std::hint::black_box(total);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (len * 4) as f64 / best
 }
 
 /// FLOP/s of the CPU backend's packed f32 product, `n` rows against an `n x n` weight.
@@ -118,18 +103,23 @@ impl MachineRates {
         })?;
         let gemv_bw = bytes / gemv;
         let mut matmul_rate = 2.0 * (n as f64).powi(3) / mm;
-        let stream_bw = if device.is_cpu() {
+        let (stream_bw, fma_peak) = if device.is_cpu() {
             // The CPU backend's own products may run wider vectors than candle's GEMM.
             matmul_rate = matmul_rate.max(packed_matmul_rate(n)?);
-            stream_read_bandwidth(bw_rows * bw_cols)
+            (
+                probes::stream_read_bandwidth(STREAM_BYTES),
+                probes::fma_peak_rate(),
+            )
         } else {
-            0.0
+            (0.0, matmul_rate)
         };
         Ok(Self {
-            bandwidth_bytes_per_s: gemv_bw.max(stream_bw),
+            // On a CPU the streaming read over 1 GiB: the GEMV's 64 MiB may sit in a large L3.
+            bandwidth_bytes_per_s: if device.is_cpu() { stream_bw } else { gemv_bw },
             gemv_bytes_per_s: gemv_bw,
             stream_bytes_per_s: stream_bw,
             matmul_flops_per_s: matmul_rate,
+            fma_peak_flops_per_s: fma_peak.max(matmul_rate),
         })
     }
 }
@@ -177,10 +167,16 @@ impl ForwardCost {
         }
     }
 
-    /// Roofline time in seconds of one forward of `batch` sessions, each with `nodes` new nodes
-    /// attending to `prefix` cached rows: the larger of the memory time (weights once, each
-    /// session's KV once) and the compute time.
-    pub fn roofline_s(
+    /// Memory time in seconds of one forward of `batch` sessions, each with `nodes` new nodes
+    /// on `prefix` cached rows: the weights once, each session's KV once, over the bandwidth.
+    pub fn memory_s(&self, rates: &MachineRates, nodes: usize, batch: usize, prefix: usize) -> f64 {
+        let rows = (prefix + nodes) as f64;
+        let bytes = self.weight_bytes + batch as f64 * rows * self.kv_bytes_per_row;
+        bytes / rates.bandwidth_bytes_per_s
+    }
+
+    /// Compute time in seconds of the same forward: its FLOPs at the machine's peak.
+    pub fn compute_s(
         &self,
         rates: &MachineRates,
         nodes: usize,
@@ -189,10 +185,33 @@ impl ForwardCost {
     ) -> f64 {
         let total_nodes = (nodes * batch) as f64;
         let rows = (prefix + nodes) as f64;
-        let bytes = self.weight_bytes + batch as f64 * rows * self.kv_bytes_per_row;
         let flops = total_nodes
             * (self.linear_flops_per_node + rows * self.attention_flops_per_node_per_row);
-        (bytes / rates.bandwidth_bytes_per_s).max(flops / rates.matmul_flops_per_s)
+        flops / rates.compute_flops_per_s()
+    }
+
+    /// Roofline time in seconds of one forward of `batch` sessions, each with `nodes` new nodes
+    /// attending to `prefix` cached rows: the larger of the memory time and the compute time.
+    pub fn roofline_s(
+        &self,
+        rates: &MachineRates,
+        nodes: usize,
+        batch: usize,
+        prefix: usize,
+    ) -> f64 {
+        self.memory_s(rates, nodes, batch, prefix)
+            .max(self.compute_s(rates, nodes, batch, prefix))
+    }
+
+    /// Roofline time in seconds of a prefill of `rows` prompt rows on an empty cache (causal
+    /// attention: row `i` attends to `i + 1` rows).
+    pub fn prefill_roofline_s(&self, rates: &MachineRates, rows: usize) -> f64 {
+        let r = rows as f64;
+        let bytes = self.weight_bytes + r * self.kv_bytes_per_row;
+        let attended = r * (r + 1.0) / 2.0;
+        let flops =
+            r * self.linear_flops_per_node + attended * self.attention_flops_per_node_per_row;
+        (bytes / rates.bandwidth_bytes_per_s).max(flops / rates.compute_flops_per_s())
     }
 }
 
@@ -220,10 +239,13 @@ mod tests {
             gemv_bytes_per_s: 1e9,
             stream_bytes_per_s: 0.0,
             matmul_flops_per_s: 1e9,
+            fma_peak_flops_per_s: 0.5e9,
         };
         let one = c.roofline_s(&rates, 1, 1, 0);
         assert!((one - c.weight_bytes / 1e9 - c.kv_bytes_per_row / 1e9).abs() < 1e-15);
         let many = c.roofline_s(&rates, 128, 16, 0);
         assert!(many > 128.0 * 16.0 * c.linear_flops_per_node / 1e9 * 0.999);
+        let prefill = c.prefill_roofline_s(&rates, 64);
+        assert!(prefill >= 64.0 * c.linear_flops_per_node / 1e9);
     }
 }

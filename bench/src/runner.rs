@@ -1,6 +1,7 @@
 //! The schedule: for each sampling setting and concurrency, `repeats` rounds in which every mode
-//! makes one pass over the evaluation set (A B C A B C ...), target-only first in each round;
-//! every output is checked against target-only output.
+//! makes one pass over the evaluation set, the order rotating from round to round (A B C, B C A,
+//! C A B, ...: no mode always runs first, right after a block's start or another's caches);
+//! target-only opens the first round, so every later output is checked against its output.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,16 @@ impl Plan {
     /// in flight).
     pub fn pass_len(n: usize, c: usize) -> usize {
         n.max(c)
+    }
+
+    /// The order of `modes` in round `round`: rotated left by `round`.
+    pub fn round_order(modes: &[Mode], round: usize) -> Vec<Mode> {
+        let mut order = modes.to_vec();
+        if !order.is_empty() {
+            let k = round % order.len();
+            order.rotate_left(k);
+        }
+        order
     }
 
     /// Total requests of the plan, for the progress bar.
@@ -163,7 +174,7 @@ pub async fn run(
     }
     for (sampling, concurrency, modes) in plan.blocks() {
         for repeat in 0..plan.repeats {
-            for &mode in &modes {
+            for mode in Plan::round_order(&modes, repeat) {
                 progress.set_message(format!(
                     "{sampling} x{concurrency} {mode} (round {})",
                     repeat + 1
@@ -256,5 +267,10 @@ mod tests {
         // 10 items: 2 blocks x 3 rounds x 3 modes x 10 + 3 rounds x 2 modes x 10.
         assert_eq!(plan.total_requests(10), 180 + 60);
         assert_eq!(Plan::pass_len(3, 16), 16);
+        let order = |r| Plan::round_order(&b[0].2, r);
+        assert_eq!(order(0)[0], Mode::TARGET_ONLY);
+        assert_eq!(order(1)[2], Mode::TARGET_ONLY);
+        assert_eq!(order(2)[1], Mode::TARGET_ONLY);
+        assert_eq!(order(3), order(0));
     }
 }

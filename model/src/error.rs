@@ -106,7 +106,8 @@ impl ModelError {
         }
     }
 
-    pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+    /// A file at `path` that cannot be read, parsed or written, and why.
+    pub fn bad_file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
         ModelError::BadFile {
             path: path.into(),
             reason: reason.to_string(),

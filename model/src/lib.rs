@@ -32,6 +32,7 @@ pub mod timing;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;
+pub mod widen;
 
 pub use ::image::DynamicImage;
 pub use candle_core::{DType, Device, Tensor};

@@ -27,6 +27,12 @@ pub enum TimedForward {
         /// Rows fed.
         rows: usize,
     },
+    /// A prefill of `rows` prompt rows (filler text, causal attention) into a fresh cache:
+    /// what opening a session costs beyond its images.
+    Prefill {
+        /// Prompt rows.
+        rows: usize,
+    },
 }
 
 /// How [`sweep`] times its points.
@@ -78,6 +84,19 @@ fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
+/// `len` (at least one) filler prompt ids: cycling below the vocabulary, never the image
+/// token (a forward's cost depends on lengths, not tokens).
+fn filler_ids(model: &Llava, len: usize) -> Vec<u32> {
+    let cfg = model.config();
+    let span = cfg.vocab_size.saturating_sub(3).max(1);
+    (0..len.max(1))
+        .map(|i| match 3 + (i * 7919 % span) as u32 {
+            t if t == cfg.image_token_id => 3,
+            t => t,
+        })
+        .collect()
+}
+
 /// Sessions with a committed filler prefix, ready for timed tree forwards. Trees are
 /// forwarded and then discarded, so the prefix stays the same between measurements.
 pub struct ForwardTimer<'m> {
@@ -89,14 +108,7 @@ impl<'m> ForwardTimer<'m> {
     /// Prefills `sessions` KV caches with `prefix_len` filler tokens each (ids cycling below
     /// the vocabulary, never the image token; the cost depends on lengths, not tokens).
     pub fn new(model: &'m Llava, sessions: usize, prefix_len: usize) -> Result<Self, ModelError> {
-        let cfg = model.config();
-        let span = cfg.vocab_size.saturating_sub(3).max(1);
-        let ids: Vec<u32> = (0..prefix_len.max(1))
-            .map(|i| match 3 + (i * 7919 % span) as u32 {
-                t if t == cfg.image_token_id => 3,
-                t => t,
-            })
-            .collect();
+        let ids = filler_ids(model, prefix_len);
         let sessions = (0..sessions.max(1))
             .map(|_| {
                 let mut kv = model.new_kv();
@@ -155,6 +167,14 @@ impl<'m> ForwardTimer<'m> {
             TimedForward::Level { rows } => {
                 let (tokens, parents) = Self::level(rows);
                 self.run(&tokens, &parents, 1)
+            }
+            TimedForward::Prefill { rows } => {
+                let ids = filler_ids(self.model, rows);
+                let mut kv = self.model.new_kv();
+                let logits = self.model.prefill(&mut kv, &ids, &[])?;
+                self.model.device().synchronize()?;
+                drop(logits);
+                Ok(())
             }
         }
     }

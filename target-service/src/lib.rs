@@ -41,14 +41,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let verify_costs = if args.server.calibrate {
         let m = Arc::clone(&model);
-        let costs = tokio::task::spawn_blocking(move || calibration::measure_verify_costs(&m))
-            .await?
-            .context("measuring the verify cost")?;
+        let budget = Duration::from_millis(args.server.calibration_budget_ms);
+        let started = std::time::Instant::now();
+        let costs =
+            tokio::task::spawn_blocking(move || calibration::measure_verify_costs(&m, budget))
+                .await?
+                .context("measuring the verify cost")?;
         let summary: Vec<String> = costs
             .iter()
             .map(|c| format!("{}x{}:{:.1}ms", c.batch, c.nodes, c.forward_ns as f64 / 1e6))
             .collect();
-        tracing::info!(costs = %summary.join(" "), "verify cost measured (batch x nodes)");
+        tracing::info!(
+            costs = %summary.join(" "),
+            ms = started.elapsed().as_millis() as u64,
+            "verify cost measured (batch x nodes)"
+        );
         costs
     } else {
         Vec::new()
