@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use specllava_model::{ForwardTimer, Llava, ModelError, SweepPlan, TimedForward};
 use specllava_proto::v1 as pb;
 
-/// Tree sizes of the reported grid (nodes per session, root included).
-const NODES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+/// Tree sizes of the reported grid (nodes per session, root included): every size up to 6,
+/// where a memory-bound target's verify cost turns from flat to linear, then powers of two.
+const NODES: [usize; 11] = [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64];
 /// Batch sizes of the reported grid (sessions per forward): every batch size the policy may
 /// size trees for under load.
 const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
