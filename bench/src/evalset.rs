@@ -171,33 +171,6 @@ pub fn load(examples: &Path, sizes: EvalSizes) -> Result<Vec<EvalItem>, EvalSetE
     Ok(items)
 }
 
-/// A set built from loose image files (e.g. the model fixtures' images when `examples/` is
-/// absent), all treated as out-of-domain.
-pub fn from_images(
-    paths: &[PathBuf],
-    prompts_per_image: usize,
-) -> Result<Vec<EvalItem>, EvalSetError> {
-    let mut items = Vec::new();
-    for path in paths {
-        let image = read(path)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for (j, p) in OOD_PROMPTS.iter().take(prompts_per_image).enumerate() {
-            items.push(EvalItem {
-                id: format!("{name}#{j}"),
-                domain: Domain::OutOfDomain,
-                image_path: path.clone(),
-                image: image.clone(),
-                prompt: (*p).to_owned(),
-                seed: 1000 + items.len() as u64,
-            });
-        }
-    }
-    Ok(items)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,9 +17,7 @@ use std::time::Instant;
 
 use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
 use specllava_service_kit::convert::nanos;
-use specllava_service_kit::worker::{
-    AppendError, BatchJob, Queued, Reply, SessionBackend, WorkerHandle,
-};
+use specllava_service_kit::worker::{AppendError, BatchJob, Queued, Reply, SessionBackend};
 use specllava_service_kit::{SessionStore, prefilled_kv};
 use speculate::{DraftParams, TokenTree};
 
@@ -28,9 +26,6 @@ use crate::error::DraftError;
 use crate::run::{DraftRun, LevelInput};
 use crate::session::{DraftSession, LastTree, plan_sync};
 use crate::topk::top_k_log_probs;
-
-/// The draft's session worker.
-pub type DraftWorker = WorkerHandle<DraftBackend>;
 
 /// The draft model and what bounds its trees: the draft side of the session worker.
 pub struct DraftBackend {

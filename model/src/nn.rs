@@ -193,9 +193,3 @@ impl RmsNorm {
         candle_nn::ops::rms_norm(&x, &self.weight, self.eps)
     }
 }
-
-/// Numerically stable softmax over the last dimension.
-pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    candle_nn::ops::softmax_last_dim(&x)
-}

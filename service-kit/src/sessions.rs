@@ -158,18 +158,7 @@ impl<S: SessionState> SessionStore<S> {
                 budget: self.limits.max_bytes,
             });
         }
-        self.total_bytes += bytes;
-        self.sessions.insert(
-            id.to_owned(),
-            Entry {
-                state,
-                last_used: Instant::now(),
-                bytes,
-            },
-        );
-        let evicted = self.enforce(id);
-        self.publish();
-        Ok(evicted)
+        Ok(self.store(id, state, bytes))
     }
 
     /// Mutable access to a session, marking it used.
@@ -198,6 +187,12 @@ impl<S: SessionState> SessionStore<S> {
     /// it alone exceeds the budget, in which case it is dropped too).
     pub fn put_back(&mut self, id: &str, state: S) -> Vec<String> {
         let bytes = state.bytes();
+        self.store(id, state, bytes)
+    }
+
+    /// Stores `state` (of `bytes`) as session `id`, just used, then evicts others as the
+    /// limits require; returns the evicted ids.
+    fn store(&mut self, id: &str, state: S, bytes: usize) -> Vec<String> {
         self.total_bytes += bytes;
         self.sessions.insert(
             id.to_owned(),

@@ -119,14 +119,7 @@ impl PartialTree {
 
     /// Node ids from the root to `i`, both included.
     pub fn path_to(&self, i: usize) -> Vec<usize> {
-        let mut path = Vec::with_capacity(self.depth(i) + 1);
-        let mut node = i as i32;
-        while node >= 0 {
-            path.push(node as usize);
-            node = self.parents[node as usize];
-        }
-        path.reverse();
-        path
+        crate::tree::path_to(&self.parents, i, self.depth(i))
     }
 
     /// Whether `a` is `b` or an ancestor of `b`.

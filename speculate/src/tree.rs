@@ -351,14 +351,7 @@ impl TokenTree {
 
     /// Node ids from the root to `i`, both included.
     pub fn path_to(&self, i: usize) -> Vec<usize> {
-        let mut path = Vec::with_capacity(self.depth(i) + 1);
-        let mut node = i as i32;
-        while node >= 0 {
-            path.push(node as usize);
-            node = self.parents[node as usize];
-        }
-        path.reverse();
-        path
+        path_to(&self.parents, i, self.depth(i))
     }
 
     /// Nodes without children, in index order.
@@ -420,6 +413,19 @@ impl Iterator for Children<'_> {
         self.next = self.tree.next_sibling[cur];
         Some(cur)
     }
+}
+
+/// Node ids from the root to `i`, both included, in a parent array (-1 for the root) where
+/// node `i` sits at `depth`.
+pub(crate) fn path_to(parents: &[i32], i: usize, depth: usize) -> Vec<usize> {
+    let mut path = Vec::with_capacity(depth + 1);
+    let mut node = i as i32;
+    while node >= 0 {
+        path.push(node as usize);
+        node = parents[node as usize];
+    }
+    path.reverse();
+    path
 }
 
 #[cfg(test)]

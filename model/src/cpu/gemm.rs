@@ -226,6 +226,10 @@ impl PackedMatrix {
         let k = self.in_dim;
         let xs = &x[r0 * k..(r0 + rows) * k];
         let span = k * PANEL;
+        // SAFETY (every `unsafe` arm): `kernel` is AVX-512 or AVX2 only when
+        // `Kernel::available` found the CPU supports that instruction set (and F16C), and the
+        // slice from `p0 * span` holds `group` panels of `span` elements (the kernels assert
+        // both sizes before reading).
         match (&self.data, kernel) {
             #[cfg(target_arch = "x86_64")]
             (PanelData::F32(w), Kernel::Avx512) => unsafe {
@@ -442,6 +446,7 @@ mod avx2 {
         type Elem = f32;
         #[inline(always)]
         unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable f32s at `p` and AVX2.
             unsafe { _mm256_loadu_ps(p) }
         }
     }
@@ -450,6 +455,7 @@ mod avx2 {
         type Elem = u16;
         #[inline(always)]
         unsafe fn load8(p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable halves (16 bytes) at `p` and F16C.
             unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
         }
     }
@@ -458,6 +464,7 @@ mod avx2 {
         type Elem = u16;
         #[inline(always)]
         unsafe fn load8(p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable bf16s (16 bytes) at `p` and AVX2.
             unsafe {
                 let h = _mm_loadu_si128(p as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
@@ -480,6 +487,7 @@ mod avx2 {
         acc: &mut TileAcc,
     ) {
         assert!(x.len() >= rows * k && w.len() >= group * span);
+        // SAFETY: the sizes are checked above; the instruction set is the caller's promise.
         unsafe {
             match (rows, group) {
                 (1, 1) => tile_rp::<W, 1, 1>(x, k, w, span, acc),
@@ -569,6 +577,7 @@ mod avx512 {
         type Elem = f32;
         #[inline(always)]
         unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable f32s at `p` and AVX-512F.
             unsafe { _mm512_loadu_ps(p) }
         }
     }
@@ -577,6 +586,7 @@ mod avx512 {
         type Elem = u16;
         #[inline(always)]
         unsafe fn load16(p: *const u16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable halves (32 bytes) at `p` and AVX-512F.
             unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
         }
     }
@@ -585,6 +595,7 @@ mod avx512 {
         type Elem = u16;
         #[inline(always)]
         unsafe fn load16(p: *const u16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable bf16s (32 bytes) at `p` and AVX-512F.
             unsafe {
                 let h = _mm256_loadu_si256(p as *const __m256i);
                 _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
@@ -607,6 +618,7 @@ mod avx512 {
         acc: &mut TileAcc,
     ) {
         assert!(x.len() >= rows * k && w.len() >= group * span);
+        // SAFETY: the sizes are checked above; the instruction set is the caller's promise.
         unsafe {
             match (rows, group) {
                 (1, 1) => tile_rp::<W, 1, 1>(x, k, w, span, acc),
