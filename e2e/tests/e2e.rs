@@ -241,7 +241,9 @@ async fn a_greedy_and_b_seeded_speculative_equal_target_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_concurrent_sessions_match_solo_runs() {
-    let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    // Steps wait for the draft's set-up: a loaded machine must not turn the speculative
+    // requests into target-only ones (which would compare target-only with itself).
+    let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET).wait_for_draft()).await;
     let reqs = vec![
         request(
             "red_square.png",
@@ -271,11 +273,16 @@ async fn c_concurrent_sessions_match_solo_runs() {
     for _round in 0..2 {
         let together = join_all(reqs.iter().map(|r| generate(&cluster, r.clone()))).await;
         for (i, out) in together.into_iter().enumerate() {
-            assert_eq!(
-                out.unwrap().tokens,
-                solo[i],
-                "request {i} changed when batched"
-            );
+            let out = out.unwrap();
+            assert_eq!(out.tokens, solo[i], "request {i} changed when batched");
+            let s = stats(&out);
+            if i < 3 {
+                // The speculative requests drafted, and the target accepted some drafts.
+                assert!(
+                    s.speculative && s.drafted > 0,
+                    "request {i} speculated: {s:?}"
+                );
+            }
         }
     }
     // Straight to the target: concurrent verifies of different sessions share one forward.
@@ -528,7 +535,8 @@ async fn e_bad_inputs_get_the_right_status_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
-    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET)).await;
+    // Steps wait for the draft's set-up, so every speculative turn really drafts.
+    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
     let mut client = cluster.client().await;
     let run = |sp: pb::SpeculationConfig| {
         let cluster = &cluster;
@@ -576,7 +584,15 @@ async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
     for (i, (b, s)) in base.iter().zip(&spec_out).enumerate() {
         assert_eq!(b.tokens, s.tokens, "turn {i}");
         assert_eq!(b.text, s.text, "turn {i}");
+        assert!(stats(s).speculative, "turn {i} speculated: {:?}", stats(s));
     }
+    // The draft is the target itself here: the turns drafted and had drafts accepted.
+    let drafted: u32 = spec_out.iter().map(|o| stats(o).drafted).sum();
+    let accepted: u32 = spec_out.iter().map(|o| stats(o).accepted).sum();
+    assert!(
+        drafted > 0 && accepted > 0,
+        "{drafted} drafted, {accepted} accepted"
+    );
     // The stop string cut the third turn short (and the history with it).
     assert_eq!(
         base[2].summary.finish,
