@@ -24,7 +24,7 @@ fn a_widened_target_accepts_the_sources_draft() {
     let wide = tempfile::tempdir().unwrap();
     widen_checkpoint(&source, wide.path(), 2).unwrap();
 
-    let tok = LlavaTokenizer::from_file(&source.join("tokenizer.json")).unwrap();
+    let tok = LlavaTokenizer::from_file(source.join("tokenizer.json")).unwrap();
     let identity = TokenizerIdentity::of(&tok);
     let (draft, target) = (info(&source), info(wide.path()));
     assert!(target_mismatches(&identity, &target).is_empty());
