@@ -79,7 +79,7 @@ impl Mode {
                 branching,
                 budget,
             } => (SpeculationMode::Dynamic, depth, branching, budget),
-            Shape::Adaptive => (SpeculationMode::Dynamic, 0, 0, 0),
+            Shape::Adaptive => (SpeculationMode::Adaptive, 0, 0, 0),
         };
         SpeculationConfig {
             mode: mode as i32,
@@ -256,6 +256,7 @@ mod tests {
             (SpeculationMode::Chain as i32, 4, 1, 4, false)
         );
         let a: Mode = "adaptive/no-ahead".parse().unwrap();
+        assert_eq!(a.speculation().mode, SpeculationMode::Adaptive as i32);
         assert_eq!(a.speculation().depth, 0);
         assert!(a.speculation().disable_draft_ahead);
     }

@@ -190,6 +190,16 @@ impl Frontend {
 /// unknown `speculation.mode` is refused.
 pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, OrchestratorError> {
     let s = s.unwrap_or_default();
+    if s.mode == pb::SpeculationMode::Adaptive as i32
+        && (s.depth != 0 || s.branching != 0 || s.budget != 0)
+    {
+        return Err(OrchestratorError::InvalidArgument(
+            "speculation.depth, branching and budget must be 0 with mode \
+             SPECULATION_MODE_ADAPTIVE (the budget policy picks them); use \
+             SPECULATION_MODE_DYNAMIC to fix a shape"
+                .into(),
+        ));
+    }
     Ok(SpecSettings {
         mode: speculation_mode_from_proto(s.mode)
             .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?,
@@ -220,6 +230,33 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn adaptive_is_an_explicit_mode_that_refuses_shape_overrides() {
+        let cfg = |mode: pb::SpeculationMode, depth| pb::SpeculationConfig {
+            mode: mode as i32,
+            depth,
+            ..Default::default()
+        };
+        let adaptive = spec_settings(Some(cfg(pb::SpeculationMode::Adaptive, 0))).unwrap();
+        assert!(adaptive.is_adaptive());
+        // The zero-shape dynamic mode is the same thing (the wire default).
+        assert_eq!(
+            spec_settings(Some(cfg(pb::SpeculationMode::Dynamic, 0))).unwrap(),
+            adaptive
+        );
+        assert!(spec_settings(None).unwrap().is_adaptive());
+        let err = spec_settings(Some(cfg(pb::SpeculationMode::Adaptive, 3))).unwrap_err();
+        assert!(
+            err.to_string().contains("SPECULATION_MODE_ADAPTIVE"),
+            "{err}"
+        );
+        assert!(
+            !spec_settings(Some(cfg(pb::SpeculationMode::Dynamic, 3)))
+                .unwrap()
+                .is_adaptive()
+        );
     }
 
     #[test]

@@ -69,14 +69,15 @@ pub fn tree_mode_to_proto(mode: TreeMode) -> pb::TreeMode {
 }
 
 /// The public API's speculation mode (`speculation.mode`): a tree shape, or `None` for
-/// target-only decoding.
+/// target-only decoding. Adaptive is a dynamic tree whose shape the budget policy picks
+/// (the caller refuses shape overrides with it).
 pub fn speculation_mode_from_proto(mode: i32) -> Result<Option<TreeMode>, UnknownEnumValue> {
     let known = pb::SpeculationMode::try_from(mode).map_err(|_| UnknownEnumValue {
         field: "speculation.mode",
         value: mode,
     })?;
     Ok(match known {
-        pb::SpeculationMode::Dynamic => Some(TreeMode::Dynamic),
+        pb::SpeculationMode::Dynamic | pb::SpeculationMode::Adaptive => Some(TreeMode::Dynamic),
         pb::SpeculationMode::Chain => Some(TreeMode::Chain),
         pb::SpeculationMode::Static => Some(TreeMode::Static),
         pb::SpeculationMode::Off => None,
@@ -273,6 +274,10 @@ mod tests {
             Ok(None)
         );
         assert_eq!(speculation_mode_from_proto(0), Ok(Some(TreeMode::Dynamic)));
+        assert_eq!(
+            speculation_mode_from_proto(pb::SpeculationMode::Adaptive as i32),
+            Ok(Some(TreeMode::Dynamic))
+        );
         assert_eq!(
             speculation_mode_from_proto(7).unwrap_err().field,
             "speculation.mode"

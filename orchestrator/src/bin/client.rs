@@ -41,8 +41,9 @@ struct Args {
     /// Sampling seed.
     #[arg(long, env = "SPECLLAVA_SEED", default_value_t = 0)]
     seed: u64,
-    /// Speculation mode: dynamic, chain, static or off.
-    #[arg(long, env = "SPECLLAVA_MODE", default_value = "dynamic")]
+    /// Speculation mode: adaptive (the budget policy shapes every tree), dynamic, chain,
+    /// static or off.
+    #[arg(long, env = "SPECLLAVA_MODE", default_value = "adaptive")]
     mode: String,
     /// Tree depth D (0 = policy).
     #[arg(long, env = "SPECLLAVA_DEPTH", default_value_t = 0)]
@@ -89,11 +90,12 @@ async fn main() -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let mode = match args.mode.as_str() {
+        "adaptive" => pb::SpeculationMode::Adaptive,
         "dynamic" => pb::SpeculationMode::Dynamic,
         "chain" => pb::SpeculationMode::Chain,
         "static" => pb::SpeculationMode::Static,
         "off" => pb::SpeculationMode::Off,
-        other => anyhow::bail!("unknown mode {other:?} (dynamic, chain, static, off)"),
+        other => anyhow::bail!("unknown mode {other:?} (adaptive, dynamic, chain, static, off)"),
     };
     let mut endpoint = args.endpoint.clone();
     if args.tls_ca.is_some()
