@@ -700,7 +700,8 @@ async fn sigterm_drains_and_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_generates() {
     let python = std::env::var("SPECLLAVA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET)).await;
+    // Steps wait for the draft's set-up: the client asserts that its speculative turn drafted.
+    let cluster = Cluster::start(ClusterConfig::new(OTHER_DRAFT, TARGET).wait_for_draft()).await;
     let root = workspace_root();
     let status = tokio::process::Command::new(&python)
         .arg(root.join("tests/python/client_test.py"))

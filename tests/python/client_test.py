@@ -66,6 +66,8 @@ def main() -> int:
             spec_tokens, spec_summary = run(gen.SPECULATION_MODE_DYNAMIC)
             base_tokens, _ = run(gen.SPECULATION_MODE_OFF)
             assert spec_tokens == base_tokens, (spec_tokens, base_tokens)
+            # It really speculated (not target-only compared with itself).
+            assert spec_summary.stats.speculative and spec_summary.stats.drafted > 0, spec_summary.stats
             print(f"python client ok: {len(spec_tokens)} tokens, steps={spec_summary.stats.steps}, "
                   f"accepted={spec_summary.stats.accepted}")
 
