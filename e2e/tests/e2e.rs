@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use specllava_e2e::{Cluster, ClusterConfig, fixture, fixture_image, workspace_root};
+use specllava_e2e::{
+    Cluster, ClusterConfig, fixture, fixture_image, scrape_metrics, workspace_root,
+};
 use specllava_proto::v1 as pb;
 use tonic::Code;
 
@@ -535,8 +537,13 @@ async fn e_bad_inputs_get_the_right_status_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
-    // Steps wait for the draft's set-up, so every speculative turn really drafts.
-    let cluster = Cluster::start(ClusterConfig::new(TARGET, TARGET).wait_for_draft()).await;
+    // Steps wait for the draft's set-up, so every speculative turn really drafts; the target's
+    // metrics count its RPCs by method (KV reuse: a session opens once, later turns append).
+    let cluster = Cluster::start(ClusterConfig {
+        metrics: true,
+        ..ClusterConfig::new(TARGET, TARGET).wait_for_draft()
+    })
+    .await;
     let mut client = cluster.client().await;
     let run = |sp: pb::SpeculationConfig| {
         let cluster = &cluster;
@@ -579,7 +586,25 @@ async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
             outs
         }
     };
+    let target_rpcs = |rpc: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let text = scrape_metrics(&cluster.target).await;
+            let line = format!("specllava_requests_total{{rpc=\"{rpc}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0.0, |v| v.trim().parse::<f64>().expect("a counter value"))
+        }
+    };
+    let (opened, appended) = (
+        target_rpcs("OpenSession").await,
+        target_rpcs("Append").await,
+    );
     let base = run(off()).await;
+    // Four turns of one session: the target opened it once and appended the other turns to
+    // its KV (no re-prefill of the history).
+    assert_eq!(target_rpcs("OpenSession").await - opened, 1.0);
+    assert_eq!(target_rpcs("Append").await - appended, 3.0);
     let spec_out = run(spec(pb::SpeculationMode::Dynamic, 4, 2, 8)).await;
     for (i, (b, s)) in base.iter().zip(&spec_out).enumerate() {
         assert_eq!(b.tokens, s.tokens, "turn {i}");
