@@ -76,20 +76,46 @@ async fn try_channel(
     endpoint.connect().await
 }
 
-/// Whether `Target.Info` answers through `tls` (`None`: plaintext).
-async fn target_answers(svc: &Service, tls: Option<tonic::transport::ClientTlsConfig>) -> bool {
-    match try_channel(svc, tls).await {
-        Ok(ch) => TargetClient::new(ch).info(pb::InfoRequest {}).await.is_ok(),
-        Err(_) => false,
+/// An error with its whole source chain, for telling a refusal from a dead port.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
+    text
 }
 
-/// Whether `Draft.Info` answers through `tls` (`None`: plaintext).
-async fn draft_answers(svc: &Service, tls: Option<tonic::transport::ClientTlsConfig>) -> bool {
-    match try_channel(svc, tls).await {
-        Ok(ch) => DraftClient::new(ch).info(pb::InfoRequest {}).await.is_ok(),
-        Err(_) => false,
-    }
+/// Whether `Target.Info` answers through `tls` (`None`: plaintext); why not, if it does not.
+async fn target_answers(
+    svc: &Service,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<(), String> {
+    let ch = try_channel(svc, tls).await.map_err(|e| chain(&e))?;
+    let info = TargetClient::new(ch).info(pb::InfoRequest {}).await;
+    info.map(drop).map_err(|e| chain(&e))
+}
+
+/// Whether `Draft.Info` answers through `tls` (`None`: plaintext); why not, if it does not.
+async fn draft_answers(
+    svc: &Service,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<(), String> {
+    let ch = try_channel(svc, tls).await.map_err(|e| chain(&e))?;
+    let info = DraftClient::new(ch).info(pb::InfoRequest {}).await;
+    info.map(drop).map_err(|e| chain(&e))
+}
+
+/// A refusal by a replica that is up: the TCP connection was accepted (not "connection
+/// refused", which a dead port would give) and the call still failed.
+fn assert_refused(outcome: Result<(), String>, what: &str) {
+    let why = outcome.expect_err(what);
+    assert!(
+        !why.to_lowercase().contains("connection refused"),
+        "{what}: the port must be up and refuse the call, got {why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,12 +177,32 @@ async fn tls_everywhere_with_mutual_tls_is_lossless_and_refuses_clients_without_
     // The replicas require a client certificate: with one (the orchestrator's) they answer;
     // without one, or in plaintext, they refuse.
     let (target, draft) = (&cluster.target, cluster.draft.as_ref().unwrap());
-    assert!(target_answers(target, Some(pki.client_tls(true))).await);
-    assert!(draft_answers(draft, Some(pki.client_tls(true))).await);
-    assert!(!target_answers(target, Some(pki.client_tls(false))).await);
-    assert!(!draft_answers(draft, Some(pki.client_tls(false))).await);
-    assert!(!target_answers(target, None).await, "plaintext is refused");
-    assert!(!draft_answers(draft, None).await, "plaintext is refused");
+    target_answers(target, Some(pki.client_tls(true)))
+        .await
+        .expect("the target answers the orchestrator's certificate");
+    draft_answers(draft, Some(pki.client_tls(true)))
+        .await
+        .expect("the draft answers the orchestrator's certificate");
+    assert_refused(
+        target_answers(target, Some(pki.client_tls(false))).await,
+        "the target refuses TLS without a client certificate",
+    );
+    assert_refused(
+        draft_answers(draft, Some(pki.client_tls(false))).await,
+        "the draft refuses TLS without a client certificate",
+    );
+    assert_refused(
+        target_answers(target, None).await,
+        "the target refuses plaintext",
+    );
+    assert_refused(
+        draft_answers(draft, None).await,
+        "the draft refuses plaintext",
+    );
+    // Still up after the refusals: they were refusals, not crashes.
+    target_answers(target, Some(pki.client_tls(true)))
+        .await
+        .expect("the target still answers");
     // The orchestrator's public endpoint serves TLS only.
     let plain = try_channel(&cluster.orchestrator, None).await;
     if let Ok(ch) = plain {
