@@ -119,7 +119,7 @@ impl MachineRates {
             gemv_bytes_per_s: gemv_bw,
             stream_bytes_per_s: stream_bw,
             matmul_flops_per_s: matmul_rate,
-            fma_peak_flops_per_s: fma_peak.max(matmul_rate),
+            fma_peak_flops_per_s: fma_peak,
         })
     }
 }

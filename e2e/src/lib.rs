@@ -242,9 +242,14 @@ pub struct ClusterTls {
 impl ClusterConfig {
     /// Draft and target from two fixtures.
     pub fn new(draft: &str, target: &str) -> Self {
+        Self::from_dirs(fixture(draft), fixture(target))
+    }
+
+    /// Draft and target from two checkpoint directories (e.g. the shipped `models/`).
+    pub fn from_dirs(draft: PathBuf, target: PathBuf) -> Self {
         Self {
-            draft_model: Some(fixture(draft)),
-            target_model: fixture(target),
+            draft_model: Some(draft),
+            target_model: target,
             draft_endpoints: None,
             orchestrator_args: Vec::new(),
             target_args: Vec::new(),

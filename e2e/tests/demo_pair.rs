@@ -9,14 +9,9 @@ use specllava_proto::v1 as pb;
 
 fn demo_cluster_config() -> ClusterConfig {
     let models = workspace_root().join("models");
-    ClusterConfig {
-        draft_model: Some(models.join("draft")),
-        target_model: models.join("target"),
-        ..ClusterConfig::new("mha_default_l-2_untied", "mha_default_l-2_untied")
-    }
     // Speculative steps wait for the draft's set-up: a loaded machine must not turn the
     // speculative turns into target-only ones.
-    .wait_for_draft()
+    ClusterConfig::from_dirs(models.join("draft"), models.join("target")).wait_for_draft()
 }
 
 fn speculation(mode: pb::SpeculationMode, depth: u32) -> pb::SpeculationConfig {

@@ -73,8 +73,8 @@ pub fn sweep(
     Ok(samples.iter_mut().map(|s| median(s)).collect())
 }
 
-/// The median of a non-empty sample.
-fn median(samples: &mut [f64]) -> f64 {
+/// The median of a non-empty sample (sorted in place).
+pub fn median(samples: &mut [f64]) -> f64 {
     samples.sort_by(f64::total_cmp);
     let mid = samples.len() / 2;
     if samples.len() % 2 == 1 {

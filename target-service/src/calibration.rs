@@ -10,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use specllava_model::timing::median;
 use specllava_model::{ForwardTimer, Llava, ModelError, SweepPlan, TimedForward};
 use specllava_proto::v1 as pb;
 
@@ -86,16 +87,6 @@ pub fn measure_verify_costs(
             forward_ns: ns.round() as u64,
         })
         .collect())
-}
-
-fn median(s: &mut [f64]) -> f64 {
-    s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
 }
 
 /// The (batch, nodes, ns) grid over `batches x nodes`, batch-major, from `measured` points.
