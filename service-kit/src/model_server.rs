@@ -68,11 +68,6 @@ pub struct ModelServerArgs {
     /// cost per level); `false` skips those forwards.
     #[arg(long, env = "SPECLLAVA_CALIBRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub calibrate: bool,
-    /// Time the start-up cost measurement may take beyond its first round, in milliseconds
-    /// (it times a few points, one round at least, and fills in the rest; the orchestrator
-    /// refines the costs online from the forwards this replica serves).
-    #[arg(long, env = "SPECLLAVA_CALIBRATION_BUDGET_MS", default_value_t = 1500)]
-    pub calibration_budget_ms: u64,
 }
 
 impl ModelServerArgs {

@@ -30,6 +30,11 @@ pub struct Args {
     /// Maximum depth of one tree (levels below the root).
     #[arg(long, env = "SPECLLAVA_MAX_TREE_DEPTH", default_value_t = 32)]
     pub max_tree_depth: usize,
+    /// Time the start-up verify-cost measurement may take beyond its first round, in
+    /// milliseconds (it times a few points, one round at least, and fills in the rest of the
+    /// grid; the orchestrator refines the costs online from the forwards this replica serves).
+    #[arg(long, env = "SPECLLAVA_CALIBRATION_BUDGET_MS", default_value_t = 1500)]
+    pub calibration_budget_ms: u64,
     /// Flags shared with the draft service.
     #[command(flatten)]
     pub server: ModelServerArgs,

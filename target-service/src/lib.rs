@@ -41,7 +41,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let verify_costs = if args.server.calibrate {
         let m = Arc::clone(&model);
-        let budget = Duration::from_millis(args.server.calibration_budget_ms);
+        let budget = Duration::from_millis(args.calibration_budget_ms);
         let started = std::time::Instant::now();
         let costs =
             tokio::task::spawn_blocking(move || calibration::measure_verify_costs(&m, budget))
