@@ -427,7 +427,7 @@ async fn start_services(
 ) -> Result<Services> {
     if let Some(addr) = &a.orchestrator {
         let tls = match &a.orchestrator_tls_ca {
-            Some(ca) => Some(specllava_service_kit::tls::client_config(ca, None, None)?),
+            Some(ca) => Some(specllava_server::tls::client_config(ca, None, None)?),
             None => None,
         };
         return Ok(Services {

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use thiserror::Error;
 
 use crate::calibrate::Calibration;
-use crate::report::{ModeSummary, Report};
+use crate::report::{FIGURES, ModeSummary, Report};
 
 /// A figure could not be drawn or written.
 #[derive(Debug, Error)]
@@ -21,14 +21,6 @@ pub struct PlotError {
     path: String,
     message: String,
 }
-
-/// The figures [`draw_all`] writes, with their alt texts.
-pub const FILES: [(&str, &str); 4] = [
-    ("speedup by mode", "speedup_by_mode.svg"),
-    ("verify time vs tree nodes", "verify_vs_nodes.svg"),
-    ("tokens per step", "accepted_length_hist.svg"),
-    ("throughput vs concurrency", "throughput_vs_concurrency.svg"),
-];
 
 fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |message| PlotError {
@@ -519,10 +511,10 @@ pub fn throughput_vs_concurrency(reports: &[&Report], path: &Path) -> Result<(),
     strip.present().map_err(|x| e(x.to_string()))
 }
 
-/// Writes every figure of [`FILES`] into `dir`.
+/// Writes every figure of [`FIGURES`] into `dir`.
 pub fn draw_all(reports: &[&Report], dir: &Path) -> Result<(), PlotError> {
-    speedup_by_mode(reports, &dir.join(FILES[0].1))?;
-    verify_vs_nodes(reports, &dir.join(FILES[1].1))?;
-    accepted_length_histogram(reports, &dir.join(FILES[2].1))?;
-    throughput_vs_concurrency(reports, &dir.join(FILES[3].1))
+    speedup_by_mode(reports, &dir.join(FIGURES[0].1))?;
+    verify_vs_nodes(reports, &dir.join(FIGURES[1].1))?;
+    accepted_length_histogram(reports, &dir.join(FIGURES[2].1))?;
+    throughput_vs_concurrency(reports, &dir.join(FIGURES[3].1))
 }

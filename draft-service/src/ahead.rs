@@ -17,8 +17,8 @@
 
 use speculate::DraftParams;
 
+use crate::last_tree::LastTree;
 use crate::run::DraftRun;
-use crate::session::LastTree;
 
 /// The verification outcome a pre-draft bets on.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@
 //! - [`config`]: flags (every flag is also an environment variable).
 //! - [`calibration`]: the start-up cost-per-level measurement reported by `Info`.
 //! - [`session`]: per-session state and resynchronisation with the history.
+//! - [`last_tree`]: the record of the tree a session sent last.
 //! - [`run`]: one tree being drafted, level by level.
 //! - [`ahead`]: draft-ahead, pre-drafting the likely next tree in spare time.
 //! - [`worker`]: the draft batching the session worker runs (level-batched drafting, and
@@ -17,6 +18,7 @@ pub mod ahead;
 pub mod calibration;
 pub mod config;
 pub mod error;
+pub mod last_tree;
 pub mod run;
 pub mod service;
 pub mod session;
@@ -29,7 +31,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use specllava_proto::v1::draft_server::DraftServer;
-use specllava_service_kit::{BatchLimits, load_model, serve_grpc};
+use specllava_server::serve_grpc;
+use specllava_service_kit::{BatchLimits, load_model};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 

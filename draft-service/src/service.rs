@@ -6,7 +6,7 @@ use std::time::Instant;
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::draft_server::Draft;
 use specllava_service_kit::SessionRpc;
-use specllava_service_kit::convert::{draft_params_from_proto, nanos, tree_to_proto};
+use specllava_wire::convert::{draft_params_from_proto, nanos, tree_to_proto};
 use speculate::DraftParams;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};

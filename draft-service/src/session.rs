@@ -13,6 +13,7 @@ use specllava_model::KvCache;
 use specllava_service_kit::SessionState;
 
 use crate::ahead::Ahead;
+use crate::last_tree::LastTree;
 
 /// One session on the draft.
 pub struct DraftSession {
@@ -32,21 +33,6 @@ impl SessionState for DraftSession {
     fn bytes(&self) -> usize {
         self.kv.bytes()
     }
-}
-
-/// The last drafted tree and where its nodes' KV rows are.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LastTree {
-    /// Tokens of the tree sent (node 0 = root).
-    pub tokens: Vec<u32>,
-    /// Parents of the tree sent.
-    pub parents: Vec<i32>,
-    /// Draft scores of the tree sent (cumulative log-probabilities).
-    pub scores: Vec<f32>,
-    /// Pending KV row of each tree node, if it was forwarded.
-    pub rows: Vec<Option<usize>>,
-    /// Number of pending rows holding the fed chain (which ends with the root).
-    pub fed: usize,
 }
 
 /// What to do with the pending rows when new history tokens arrive.

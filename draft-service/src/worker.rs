@@ -16,15 +16,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
-use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{AppendError, BatchJob, Queued, Reply, SessionBackend};
 use specllava_service_kit::{SessionStore, prefilled_kv};
+use specllava_wire::convert::nanos;
 use speculate::{DraftParams, TokenTree};
 
 use crate::ahead::{Ahead, Redeemed, Stage};
 use crate::error::DraftError;
+use crate::last_tree::LastTree;
 use crate::run::{DraftRun, LevelInput};
-use crate::session::{DraftSession, LastTree, plan_sync};
+use crate::session::{DraftSession, plan_sync};
 use crate::topk::top_k_log_probs;
 
 /// The draft model and what bounds its trees: the draft side of the session worker.

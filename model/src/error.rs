@@ -115,5 +115,21 @@ impl ModelError {
     }
 }
 
+impl From<specllava_prompt::PromptError> for ModelError {
+    /// The same problem under this crate's error (variant for variant).
+    fn from(e: specllava_prompt::PromptError) -> Self {
+        use specllava_prompt::PromptError as P;
+        match e {
+            P::InvalidImage(m) => ModelError::InvalidImage(m),
+            P::ImageTooLarge(m) => ModelError::ImageTooLarge(m),
+            P::InvalidInput(m) => ModelError::InvalidInput(m),
+            P::MissingFile { path, what } => ModelError::MissingFile { path, what },
+            P::BadFile { path, reason } => ModelError::BadFile { path, reason },
+            P::Config(m) => ModelError::Config(m),
+            P::Tokenizer(m) => ModelError::Tokenizer(m),
+        }
+    }
+}
+
 /// Shorthand for this crate's results.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

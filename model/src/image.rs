@@ -6,54 +6,17 @@
 //! resampling via [`crate::resample`]), center crop (zero padding when the image is smaller),
 //! rescale (`f32(f64(x) * factor)`), normalize (`(x - mean) / std` in f32).
 
-use std::io::Cursor;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::DynamicImage;
 use serde::Deserialize;
 use serde_json::Value;
+use specllava_prompt::image::{ImageLimits, decode_image};
 
 use crate::config::read_required;
 use crate::error::{ModelError, Result};
 use crate::resample::{Filter, Image8, resize};
-
-/// Limits applied when decoding untrusted image bytes (decompression bombs). Everything but
-/// `max_bytes` is checked on the header, before any pixel buffer exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImageLimits {
-    /// Largest accepted encoded size in bytes.
-    pub max_bytes: usize,
-    /// Largest accepted width * height.
-    pub max_pixels: u64,
-    /// Largest accepted width and height, each.
-    pub max_side: u32,
-    /// Most bytes the decoder may allocate (the decoded buffer and its scratch).
-    pub max_alloc_bytes: u64,
-}
-
-impl Default for ImageLimits {
-    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory.
-    fn default() -> Self {
-        ImageLimits {
-            max_bytes: 20 * 1024 * 1024,
-            max_pixels: 16 * 1024 * 1024,
-            max_side: 8192,
-            max_alloc_bytes: 256 * 1024 * 1024,
-        }
-    }
-}
-
-impl ImageLimits {
-    /// The `image` crate's decoder limits for these.
-    fn decoder_limits(&self) -> image::Limits {
-        let mut lim = image::Limits::default();
-        lim.max_image_width = Some(self.max_side);
-        lim.max_image_height = Some(self.max_side);
-        lim.max_alloc = Some(self.max_alloc_bytes);
-        lim
-    }
-}
 
 /// Widest aspect ratio (long / short edge) preprocessing accepts with a shortest-edge
 /// resize: the resized long edge is at most this many times the shortest edge.
@@ -223,7 +186,7 @@ impl ImageProcessor {
     /// Decodes PNG / JPEG / WebP bytes, rejecting inputs over `limits` before allocating the
     /// pixel buffer.
     pub fn decode(&self, bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> {
-        decode_image(bytes, limits)
+        Ok(decode_image(bytes, limits)?)
     }
 
     /// Preprocesses an image into a `[3, H, W]` f32 tensor on the CPU.
@@ -345,79 +308,6 @@ fn center_crop(im: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
     }
 }
 
-/// Decodes image bytes under `limits` (see [`ImageProcessor::decode`]): one pass over the
-/// bytes, the header checked against the limits before the pixels are decoded.
-pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage> {
-    let decoder = checked_decoder(bytes, limits)?;
-    DynamicImage::from_decoder(decoder).map_err(|e| match e {
-        image::ImageError::Limits(e) => ModelError::ImageTooLarge(format!(
-            "decoding needs more than the limit of {} bytes: {e}",
-            limits.max_alloc_bytes
-        )),
-        e => ModelError::InvalidImage(format!("cannot decode image: {e}")),
-    })
-}
-
-/// Reads only the header of image bytes and checks it against `limits` (format, size,
-/// dimensions, decoded size); returns `(width, height)`. Cheap: no pixel is decoded.
-pub fn check_image_header(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32)> {
-    checked_decoder(bytes, limits).map(|d| d.dimensions())
-}
-
-/// A decoder over `bytes` whose header passed `limits`, with the limits set on it.
-fn checked_decoder<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<impl ImageDecoder + 'a> {
-    if bytes.len() > limits.max_bytes {
-        return Err(ModelError::ImageTooLarge(format!(
-            "{} bytes exceeds the limit of {} bytes",
-            bytes.len(),
-            limits.max_bytes
-        )));
-    }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ModelError::InvalidImage(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ModelError::InvalidImage(
-            "unrecognised image format (expected PNG, JPEG or WebP)".into(),
-        ));
-    }
-    reader.limits(limits.decoder_limits());
-    let decoder = reader.into_decoder().map_err(|e| match e {
-        image::ImageError::Limits(e) => ModelError::ImageTooLarge(format!(
-            "the image exceeds the limits ({} pixels a side, {} bytes to decode): {e}",
-            limits.max_side, limits.max_alloc_bytes
-        )),
-        e => ModelError::InvalidImage(format!("cannot read image header: {e}")),
-    })?;
-    let (w, h) = decoder.dimensions();
-    let pixels = u64::from(w) * u64::from(h);
-    if w > limits.max_side || h > limits.max_side {
-        return Err(ModelError::ImageTooLarge(format!(
-            "{w}x{h} exceeds the limit of {} pixels a side",
-            limits.max_side
-        )));
-    }
-    if pixels > limits.max_pixels {
-        return Err(ModelError::ImageTooLarge(format!(
-            "{w}x{h} = {pixels} pixels exceeds the limit of {} pixels",
-            limits.max_pixels
-        )));
-    }
-    if pixels == 0 {
-        return Err(ModelError::InvalidImage(
-            "image has zero width or height".into(),
-        ));
-    }
-    if decoder.total_bytes() > limits.max_alloc_bytes {
-        return Err(ModelError::ImageTooLarge(format!(
-            "{w}x{h} decodes to {} bytes, over the limit of {} bytes",
-            decoder.total_bytes(),
-            limits.max_alloc_bytes
-        )));
-    }
-    Ok(decoder)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,41 +357,6 @@ mod tests {
         assert_eq!(&p.data[0..3], &[0, 0, 0]);
         let first = (8 + 1) * 3;
         assert_eq!(&p.data[first..first + 3], &[0, 0, 7]);
-    }
-
-    #[test]
-    fn oversize_headers_are_refused_before_decoding() {
-        use specllava_harness::png::png_header_only;
-
-        let lim = ImageLimits::default();
-        // Well-formed headers: the dimensions are read, and nothing else is needed.
-        assert_eq!(
-            check_image_header(&png_header_only(640, 480), &lim).unwrap(),
-            (640, 480)
-        );
-        for (w, h, what) in [
-            (100_000, 10, "a side"),
-            (6300, 6300, "pixels"),
-            (60_000, 60_000, "a side"),
-        ] {
-            let bytes = png_header_only(w, h);
-            for e in [
-                check_image_header(&bytes, &lim).unwrap_err(),
-                decode_image(&bytes, &lim).unwrap_err(),
-            ] {
-                assert!(
-                    matches!(e, ModelError::ImageTooLarge(_)) && e.to_string().contains(what),
-                    "{w}x{h}: {e}"
-                );
-            }
-        }
-        // The decoded size counts too (3 bytes a pixel here).
-        let tight = ImageLimits {
-            max_alloc_bytes: 1000,
-            ..lim
-        };
-        let e = check_image_header(&png_header_only(100, 100), &tight).unwrap_err();
-        assert!(matches!(e, ModelError::ImageTooLarge(_)), "{e}");
     }
 
     #[test]

@@ -16,11 +16,10 @@
 //! in the checkpoint's precision and widened in registers); on other devices, or with
 //! [`Backend::Candle`], on candle's kernels with f32 weights (`--features cuda` for NVIDIA GPUs).
 
-pub mod chat;
+pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod error;
-pub mod fnv;
 pub mod image;
 pub mod kv;
 pub mod llama;
@@ -29,19 +28,22 @@ pub mod nn;
 pub mod resample;
 mod segment;
 pub mod timing;
-pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 pub mod widen;
 
 pub use ::image::DynamicImage;
+pub use backend::{Backend, CpuKernel, CpuSettings};
 pub use candle_core::{DType, Device, Tensor};
-pub use chat::{ChatTemplate, ChatTurn, Message};
 pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
 pub use error::ModelError;
-pub use fnv::Fnv1a64;
-pub use image::{ImageLimits, ImageProcessor, check_image_header, decode_image};
+pub use image::ImageProcessor;
 pub use kv::KvCache;
-pub use llava::{Backend, Llava, PrefillImages, TreeBatchItem};
+pub use llava::{Llava, PrefillImages, TreeBatchItem};
 pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer, SweepPlan, TimedForward};
-pub use tokenizer::LlavaTokenizer;
+// The prompt side (tokenizer, chat template, image checks) lives in `specllava-prompt`, which
+// links no candle; re-exported here for the model services.
+pub use specllava_prompt::{
+    ChatTemplate, ChatTurn, Fnv1a64, ImageLimits, LlavaTokenizer, Message, chat,
+    check_image_header, decode_image, tokenizer,
+};

@@ -13,10 +13,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::Backend;
 use crate::config::{RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
-use crate::llava::Backend;
 use crate::nn::{Linear, RmsNorm};
 use crate::segment::Segment;
 use crate::weights::Weights;

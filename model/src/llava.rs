@@ -7,16 +7,17 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::cpu::{CpuDecoder, LogitRows};
 use crate::error::{ModelError, Result};
-use crate::fnv::Fnv1a64;
 use crate::image::ImageProcessor;
 use crate::kv::{KvCache, PendingNode};
 use crate::llama::Decoder;
 use crate::segment::{Segment, Visibility};
 use crate::vision::{Projector, VisionTower, select_features};
 use crate::weights::Weights;
+use specllava_prompt::Fnv1a64;
 
 /// Tensor-name prefixes of the two checkpoint layouts (llava-hf's and transformers 5's).
 const LM_PREFIXES: &[&str] = &["language_model.model.", "model.language_model."];
@@ -28,28 +29,6 @@ const VISION_PREFIXES: &[&str] = &[
     "vision_tower.",
 ];
 const PROJECTOR_PREFIXES: &[&str] = &["multi_modal_projector.", "model.multi_modal_projector."];
-
-/// Which kernels run the decoder (see [`crate::cpu`] for what runs where).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// The CPU backend: packed weights in the checkpoint's precision, fused kernels, host KV.
-    Cpu,
-    /// candle's kernels on any device (the GPU path).
-    Candle,
-}
-
-impl Backend {
-    /// The backend a model on `device` uses by default: [`Backend::Cpu`] on the CPU (unless
-    /// `SPECLLAVA_BACKEND=candle`), [`Backend::Candle`] elsewhere.
-    pub fn default_for(device: &Device) -> Backend {
-        let forced_candle = std::env::var("SPECLLAVA_BACKEND").is_ok_and(|v| v == "candle");
-        if device.is_cpu() && !forced_candle {
-            Backend::Cpu
-        } else {
-            Backend::Candle
-        }
-    }
-}
 
 /// The decoder of one backend.
 enum DecoderImpl {
@@ -123,9 +102,9 @@ impl Llava {
     /// Loads a Hugging Face LLaVA checkpoint directory: `config.json`, `model.safetensors` (or
     /// shards with `model.safetensors.index.json`), `preprocessor_config.json` and, if present,
     /// `generation_config.json`. Errors name the missing or inconsistent file or tensor.
-    /// Uses [`Backend::default_for`] the device.
+    /// Uses [`Backend::for_device`].
     pub fn load(dir: &Path, device: &Device) -> Result<Llava> {
-        Self::load_with_backend(dir, device, Backend::default_for(device))
+        Self::load_with_backend(dir, device, Backend::for_device(device))
     }
 
     /// [`Llava::load`] with an explicit backend ([`Backend::Cpu`] needs the CPU device).

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::backend::Backend;
 use crate::cpu::gemm::{PackedMatrix, WeightFormat};
 use crate::error::{ModelError, Result};
-use crate::llava::Backend;
 use crate::weights::Weights;
 
 /// Activation functions by their `transformers` `ACT2FN` names.

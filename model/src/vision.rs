@@ -11,10 +11,10 @@
 
 use candle_core::{D, Tensor};
 
+use crate::backend::Backend;
 use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
 use crate::cpu::{CpuClipEmbeddings, CpuClipLayer};
 use crate::error::{ModelError, Result};
-use crate::llava::Backend;
 use crate::nn::{Activation, LayerNorm, Linear};
 use crate::weights::Weights;
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
-use crate::fnv::Fnv1a64;
+use specllava_prompt::Fnv1a64;
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";

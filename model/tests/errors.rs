@@ -102,7 +102,8 @@ fn missing_files_are_named() {
         .err()
         .unwrap();
     assert!(
-        matches!(e, ModelError::MissingFile { .. }) && e.to_string().contains("tokenizer.json"),
+        matches!(e, specllava_prompt::PromptError::MissingFile { .. })
+            && e.to_string().contains("tokenizer.json"),
         "{e}"
     );
 }

@@ -13,6 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use specllava_harness::fuzz::CappedAlloc;
 use specllava_model::{ImageLimits, ImageProcessor, ModelError, decode_image};
+use specllava_prompt::PromptError;
 
 #[global_allocator]
 static ALLOC: CappedAlloc<{ 256 << 20 }> = CappedAlloc;
@@ -99,7 +100,7 @@ fn apply(mut bytes: Vec<u8>, format: ImageFormat, m: &Mutation) -> Vec<u8> {
 /// Decodes under `limits`, then preprocesses what decoded; panics only on a wrong error
 /// kind or a wrongly shaped output.
 fn check(proc: &ImageProcessor, bytes: &[u8], limits: &ImageLimits) -> Result<(), TestCaseError> {
-    match decode_image(bytes, limits) {
+    match proc.decode(bytes, limits) {
         Ok(img) => {
             prop_assert!(u64::from(img.width()) * u64::from(img.height()) <= limits.max_pixels);
             match proc.preprocess(&img) {
@@ -167,11 +168,11 @@ fn claimed_sizes_are_refused_before_allocating() {
     let mut png = encode(1, 1, 0, ImageFormat::Png);
     set_dims(&mut png, ImageFormat::Png, 65_535, 65_535);
     let e = decode_image(&png, &ImageLimits::default()).unwrap_err();
-    assert!(matches!(e, ModelError::ImageTooLarge(_)), "{e}");
+    assert!(matches!(e, PromptError::ImageTooLarge(_)), "{e}");
     let mut jpg = encode(8, 8, 0, ImageFormat::Jpeg);
     set_dims(&mut jpg, ImageFormat::Jpeg, 65_535, 65_535);
     let e = decode_image(&jpg, &ImageLimits::default()).unwrap_err();
-    assert!(matches!(e, ModelError::ImageTooLarge(_)), "{e}");
+    assert!(matches!(e, PromptError::ImageTooLarge(_)), "{e}");
 }
 
 #[test]

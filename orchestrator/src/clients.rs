@@ -21,32 +21,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::is_replica_failure;
-use crate::routing::Replica;
-
-/// The two kinds of model replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReplicaKind {
-    /// A draft service: proposes trees.
-    Draft,
-    /// A target service: verifies them.
-    Target,
-}
-
-impl ReplicaKind {
-    /// `draft` or `target` (logs, errors, metric labels).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplicaKind::Draft => "draft",
-            ReplicaKind::Target => "target",
-        }
-    }
-}
-
-impl std::fmt::Display for ReplicaKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::routing::{Replica, ReplicaKind};
 
 /// The draft trees of one Speculate stream.
 pub type TreeStream = Pin<Box<dyn Stream<Item = Result<pb::DraftTree, Status>> + Send>>;

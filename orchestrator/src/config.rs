@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use specllava_model::ImageLimits;
-use specllava_service_kit::{AuthArgs, ImageLimitArgs, ServerTlsArgs, UpstreamTlsArgs};
+use specllava_prompt::ImageLimits;
+use specllava_server::{AuthArgs, ImageLimitArgs, ServerTlsArgs, UpstreamTlsArgs};
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;

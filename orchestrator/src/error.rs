@@ -3,7 +3,7 @@
 
 use tonic::{Code, Status};
 
-use crate::clients::ReplicaKind;
+use crate::routing::ReplicaKind;
 
 /// Everything a public request can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use specllava_model::{ImageLimits, ModelError, check_image_header};
+use specllava_prompt::{ImageLimits, PromptError, check_image_header};
 use specllava_proto::v1 as pb;
-use specllava_service_kit::convert::{sampling_from_parts, speculation_mode_from_proto};
+use specllava_wire::convert::{sampling_from_parts, speculation_mode_from_proto};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
@@ -128,7 +128,7 @@ impl Frontend {
         check_image_header(bytes, &self.limits.image)
             .map(|_| ())
             .map_err(|e| match e {
-                ModelError::ImageTooLarge(m) => OrchestratorError::TooLarge(m),
+                PromptError::ImageTooLarge(m) => OrchestratorError::TooLarge(m),
                 e => OrchestratorError::InvalidArgument(e.to_string()),
             })
     }

@@ -48,17 +48,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use specllava_model::{ChatTemplate, LlavaTokenizer};
+use specllava_prompt::{ChatTemplate, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
-use specllava_service_kit::compat::TokenizerIdentity;
-use specllava_service_kit::{BearerAuth, serve_grpc};
+use specllava_server::{BearerAuth, serve_grpc};
+use specllava_wire::compat::TokenizerIdentity;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
-pub use clients::ReplicaKind;
 pub use config::Args;
 pub use error::OrchestratorError;
+pub use routing::ReplicaKind;
 
 /// Serves the public API until SIGTERM / ctrl-c, then drains in-flight requests.
 pub async fn run(args: Args) -> anyhow::Result<()> {

@@ -6,10 +6,6 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let args = orchestrator::Args::parse();
     let json = args.log_json;
-    specllava_service_kit::run_with_telemetry(
-        "specllava-orchestrator",
-        json,
-        orchestrator::run(args),
-    )
-    .await
+    specllava_server::run_with_telemetry("specllava-orchestrator", json, orchestrator::run(args))
+        .await
 }

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use specllava_model::chat::{Content, Part};
-use specllava_model::{ChatTemplate, LlavaTokenizer, Message, ModelError};
+use specllava_prompt::chat::{Content, Part};
+use specllava_prompt::{ChatTemplate, LlavaTokenizer, Message, PromptError};
 
 use crate::error::OrchestratorError;
 
@@ -25,7 +25,7 @@ pub struct Prompter {
     limits: PromptLimits,
 }
 
-fn model_err(e: ModelError) -> OrchestratorError {
+fn model_err(e: PromptError) -> OrchestratorError {
     if e.is_invalid_input() {
         OrchestratorError::InvalidArgument(e.to_string())
     } else {

@@ -19,8 +19,32 @@ use specllava_proto::v1 as pb;
 use tokio::sync::OnceCell;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::clients::ReplicaKind;
 use crate::health::{Backoff, Health};
+
+/// The two kinds of model replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaKind {
+    /// A draft service: proposes trees.
+    Draft,
+    /// A target service: verifies them.
+    Target,
+}
+
+impl ReplicaKind {
+    /// `draft` or `target` (logs, errors, metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaKind::Draft => "draft",
+            ReplicaKind::Target => "target",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Connect timeout of a replica channel unless the set says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

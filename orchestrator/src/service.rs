@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use specllava_model::Message;
+use specllava_prompt::Message;
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_server::Generation;
 use tokio::sync::mpsc;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use specllava_proto::v1 as pb;
-use specllava_service_kit::convert::{draft_params_to_proto, nanos};
+use specllava_wire::convert::{draft_params_to_proto, nanos};
 use speculate::DraftParams;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

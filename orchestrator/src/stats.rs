@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use specllava_proto::v1 as pb;
-use specllava_service_kit::convert::nanos;
+use specllava_wire::convert::nanos;
 
 /// Statistics accumulated during a generation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use specllava_proto::v1 as pb;
 use tonic::Status;
 
-use crate::clients::{ReplicaApi, ReplicaKind};
+use crate::clients::ReplicaApi;
 use crate::error::OrchestratorError;
 use crate::routing::Replica;
+use crate::routing::ReplicaKind;
 use crate::session::{ReplicaSession, kv_rows};
 
 /// The call that syncs a session.

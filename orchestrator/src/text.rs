@@ -14,9 +14,9 @@ pub trait Detokenize {
     fn decode(&self, ids: &[u32]) -> Result<String, String>;
 }
 
-impl Detokenize for specllava_model::LlavaTokenizer {
+impl Detokenize for specllava_prompt::LlavaTokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        specllava_model::LlavaTokenizer::decode(self, ids).map_err(|e| e.to_string())
+        specllava_prompt::LlavaTokenizer::decode(self, ids).map_err(|e| e.to_string())
     }
 }
 

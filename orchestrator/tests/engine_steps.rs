@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use orchestrator::clients::{ReplicaApi, ReplicaKind, TreeStream};
+use orchestrator::ReplicaKind;
+use orchestrator::clients::{ReplicaApi, TreeStream};
 use orchestrator::engine::{Engine, EngineConfig, EngineParts, GenParams, Interrupted};
 use orchestrator::health::Backoff;
 use orchestrator::plan::SpecSettings;
@@ -15,7 +16,7 @@ use orchestrator::routing::{Replica, ReplicaSet};
 use orchestrator::session::Conversation;
 use orchestrator::text::Detokenize;
 use specllava_proto::v1 as pb;
-use specllava_service_kit::compat::TokenizerIdentity;
+use specllava_wire::compat::TokenizerIdentity;
 use speculate::{SamplingParams, TreeMode};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;

@@ -22,7 +22,7 @@ use proptest::test_runner::TestRunner;
 use prost::Message as _;
 use serde_json::{Value, json};
 use specllava_harness::fuzz::{CappedAlloc, byte_edits};
-use specllava_model::{ChatTemplate, ImageLimits, LlavaTokenizer, Message, decode_image};
+use specllava_prompt::{ChatTemplate, ImageLimits, LlavaTokenizer, Message, decode_image};
 use specllava_proto::v1 as pb;
 
 #[global_allocator]

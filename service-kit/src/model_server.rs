@@ -4,11 +4,13 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use specllava_model::{Backend, ImageLimits, Llava};
+use specllava_model::{Backend, CpuKernel, CpuSettings, ImageLimits, Llava};
+use specllava_proto::v1 as pb;
+use specllava_server::ImageLimitArgs;
 
 use crate::{
-    BatchLimits, ImageLimitArgs, SessionBackend, SessionLimits, SessionRpc, SessionStore,
-    VisionEncoder, WorkerConfig, WorkerHandle, parse_device, parse_dtype,
+    BatchLimits, SessionBackend, SessionLimits, SessionRpc, SessionStore, VisionEncoder,
+    WorkerConfig, WorkerHandle, parse_device, parse_dtype,
 };
 
 /// Flags common to the draft and the target service (every flag is also an
@@ -20,7 +22,7 @@ pub struct ModelServerArgs {
     #[arg(long, env = "SPECLLAVA_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Dtype of weights, activations and KV: `auto` (f32 on the CPU, the checkpoint's dtype on
-    /// a GPU), `f32`, `f16` or `bf16` (f16 / bf16 need a GPU or SPECLLAVA_BACKEND=candle).
+    /// a GPU), `f32`, `f16` or `bf16` (f16 / bf16 need a GPU or `--backend candle`).
     #[arg(long, env = "SPECLLAVA_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Maximum live sessions (more evicts the least recently used).
@@ -54,11 +56,21 @@ pub struct ModelServerArgs {
     pub session_sweep_ms: u64,
     /// TLS of the gRPC endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
     #[command(flatten)]
-    pub tls: crate::tls::ServerTlsArgs,
+    pub tls: specllava_server::tls::ServerTlsArgs,
     /// Threads of the CPU backend's products (0: every core). A service sharing its machine
     /// with another (the draft next to the target) runs best on its own share of the cores.
     #[arg(long, env = "SPECLLAVA_CPU_THREADS", default_value_t = 0)]
     pub cpu_threads: usize,
+    /// The best instruction set the CPU backend may use: `avx512` (the CPU's best: AVX-512F,
+    /// else AVX2 + FMA + F16C, else portable code), `avx2` or `portable` (same results,
+    /// slower; for comparisons).
+    #[arg(long, env = "SPECLLAVA_CPU_KERNEL", default_value = "avx512")]
+    pub cpu_kernel: CpuKernel,
+    /// Kernels of the decoder: `cpu` (the CPU backend; CPU device only) or `candle` (candle's
+    /// kernels: the GPU path, or on the CPU for comparison). Unset: `cpu` on the CPU, `candle`
+    /// on a GPU.
+    #[arg(long, env = "SPECLLAVA_BACKEND")]
+    pub backend: Option<Backend>,
     /// Bytes of vision features the encoder cache keeps, in MiB (the tower's output for recent
     /// image lists; 0 keeps none, calls asking for the same images at once still share a run).
     #[arg(long, env = "SPECLLAVA_VISION_CACHE_MIB", default_value_t = 64)]
@@ -144,18 +156,23 @@ pub async fn load_model(
 ) -> anyhow::Result<LoadedModel> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    if args.cpu_threads > 0 && !specllava_model::cpu::pool::set_threads(args.cpu_threads) {
+    let cpu = CpuSettings {
+        threads: args.cpu_threads,
+        kernel_cap: args.cpu_kernel,
+    };
+    if !cpu.apply() {
         tracing::warn!(
-            cpu_threads = args.cpu_threads,
-            "--cpu-threads ignored: the CPU pool had started"
+            ?cpu,
+            "--cpu-threads / --cpu-kernel ignored: the CPU backend had started"
         );
     }
     tracing::info!(model_dir = %dir.display(), device = %args.device, dtype = %args.dtype, "loading {role} model");
     let owned = dir.to_path_buf();
+    let backend = args.backend;
     let (model, fingerprint) = tokio::task::spawn_blocking(move || {
-        let backend = Backend::default_for(&device);
+        let backend = backend.unwrap_or_else(|| Backend::for_device(&device));
         Llava::load_with(&owned, &device, backend, dtype)
-            .map(|m| (m, crate::compat::model_dir_fingerprint(&owned)))
+            .map(|m| (m, specllava_wire::compat::model_dir_fingerprint(&owned)))
     })
     .await?
     .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
@@ -164,10 +181,29 @@ pub async fn load_model(
         0 => model.config().text.max_position_embeddings,
         n => n,
     };
-    let info = crate::convert::model_info(&model, max_context, fingerprint);
+    let info = model_info(&model, max_context, fingerprint);
     Ok(LoadedModel {
         model: Arc::new(model),
         max_context,
         info,
     })
+}
+
+/// What `Info` reports of a loaded model.
+pub fn model_info(
+    model: &Llava,
+    max_context: usize,
+    tokenizer_fingerprint: String,
+) -> pb::ModelInfo {
+    let cfg = model.config();
+    pb::ModelInfo {
+        vocab_size: cfg.text.vocab_size as u32,
+        image_token_id: cfg.image_token_id,
+        num_image_tokens: model.num_image_tokens() as u32,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        bos_token_id: cfg.bos_token_id,
+        max_context: max_context as u64,
+        tokenizer_fingerprint,
+        vision_fingerprint: model.vision_fingerprint().to_owned(),
+    }
 }

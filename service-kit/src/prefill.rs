@@ -1,10 +1,8 @@
 //! Validation and image preparation for session prefills (open / append),
 //! shared by the draft and target services.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
-use specllava_model::{ImageLimits, KvCache, Llava, ModelError, PrefillImages};
+use specllava_model::{KvCache, Llava, ModelError, PrefillImages};
 use specllava_proto::v1 as pb;
 
 use crate::vision_encoder::VisionEncoder;
@@ -60,34 +58,6 @@ pub async fn prepare_prefill(
     }
     let features = encoder.encode(images).await?;
     Ok(PrefillImages::VisionFeatures(features.to_vec()))
-}
-
-/// Decodes and preprocesses `images` off the async runtime.
-pub async fn decode_images(
-    model: &Arc<Llava>,
-    image_limits: ImageLimits,
-    images: Vec<Vec<u8>>,
-) -> Result<Vec<Tensor>, String> {
-    if images.is_empty() {
-        return Ok(Vec::new());
-    }
-    let model = Arc::clone(model);
-    tokio::task::spawn_blocking(move || {
-        let proc = model.image_processor();
-        images
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                let img = proc
-                    .decode(bytes, &image_limits)
-                    .map_err(|e| format!("image {i}: {e}"))?;
-                proc.preprocess_on(&img, model.device())
-                    .map_err(|e| format!("image {i}: {e}"))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| format!("image decoding task failed: {e}"))?
 }
 
 /// Reads vision features sent for `model`: each `[num_image_tokens, vision_feature_dim]`

@@ -11,10 +11,12 @@ use tokio::sync::Semaphore;
 use specllava_model::Llava;
 use specllava_proto::v1 as pb;
 
-use crate::convert::{first_step_from_proto, first_step_to_proto, nanos};
 use crate::prefill::{prepare_prefill, vision_features_to_proto};
 use crate::vision_encoder::VisionEncoder;
-use crate::worker::{FIRST_STEP_REFUSED, FirstStep, SessionBackend, WorkerError, WorkerHandle};
+use specllava_wire::convert::{first_step_from_proto, first_step_to_proto, nanos};
+use speculate::FirstStep;
+
+use crate::worker::{FIRST_STEP_REFUSED, SessionBackend, WorkerError, WorkerHandle};
 
 /// `EncodeImages` calls that may wait for the vision tower (one runs at a time); more are
 /// refused with RESOURCE_EXHAUSTED (the caller then sends the images themselves).

@@ -19,7 +19,6 @@ use sha2::{Digest, Sha256};
 use specllava_model::{ImageLimits, Llava};
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::prefill::decode_images;
 use crate::worker::WorkerError;
 
 /// Why images could not be encoded.
@@ -315,6 +314,34 @@ impl FeatureCache {
 
 fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Decodes and preprocesses `images` off the async runtime.
+pub async fn decode_images(
+    model: &Arc<Llava>,
+    image_limits: ImageLimits,
+    images: Vec<Vec<u8>>,
+) -> Result<Vec<Tensor>, String> {
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let model = Arc::clone(model);
+    tokio::task::spawn_blocking(move || {
+        let proc = model.image_processor();
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let img = proc
+                    .decode(bytes, &image_limits)
+                    .map_err(|e| format!("image {i}: {e}"))?;
+                proc.preprocess_on(&img, model.device())
+                    .map_err(|e| format!("image {i}: {e}"))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("image decoding task failed: {e}"))?
 }
 
 #[cfg(test)]

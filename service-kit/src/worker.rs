@@ -24,12 +24,12 @@ use std::sync::mpsc::{
 use std::time::{Duration, Instant};
 
 use specllava_model::PrefillImages;
-use speculate::{SamplingParams, StopConditions, VerifyOutcome};
+use speculate::{FirstStep, VerifyOutcome};
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
-use crate::convert::nanos;
 use crate::sessions::{SessionState, SessionStore, SessionStoreError};
+use specllava_wire::convert::nanos;
 
 /// Failures of the worker layer, shared by both model services (each service's
 /// error enum wraps it and maps it to a gRPC status with [`WorkerError::code`]).
@@ -101,16 +101,6 @@ pub struct PrefillOutcome {
     /// The token picked after the history, when a [`FirstStep`] asked for it: the outcome
     /// of verifying a root-only tree.
     pub first: Option<VerifyOutcome>,
-}
-
-/// A prefill asked to compute the root too and pick the token after it, as a `Verify` of a
-/// root-only tree would (the target's; a turn's first token without a second forward).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FirstStep {
-    /// How the token is picked.
-    pub sampling: SamplingParams,
-    /// When the generation stops.
-    pub stop: StopConditions,
 }
 
 /// Why an append failed, and whether the session survived it.
@@ -796,6 +786,7 @@ pub fn collect_batch<B: SessionBackend + ?Sized>(
 mod tests {
     use super::*;
     use crate::sessions::SessionLimits;
+    use speculate::{SamplingParams, StopConditions};
     use std::sync::{Arc, Mutex};
 
     /// A job of `cost` units on session `id`, answered with its tag.

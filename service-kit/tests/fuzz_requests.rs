@@ -15,11 +15,11 @@ use prost::Message;
 use specllava_harness::fuzz::{CappedAlloc, byte_edits};
 use specllava_model::{Device, ImageLimits, Llava};
 use specllava_proto::v1 as pb;
-use specllava_service_kit::convert::{
-    draft_params_from_proto, sampling_from_proto, stop_from_proto, tree_from_proto,
-};
 use specllava_service_kit::worker::WorkerError;
 use specllava_service_kit::{VisionEncoder, prepare_prefill};
+use specllava_wire::convert::{
+    draft_params_from_proto, sampling_from_proto, stop_from_proto, tree_from_proto,
+};
 use speculate::TreeLimits;
 
 #[global_allocator]

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use specllava_model::widen::widen_checkpoint;
 use specllava_model::{Device, Llava, LlavaTokenizer};
-use specllava_service_kit::compat::{
+use specllava_service_kit::model_info;
+use specllava_wire::compat::{
     TokenizerIdentity, draft_mismatches, model_dir_fingerprint, target_mismatches,
 };
-use specllava_service_kit::convert::model_info;
 
 fn info(dir: &Path) -> specllava_proto::v1::ModelInfo {
     let model = Llava::load(dir, &Device::Cpu).expect("load");

@@ -24,4 +24,4 @@ pub use policy::{
 };
 pub use sampling::{SamplingError, SamplingParams, argmax, sample_token, uniform};
 pub use tree::{Children, TokenTree, TreeError, TreeLimits};
-pub use verify::{FinishReason, StopConditions, VerifyOutcome, verify};
+pub use verify::{FinishReason, FirstStep, StopConditions, VerifyOutcome, verify};

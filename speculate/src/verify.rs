@@ -17,6 +17,16 @@ pub struct StopConditions {
     pub max_new_tokens: usize,
 }
 
+/// A prefill asked to compute the root too and pick the token after it, as a verification of a
+/// root-only tree would (the target's; a turn's first token without a second forward).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstStep {
+    /// How the token is picked.
+    pub sampling: SamplingParams,
+    /// When the generation stops.
+    pub stop: StopConditions,
+}
+
 /// Why generation finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

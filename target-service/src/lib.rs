@@ -20,7 +20,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use specllava_proto::v1::target_server::TargetServer;
-use specllava_service_kit::{BatchLimits, load_model, serve_grpc};
+use specllava_server::serve_grpc;
+use specllava_service_kit::{BatchLimits, load_model};
 use speculate::TreeLimits;
 use tonic::server::NamedService;
 use tonic::service::Routes;

@@ -6,6 +6,5 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let args = target_service::Args::parse();
     let json = args.server.log_json;
-    specllava_service_kit::run_with_telemetry("specllava-target", json, target_service::run(args))
-        .await
+    specllava_server::run_with_telemetry("specllava-target", json, target_service::run(args)).await
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::target_server::Target;
 use specllava_service_kit::SessionRpc;
-use specllava_service_kit::convert::{
+use specllava_wire::convert::{
     nanos, sampling_from_proto, stop_from_proto, tree_from_proto, verify_outcome_to_proto,
 };
 use speculate::TreeLimits;

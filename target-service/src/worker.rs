@@ -10,12 +10,14 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use specllava_model::{KvCache, Llava, PrefillImages, TreeBatchItem};
-use specllava_service_kit::convert::nanos;
 use specllava_service_kit::worker::{
-    AppendError, BatchJob, FirstStep, Queued, SessionBackend, WorkerError, WorkerHandle,
+    AppendError, BatchJob, Queued, SessionBackend, WorkerError, WorkerHandle,
 };
 use specllava_service_kit::{SessionState, SessionStore, prefilled_kv};
-use speculate::{FinishReason, SamplingParams, StopConditions, TokenTree, VerifyOutcome};
+use specllava_wire::convert::nanos;
+use speculate::{
+    FinishReason, FirstStep, SamplingParams, StopConditions, TokenTree, VerifyOutcome,
+};
 
 use crate::error::TargetError;
 

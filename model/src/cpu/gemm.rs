@@ -21,7 +21,7 @@ use super::pool::{self, DisjointOut};
 pub const PANEL: usize = 16;
 
 /// Largest number of rows one register tile holds (AVX-512, for products of up to that many
-/// rows; see [`Kernel::tiling`]).
+/// rows; see [`CpuKernel::tiling`]).
 const MAX_TILE_ROWS: usize = 8;
 
 /// Rows per register tile when a product's rows split into several tiles.
@@ -147,11 +147,11 @@ impl PackedMatrix {
     /// `y[r] = x[r] W^T + b` for `rows` rows; `x` is `[rows, in]`, `y` is `[rows, out]`.
     /// Splits the panels over the CPU pool when the product is large enough.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        self.matmul_with(Kernel::detect(), x, rows, y);
+        self.matmul_with(CpuKernel::detect(), x, rows, y);
     }
 
     /// [`PackedMatrix::matmul`] with a given instruction set.
-    fn matmul_with(&self, kernel: Kernel, x: &[f32], rows: usize, y: &mut [f32]) {
+    fn matmul_with(&self, kernel: CpuKernel, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_dim, "input size");
         assert_eq!(y.len(), rows * self.out_dim, "output size");
         if rows == 0 {
@@ -188,7 +188,7 @@ impl PackedMatrix {
     /// Computes output panels `panels` of every row (writes only their columns of `y`).
     fn matmul_panels(
         &self,
-        kernel: Kernel,
+        kernel: CpuKernel,
         x: &[f32],
         rows: usize,
         panels: std::ops::Range<usize>,
@@ -214,7 +214,7 @@ impl PackedMatrix {
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
-        kernel: Kernel,
+        kernel: CpuKernel,
         x: &[f32],
         r0: usize,
         rows: usize,
@@ -227,32 +227,32 @@ impl PackedMatrix {
         let xs = &x[r0 * k..(r0 + rows) * k];
         let span = k * PANEL;
         // SAFETY (every `unsafe` arm): `kernel` is AVX-512 or AVX2 only when
-        // `Kernel::available` found the CPU supports that instruction set (and F16C), and the
+        // `CpuKernel::available` found the CPU supports that instruction set (and F16C), and the
         // slice from `p0 * span` holds `group` panels of `span` elements (the kernels assert
         // both sizes before reading).
         match (&self.data, kernel) {
             #[cfg(target_arch = "x86_64")]
-            (PanelData::F32(w), Kernel::Avx512) => unsafe {
+            (PanelData::F32(w), CpuKernel::Avx512) => unsafe {
                 avx512::tile::<avx512::F32>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            (PanelData::F16(w), Kernel::Avx512) => unsafe {
+            (PanelData::F16(w), CpuKernel::Avx512) => unsafe {
                 avx512::tile::<avx512::F16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            (PanelData::Bf16(w), Kernel::Avx512) => unsafe {
+            (PanelData::Bf16(w), CpuKernel::Avx512) => unsafe {
                 avx512::tile::<avx512::Bf16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            (PanelData::F32(w), Kernel::Avx2) => unsafe {
+            (PanelData::F32(w), CpuKernel::Avx2) => unsafe {
                 avx2::tile::<avx2::F32>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            (PanelData::F16(w), Kernel::Avx2) => unsafe {
+            (PanelData::F16(w), CpuKernel::Avx2) => unsafe {
                 avx2::tile::<avx2::F16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            (PanelData::Bf16(w), Kernel::Avx2) => unsafe {
+            (PanelData::Bf16(w), CpuKernel::Avx2) => unsafe {
                 avx2::tile::<avx2::Bf16>(xs, rows, k, &w[p0 * span..], span, group, acc)
             },
             (PanelData::F32(w), _) => {
@@ -288,36 +288,66 @@ impl PackedMatrix {
     }
 }
 
-/// The instruction set a product runs with, chosen once per process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+/// The instruction set a product runs with, chosen once per process: the CPU's best, up to
+/// the cap [`cap_kernel`] set (every choice gives the same results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuKernel {
+    /// AVX-512F register tiles (x86-64).
+    #[default]
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
+    /// AVX2 + FMA + F16C register tiles (x86-64).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2,
+    /// Plain Rust, any CPU.
     Portable,
 }
 
-impl Kernel {
-    /// The best instruction set this CPU has, capped by `SPECLLAVA_CPU_KERNEL`
-    /// (`portable`, `avx2` or `avx512`).
-    fn detect() -> Kernel {
-        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+impl std::str::FromStr for CpuKernel {
+    type Err = String;
+
+    /// `avx512`, `avx2` or `portable`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "avx512" => Ok(CpuKernel::Avx512),
+            "avx2" => Ok(CpuKernel::Avx2),
+            "portable" => Ok(CpuKernel::Portable),
+            _ => Err(format!(
+                "unknown CPU kernel {s:?} (expected avx512, avx2 or portable)"
+            )),
+        }
+    }
+}
+
+/// The cap [`cap_kernel`] set (a [`CpuKernel::rank`]).
+static KERNEL_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+/// The instruction set in use, chosen at the first product.
+static KERNEL: std::sync::OnceLock<CpuKernel> = std::sync::OnceLock::new();
+
+/// Caps the instruction set the products of this process use (for comparisons). Only before
+/// the first product: returns false, changing nothing, once one has run.
+pub fn cap_kernel(cap: CpuKernel) -> bool {
+    if KERNEL.get().is_some() {
+        return false;
+    }
+    KERNEL_CAP.store(cap.rank(), std::sync::atomic::Ordering::SeqCst);
+    KERNEL.get().is_none()
+}
+
+impl CpuKernel {
+    /// The best instruction set this CPU has, up to the cap [`cap_kernel`] set.
+    fn detect() -> CpuKernel {
         *KERNEL.get_or_init(|| {
-            let cap = match std::env::var("SPECLLAVA_CPU_KERNEL").as_deref() {
-                Ok("portable") => Kernel::Portable,
-                Ok("avx2") => Kernel::Avx2,
-                _ => Kernel::Avx512,
-            };
-            Kernel::available()
+            let cap = KERNEL_CAP.load(std::sync::atomic::Ordering::SeqCst);
+            CpuKernel::available()
                 .into_iter()
-                .find(|k| k.rank() <= cap.rank())
-                .unwrap_or(Kernel::Portable)
+                .find(|k| k.rank() <= cap)
+                .unwrap_or(CpuKernel::Portable)
         })
     }
 
     /// The instruction sets this CPU supports, best first.
-    fn available() -> Vec<Kernel> {
+    fn available() -> Vec<CpuKernel> {
         let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
@@ -325,21 +355,21 @@ impl Kernel {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
-                kernels.push(Kernel::Avx512);
+                kernels.push(CpuKernel::Avx512);
             }
             if avx2 {
-                kernels.push(Kernel::Avx2);
+                kernels.push(CpuKernel::Avx2);
             }
         }
-        kernels.push(Kernel::Portable);
+        kernels.push(CpuKernel::Portable);
         kernels
     }
 
     fn rank(self) -> u8 {
         match self {
-            Kernel::Portable => 0,
-            Kernel::Avx2 => 1,
-            Kernel::Avx512 => 2,
+            CpuKernel::Portable => 0,
+            CpuKernel::Avx2 => 1,
+            CpuKernel::Avx512 => 2,
         }
     }
 
@@ -351,7 +381,7 @@ impl Kernel {
     fn tiling(self, rows: usize) -> (usize, usize) {
         let tiles = match self {
             // Up to 8 rows in one tile of 2 panels: each weight widened once for all rows.
-            Kernel::Avx512 if rows <= MAX_TILE_ROWS => 1,
+            CpuKernel::Avx512 if rows <= MAX_TILE_ROWS => 1,
             // More rows (any with AVX2 or portable code) in tiles of up to 6 rows: on AVX-512
             // tiles of 8 rows and 2 panels measured slower than 6 rows and 4 panels from 16
             // rows on (fewer accumulators per broadcast).
@@ -365,9 +395,9 @@ impl Kernel {
     /// latency.
     fn panels_per_tile(self, rows: usize) -> usize {
         match (self, rows) {
-            (Kernel::Avx512, 1) => 8,
-            (Kernel::Avx512, 2..=6) => 4,
-            (Kernel::Avx512, _) => 2,
+            (CpuKernel::Avx512, 1) => 8,
+            (CpuKernel::Avx512, 2..=6) => 4,
+            (CpuKernel::Avx512, _) => 2,
             (_, 1) => 4,
             (_, 2 | 3) => 2,
             _ => 1,
@@ -378,10 +408,10 @@ impl Kernel {
 /// Names the instruction set the products of this process use ("avx512f",
 /// "avx2+fma+f16c" or "portable").
 pub fn kernel_name() -> &'static str {
-    match Kernel::detect() {
-        Kernel::Avx512 => "avx512f",
-        Kernel::Avx2 => "avx2+fma+f16c",
-        Kernel::Portable => "portable",
+    match CpuKernel::detect() {
+        CpuKernel::Avx512 => "avx512f",
+        CpuKernel::Avx2 => "avx2+fma+f16c",
+        CpuKernel::Portable => "portable",
     }
 }
 
@@ -752,7 +782,7 @@ mod tests {
                 for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 64] {
                     let x = data(rows * inp, rows as u64);
                     let want = reference(&x, rows, &w, out, inp, Some(&b));
-                    for kernel in Kernel::available() {
+                    for kernel in CpuKernel::available() {
                         let mut y = vec![f32::NAN; rows * out];
                         m.matmul_with(kernel, &x, rows, &mut y);
                         assert_eq!(
@@ -789,7 +819,7 @@ mod tests {
         for rows in [1, 5, 16] {
             let x = data(rows * inp, 12);
             let want = reference(&x, rows, &w, out, inp, None);
-            for kernel in Kernel::available() {
+            for kernel in CpuKernel::available() {
                 let mut y = vec![0f32; rows * out];
                 m.matmul_with(kernel, &x, rows, &mut y);
                 assert_eq!(y, want, "rows {rows} {kernel:?}");

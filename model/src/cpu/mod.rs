@@ -14,9 +14,8 @@
 //!   ([`crate::llama::Decoder`]); nothing here is used, and a GPU build compiles without it
 //!   mattering.
 //!
-//! `SPECLLAVA_CPU_THREADS` (the services' `--cpu-threads`, [`pool::set_threads`]) caps the
-//! threads; `SPECLLAVA_CPU_KERNEL=avx2` or `=portable`
-//! caps the instruction set (for comparisons: the results are the same).
+//! [`crate::CpuSettings`] (the services' `--cpu-threads` and `--cpu-kernel`) caps the threads
+//! and the instruction set (for comparisons: the results are the same).
 
 pub(crate) mod attention;
 pub(crate) mod decoder;

@@ -44,8 +44,7 @@ impl Drop for Hold {
     }
 }
 
-/// Threads the CPU products use: [`set_threads`]' count if given, else
-/// `SPECLLAVA_CPU_THREADS` if set, else every available core.
+/// Threads the CPU products use: [`set_threads`]' count if given, else every available core.
 pub fn threads() -> usize {
     pool().threads
 }
@@ -54,10 +53,10 @@ pub fn threads() -> usize {
 static REQUESTED_THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the number of threads the CPU products use (a service sharing its machine with
-/// another takes fewer than every core). Only before the first product: returns false,
-/// changing nothing, once the pool has started.
+/// another takes fewer than every core; 0: every core). Only before the first product:
+/// returns false, changing nothing, once the pool has started.
 pub fn set_threads(n: usize) -> bool {
-    if n == 0 || POOL.get().is_some() {
+    if POOL.get().is_some() {
         return false;
     }
     REQUESTED_THREADS.store(n, Ordering::SeqCst);
@@ -163,15 +162,10 @@ unsafe impl Send for JobRef {}
 fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let requested = REQUESTED_THREADS.load(Ordering::SeqCst);
-        let threads = (requested > 0)
-            .then_some(requested)
-            .or_else(|| {
-                std::env::var("SPECLLAVA_CPU_THREADS")
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .filter(|&n| n > 0)
-            })
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = match requested {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             threads,
             busy: AtomicBool::new(false),

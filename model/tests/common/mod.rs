@@ -346,7 +346,7 @@ pub fn write_checkpoint(dir: &Path, s: &Spec, shards: usize) {
 
 /// A random model loaded from a fresh temp dir (the CPU device's default backend).
 pub fn model(s: &Spec) -> (tempfile::TempDir, Llava) {
-    model_with(s, Backend::default_for(&Device::Cpu))
+    model_with(s, Backend::for_device(&Device::Cpu))
 }
 
 /// A random model loaded from a fresh temp dir with `backend`.

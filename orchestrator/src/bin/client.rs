@@ -107,8 +107,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("endpoint {endpoint}"))?;
     if let Some(ca) = &args.tls_ca {
         let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
-        let tls =
-            specllava_service_kit::tls::client_config(ca, identity, args.tls_domain.as_deref())?;
+        let tls = specllava_server::tls::client_config(ca, identity, args.tls_domain.as_deref())?;
         channel = channel.tls_config(tls)?;
     }
     let channel = channel

@@ -33,8 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use specllava_proto::v1 as pb;
-use specllava_service_kit::compat::{TokenizerIdentity, draft_mismatches, target_mismatches};
-use specllava_service_kit::convert::{
+use specllava_wire::compat::{TokenizerIdentity, draft_mismatches, target_mismatches};
+use specllava_wire::convert::{
     draft_params_to_proto, finish_from_proto, nanos, sampling_to_proto, tree_from_proto,
     verify_cost_table, verify_outcome_from_proto,
 };
@@ -44,9 +44,10 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
-use crate::clients::{Deadlines, Guarded, ReplicaApi, ReplicaKind};
+use crate::clients::{Deadlines, Guarded, ReplicaApi};
 use crate::error::{OrchestratorError, is_replica_failure};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
+use crate::routing::ReplicaKind;
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession, kv_rows};
 use crate::setup::{DraftSetup, DraftStream, EarlyStream, FeatureSource, FirstTree, SetupDone};

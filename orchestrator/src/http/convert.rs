@@ -2,8 +2,8 @@
 //! chat-template messages, the images in placeholder order, and `GenerationParams` (validated
 //! by the same code as the gRPC API's, stop-string caps included).
 
-use specllava_model::Message;
-use specllava_model::chat::{Content, Part};
+use specllava_prompt::Message;
+use specllava_prompt::chat::{Content, Part};
 use specllava_proto::v1 as pb;
 
 use super::error::ApiError;

@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use specllava_service_kit::ApiKeys;
+use specllava_server::ApiKeys;
 
 use crate::config::Args;
 use crate::frontend::Frontend;

@@ -23,7 +23,7 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{ModelError, Result};
+use crate::error::{PromptError, Result};
 
 /// The LLaVA-1.5 conversation template, used when a checkpoint has none.
 pub const LLAVA15_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% elif message['role'] == 'assistant' %}ASSISTANT: {% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
@@ -232,7 +232,7 @@ impl ChatTemplate {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_owned(),
                 _ => format!("{e:#}"),
             };
-            ModelError::InvalidInput(format!("the chat template refused the messages: {detail}"))
+            PromptError::InvalidInput(format!("the chat template refused the messages: {detail}"))
         })
     }
 
@@ -253,7 +253,7 @@ impl ChatTemplate {
             .map(|i| i + ANSWER_SENTINEL.len())
             .filter(|_| full.starts_with(&answered))
             .ok_or_else(|| {
-                ModelError::Config(format!(
+                PromptError::Config(format!(
                     "chat template {}: a conversation's rendering does not extend its first turn's",
                     self.source
                 ))
@@ -262,8 +262,8 @@ impl ChatTemplate {
     }
 }
 
-fn bad_template(source: &TemplateSource, e: JinjaError) -> ModelError {
-    ModelError::Config(format!("chat template {source}: {e:#}"))
+fn bad_template(source: &TemplateSource, e: JinjaError) -> PromptError {
+    PromptError::Config(format!("chat template {source}: {e:#}"))
 }
 
 /// `strftime_now(format)`: the local time, formatted (templates print today's date).
@@ -327,7 +327,7 @@ fn split_whitespace_control(inner: &str) -> (&str, &str, &str) {
 fn find_template(dir: &Path) -> Result<Option<(String, PathBuf)>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        let text = std::fs::read_to_string(&jinja).map_err(|e| ModelError::bad_file(&jinja, e))?;
+        let text = std::fs::read_to_string(&jinja).map_err(|e| PromptError::bad_file(&jinja, e))?;
         return Ok(Some((text, jinja)));
     }
     for name in [
@@ -339,7 +339,7 @@ fn find_template(dir: &Path) -> Result<Option<(String, PathBuf)>> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| PromptError::bad_file(&path, e))?;
         match v.get("chat_template") {
             None | Some(Value::Null) => {}
             Some(Value::String(t)) => return Ok(Some((t.clone(), path))),
@@ -349,7 +349,7 @@ fn find_template(dir: &Path) -> Result<Option<(String, PathBuf)>> {
                 match default.and_then(|t| t["template"].as_str()) {
                     Some(t) => return Ok(Some((t.to_owned(), path))),
                     None => {
-                        return Err(ModelError::bad_file(
+                        return Err(PromptError::bad_file(
                             &path,
                             "chat_template lists no template named \"default\"",
                         ));
@@ -357,7 +357,7 @@ fn find_template(dir: &Path) -> Result<Option<(String, PathBuf)>> {
                 }
             }
             Some(_) => {
-                return Err(ModelError::bad_file(
+                return Err(PromptError::bad_file(
                     &path,
                     "chat_template is neither a string nor a list",
                 ));
@@ -437,7 +437,7 @@ mod tests {
         }];
         let err = t.render(&sys, false).unwrap_err();
         assert!(
-            matches!(&err, ModelError::InvalidInput(m) if m.ends_with("no system role")),
+            matches!(&err, PromptError::InvalidInput(m) if m.ends_with("no system role")),
             "{err}"
         );
     }

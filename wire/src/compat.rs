@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use specllava_model::{Fnv1a64, LlavaTokenizer};
+use specllava_prompt::{Fnv1a64, LlavaTokenizer};
 use specllava_proto::v1 as pb;
 
 /// What the orchestrator's tokenizer defines.

@@ -1,7 +1,7 @@
 //! The image-limit flags every service shares (the orchestrator checks images before
 //! forwarding them, the draft and the target before decoding them).
 
-use specllava_model::ImageLimits;
+use specllava_prompt::ImageLimits;
 
 /// Image limits as flags (every flag is also an environment variable); each service
 /// flattens this into its own `Args`.

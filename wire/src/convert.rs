@@ -7,30 +7,9 @@ use std::time::Duration;
 
 use specllava_proto::v1 as pb;
 use speculate::{
-    DraftParams, FinishReason, SamplingError, SamplingParams, StopConditions, TokenTree, TreeError,
-    TreeLimits, TreeMode, VerifyCostTable, VerifyOutcome,
+    DraftParams, FinishReason, FirstStep, SamplingError, SamplingParams, StopConditions, TokenTree,
+    TreeError, TreeLimits, TreeMode, VerifyCostTable, VerifyOutcome,
 };
-
-use crate::worker::FirstStep;
-
-/// What `Info` reports of a loaded model.
-pub fn model_info(
-    model: &specllava_model::Llava,
-    max_context: usize,
-    tokenizer_fingerprint: String,
-) -> pb::ModelInfo {
-    let cfg = model.config();
-    pb::ModelInfo {
-        vocab_size: cfg.text.vocab_size as u32,
-        image_token_id: cfg.image_token_id,
-        num_image_tokens: model.num_image_tokens() as u32,
-        eos_token_ids: cfg.eos_token_ids.clone(),
-        bos_token_id: cfg.bos_token_id,
-        max_context: max_context as u64,
-        tokenizer_fingerprint,
-        vision_fingerprint: model.vision_fingerprint().to_owned(),
-    }
-}
 
 /// A duration in whole nanoseconds, saturating (the unit of every `*_ns` field).
 pub fn nanos(d: Duration) -> u64 {

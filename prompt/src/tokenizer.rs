@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::error::{ModelError, Result};
+use crate::error::{PromptError, Result};
 
 /// `tokenizer.json` plus the ids of `<s>`, `</s>` and `<image>`.
 pub struct LlavaTokenizer {
@@ -31,12 +31,12 @@ impl LlavaTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(ModelError::MissingFile {
+            return Err(PromptError::MissingFile {
                 path: path.to_path_buf(),
                 what: "the tokenizer".into(),
             });
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| ModelError::bad_file(path, e))?;
+        let inner = Tokenizer::from_file(path).map_err(|e| PromptError::bad_file(path, e))?;
         let mut names = (
             Some("<s>".to_string()),
             "</s>".to_string(),
@@ -45,7 +45,7 @@ impl LlavaTokenizer {
         let cfg_path = path.with_file_name("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
             let cfg: Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&cfg_path, e))?;
+                serde_json::from_str(&text).map_err(|e| PromptError::bad_file(&cfg_path, e))?;
             if let Some(b) = token_name(cfg.get("bos_token")) {
                 names.0 = Some(b);
             } else if cfg.get("bos_token").is_some_and(Value::is_null) {
@@ -60,7 +60,7 @@ impl LlavaTokenizer {
         }
         let id = |name: &str| {
             inner.token_to_id(name).ok_or_else(|| {
-                ModelError::bad_file(
+                PromptError::bad_file(
                     path,
                     format!("special token {name} is not in the vocabulary"),
                 )
@@ -80,7 +80,7 @@ impl LlavaTokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && let Some(b) = self.bos {
             ids.push(b);
@@ -96,11 +96,11 @@ impl LlavaTokenizer {
         let eos = self
             .inner
             .id_to_token(self.eos)
-            .ok_or_else(|| ModelError::Tokenizer("eos token has no text".into()))?;
+            .ok_or_else(|| PromptError::Tokenizer("eos token has no text".into()))?;
         let ids = self.encode(&format!("{eos}{text}"), false)?;
         match ids.split_first() {
             Some((&first, rest)) if first == self.eos => Ok(rest.to_vec()),
-            _ => Err(ModelError::Tokenizer(
+            _ => Err(PromptError::Tokenizer(
                 "eos token did not tokenize to its own id".into(),
             )),
         }
@@ -110,7 +110,7 @@ impl LlavaTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
     }
 
     /// `</s>`.
