@@ -74,16 +74,16 @@ pub struct Args {
     /// Deadline of every call to a draft replica and of one draft step, in milliseconds:
     /// a draft missing it is out of rotation and the turn goes on without it (or with
     /// another draft replica).
-    #[arg(long, env = "SPECLLAVA_DRAFT_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(long, env = "SPECLLAVA_DRAFT_TIMEOUT_MS", default_value_t = EngineConfig::DEFAULT_DRAFT_TIMEOUT.as_millis() as u64)]
     pub draft_timeout_ms: u64,
     /// Ask the draft to pre-draft each session's likely next tree while the target verifies
     /// (draft-ahead); a request can still turn it off. `--draft-ahead false` turns it off.
-    #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SPECLLAVA_DRAFT_AHEAD", default_value_t = EngineConfig::DEFAULT_DRAFT_AHEAD, action = clap::ArgAction::Set)]
     pub draft_ahead: bool,
     /// How long a turn's steps may wait for its draft session's set-up (which runs in the
     /// background) before decoding target-only, in milliseconds after the turn starts; 0:
     /// the first token never waits for the draft.
-    #[arg(long, env = "SPECLLAVA_DRAFT_JOIN_WAIT_MS", default_value_t = 0)]
+    #[arg(long, env = "SPECLLAVA_DRAFT_JOIN_WAIT_MS", default_value_t = EngineConfig::DEFAULT_DRAFT_JOIN_WAIT.as_millis() as u64)]
     pub draft_join_wait_ms: u64,
     /// How much longer than a root-only tree's the verification of a turn's first tree may
     /// take (at least 1): the draft drafts it while the target prefills, cut to the nodes
@@ -92,17 +92,17 @@ pub struct Args {
     pub first_tree_verify_slack: Option<f64>,
     /// Deadline of every call to a target replica (open, append, verify, close...), in
     /// milliseconds: a target missing it is out of rotation and its sessions fail over.
-    #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = EngineConfig::DEFAULT_TARGET_TIMEOUT.as_millis() as u64)]
     pub target_timeout_ms: u64,
     /// How long a failed replica stays out of rotation before it is tried again, in
     /// milliseconds; doubled after each failed retry, up to --replica-backoff-max-ms.
-    #[arg(long, env = "SPECLLAVA_REPLICA_BACKOFF_MS", default_value_t = 500)]
+    #[arg(long, env = "SPECLLAVA_REPLICA_BACKOFF_MS", default_value_t = Backoff::DEFAULT.base.as_millis() as u64)]
     pub replica_backoff_ms: u64,
     /// Longest time a failed replica stays out of rotation, in milliseconds.
     #[arg(
         long,
         env = "SPECLLAVA_REPLICA_BACKOFF_MAX_MS",
-        default_value_t = 30_000
+        default_value_t = Backoff::DEFAULT.max.as_millis() as u64
     )]
     pub replica_backoff_max_ms: u64,
     /// Re-resolve the draft and target endpoints (DNS) this often, in seconds, so new
@@ -177,24 +177,24 @@ pub struct Args {
     pub session_sweep_ms: u64,
     /// Attempts to sync a target replica (after an eviction, a stale session, a refused
     /// replica) before a turn fails; each target that fails is replaced on top of these.
-    #[arg(long, env = "SPECLLAVA_TARGET_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "SPECLLAVA_TARGET_ATTEMPTS", default_value_t = EngineConfig::DEFAULT_TARGET_ATTEMPTS)]
     pub target_attempts: usize,
     /// Target re-prefills from the history per step (an evicted session, a failover to
     /// another replica), and draft replicas replaced per turn, before giving up.
-    #[arg(long, env = "SPECLLAVA_MAX_RECOVERIES", default_value_t = 3)]
+    #[arg(long, env = "SPECLLAVA_MAX_RECOVERIES", default_value_t = EngineConfig::DEFAULT_MAX_RECOVERIES)]
     pub max_recoveries: usize,
     /// Budget policy prior: cost of one draft level, in nanoseconds (refined online).
-    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_LEVEL_NS", default_value_t = 2e6)]
+    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_LEVEL_NS", default_value_t = PlanConfig::DEFAULT_DRAFT_LEVEL_NS)]
     pub policy_draft_level_ns: f64,
     /// Budget policy prior: cost of one drafted row, in nanoseconds (refined online).
-    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_NODE_NS", default_value_t = 1e5)]
+    #[arg(long, env = "SPECLLAVA_POLICY_DRAFT_NODE_NS", default_value_t = PlanConfig::DEFAULT_DRAFT_NODE_NS)]
     pub policy_draft_node_ns: f64,
     /// Budget policy prior: tree sizes (nodes) of the verify-cost grid.
     #[arg(
         long,
         env = "SPECLLAVA_POLICY_VERIFY_NODES",
         value_delimiter = ',',
-        default_value = "1,16,64,256"
+        default_values_t = PlanConfig::DEFAULT_VERIFY_NODES
     )]
     pub policy_verify_nodes: Vec<usize>,
     /// Budget policy prior: batch sizes of the verify-cost grid.
@@ -202,7 +202,7 @@ pub struct Args {
         long,
         env = "SPECLLAVA_POLICY_VERIFY_BATCHES",
         value_delimiter = ',',
-        default_value = "1,8"
+        default_values_t = PlanConfig::DEFAULT_VERIFY_BATCHES
     )]
     pub policy_verify_batches: Vec<usize>,
     /// Budget policy prior: verify cost over the grid, batch-major, in nanoseconds
@@ -211,35 +211,35 @@ pub struct Args {
         long,
         env = "SPECLLAVA_POLICY_VERIFY_NS",
         value_delimiter = ',',
-        default_value = "8e6,10e6,16e6,40e6,20e6,30e6,60e6,200e6"
+        default_values_t = PlanConfig::DEFAULT_VERIFY_NS
     )]
     pub policy_verify_ns: Vec<f64>,
     /// Largest depth D the budget policy considers.
-    #[arg(long, env = "SPECLLAVA_POLICY_MAX_DEPTH", default_value_t = 8)]
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_DEPTH", default_value_t = PolicySpace::DEFAULT.max_depth)]
     pub policy_max_depth: usize,
     /// Largest branching K the budget policy considers.
-    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BRANCHING", default_value_t = 6)]
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BRANCHING", default_value_t = PolicySpace::DEFAULT.max_branching)]
     pub policy_max_branching: usize,
     /// Largest node budget M the budget policy considers.
-    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BUDGET", default_value_t = 48)]
+    #[arg(long, env = "SPECLLAVA_POLICY_MAX_BUDGET", default_value_t = PolicySpace::DEFAULT.max_budget)]
     pub policy_max_budget: usize,
     /// When the policy prefers not to draft, draft anyway every N-th step to keep
     /// learning the acceptance (dynamic trees); 0 = never.
-    #[arg(long, env = "SPECLLAVA_POLICY_PROBE_PERIOD", default_value_t = 4)]
+    #[arg(long, env = "SPECLLAVA_POLICY_PROBE_PERIOD", default_value_t = PlanConfig::DEFAULT_PROBE_PERIOD)]
     pub policy_probe_period: u32,
     /// An adaptive turn the policy expects to gain nothing from drafting at the current
     /// load runs target-only without setting up a draft, except every N-th such turn
     /// while no other turn runs (to keep measuring); 1 sets up a draft for every turn.
-    #[arg(long, env = "SPECLLAVA_POLICY_EXPLORE_TURNS", default_value_t = 8)]
+    #[arg(long, env = "SPECLLAVA_POLICY_EXPLORE_TURNS", default_value_t = PlanConfig::DEFAULT_EXPLORE_TURNS)]
     pub policy_explore_turns: u32,
     /// Tree depth D used when neither the request nor the policy sets one.
-    #[arg(long, env = "SPECLLAVA_FALLBACK_DEPTH", default_value_t = 4)]
+    #[arg(long, env = "SPECLLAVA_FALLBACK_DEPTH", default_value_t = PlanConfig::DEFAULT_FALLBACK.0)]
     pub fallback_depth: usize,
     /// Branching K used when neither the request nor the policy sets one.
-    #[arg(long, env = "SPECLLAVA_FALLBACK_BRANCHING", default_value_t = 2)]
+    #[arg(long, env = "SPECLLAVA_FALLBACK_BRANCHING", default_value_t = PlanConfig::DEFAULT_FALLBACK.1)]
     pub fallback_branching: usize,
     /// Node budget M used when neither the request nor the policy sets one.
-    #[arg(long, env = "SPECLLAVA_FALLBACK_BUDGET", default_value_t = 16)]
+    #[arg(long, env = "SPECLLAVA_FALLBACK_BUDGET", default_value_t = PlanConfig::DEFAULT_FALLBACK.2)]
     pub fallback_budget: usize,
 }
 

@@ -22,14 +22,17 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        }
+        Self::DEFAULT
     }
 }
 
 impl Backoff {
+    /// 0.5 s after the first failure, at most 30 s (the orchestrator's flag defaults too).
+    pub const DEFAULT: Backoff = Backoff {
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+    };
+
     /// The time out of rotation after `failures` consecutive failures (at least 1).
     pub fn after(&self, failures: u32) -> Duration {
         let doublings = failures.saturating_sub(1).min(31);

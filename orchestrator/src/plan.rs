@@ -37,24 +37,38 @@ pub struct PlanConfig {
 impl Default for PlanConfig {
     fn default() -> Self {
         Self {
-            draft_level_ns: 2e6,
-            draft_node_ns: 1e5,
-            verify_nodes: vec![1, 16, 64, 256],
-            verify_batches: vec![1, 8],
-            verify_ns: vec![8e6, 10e6, 16e6, 40e6, 20e6, 30e6, 60e6, 200e6],
-            space: PolicySpace {
-                max_depth: 8,
-                max_branching: 6,
-                max_budget: 48,
-            },
-            probe_period: 4,
-            explore_turns: 8,
-            fallback: (4, 2, 16),
+            draft_level_ns: Self::DEFAULT_DRAFT_LEVEL_NS,
+            draft_node_ns: Self::DEFAULT_DRAFT_NODE_NS,
+            verify_nodes: Self::DEFAULT_VERIFY_NODES.to_vec(),
+            verify_batches: Self::DEFAULT_VERIFY_BATCHES.to_vec(),
+            verify_ns: Self::DEFAULT_VERIFY_NS.to_vec(),
+            space: PolicySpace::DEFAULT,
+            probe_period: Self::DEFAULT_PROBE_PERIOD,
+            explore_turns: Self::DEFAULT_EXPLORE_TURNS,
+            fallback: Self::DEFAULT_FALLBACK,
         }
     }
 }
 
+/// The defaults, written once: [`PlanConfig::default`] and the orchestrator's flags use them.
 impl PlanConfig {
+    /// Prior cost of one draft level, ns.
+    pub const DEFAULT_DRAFT_LEVEL_NS: f64 = 2e6;
+    /// Prior cost of one drafted row, ns.
+    pub const DEFAULT_DRAFT_NODE_NS: f64 = 1e5;
+    /// Node counts of the prior verify-cost grid.
+    pub const DEFAULT_VERIFY_NODES: [usize; 4] = [1, 16, 64, 256];
+    /// Batch sizes of the prior verify-cost grid.
+    pub const DEFAULT_VERIFY_BATCHES: [usize; 2] = [1, 8];
+    /// The prior verify costs, batch-major, ns.
+    pub const DEFAULT_VERIFY_NS: [f64; 8] = [8e6, 10e6, 16e6, 40e6, 20e6, 30e6, 60e6, 200e6];
+    /// Probe every 4th step the policy would not draft.
+    pub const DEFAULT_PROBE_PERIOD: u32 = 4;
+    /// Explore every 8th turn the policy would run target-only.
+    pub const DEFAULT_EXPLORE_TURNS: u32 = 8;
+    /// Depth, branching and budget when neither the request nor the policy sets one.
+    pub const DEFAULT_FALLBACK: (usize, usize, usize) = (4, 2, 16);
+
     /// The budget policy this configuration starts from.
     pub fn policy(&self) -> Result<BudgetPolicy, speculate::CostError> {
         let verify = VerifyCostTable::new(

@@ -22,18 +22,21 @@ pub struct ImageLimits {
 }
 
 impl Default for ImageLimits {
-    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory.
     fn default() -> Self {
-        ImageLimits {
-            max_bytes: 20 * 1024 * 1024,
-            max_pixels: 16 * 1024 * 1024,
-            max_side: 8192,
-            max_alloc_bytes: 256 * 1024 * 1024,
-        }
+        Self::DEFAULT
     }
 }
 
 impl ImageLimits {
+    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory
+    /// (the services' flag defaults too).
+    pub const DEFAULT: ImageLimits = ImageLimits {
+        max_bytes: 20 * 1024 * 1024,
+        max_pixels: 16 * 1024 * 1024,
+        max_side: 8192,
+        max_alloc_bytes: 256 * 1024 * 1024,
+    };
+
     /// The `image` crate's decoder limits for these.
     fn decoder_limits(&self) -> image::Limits {
         let mut lim = image::Limits::default();

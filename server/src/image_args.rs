@@ -8,16 +8,20 @@ use specllava_prompt::ImageLimits;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImageLimitArgs {
     /// Maximum encoded image size, in bytes.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_BYTES", default_value_t = ImageLimits::DEFAULT.max_bytes)]
     pub max_image_bytes: usize,
     /// Maximum decoded image size, in pixels (checked on the header, before decoding).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::DEFAULT.max_pixels)]
     pub max_image_pixels: u64,
     /// Maximum image width and height, each, in pixels (checked on the header).
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_SIDE", default_value_t = ImageLimits::DEFAULT.max_side)]
     pub max_image_side: u32,
     /// Most memory decoding one image may allocate, in MiB.
-    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_DECODE_MB", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "SPECLLAVA_MAX_IMAGE_DECODE_MB",
+        default_value_t = ImageLimits::DEFAULT.max_alloc_bytes / (1024 * 1024)
+    )]
     pub max_image_decode_mb: u64,
 }
 

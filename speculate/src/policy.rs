@@ -565,13 +565,19 @@ pub struct PolicySpace {
     pub max_budget: usize,
 }
 
+impl PolicySpace {
+    /// Depth up to 8, branching up to 6, up to 48 drafted nodes (the orchestrator's flag
+    /// defaults too).
+    pub const DEFAULT: PolicySpace = PolicySpace {
+        max_depth: 8,
+        max_branching: 6,
+        max_budget: 48,
+    };
+}
+
 impl Default for PolicySpace {
     fn default() -> Self {
-        Self {
-            max_depth: 8,
-            max_branching: 8,
-            max_budget: 63,
-        }
+        Self::DEFAULT
     }
 }
 

@@ -105,16 +105,33 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            draft_timeout: Duration::from_millis(2_000),
-            draft_ahead: true,
-            draft_join_wait: Duration::ZERO,
+            draft_timeout: Self::DEFAULT_DRAFT_TIMEOUT,
+            draft_ahead: Self::DEFAULT_DRAFT_AHEAD,
+            draft_join_wait: Self::DEFAULT_DRAFT_JOIN_WAIT,
             first_tree_verify_slack: None,
-            target_timeout: Duration::from_millis(10_000),
-            target_attempts: 3,
-            max_recoveries: 3,
+            target_timeout: Self::DEFAULT_TARGET_TIMEOUT,
+            target_attempts: Self::DEFAULT_TARGET_ATTEMPTS,
+            max_recoveries: Self::DEFAULT_MAX_RECOVERIES,
             plan: PlanConfig::default(),
         }
     }
+}
+
+/// The defaults, written once: [`EngineConfig::default`] and the orchestrator's flags use
+/// them.
+impl EngineConfig {
+    /// Deadline of a draft call: 2 s.
+    pub const DEFAULT_DRAFT_TIMEOUT: Duration = Duration::from_millis(2_000);
+    /// Draft-ahead on.
+    pub const DEFAULT_DRAFT_AHEAD: bool = true;
+    /// The first token never waits for the draft's set-up.
+    pub const DEFAULT_DRAFT_JOIN_WAIT: Duration = Duration::ZERO;
+    /// Deadline of a target call: 10 s.
+    pub const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Attempts to sync a target replica.
+    pub const DEFAULT_TARGET_ATTEMPTS: usize = 3;
+    /// Recoveries per step / turn.
+    pub const DEFAULT_MAX_RECOVERIES: usize = 3;
 }
 
 /// What an engine is built from.
