@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("specllava_v1_descriptor.bin"))
+        // Images travel as shared `bytes::Bytes`: handed from request to request without a copy.
+        .bytes(".specllava.v1")
         .compile_protos(PROTOS, &["."])?;
     Ok(())
 }

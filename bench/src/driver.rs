@@ -187,7 +187,7 @@ pub async fn generate(
 ) -> Result<RequestResult, DriverError> {
     let request = GenerateRequest {
         session_id: String::new(),
-        image: item.image.clone(),
+        image: item.image.clone().into(),
         prompt: item.prompt.clone(),
         params: Some(sampling.params(max_new_tokens, item.seed)),
         speculation: Some(mode.speculation()),

@@ -206,7 +206,7 @@ async fn conversation(
     let params = sampling.params(shared.plan.max_new_tokens, item.seed);
     let request = |session_id: String, image: Vec<u8>, prompt: &str| pb::GenerateRequest {
         session_id,
-        image,
+        image: image.into(),
         prompt: prompt.to_owned(),
         params: Some(params.clone()),
         speculation: Some(mode.speculation()),
@@ -232,7 +232,7 @@ async fn conversation(
     }
     let created = client
         .create_session(pb::CreateSessionRequest {
-            image: item.image.clone(),
+            image: item.image.clone().into(),
         })
         .await;
     shared.record_good("session", &created);
@@ -324,7 +324,7 @@ async fn cancelled(client: &mut ApiClient, shared: &Shared, rng: &mut Rng) {
     let mode = shared.modes[rng.below(shared.modes.len())];
     let request = pb::GenerateRequest {
         session_id: String::new(),
-        image: item.image.clone(),
+        image: item.image.clone().into(),
         prompt: item.prompt.clone(),
         params: Some(Sampling::Greedy.params(shared.plan.max_new_tokens * 4, item.seed)),
         speculation: Some(mode.speculation()),
@@ -345,14 +345,14 @@ async fn bad(client: &mut ApiClient, shared: &Shared, rng: &mut Rng) {
     let good = Sampling::Greedy.params(shared.plan.max_new_tokens, 0);
     let mut request = pb::GenerateRequest {
         session_id: String::new(),
-        image: item.image.clone(),
+        image: item.image.clone().into(),
         prompt: item.prompt.clone(),
         params: Some(good.clone()),
         speculation: Some(Mode::new(Shape::Adaptive).speculation()),
     };
     let (kind, want) = match rng.below(4) {
         0 => {
-            request.image = b"\x89PNG\r\n\x1a\nnot really a png".to_vec();
+            request.image = b"\x89PNG\r\n\x1a\nnot really a png".to_vec().into();
             ("bad-image", Code::InvalidArgument)
         }
         1 => {

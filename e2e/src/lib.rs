@@ -38,13 +38,14 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// A fixture image's bytes.
-pub fn fixture_image(name: &str) -> Vec<u8> {
+pub fn fixture_image(name: &str) -> bytes::Bytes {
     std::fs::read(
         workspace_root()
             .join("model/tests/fixtures/images")
             .join(name),
     )
     .expect("fixture image")
+    .into()
 }
 
 /// Directory holding the binaries (the test executable's profile directory),

@@ -38,7 +38,7 @@ async fn the_demo_pair_speculates_losslessly() {
     ];
     let (mut drafted, mut accepted) = (0u32, 0u32);
     for (what, path) in &images {
-        let image = std::fs::read(path).expect("example image");
+        let image = bytes::Bytes::from(std::fs::read(path).expect("example image"));
         for seed in [None, Some(7u64)] {
             // Greedy, or seeded sampling at T = 0.8, top-p 0.95 (`gen_params`).
             let params = gen_params(24, seed);

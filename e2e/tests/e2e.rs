@@ -435,13 +435,13 @@ async fn e_bad_inputs_get_the_right_status_and_others_keep_working() {
 
     let code = |r: Result<Output, tonic::Status>| r.expect_err("must fail").code();
     let mut bad_image = good.clone();
-    bad_image.image = b"definitely not an image".to_vec();
+    bad_image.image = bytes::Bytes::from_static(b"definitely not an image");
     assert_eq!(
         code(generate(&cluster, bad_image).await),
         Code::InvalidArgument
     );
     let mut bad_session_image = pb::CreateSessionRequest {
-        image: vec![0x89, b'P', b'N', b'G', 0, 1, 2],
+        image: vec![0x89, b'P', b'N', b'G', 0, 1, 2].into(),
     };
     assert_eq!(
         client
@@ -572,7 +572,7 @@ async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
             ] {
                 let req = pb::GenerateRequest {
                     session_id: id.clone(),
-                    image: vec![],
+                    image: Default::default(),
                     prompt: prompt.into(),
                     params: Some(params),
                     speculation: Some(sp),
@@ -627,7 +627,9 @@ async fn multi_turn_sessions_reuse_kv_and_stay_lossless() {
     );
     assert!(!base[2].text.contains('w'));
     let id = client
-        .create_session(pb::CreateSessionRequest { image: vec![] })
+        .create_session(pb::CreateSessionRequest {
+            image: Default::default(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -695,11 +697,15 @@ async fn unreachable_draft_falls_back_to_target_only_and_limits_apply() {
 
     let mut client = cluster.client().await;
     client
-        .create_session(pb::CreateSessionRequest { image: vec![] })
+        .create_session(pb::CreateSessionRequest {
+            image: Default::default(),
+        })
         .await
         .unwrap();
     let err = client
-        .create_session(pb::CreateSessionRequest { image: vec![] })
+        .create_session(pb::CreateSessionRequest {
+            image: Default::default(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);

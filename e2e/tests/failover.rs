@@ -63,7 +63,7 @@ fn turn(
 ) -> pb::GenerateRequest {
     pb::GenerateRequest {
         session_id: session.into(),
-        image: Vec::new(),
+        image: Default::default(),
         prompt: prompt.into(),
         params: Some(params.clone()),
         speculation: Some(spec),

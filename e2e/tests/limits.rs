@@ -146,7 +146,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
 
     // An image whose header claims 100000 x 16 pixels (and holds none): refused on the
     // header, by the orchestrator and by the replicas alike.
-    let bomb = png_header_only(100_000, 16);
+    let bomb = bytes::Bytes::from(png_header_only(100_000, 16));
     let mut req = good.clone();
     req.image = bomb.clone();
     let err = generate(&cluster, req).await.unwrap_err();
@@ -156,7 +156,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         .client()
         .await
         .create_session(pb::CreateSessionRequest {
-            image: png_header_only(6300, 6300),
+            image: png_header_only(6300, 6300).into(),
         })
         .await
         .unwrap_err();
@@ -187,7 +187,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // EncodeImages: the same image, and more images than the context holds, refused before
     // any work; so are features of the wrong shape sent in place of an image.
-    let encode = |images: Vec<Vec<u8>>| pb::EncodeImagesRequest { images };
+    let encode = |images: Vec<bytes::Bytes>| pb::EncodeImagesRequest { images };
     let err = cluster
         .target_client()
         .await
@@ -207,7 +207,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
     let wrong = pb::VisionFeatures {
         rows: 3,
         dim: 2,
-        data: vec![0; 24],
+        data: vec![0u8; 24].into(),
     };
     let err = cluster
         .draft_client()

@@ -289,7 +289,12 @@ async fn bearer_tokens_guard_the_grpc_and_http_apis_and_stop_strings_are_capped(
         .expect_err("refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = client
-        .create_session(with_auth(pb::CreateSessionRequest { image: vec![] }, None))
+        .create_session(with_auth(
+            pb::CreateSessionRequest {
+                image: Default::default(),
+            },
+            None,
+        ))
         .await
         .expect_err("every Generation method is guarded");
     assert_eq!(err.code(), Code::Unauthenticated);

@@ -20,7 +20,7 @@ const TARGET: &str = "specllava-target";
 fn generate_request(session_id: &str, max_new_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         session_id: session_id.to_owned(),
-        image: Vec::new(),
+        image: Default::default(),
         prompt: "What is this?".into(),
         params: Some(pb::GenerationParams {
             max_new_tokens,

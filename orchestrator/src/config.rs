@@ -8,9 +8,10 @@ use specllava_server::{AuthArgs, ImageLimitArgs, ServerTlsArgs, UpstreamTlsArgs}
 use speculate::PolicySpace;
 
 use crate::engine::EngineConfig;
-use crate::frontend::ApiLimits;
 use crate::health::Backoff;
 use crate::plan::PlanConfig;
+use crate::prompt::PromptLimits;
+use crate::request::ApiLimits;
 
 /// Orchestrator: the public Generation API; routes sessions to draft and target replicas.
 #[derive(Debug, Clone, Parser)]
@@ -262,7 +263,10 @@ impl Args {
     pub fn api_limits(&self) -> ApiLimits {
         ApiLimits {
             image: self.image_limits(),
-            max_prompt_tokens: self.max_prompt_tokens,
+            prompt: PromptLimits {
+                max_tokens: self.max_prompt_tokens,
+                max_bytes: self.max_prompt_bytes,
+            },
             default_max_new_tokens: self.default_max_new_tokens,
             max_new_tokens_limit: self.max_new_tokens_limit,
             max_stop_strings: self.max_stop_strings,

@@ -1,87 +1,26 @@
-//! What both public APIs (gRPC and OpenAI-compatible HTTP) share: admission under the
-//! concurrency limit, validation of sampling parameters and images, prompts, and running one
-//! turn on the engine. The APIs only translate their requests into these calls.
+//! The front door both public APIs (gRPC and OpenAI-compatible HTTP) share: a request
+//! translated into a [`TurnRequest`] is validated ([`crate::request::validate`]), admitted
+//! under the concurrency limit, given its conversation and prompt, and run on the engine;
+//! [`Frontend::start_turn`] returns its stream of [`TurnEvent`]s. The APIs only translate
+//! requests in and events out.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use specllava_prompt::{ImageLimits, PromptError, check_image_header};
+use specllava_prompt::Message;
 use specllava_proto::v1 as pb;
-use specllava_wire::convert::{sampling_from_parts, speculation_mode_from_proto};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tonic::Status;
+use specllava_wire::convert::speculation_mode_from_proto;
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::engine::{Engine, GenParams, Interrupted};
 use crate::error::OrchestratorError;
+use crate::events::{EventSender, TurnEvent};
 use crate::plan::SpecSettings;
+use crate::prefix::PrefixCache;
 use crate::prompt::Prompter;
-use crate::session::{Conversation, Registry};
-
-/// Request limits of the public APIs.
-#[derive(Debug, Clone, Copy)]
-pub struct ApiLimits {
-    /// Image decoding limits.
-    pub image: ImageLimits,
-    /// Maximum prompt tokens per turn.
-    pub max_prompt_tokens: usize,
-    /// max_new_tokens when the request leaves it 0.
-    pub default_max_new_tokens: u32,
-    /// Largest accepted max_new_tokens.
-    pub max_new_tokens_limit: u32,
-    /// Most stop strings a request may carry.
-    pub max_stop_strings: usize,
-    /// Longest stop string, in bytes.
-    pub max_stop_bytes: usize,
-}
-
-impl ApiLimits {
-    /// Validated generation parameters (the server default for `max_new_tokens` 0); stop
-    /// strings are capped in number and length (both APIs go through here).
-    pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
-        self.check_stop(&p.stop)?;
-        let sampling = sampling_from_parts(p.temperature, p.top_k, p.top_p, p.seed)
-            .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
-        if p.max_new_tokens > self.max_new_tokens_limit {
-            return Err(OrchestratorError::InvalidArgument(format!(
-                "max_new_tokens {} exceeds the limit of {}",
-                p.max_new_tokens, self.max_new_tokens_limit
-            )));
-        }
-        Ok(GenParams {
-            max_new_tokens: if p.max_new_tokens == 0 {
-                self.default_max_new_tokens
-            } else {
-                p.max_new_tokens
-            },
-            sampling,
-            stop: p.stop,
-            ignore_eos: p.ignore_eos,
-        })
-    }
-
-    /// Refuses more than `max_stop_strings` stop strings or one longer than `max_stop_bytes`
-    /// (checked before any text is matched against them; empty ones are ignored later).
-    pub fn check_stop(&self, stop: &[String]) -> Result<(), OrchestratorError> {
-        if stop.len() > self.max_stop_strings {
-            return Err(OrchestratorError::InvalidArgument(format!(
-                "{} stop strings: at most {} are accepted",
-                stop.len(),
-                self.max_stop_strings
-            )));
-        }
-        if let Some((i, s)) = stop
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.len() > self.max_stop_bytes)
-        {
-            return Err(OrchestratorError::InvalidArgument(format!(
-                "stop string {i} is {} bytes long: at most {} are accepted",
-                s.len(),
-                self.max_stop_bytes
-            )));
-        }
-        Ok(())
-    }
-}
+use crate::request::{ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, validate};
+use crate::session::{Conversation, Registry, new_session_id};
 
 /// The shared front door of the public APIs.
 pub struct Frontend {
@@ -91,9 +30,49 @@ pub struct Frontend {
     pub prompter: Arc<Prompter>,
     /// Multi-turn sessions of the gRPC API.
     pub sessions: Arc<Registry>,
+    /// Conversations kept for KV reuse by requests that extend them (the HTTP API).
+    pub kept: Arc<PrefixCache>,
     requests: Arc<Semaphore>,
     /// The limits.
     pub limits: ApiLimits,
+}
+
+/// A started turn.
+pub struct TurnStream {
+    /// The conversation's id (a session's, or the kept conversation's).
+    pub conversation_id: String,
+    /// How many turns the conversation had before this one.
+    pub turn_index: usize,
+    /// Prompt tokens of the turn.
+    pub prompt_tokens: u32,
+    /// The turn's events: tokens, then the summary, or an error. Dropping it cancels the
+    /// turn.
+    pub events: mpsc::Receiver<Result<TurnEvent, OrchestratorError>>,
+}
+
+/// The conversation a turn runs on: its own, or a session's, locked for the turn.
+enum Held {
+    Own(Conversation),
+    Session(OwnedMutexGuard<Conversation>),
+}
+
+impl Deref for Held {
+    type Target = Conversation;
+    fn deref(&self) -> &Conversation {
+        match self {
+            Held::Own(c) => c,
+            Held::Session(g) => g,
+        }
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Conversation {
+        match self {
+            Held::Own(c) => c,
+            Held::Session(g) => g,
+        }
+    }
 }
 
 impl Frontend {
@@ -102,6 +81,7 @@ impl Frontend {
         engine: Arc<Engine>,
         prompter: Arc<Prompter>,
         sessions: Arc<Registry>,
+        kept: Arc<PrefixCache>,
         max_concurrent_requests: usize,
         limits: ApiLimits,
     ) -> Self {
@@ -109,43 +89,122 @@ impl Frontend {
             engine,
             prompter,
             sessions,
+            kept,
             requests: Arc::new(Semaphore::new(max_concurrent_requests)),
             limits,
         }
     }
 
     /// A slot for one generation; RESOURCE_EXHAUSTED (never a queue) when all are taken.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, OrchestratorError> {
+    fn admit(&self) -> Result<OwnedSemaphorePermit, OrchestratorError> {
         Arc::clone(&self.requests)
             .try_acquire_owned()
             .map_err(|_| OrchestratorError::Overloaded("too many concurrent requests".into()))
     }
 
-    /// Checks an image's header under the limits (format, size, dimensions): oversized or
-    /// unreadable images are refused here, before any pixel is decoded; the replicas decode
-    /// it (once each).
-    pub fn check_image(&self, bytes: &[u8]) -> Result<(), OrchestratorError> {
-        check_image_header(bytes, &self.limits.image)
-            .map(|_| ())
-            .map_err(|e| match e {
-                PromptError::ImageTooLarge(m) => OrchestratorError::TooLarge(m),
-                e => OrchestratorError::InvalidArgument(e.to_string()),
-            })
+    /// Validates, admits and starts one turn; its events stream from the returned
+    /// [`TurnStream`]. Every refusal (limits, overload, a busy or unknown session, a prompt
+    /// the template or the tokenizer refuses) comes back here, before the turn starts.
+    pub async fn start_turn(
+        self: &Arc<Self>,
+        r: TurnRequest,
+    ) -> Result<TurnStream, OrchestratorError> {
+        let ValidTurn {
+            source,
+            input,
+            images,
+            params,
+            spec,
+        } = validate(r, &self.limits)?;
+        let permit = self.admit()?;
+        let (mut conv, prompt, shared) = match &source {
+            ConversationSource::OneShot => {
+                let prompt = self.tokenize(input, images.len(), None).await?;
+                (
+                    Held::Own(Conversation::new(new_session_id(), images)),
+                    prompt,
+                    0,
+                )
+            }
+            ConversationSource::Session(id) => {
+                let guard = self
+                    .sessions
+                    .get(id)?
+                    .try_lock_owned()
+                    .map_err(|_| OrchestratorError::SessionBusy(id.clone()))?;
+                let follows = (!guard.history.is_empty()).then(|| guard.history.last().copied());
+                let prompt = self.tokenize(input, guard.images.len(), follows).await?;
+                (Held::Session(guard), prompt, 0)
+            }
+            ConversationSource::SharedPrefix => {
+                let prompt = self.tokenize(input, images.len(), None).await?;
+                let image_id = self.prompter.image_token_id();
+                // Continue the kept conversation sharing the longest prefix, or a new one.
+                let (mut conv, shared) = match self.kept.take(&prompt, &images, image_id) {
+                    Some(r) => (r.conv, r.shared),
+                    None => (Conversation::new(new_session_id(), Vec::new()), 0),
+                };
+                conv.truncate_history(shared);
+                conv.images = images;
+                (Held::Own(conv), prompt, shared)
+            }
+        };
+        let prompt_tokens = prompt.len() as u32;
+        let (tx, events) = mpsc::channel(32);
+        let stream = TurnStream {
+            conversation_id: conv.id.clone(),
+            turn_index: conv.turns,
+            prompt_tokens,
+            events,
+        };
+        // One span per turn, child of the request's; the draft and target calls made inside
+        // it carry its trace context, so the turn is one trace across the services.
+        let span = tracing::info_span!("generate", session = %conv.id, ?source, prompt_tokens, reused = shared);
+        let front = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let res = front
+                    .run_turn(
+                        &mut conv,
+                        &prompt[shared..],
+                        prompt_tokens,
+                        &params,
+                        &spec,
+                        &tx,
+                    )
+                    .await;
+                let completed = res.is_ok();
+                if let Err(Interrupted::Failed(e)) = res {
+                    let _ = tx.send(Err(e)).await;
+                }
+                match (source, conv) {
+                    (ConversationSource::OneShot, Held::Own(mut c)) => {
+                        front.engine.close_replicas(&mut c)
+                    }
+                    (ConversationSource::SharedPrefix, Held::Own(c)) if completed => {
+                        if let Some(mut evicted) = front.kept.put(c) {
+                            front.engine.close_replicas(&mut evicted);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            .instrument(span),
+        );
+        Ok(stream)
     }
 
-    /// Validated generation parameters (see [`ApiLimits::gen_params`]).
-    pub fn gen_params(&self, p: pb::GenerationParams) -> Result<GenParams, OrchestratorError> {
-        self.limits.gen_params(p)
-    }
-
-    /// Runs `f` with the prompter on a blocking thread (tokenization never runs on the async
-    /// executor).
-    pub async fn prompt<T: Send + 'static>(
+    /// The prompt ids of `input` ([`prompt_ids`]) on a blocking thread (tokenization never
+    /// runs on the async executor).
+    async fn tokenize(
         &self,
-        f: impl FnOnce(&Prompter) -> Result<T, OrchestratorError> + Send + 'static,
-    ) -> Result<T, OrchestratorError> {
+        input: TurnInput,
+        images: usize,
+        follows: Option<Option<u32>>,
+    ) -> Result<Vec<u32>, OrchestratorError> {
         let prompter = Arc::clone(&self.prompter);
-        tokio::task::spawn_blocking(move || f(&prompter))
+        tokio::task::spawn_blocking(move || prompt_ids(&prompter, input, images, follows))
             .await
             .map_err(|e| OrchestratorError::Internal(e.to_string()))?
     }
@@ -155,14 +214,14 @@ impl Frontend {
     /// are closed (a later turn re-prefills from the history); a failed turn leaves the
     /// conversation as it was before it (neither its prompt nor a partial answer stays in
     /// the history), so retrying it answers as an undisturbed turn would.
-    pub async fn run_turn(
+    async fn run_turn(
         &self,
         conv: &mut Conversation,
         prompt: &[u32],
         prompt_tokens: u32,
         params: &GenParams,
         spec: &SpecSettings,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        tx: &EventSender,
     ) -> Result<(), Interrupted> {
         let before = conv.history.len();
         conv.history.extend_from_slice(prompt);
@@ -186,8 +245,25 @@ impl Frontend {
     }
 }
 
-/// The speculation settings of a request (defaults: dynamic tree, sized by the policy); an
-/// unknown `speculation.mode` is refused.
+/// The prompt ids of a turn's `input` with `images` images: a whole conversation, or, when
+/// the conversation `follows` a history (ending with that token), a follow-up user message.
+pub fn prompt_ids(
+    prompter: &Prompter,
+    input: TurnInput,
+    images: usize,
+    follows: Option<Option<u32>>,
+) -> Result<Vec<u32>, OrchestratorError> {
+    match (input, follows) {
+        (TurnInput::UserText(text), Some(last_token)) => prompter.follow_up(last_token, &text),
+        (TurnInput::UserText(text), None) => {
+            prompter.conversation(&[Message::user(&text, images > 0)], images)
+        }
+        (TurnInput::Messages(m), _) => prompter.conversation(&m, images),
+    }
+}
+
+/// The gRPC request's speculation settings (unset: adaptive); an unknown `speculation.mode`
+/// is refused.
 pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, OrchestratorError> {
     let s = s.unwrap_or_default();
     if s.mode == pb::SpeculationMode::Adaptive as i32
@@ -214,24 +290,6 @@ pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, O
 mod tests {
     use super::*;
 
-    fn limits() -> ApiLimits {
-        ApiLimits {
-            image: ImageLimits::default(),
-            max_prompt_tokens: 16,
-            default_max_new_tokens: 8,
-            max_new_tokens_limit: 64,
-            max_stop_strings: 2,
-            max_stop_bytes: 4,
-        }
-    }
-
-    fn params(stop: &[&str]) -> pb::GenerationParams {
-        pb::GenerationParams {
-            stop: stop.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn adaptive_is_an_explicit_mode_that_refuses_shape_overrides() {
         let cfg = |mode: pb::SpeculationMode, depth| pb::SpeculationConfig {
@@ -257,22 +315,5 @@ mod tests {
                 .unwrap()
                 .is_adaptive()
         );
-    }
-
-    #[test]
-    fn stop_strings_are_capped_in_number_and_length() {
-        let l = limits();
-        assert!(l.gen_params(params(&["ab", "abcd"])).is_ok());
-        assert!(
-            l.gen_params(params(&["", "x"])).is_ok(),
-            "empty ones are ignored later"
-        );
-        for bad in [&["a", "b", "c"][..], &["abcde"], &["a", "ééé"]] {
-            let err = l.gen_params(params(bad)).unwrap_err();
-            assert!(
-                matches!(&err, OrchestratorError::InvalidArgument(m) if m.contains("at most")),
-                "{bad:?}: {err}"
-            );
-        }
     }
 }

@@ -16,11 +16,13 @@
 //!   compatibility check of replicas.
 //! - [`plan`]: the budget policy's prior and each step's tree shape.
 //! - [`ahead`]: whether draft-ahead pays here, decided by measurement.
-//! - [`stats`]: speculation statistics and the summary.
+//! - [`stats`]: speculation statistics of a turn.
+//! - [`events`]: what a turn streams (tokens, then a summary), in domain types.
 //! - [`text`]: incremental detokenization and stop strings.
 //! - [`prompt`]: the checkpoint's chat template, tokenization, prompt checks.
-//! - [`frontend`]: what both APIs share: admission, validation, running a turn.
-//! - [`service`]: the gRPC handlers.
+//! - [`request`]: a turn request in domain types, and its one validation.
+//! - [`frontend`]: what both APIs share: admission, conversation, prompt, starting a turn.
+//! - [`service`]: the gRPC handlers (translation only).
 //! - [`prefix`]: conversations kept for KV reuse by requests whose prompt extends them.
 //! - [`http`]: the OpenAI-compatible HTTP API.
 //! - [`error`]: the error type and its mapping to gRPC status.
@@ -30,12 +32,14 @@ pub mod clients;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod frontend;
 pub mod health;
 pub mod http;
 pub mod plan;
 pub mod prefix;
 pub mod prompt;
+pub mod request;
 pub mod routing;
 pub mod service;
 pub mod session;
@@ -185,25 +189,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let limits = args.api_limits();
-    let prompter = Arc::new(prompt::Prompter::new(
-        tokenizer,
-        template,
-        prompt::PromptLimits {
-            max_tokens: args.max_prompt_tokens,
-            max_bytes: args.max_prompt_bytes,
-        },
-    ));
+    let prompter = Arc::new(prompt::Prompter::new(tokenizer, template, limits.prompt));
     let front = Arc::new(frontend::Frontend::new(
         engine,
         prompter,
         sessions,
+        cached,
         args.max_concurrent_requests,
         limits,
     ));
     let http_server = match args.http_listen {
         Some(addr) => {
             let cfg = http::HttpConfig::from_args(&args, Arc::clone(&api_keys))?;
-            Some(http::spawn(addr, cfg, Arc::clone(&front), cached, Arc::clone(&targets)).await?)
+            Some(http::spawn(addr, cfg, Arc::clone(&front), Arc::clone(&targets)).await?)
         }
         None => None,
     };

@@ -100,6 +100,17 @@ pub struct SpecSettings {
 }
 
 impl SpecSettings {
+    /// Adaptive speculation with draft-ahead: the default of both APIs.
+    pub fn adaptive() -> Self {
+        Self {
+            mode: Some(TreeMode::Dynamic),
+            depth: 0,
+            branching: 0,
+            budget: 0,
+            draft_ahead: true,
+        }
+    }
+
     /// Whether the budget policy chooses every step's shape (dynamic, no overrides).
     pub fn is_adaptive(&self) -> bool {
         self.mode == Some(TreeMode::Dynamic)

@@ -7,6 +7,7 @@
 //! Bounded in number (the least recently used is evicted) and by a TTL; evicted
 //! conversations are handed back for their replica sessions to be closed.
 
+use bytes::Bytes;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,9 @@ pub struct Reuse {
 /// differs.
 pub fn shared_prefix(
     history: &[u32],
-    history_images: &[Vec<u8>],
+    history_images: &[Bytes],
     ids: &[u32],
-    images: &[Vec<u8>],
+    images: &[Bytes],
     image_token_id: u32,
 ) -> usize {
     let mut image = 0;
@@ -70,7 +71,7 @@ impl PrefixCache {
     /// Takes the conversation sharing the longest prefix with the prompt `ids`, if any shares
     /// a token. At most `ids.len() - 1` tokens count as shared: a turn always appends at least
     /// one token (its last prompt token is the root of the first step).
-    pub fn take(&self, ids: &[u32], images: &[Vec<u8>], image_token_id: u32) -> Option<Reuse> {
+    pub fn take(&self, ids: &[u32], images: &[Bytes], image_token_id: u32) -> Option<Reuse> {
         let mut entries = self.entries.lock().expect("prefix cache lock poisoned");
         let (best, shared) = entries
             .iter()
@@ -144,15 +145,18 @@ mod tests {
     const IMG: u32 = 9;
 
     fn conv(id: &str, history: &[u32], images: &[&[u8]]) -> Conversation {
-        let mut c = Conversation::new(id.into(), images.iter().map(|i| i.to_vec()).collect());
+        let mut c = Conversation::new(
+            id.into(),
+            images.iter().map(|i| Bytes::copy_from_slice(i)).collect(),
+        );
         c.history = history.to_vec();
         c
     }
 
     #[test]
     fn shared_prefix_stops_at_a_different_image() {
-        let a = vec![b"a".to_vec()];
-        let b = vec![b"b".to_vec()];
+        let a = vec![Bytes::from_static(b"a")];
+        let b = vec![Bytes::from_static(b"b")];
         assert_eq!(
             shared_prefix(&[1, IMG, 3, 4], &a, &[1, IMG, 3, 5], &a, IMG),
             3

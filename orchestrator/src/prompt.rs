@@ -8,6 +8,7 @@ use specllava_prompt::chat::{Content, Part};
 use specllava_prompt::{ChatTemplate, LlavaTokenizer, Message, PromptError};
 
 use crate::error::OrchestratorError;
+use crate::request::check_prompt_bytes;
 
 /// The size limits of one turn's prompt.
 #[derive(Debug, Clone, Copy)]
@@ -47,17 +48,6 @@ impl Prompter {
         }
     }
 
-    /// Refuses text over the byte limit (before it is rendered or tokenized).
-    pub fn check_bytes(&self, bytes: usize) -> Result<(), OrchestratorError> {
-        if bytes > self.limits.max_bytes {
-            return Err(OrchestratorError::TooLarge(format!(
-                "prompt of {bytes} bytes exceeds the limit of {} bytes",
-                self.limits.max_bytes
-            )));
-        }
-        Ok(())
-    }
-
     /// The chat template.
     pub fn template(&self) -> &ChatTemplate {
         &self.template
@@ -75,7 +65,7 @@ impl Prompter {
         messages: &[Message],
         images: usize,
     ) -> Result<Vec<u32>, OrchestratorError> {
-        self.check_bytes(text_bytes(messages))?;
+        check_prompt_bytes(text_bytes(messages), &self.limits)?;
         let text = self.template.render(messages, true).map_err(model_err)?;
         let bos_in_text = self
             .template
@@ -98,7 +88,7 @@ impl Prompter {
         last_token: Option<u32>,
         prompt: &str,
     ) -> Result<Vec<u32>, OrchestratorError> {
-        self.check_bytes(prompt.len())?;
+        check_prompt_bytes(prompt.len(), &self.limits)?;
         let text = self
             .template
             .continuation(&Message::user(prompt, false))

@@ -1,21 +1,22 @@
-//! The public `specllava.v1.Generation` gRPC service: validation, limits,
-//! sessions, and the streaming Generate handler.
+//! The public `specllava.v1.Generation` gRPC service: it translates requests into the front
+//! door's domain types and turn events back to the wire, nothing more.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use specllava_prompt::Message;
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_server::Generation;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::Interrupted;
 use crate::error::OrchestratorError;
+use crate::events::{Finish, TurnEvent};
 use crate::frontend::{Frontend, spec_settings};
+use crate::request::{ConversationSource, RequestedParams, TurnInput, TurnRequest, check_image};
 use crate::session::{Conversation, new_session_id};
+use crate::stats::TurnStats;
 
 /// The Generation service.
 pub struct GenerationService {
@@ -40,79 +41,13 @@ impl Generation for GenerationService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         specllava_telemetry::metrics().record_request("Generate");
-        let r = request.into_inner();
-        if r.prompt.trim().is_empty() {
-            return Err(
-                OrchestratorError::InvalidArgument("prompt must not be empty".into()).into(),
-            );
-        }
-        let front = &self.front;
-        // Before anything costly (the image, tokenizing).
-        front.prompter.check_bytes(r.prompt.len())?;
-        let params = front.gen_params(r.params.unwrap_or_default())?;
-        let spec = spec_settings(r.speculation)?;
-        let permit = front.admit()?;
-        let (conv, one_shot) = if r.session_id.is_empty() {
-            if !r.image.is_empty() {
-                front.check_image(&r.image)?;
-            }
-            let images = if r.image.is_empty() {
-                vec![]
-            } else {
-                vec![r.image]
-            };
-            let c = Conversation::new(new_session_id(), images);
-            (Arc::new(tokio::sync::Mutex::new(c)), true)
-        } else {
-            if !r.image.is_empty() {
-                return Err(OrchestratorError::InvalidArgument(
-                    "a session request must not carry an image (the session has one)".into(),
-                )
-                .into());
-            }
-            (front.sessions.get(&r.session_id)?, false)
-        };
-        let mut guard = conv
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| OrchestratorError::SessionBusy(r.session_id.clone()))?;
-        let (first_turn, images) = (guard.history.is_empty(), guard.images.len());
-        let last_token = guard.history.last().copied();
-        let text = r.prompt;
-        let prompt = front
-            .prompt(move |p| {
-                if first_turn {
-                    p.conversation(&[Message::user(&text, images > 0)], images)
-                } else {
-                    p.follow_up(last_token, &text)
-                }
-            })
-            .await?;
-        let prompt_tokens = prompt.len() as u32;
-        let front = Arc::clone(&self.front);
-        let (tx, rx) = mpsc::channel(32);
-        // One span per turn, child of the request span; the draft and target calls made
-        // inside it carry its trace context, so the turn is one trace across the services.
-        let span = tracing::info_span!("generate", session = %guard.id, one_shot, prompt_tokens);
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let conv = &mut *guard;
-                let res = front
-                    .run_turn(conv, &prompt, prompt_tokens, &params, &spec, &tx)
-                    .await;
-                if let Err(Interrupted::Failed(e)) = res {
-                    let _ = tx.send(Err(e.into())).await;
-                }
-                if one_shot {
-                    front.engine.close_replicas(conv);
-                }
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let turn = turn_request(request.into_inner())?;
+        let stream = self.front.start_turn(turn).await?;
+        let events = ReceiverStream::new(stream.events).map(|e| match e {
+            Ok(event) => Ok(event_to_proto(event)),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn create_session(
@@ -122,7 +57,7 @@ impl Generation for GenerationService {
         specllava_telemetry::metrics().record_request("CreateSession");
         let r = request.into_inner();
         if !r.image.is_empty() {
-            self.front.check_image(&r.image)?;
+            check_image(&r.image, &self.front.limits.image)?;
         }
         let id = new_session_id();
         let images = if r.image.is_empty() {
@@ -157,5 +92,86 @@ impl Generation for GenerationService {
         );
         tracing::info!(session = %id, "session closed");
         Ok(Response::new(pb::CloseSessionResponse { existed: true }))
+    }
+}
+
+/// A `GenerateRequest` as the front door's turn request (checked by
+/// [`crate::request::validate`]); an unknown speculation mode is refused here.
+pub fn turn_request(r: pb::GenerateRequest) -> Result<TurnRequest, OrchestratorError> {
+    Ok(TurnRequest {
+        source: if r.session_id.is_empty() {
+            ConversationSource::OneShot
+        } else {
+            ConversationSource::Session(r.session_id)
+        },
+        input: TurnInput::UserText(r.prompt),
+        images: if r.image.is_empty() {
+            vec![]
+        } else {
+            vec![r.image]
+        },
+        params: requested_params(r.params.unwrap_or_default()),
+        spec: spec_settings(r.speculation)?,
+    })
+}
+
+/// The wire generation parameters as requested (validated by [`crate::request::validate`]).
+pub fn requested_params(p: pb::GenerationParams) -> RequestedParams {
+    RequestedParams {
+        max_new_tokens: p.max_new_tokens,
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        seed: p.seed,
+        stop: p.stop,
+        ignore_eos: p.ignore_eos,
+    }
+}
+
+/// A turn's event on the wire.
+pub fn event_to_proto(event: TurnEvent) -> pb::GenerateResponse {
+    use pb::generate_response::Event;
+    let event = match event {
+        TurnEvent::Tokens { ids, text } => Event::Chunk(pb::TokenChunk {
+            token_ids: ids,
+            text,
+        }),
+        TurnEvent::Finished(s) => Event::Summary(pb::GenerateSummary {
+            finish: match s.finish {
+                Finish::Eos => pb::FinishReason::Eos,
+                Finish::Length => pb::FinishReason::Length,
+                Finish::StopString => pb::FinishReason::StopString,
+            } as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+            }),
+            stats: Some(stats_to_proto(s.stats)),
+            text: s.text,
+        }),
+    };
+    pb::GenerateResponse { event: Some(event) }
+}
+
+/// A turn's statistics on the wire.
+fn stats_to_proto(s: TurnStats) -> pb::SpeculationStats {
+    pb::SpeculationStats {
+        steps: s.steps,
+        drafted: s.drafted,
+        accepted: s.accepted,
+        mean_accepted_length: s.mean_accepted_length,
+        acceptance_per_depth: s.acceptance_per_depth,
+        draft_ns: s.draft_ns,
+        verify_ns: s.verify_ns,
+        network_ns: s.network_ns,
+        total_ns: s.total_ns,
+        time_to_first_token_ns: s.time_to_first_token_ns,
+        prefill_ns: s.prefill_ns,
+        speculative: s.speculative,
+        ahead_hits: s.ahead_hits,
+        ahead_misses: s.ahead_misses,
+        ahead_saved_ns: s.ahead_saved_ns,
+        pipelined_steps: s.pipelined_steps,
+        tokens_per_second: s.tokens_per_second,
     }
 }

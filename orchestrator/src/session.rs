@@ -1,6 +1,7 @@
 //! Conversations: the orchestrator's authoritative per-session state (image
 //! bytes and token history) and where the session lives on the replicas.
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,7 +42,7 @@ pub struct Conversation {
     /// Id, also used as the replica session id.
     pub id: String,
     /// Encoded images, one per image placeholder in the history.
-    pub images: Vec<Vec<u8>>,
+    pub images: Vec<Bytes>,
     /// Token history: prompts (one placeholder per image) and generated tokens.
     pub history: Vec<u32>,
     /// Completed turns.
@@ -54,7 +55,7 @@ pub struct Conversation {
 
 impl Conversation {
     /// A new conversation around `images`.
-    pub fn new(id: String, images: Vec<Vec<u8>>) -> Self {
+    pub fn new(id: String, images: Vec<Bytes>) -> Self {
         Self {
             id,
             images,

@@ -1,6 +1,9 @@
-//! Speculation statistics of one generation, and the summary built from them.
+//! Speculation statistics of one turn: the accumulator the engine updates each step, and the
+//! [`TurnStats`] a finished turn reports.
 
 use std::time::Duration;
+
+use serde::Serialize;
 
 use specllava_proto::v1 as pb;
 use specllava_wire::convert::nanos;
@@ -75,11 +78,11 @@ impl Stats {
         }
     }
 
-    /// The summary's statistics for `generated` tokens over `total` wall time, the first
-    /// token after `ttft`.
-    pub fn summary(&self, generated: u32, total: Duration, ttft: Duration) -> pb::SpeculationStats {
+    /// The turn's statistics for `generated` tokens over `total` wall time, the first token
+    /// after `ttft`.
+    pub fn summary(&self, generated: u32, total: Duration, ttft: Duration) -> TurnStats {
         let decode_secs = total.saturating_sub(ttft).as_secs_f64();
-        pb::SpeculationStats {
+        TurnStats {
             steps: self.steps,
             drafted: self.drafted,
             accepted: self.accepted,
@@ -99,24 +102,64 @@ impl Stats {
                     }
                 })
                 .collect(),
-            draft_ns: self.draft_ns,
-            verify_ns: self.verify_ns,
-            network_ns: self.network_ns,
-            total_ns: nanos(total),
-            time_to_first_token_ns: nanos(ttft),
-            prefill_ns: self.prefill_ns,
             speculative: self.speculative,
-            ahead_hits: self.ahead_hits,
-            ahead_misses: self.ahead_misses,
-            ahead_saved_ns: self.ahead_saved_ns,
-            pipelined_steps: self.pipelined_steps,
             tokens_per_second: if decode_secs > 0.0 {
                 (generated.saturating_sub(1)) as f32 / decode_secs as f32
             } else {
                 0.0
             },
+            draft_ns: self.draft_ns,
+            verify_ns: self.verify_ns,
+            network_ns: self.network_ns,
+            prefill_ns: self.prefill_ns,
+            time_to_first_token_ns: nanos(ttft),
+            total_ns: nanos(total),
+            ahead_hits: self.ahead_hits,
+            ahead_misses: self.ahead_misses,
+            ahead_saved_ns: self.ahead_saved_ns,
+            pipelined_steps: self.pipelined_steps,
         }
     }
+}
+
+/// How speculation went in one turn: the gRPC summary's `SpeculationStats` and, serialized
+/// as it is, the HTTP API's `speculation` extension field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TurnStats {
+    /// Verification steps (target forwards).
+    pub steps: u32,
+    /// Draft nodes proposed.
+    pub drafted: u32,
+    /// Draft tokens accepted.
+    pub accepted: u32,
+    /// Mean tokens emitted per step.
+    pub mean_accepted_length: f32,
+    /// Fraction of drafted steps whose accepted path reached each depth (index 0 = depth 1).
+    pub acceptance_per_depth: Vec<f32>,
+    /// Whether the draft was used.
+    pub speculative: bool,
+    /// Decoding speed after the first token.
+    pub tokens_per_second: f32,
+    /// Time drafting (reported by the draft).
+    pub draft_ns: u64,
+    /// Time verifying (the target's forward passes).
+    pub verify_ns: u64,
+    /// Time in the network and queues.
+    pub network_ns: u64,
+    /// Time prefilling.
+    pub prefill_ns: u64,
+    /// Time to the first token.
+    pub time_to_first_token_ns: u64,
+    /// Wall time.
+    pub total_ns: u64,
+    /// Draft-ahead guesses that were right (the next tree was pre-drafted).
+    pub ahead_hits: u32,
+    /// Draft-ahead guesses that were wrong.
+    pub ahead_misses: u32,
+    /// Spare-time drafting the hits saved.
+    pub ahead_saved_ns: u64,
+    /// Steps that verified a tree pre-drafted during the previous verify.
+    pub pipelined_steps: u32,
 }
 
 /// The time the draft service reports on a tree, from the request's arrival to the answer

@@ -6,6 +6,7 @@
 //! draft session of a turn syncs in the background while the target already decodes
 //! ([`crate::engine`]).
 
+use bytes::Bytes;
 use std::sync::Arc;
 
 use specllava_proto::v1 as pb;
@@ -70,7 +71,7 @@ pub fn plan_sync(
     rs: &ReplicaSession,
     conv_id: &str,
     history: &[u32],
-    images: &[Vec<u8>],
+    images: &[Bytes],
     image_token_id: u32,
     first_step: Option<pb::FirstStepRequest>,
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
@@ -126,7 +127,7 @@ pub fn plan_sync(
 impl PlannedSync {
     /// The images an `OpenSession` carries (none for an `Append`, which the set-ups that
     /// share features never make).
-    pub fn open_images(&self) -> &[Vec<u8>] {
+    pub fn open_images(&self) -> &[Bytes] {
         match &self.call {
             SyncCall::Open(req) => &req.images,
             SyncCall::Append(_) => &[],

@@ -13,6 +13,7 @@ use orchestrator::engine::{Engine, EngineConfig, EngineParts, GenParams, Interru
 use orchestrator::health::Backoff;
 use orchestrator::plan::SpecSettings;
 use orchestrator::routing::{Replica, ReplicaSet};
+use orchestrator::service::event_to_proto;
 use orchestrator::session::Conversation;
 use orchestrator::text::Detokenize;
 use specllava_proto::v1 as pb;
@@ -461,7 +462,8 @@ async fn run_with(
     drop(tx);
     let (mut tokens, mut summary) = (Vec::new(), None);
     while let Some(msg) = rx.recv().await {
-        match msg.unwrap().event.unwrap() {
+        // Through the gRPC API's translation, which the assertions read.
+        match event_to_proto(msg.unwrap()).event.unwrap() {
             pb::generate_response::Event::Chunk(c) => tokens.extend(c.token_ids),
             pb::generate_response::Event::Summary(s) => summary = Some(s),
         }

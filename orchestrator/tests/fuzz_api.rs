@@ -1,9 +1,10 @@
 //! Fuzzing the public APIs' request path up to the engine: `GenerateRequest` bytes (random,
 //! or near-valid encodings flipped and cut) and OpenAI chat-completion bodies (JSON built
-//! from edge values, then flipped and cut) go through decoding, parameter validation
-//! ([`ApiLimits::gen_params`], [`spec_settings`], [`translate`]), `data:` image URLs, image
-//! decoding, and the chat template + tokenizer ([`Prompter`]) of the committed target
-//! checkpoint; generated ids go through incremental detokenization with stop strings
+//! from edge values, then flipped and cut) go through decoding, each API's translation
+//! ([`turn_request`] for gRPC, [`translate`] + `data:` image URLs + [`http_turn_request`] for
+//! HTTP), the one validation both APIs run ([`validate`]: limits, sampling, stop strings,
+//! image headers), and the prompt ([`prompt_ids`]: the chat template + tokenizer of the
+//! committed target checkpoint), exactly as `Frontend::start_turn` runs them; generated ids go through incremental detokenization with stop strings
 //! ([`TextStream`]). Each step answers or refuses cleanly: no panic, no allocation over the
 //! cap. `SPECLLAVA_FUZZ_CASES` sets the case count.
 
@@ -11,18 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use orchestrator::frontend::{ApiLimits, spec_settings};
-use orchestrator::http::convert::translate;
+use orchestrator::frontend::prompt_ids;
+use orchestrator::http::convert::{translate, turn_request as http_turn_request};
 use orchestrator::http::images::{self, RemoteImages};
 use orchestrator::http::types::ChatCompletionRequest;
 use orchestrator::prompt::{PromptLimits, Prompter};
+use orchestrator::request::{ApiLimits, ConversationSource, ValidTurn, validate};
+use orchestrator::service::turn_request;
 use orchestrator::text::TextStream;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use prost::Message as _;
 use serde_json::{Value, json};
 use specllava_harness::fuzz::{CappedAlloc, byte_edits};
-use specllava_prompt::{ChatTemplate, ImageLimits, LlavaTokenizer, Message, decode_image};
+use specllava_prompt::{ChatTemplate, ImageLimits, LlavaTokenizer};
 use specllava_proto::v1 as pb;
 
 #[global_allocator]
@@ -37,7 +40,10 @@ const LIMITS: ApiLimits = ApiLimits {
         max_side: 1 << 12,
         max_alloc_bytes: 64 << 20,
     },
-    max_prompt_tokens: 512,
+    prompt: PromptLimits {
+        max_tokens: 512,
+        max_bytes: 32 << 10,
+    },
     default_max_new_tokens: 64,
     max_new_tokens_limit: 4096,
     max_stop_strings: 16,
@@ -55,14 +61,7 @@ fn tokenizer() -> Arc<LlavaTokenizer> {
 fn prompter(tok: &Arc<LlavaTokenizer>) -> Prompter {
     let template =
         ChatTemplate::from_model_dir(&root().join("models/target"), tok.special_tokens()).unwrap();
-    Prompter::new(
-        Arc::clone(tok),
-        template,
-        PromptLimits {
-            max_tokens: LIMITS.max_prompt_tokens,
-            max_bytes: 32 << 10,
-        },
-    )
+    Prompter::new(Arc::clone(tok), template, LIMITS.prompt)
 }
 
 fn runner() -> (TestRunner, u32) {
@@ -110,25 +109,30 @@ fn png() -> Vec<u8> {
 static GRPC_PROMPTED: AtomicUsize = AtomicUsize::new(0);
 static HTTP_PROMPTED: AtomicUsize = AtomicUsize::new(0);
 
-/// The gRPC `Generate` handler's checks, in its order, then the prompt.
+/// The gRPC `Generate` handler's path up to the engine: translation, validation, prompt (a
+/// session's follow-up when `last_token` is set).
 fn validate_generate(p: &Prompter, r: pb::GenerateRequest, last_token: Option<u32>) {
-    if r.prompt.trim().is_empty() {
+    let Ok(turn) = turn_request(r) else { return };
+    let Ok(valid) = validate(turn, &LIMITS) else {
         return;
-    }
-    if LIMITS.gen_params(r.params.unwrap_or_default()).is_err() {
-        return;
-    }
-    let _ = spec_settings(r.speculation);
-    let images = usize::from(!r.image.is_empty());
-    if images == 1 && decode_image(&r.image, &LIMITS.image).is_err() {
-        return;
-    }
+    };
     GRPC_PROMPTED.fetch_add(1, Ordering::Relaxed);
-    if let Ok(ids) = p.conversation(&[Message::user(&r.prompt, images > 0)], images) {
-        assert!(!ids.is_empty() && ids.len() <= LIMITS.max_prompt_tokens);
+    check_prompt(p, valid.clone(), None);
+    if valid.images.is_empty() {
+        check_prompt(p, valid, Some(last_token));
     }
-    if let Ok(ids) = p.follow_up(last_token, &r.prompt) {
-        assert!(ids.len() <= LIMITS.max_prompt_tokens);
+}
+
+/// The prompt of a valid turn: within the token limit, or refused cleanly.
+fn check_prompt(p: &Prompter, v: ValidTurn, follows: Option<Option<u32>>) {
+    assert!(
+        v.images.is_empty() || !matches!(v.source, ConversationSource::Session(_)),
+        "a session turn carries no image"
+    );
+    let images = v.images.len();
+    if let Ok(ids) = prompt_ids(p, v.input, images, follows) {
+        assert!(ids.len() <= LIMITS.prompt.max_tokens);
+        assert!(follows.is_some() || !ids.is_empty());
     }
 }
 
@@ -153,11 +157,18 @@ fn fuzz_grpc_generate_request() {
             any::<u64>(),
         ),
         prop::collection::vec(text(), 0..3),
-        (any::<i32>(), 0u32..20, 0u32..20, 0u32..80, any::<bool>()),
+        (
+            // Mostly known modes (adaptive refuses shape overrides), sometimes garbage.
+            prop_oneof![6 => 0i32..5, 1 => any::<i32>()],
+            prop_oneof![1 => Just(0u32), 1 => 0u32..20],
+            prop_oneof![1 => Just(0u32), 1 => 0u32..20],
+            prop_oneof![1 => Just(0u32), 1 => 0u32..80],
+            any::<bool>(),
+        ),
     )
         .prop_map(|(prompt, image, g, stop, s)| pb::GenerateRequest {
             session_id: String::new(),
-            image,
+            image: image.into(),
             prompt,
             params: Some(pb::GenerationParams {
                 max_new_tokens: g.0,
@@ -298,31 +309,27 @@ fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
-/// The `/v1/chat/completions` route's steps up to the engine.
+/// The `/v1/chat/completions` route's path up to the engine: parsing, translation, image
+/// URLs, validation, prompt.
 fn validate_chat(p: &Prompter, body: &[u8]) {
     let Ok(req) = serde_json::from_slice::<ChatCompletionRequest>(body) else {
         return;
     };
     let Ok(t) = translate(req) else { return };
-    if LIMITS.gen_params(t.params).is_err() {
-        return;
-    }
     let remote = RemoteImages::refused();
-    let mut n_images = 0;
+    let mut images = Vec::new();
     for url in &t.image_urls {
         let load = images::load(url, LIMITS.image.max_bytes, &remote);
         let Ok(bytes) = futures::executor::block_on(load) else {
             return;
         };
-        if decode_image(&bytes, &LIMITS.image).is_err() {
-            return;
-        }
-        n_images += 1;
+        images.push(bytes.into());
     }
+    let Ok(valid) = validate(http_turn_request(t, images), &LIMITS) else {
+        return;
+    };
     HTTP_PROMPTED.fetch_add(1, Ordering::Relaxed);
-    if let Ok(ids) = p.conversation(&t.messages, n_images) {
-        assert!(!ids.is_empty() && ids.len() <= LIMITS.max_prompt_tokens);
-    }
+    check_prompt(p, valid, None);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Validation and image preparation for session prefills (open / append),
 //! shared by the draft and target services.
 
+use bytes::Bytes;
 use candle_core::Tensor;
 use specllava_model::{KvCache, Llava, ModelError, PrefillImages};
 use specllava_proto::v1 as pb;
@@ -15,7 +16,7 @@ use crate::worker::WorkerError;
 pub async fn prepare_prefill(
     encoder: &VisionEncoder,
     tokens: &[u32],
-    images: Vec<Vec<u8>>,
+    images: Vec<Bytes>,
     features: Vec<pb::VisionFeatures>,
 ) -> Result<PrefillImages, WorkerError> {
     let model = encoder.model();

@@ -11,6 +11,7 @@
 //! many users sending one picture) skip the tower. Bounded in bytes, the least recently used
 //! list out first; failures are not cached.
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -111,7 +112,7 @@ impl VisionEncoder {
     /// The vision features of `images` (as one batch, as a prefill of them would run the
     /// tower): from the cache, from a run in flight, or computed now. An image over the size
     /// limit, or a call past the admitted number, is refused before any work.
-    pub async fn encode(&self, images: Vec<Vec<u8>>) -> Result<Features, EncodeError> {
+    pub async fn encode(&self, images: Vec<Bytes>) -> Result<Features, EncodeError> {
         let _admitted = self
             .admitted
             .try_acquire()
@@ -137,7 +138,7 @@ impl VisionEncoder {
         &self.model
     }
 
-    async fn compute(&self, images: Vec<Vec<u8>>) -> Result<Vec<Tensor>, EncodeError> {
+    async fn compute(&self, images: Vec<Bytes>) -> Result<Vec<Tensor>, EncodeError> {
         let pixels = decode_images(&self.model, self.limits, images)
             .await
             .map_err(EncodeError::Image)?;
@@ -161,8 +162,8 @@ impl VisionEncoder {
 const INLINE_HASH_BYTES: usize = 1 << 20;
 
 /// [`key_of`] (and the images back), off the async runtime for large images.
-async fn key_off_runtime(images: Vec<Vec<u8>>) -> Result<(Key, Vec<Vec<u8>>), EncodeError> {
-    if images.iter().map(Vec::len).sum::<usize>() <= INLINE_HASH_BYTES {
+async fn key_off_runtime(images: Vec<Bytes>) -> Result<(Key, Vec<Bytes>), EncodeError> {
+    if images.iter().map(Bytes::len).sum::<usize>() <= INLINE_HASH_BYTES {
         return Ok((key_of(&images), images));
     }
     tokio::task::spawn_blocking(move || (key_of(&images), images))
@@ -173,7 +174,7 @@ async fn key_off_runtime(images: Vec<Vec<u8>>) -> Result<(Key, Vec<Vec<u8>>), En
 /// SHA-256 of an image list (each image's length, then its bytes).
 type Key = [u8; 32];
 
-fn key_of(images: &[Vec<u8>]) -> Key {
+fn key_of(images: &[Bytes]) -> Key {
     let mut h = Sha256::new();
     h.update((images.len() as u64).to_le_bytes());
     for image in images {
@@ -320,7 +321,7 @@ fn tensor_bytes(t: &Tensor) -> usize {
 pub async fn decode_images(
     model: &Arc<Llava>,
     image_limits: ImageLimits,
-    images: Vec<Vec<u8>>,
+    images: Vec<Bytes>,
 ) -> Result<Vec<Tensor>, String> {
     if images.is_empty() {
         return Ok(Vec::new());
@@ -361,7 +362,7 @@ mod tests {
 
     /// The key of a one-image list.
     fn image(byte: u8) -> Key {
-        key_of(&[vec![byte; 8]])
+        key_of(&[Bytes::from(vec![byte; 8])])
     }
 
     #[tokio::test]
@@ -379,8 +380,8 @@ mod tests {
         assert_eq!(f[0].dtype(), DType::F32);
         assert_eq!(cache.bytes(), 16);
         // Another list, or the same images in another order, is another key.
-        let two = vec![vec![1u8; 8], vec![2u8; 8]];
-        let swapped = vec![vec![2u8; 8], vec![1u8; 8]];
+        let two = vec![Bytes::from(vec![1u8; 8]), Bytes::from(vec![2u8; 8])];
+        let swapped = vec![Bytes::from(vec![2u8; 8]), Bytes::from(vec![1u8; 8])];
         assert_ne!(key_of(&two), key_of(&swapped));
     }
 

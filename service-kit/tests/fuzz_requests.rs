@@ -232,14 +232,22 @@ fn fuzz_prefill_validation() {
             if !finite {
                 data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
             }
-            pb::VisionFeatures { rows, dim, data }
+            pb::VisionFeatures {
+                rows,
+                dim,
+                data: data.into(),
+            }
         }),
         (
             0..rows + 2,
             0..dim + 2,
             prop::collection::vec(any::<u8>(), 0..64)
         )
-            .prop_map(|(rows, dim, data)| pb::VisionFeatures { rows, dim, data }),
+            .prop_map(|(rows, dim, data)| pb::VisionFeatures {
+                rows,
+                dim,
+                data: data.into()
+            }),
     ];
     // Half the requests get exactly one placeholder per image and in-vocabulary ids, so the
     // images are decoded; some send vision features instead of images, some both.
@@ -265,7 +273,7 @@ fn fuzz_prefill_validation() {
             }
             pb::OpenSessionRequest {
                 session_id: "s".into(),
-                images,
+                images: images.into_iter().map(Into::into).collect(),
                 token_ids,
                 image_features,
                 first_step: None,

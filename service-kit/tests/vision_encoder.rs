@@ -9,10 +9,12 @@ use specllava_model::{Device, ImageLimits, Llava};
 use specllava_service_kit::VisionEncoder;
 use specllava_service_kit::vision_encoder::EncodeError;
 
-fn setup(max_calls: usize) -> (Arc<Llava>, VisionEncoder, Vec<u8>) {
+fn setup(max_calls: usize) -> (Arc<Llava>, VisionEncoder, bytes::Bytes) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = Arc::new(Llava::load(&root.join("models/draft"), &Device::Cpu).unwrap());
-    let png = std::fs::read(root.join("model/tests/fixtures/images/red_square.png")).unwrap();
+    let png = bytes::Bytes::from(
+        std::fs::read(root.join("model/tests/fixtures/images/red_square.png")).unwrap(),
+    );
     let encoder = VisionEncoder::new(
         Arc::clone(&model),
         ImageLimits::default(),
@@ -43,7 +45,7 @@ async fn features_are_the_towers_and_come_from_the_cache_the_second_time() {
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     // A bad image is the caller's fault, and is not kept.
     let err = encoder
-        .encode(vec![b"not an image".to_vec()])
+        .encode(vec![bytes::Bytes::from_static(b"not an image")])
         .await
         .unwrap_err();
     assert!(matches!(err, EncodeError::Image(_)), "{err:?}");

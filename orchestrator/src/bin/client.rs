@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
         .max_encoding_message_size(64 * 1024 * 1024);
     let req = pb::GenerateRequest {
         session_id: String::new(),
-        image,
+        image: image.into(),
         prompt: args.prompt.clone(),
         params: Some(pb::GenerationParams {
             max_new_tokens: args.max_new_tokens,

@@ -39,13 +39,14 @@ use specllava_wire::convert::{
     verify_cost_table, verify_outcome_from_proto,
 };
 use speculate::{AcceptanceStats, BudgetPolicy, DraftParams, SamplingParams, TreeLimits};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
 use crate::clients::{Deadlines, Guarded, ReplicaApi};
 use crate::error::{OrchestratorError, is_replica_failure};
+use crate::events::{EventSender, Finish, TurnEvent, TurnSummary};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::ReplicaKind;
 use crate::routing::{Replica, ReplicaInfo, ReplicaSet};
@@ -62,7 +63,7 @@ use pipeline::PreDraft;
 mod replicas;
 
 /// Validated sampling and stopping parameters of one generation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenParams {
     /// Token budget.
     pub max_new_tokens: u32,
@@ -277,7 +278,8 @@ struct Turn<'a> {
     pre_draft: Option<PreDraft>,
     /// Whether the turn's pre-drafts hit often enough to keep asking for them.
     pipeline: PipelineGate,
-    finish: pb::FinishReason,
+    /// Why the turn finished, once it has.
+    finish: Option<Finish>,
     /// Target re-prefills in the current step.
     recoveries: usize,
     /// Draft replicas replaced in this turn.
@@ -418,7 +420,7 @@ impl Engine {
         prompt_tokens: u32,
         params: &GenParams,
         spec: &SpecSettings,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        tx: &EventSender,
     ) -> Result<(), Interrupted> {
         let _active = ActiveTurn::new(Arc::clone(&self.active_turns));
         let mut turn = self.begin(conv, params, spec).await?;
@@ -437,7 +439,7 @@ impl Engine {
         &self,
         conv: &mut Conversation,
         turn: &mut Turn<'_>,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        tx: &EventSender,
     ) -> Result<(), Interrupted> {
         let params = turn.params;
         if let Some(first) = turn.first_token.take() {
@@ -455,7 +457,7 @@ impl Engine {
             let kv_len = conv.target.as_ref().expect("ensured").kv_len;
             let room = turn.max_context.saturating_sub(kv_len + 1) as usize;
             if room == 0 {
-                turn.finish = pb::FinishReason::Length;
+                turn.finish = Some(Finish::Length);
                 break;
             }
             let step_started = Instant::now();
@@ -475,7 +477,7 @@ impl Engine {
                 continue;
             };
             if verified.resp.emitted.is_empty() {
-                turn.finish = pb::FinishReason::Length;
+                turn.finish = Some(Finish::Length);
                 break;
             }
             let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
@@ -603,7 +605,7 @@ impl Engine {
             ahead: AheadBlock::default(),
             pre_draft: None,
             pipeline: PipelineGate::default(),
-            finish: pb::FinishReason::Unspecified,
+            finish: None,
             recoveries: 0,
             draft_failovers: 0,
             prompt_len,
@@ -777,7 +779,7 @@ impl Engine {
         conv: &mut Conversation,
         turn: &mut Turn<'_>,
         resp: &pb::VerifyResponse,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        tx: &EventSender,
     ) -> Result<Flow, Interrupted> {
         let delta = if turn.text.push_work(resp.emitted.len()) <= INLINE_DETOKENIZE_WORK {
             // A few tokens decode in microseconds: a hand-off to a blocking thread (tens of
@@ -798,9 +800,9 @@ impl Engine {
         // Tokens past a stop string are not part of the answer.
         let taken = &resp.emitted[..delta.consumed];
         turn.generated += taken.len() as u32;
-        send_chunk(tx, taken.to_vec(), delta.text).await?;
+        send_tokens(tx, taken.to_vec(), delta.text).await?;
         if delta.stopped {
-            turn.finish = pb::FinishReason::StopString;
+            turn.finish = Some(Finish::StopString);
             let keep = self
                 .detokenize(&mut turn.text, |text, tok| Ok(text.tokens_before_stop(tok)))
                 .await?;
@@ -809,9 +811,14 @@ impl Engine {
             }
             return Ok(Flow::Stop);
         }
-        let f = finish_from_proto(resp.finish);
-        if f != pb::FinishReason::Unspecified {
-            turn.finish = f;
+        let finish = match finish_from_proto(resp.finish) {
+            pb::FinishReason::Eos => Some(Finish::Eos),
+            pb::FinishReason::Length => Some(Finish::Length),
+            pb::FinishReason::StopString => Some(Finish::StopString),
+            pb::FinishReason::Unspecified => None,
+        };
+        if finish.is_some() {
+            turn.finish = finish;
             return Ok(Flow::Stop);
         }
         Ok(Flow::Continue)
@@ -842,34 +849,26 @@ impl Engine {
         conv: &mut Conversation,
         mut turn: Turn<'_>,
         prompt_tokens: u32,
-        tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        tx: &EventSender,
     ) -> Result<(), Interrupted> {
-        if turn.finish == pb::FinishReason::Unspecified {
-            turn.finish = pb::FinishReason::Length;
-        }
         let tail: Delta = self
             .detokenize(&mut turn.text, |text, tok| text.finish(tok))
             .await?;
         if !tail.text.is_empty() {
-            send_chunk(tx, Vec::new(), tail.text).await?;
+            send_tokens(tx, Vec::new(), tail.text).await?;
         }
         drop(turn.draft.take());
         conv.turns += 1;
         let total = turn.started.elapsed();
         let ttft = turn.first_token_at.unwrap_or(total);
-        let summary = pb::GenerateSummary {
-            finish: turn.finish as i32,
-            usage: Some(pb::Usage {
-                prompt_tokens,
-                completion_tokens: turn.generated,
-            }),
-            stats: Some(turn.stats.summary(turn.generated, total, ttft)),
+        let summary = TurnSummary {
+            finish: turn.finish.unwrap_or(Finish::Length),
+            prompt_tokens,
+            completion_tokens: turn.generated,
+            stats: turn.stats.summary(turn.generated, total, ttft),
             text: turn.text.text().to_owned(),
         };
-        let msg = pb::GenerateResponse {
-            event: Some(pb::generate_response::Event::Summary(summary)),
-        };
-        let sent = tx.send(Ok(msg)).await;
+        let sent = tx.send(Ok(TurnEvent::Finished(summary))).await;
         // A draft sync still running (a short turn) is waited for after the answer, so the
         // conversation knows what its draft session holds.
         self.join_draft(conv, &mut turn, true).await;
@@ -877,19 +876,11 @@ impl Engine {
     }
 }
 
-/// Streams one chunk; the client going away cancels the turn.
-async fn send_chunk(
-    tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
-    token_ids: Vec<u32>,
-    text: String,
-) -> Result<(), Interrupted> {
-    let chunk = pb::GenerateResponse {
-        event: Some(pb::generate_response::Event::Chunk(pb::TokenChunk {
-            token_ids,
-            text,
-        })),
-    };
-    tx.send(Ok(chunk)).await.map_err(|_| Interrupted::Cancelled)
+/// Streams accepted tokens; the client going away cancels the turn.
+async fn send_tokens(tx: &EventSender, ids: Vec<u32>, text: String) -> Result<(), Interrupted> {
+    tx.send(Ok(TurnEvent::Tokens { ids, text }))
+        .await
+        .map_err(|_| Interrupted::Cancelled)
 }
 
 /// Which draft-ahead gate a turn's steps feed and follow: 0 greedy, 1 sampled.

@@ -4,6 +4,7 @@
 //! another target when one fails).
 
 use super::*;
+use bytes::Bytes;
 
 impl Engine {
     /// The replica's `Info` (fetched once), checked against the orchestrator's tokenizer
@@ -167,7 +168,7 @@ impl Engine {
         rs: &mut ReplicaSession,
         conv_id: &str,
         history: &[u32],
-        images: &[Vec<u8>],
+        images: &[Bytes],
         first_step: Option<pb::FirstStepRequest>,
     ) -> Result<Option<SyncReply>, OrchestratorError> {
         let image_id = self.identity.image_token_id;

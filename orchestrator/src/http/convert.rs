@@ -1,13 +1,16 @@
 //! Translation of an OpenAI chat-completions request into what the shared front door takes:
-//! chat-template messages, the images in placeholder order, and `GenerationParams` (validated
-//! by the same code as the gRPC API's, stop-string caps included).
+//! chat-template messages, the images in placeholder order, and the requested parameters
+//! (validated by the same code as the gRPC API's, stop-string caps included).
 
 use specllava_prompt::Message;
 use specllava_prompt::chat::{Content, Part};
-use specllava_proto::v1 as pb;
 
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, ContentPart, MessageContent, Stop};
+use bytes::Bytes;
+
+use crate::plan::SpecSettings;
+use crate::request::{ConversationSource, RequestedParams, TurnInput, TurnRequest};
 
 /// A request checked and translated.
 #[derive(Debug)]
@@ -16,8 +19,8 @@ pub struct Translated {
     pub messages: Vec<Message>,
     /// The image URLs, one per image part, in order.
     pub image_urls: Vec<String>,
-    /// Sampling and stopping (validated further by the front door).
-    pub params: pb::GenerationParams,
+    /// Sampling and stopping (validated by the front door).
+    pub params: RequestedParams,
 }
 
 /// Checks the request's fields and translates it.
@@ -60,7 +63,7 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
     Ok(Translated {
         messages,
         image_urls,
-        params: pb::GenerationParams {
+        params: RequestedParams {
             max_new_tokens: max_new_tokens.unwrap_or(0),
             temperature,
             top_p: req.top_p.unwrap_or(0.0),
@@ -70,6 +73,18 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
             ignore_eos: req.ignore_eos,
         },
     })
+}
+
+/// The front door's turn request for a translated request whose image URLs were loaded into
+/// `images` (in order): the whole conversation, continuing a kept one where it can.
+pub fn turn_request(t: Translated, images: Vec<Bytes>) -> TurnRequest {
+    TurnRequest {
+        source: ConversationSource::SharedPrefix,
+        input: TurnInput::Messages(t.messages),
+        images,
+        params: t.params,
+        spec: SpecSettings::adaptive(),
+    }
 }
 
 fn translate_messages(

@@ -35,7 +35,6 @@ use specllava_server::ApiKeys;
 
 use crate::config::Args;
 use crate::frontend::Frontend;
-use crate::prefix::PrefixCache;
 use crate::routing::ReplicaSet;
 use error::ApiError;
 use images::RemoteImages;
@@ -85,10 +84,8 @@ fn default_model_name(dir: &Path) -> String {
 /// What the handlers share.
 pub struct AppState {
     front: Arc<Frontend>,
-    cached: Arc<PrefixCache>,
     targets: Arc<ReplicaSet>,
     model_name: String,
-    image_token_id: u32,
     remote_images: RemoteImages,
     api_keys: Arc<ApiKeys>,
     started: u64,
@@ -146,16 +143,12 @@ pub async fn spawn(
     addr: SocketAddr,
     cfg: HttpConfig,
     front: Arc<Frontend>,
-    cached: Arc<PrefixCache>,
     targets: Arc<ReplicaSet>,
 ) -> anyhow::Result<HttpServer> {
-    let image_token_id = front.prompter.image_token_id();
     let state = Arc::new(AppState {
         front,
-        cached,
         targets,
         model_name: cfg.model_name.clone(),
-        image_token_id,
         remote_images: cfg.remote_images,
         api_keys: cfg.api_keys,
         started: routes::unix_now(),

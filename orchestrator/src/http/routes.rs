@@ -8,19 +8,13 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 
 use super::AppState;
-use super::convert::translate;
+use super::convert::{translate, turn_request};
 use super::error::ApiError;
 use super::images;
 use super::stream::{self, Meta, TurnOutput};
 use super::types::{ChatCompletionRequest, Model, ModelList};
-use crate::engine::Interrupted;
-use crate::frontend::spec_settings;
-use crate::prompt::text_bytes;
-use crate::session::{Conversation, new_session_id};
 
 /// `GET /health`: 200 while a usable target replica is known, else 503.
 pub async fn health(State(app): State<Arc<AppState>>) -> Response {
@@ -63,73 +57,28 @@ pub async fn chat_completions(
         req.return_token_ids,
     );
     let t = translate(req)?;
-    let front = Arc::clone(&app.front);
-    // Before anything costly (images, rendering, tokenizing).
-    front.prompter.check_bytes(text_bytes(&t.messages))?;
-    let params = front.gen_params(t.params)?;
-    let spec = spec_settings(None)?;
-    let permit = front.admit()?;
-
-    let max_bytes = front.limits.image.max_bytes;
+    // The images' bytes (a `data:` URL decoded, or a remote image fetched), each at most the
+    // image byte limit; the front door checks the rest.
+    let front = &app.front;
     let mut images = Vec::with_capacity(t.image_urls.len());
     for url in &t.image_urls {
-        let bytes = images::load(url, max_bytes, &app.remote_images).await?;
-        front.check_image(&bytes)?;
-        images.push(bytes);
+        let bytes = images::load(url, front.limits.image.max_bytes, &app.remote_images).await?;
+        images.push(bytes::Bytes::from(bytes));
     }
-    let (messages, n_images) = (t.messages, images.len());
-    let ids = front
-        .prompt(move |p| p.conversation(&messages, n_images))
-        .await?;
-    let prompt_tokens = ids.len() as u32;
-
-    // Continue the kept conversation sharing the longest prefix (KV reuse), or a new one.
-    let (mut conv, shared) = match app.cached.take(&ids, &images, app.image_token_id) {
-        Some(r) => (r.conv, r.shared),
-        None => (Conversation::new(new_session_id(), Vec::new()), 0),
-    };
-    conv.truncate_history(shared);
-    conv.images = images;
+    let started = front.start_turn(turn_request(t, images)).await?;
     let meta = Meta {
-        id: format!("chatcmpl-{}-{}", conv.id, conv.turns),
+        id: format!(
+            "chatcmpl-{}-{}",
+            started.conversation_id, started.turn_index
+        ),
         created: unix_now(),
         model: app.model_name.clone(),
         return_token_ids,
         include_usage,
     };
-    let (tx, events) = mpsc::channel(32);
-    let (fail_tx, failure) = oneshot::channel();
-    let span =
-        tracing::info_span!("chat_completion", session = %conv.id, prompt_tokens, reused = shared);
-    let state = Arc::clone(&app);
-    tokio::spawn(
-        async move {
-            let _permit = permit;
-            let res = front
-                .run_turn(
-                    &mut conv,
-                    &ids[shared..],
-                    prompt_tokens,
-                    &params,
-                    &spec,
-                    &tx,
-                )
-                .await;
-            match res {
-                Ok(()) => {
-                    if let Some(mut evicted) = state.cached.put(conv) {
-                        front.engine.close_replicas(&mut evicted);
-                    }
-                }
-                Err(Interrupted::Failed(e)) => {
-                    let _ = fail_tx.send(e);
-                }
-                Err(Interrupted::Cancelled) => {}
-            }
-        }
-        .instrument(span),
-    );
-    let out = TurnOutput { events, failure };
+    let out = TurnOutput {
+        events: started.events,
+    };
     if stream {
         stream::sse(meta, out).await
     } else {

@@ -1,50 +1,38 @@
-//! The response side: the engine's `GenerateResponse` stream turned into one
-//! `chat.completion` or into Server-Sent Events of `chat.completion.chunk`s ending with
-//! `data: [DONE]`. A client that goes away drops the event stream, which cancels the turn
+//! The response side: a turn's events turned into one `chat.completion` or into Server-Sent
+//! Events of `chat.completion.chunk`s ending with `data: [DONE]`. A client that goes away drops the event stream, which cancels the turn
 //! (the engine sees its channel closed and frees the replica sessions).
 
 use std::convert::Infallible;
 
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use specllava_proto::v1 as pb;
-use specllava_proto::v1::generate_response::Event as GenEvent;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 
 use super::error::ApiError;
 use super::types::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Speculation,
-    Usage,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage,
 };
 use crate::error::OrchestratorError;
+use crate::events::{Finish, TurnEvent, TurnSummary};
 
-/// The engine's output of one turn, and how the turn ended (`Err` when it failed).
+/// A turn's events (tokens, then the summary or an error).
 pub struct TurnOutput {
-    /// Chunks then the summary.
-    pub events: mpsc::Receiver<Result<pb::GenerateResponse, Status>>,
-    /// The failure, once the events end without a summary.
-    pub failure: oneshot::Receiver<OrchestratorError>,
+    /// The front door's event stream.
+    pub events: mpsc::Receiver<Result<TurnEvent, OrchestratorError>>,
 }
 
 impl TurnOutput {
     /// The next event; the turn's error when it ended without a summary.
-    async fn next(&mut self) -> Result<GenEvent, ApiError> {
+    async fn next(&mut self) -> Result<TurnEvent, ApiError> {
         match self.events.recv().await {
-            Some(Ok(pb::GenerateResponse { event: Some(e) })) => Ok(e),
-            Some(Ok(_)) => Err(internal("an empty event")),
-            Some(Err(s)) => Err(internal(s.message())),
-            None => Err(match (&mut self.failure).await {
-                Ok(e) => e.into(),
-                Err(_) => internal("the turn ended without a summary"),
-            }),
+            Some(Ok(e)) => Ok(e),
+            Some(Err(e)) => Err(e.into()),
+            None => {
+                Err(OrchestratorError::Internal("the turn ended without a summary".into()).into())
+            }
         }
     }
-}
-
-fn internal(what: &str) -> ApiError {
-    OrchestratorError::Internal(what.to_owned()).into()
 }
 
 /// What every response of one completion repeats.
@@ -63,10 +51,10 @@ pub struct Meta {
 }
 
 /// OpenAI's `finish_reason` of a summary.
-fn finish_reason(s: &pb::GenerateSummary) -> &'static str {
-    match pb::FinishReason::try_from(s.finish) {
-        Ok(pb::FinishReason::Length) => "length",
-        _ => "stop",
+fn finish_reason(s: &TurnSummary) -> &'static str {
+    match s.finish {
+        Finish::Length => "length",
+        Finish::Eos | Finish::StopString => "stop",
     }
 }
 
@@ -75,8 +63,8 @@ pub async fn collect(meta: Meta, mut out: TurnOutput) -> Result<ChatCompletion, 
     let mut ids = Vec::new();
     loop {
         match out.next().await? {
-            GenEvent::Chunk(c) => ids.extend_from_slice(&c.token_ids),
-            GenEvent::Summary(s) => {
+            TurnEvent::Tokens { ids: more, .. } => ids.extend_from_slice(&more),
+            TurnEvent::Finished(s) => {
                 return Ok(ChatCompletion {
                     id: meta.id,
                     object: "chat.completion",
@@ -91,12 +79,8 @@ pub async fn collect(meta: Meta, mut out: TurnOutput) -> Result<ChatCompletion, 
                         finish_reason: finish_reason(&s),
                         token_ids: meta.return_token_ids.then_some(ids),
                     }],
-                    usage: s.usage.as_ref().map(Usage::from).unwrap_or(Usage {
-                        prompt_tokens: 0,
-                        completion_tokens: 0,
-                        total_tokens: 0,
-                    }),
-                    speculation: Speculation::from(&s.stats.unwrap_or_default()),
+                    usage: Usage::of(&s),
+                    speculation: s.stats,
                 });
             }
         }
@@ -117,7 +101,7 @@ pub async fn sse(meta: Meta, mut out: TurnOutput) -> Result<Response, ApiError> 
 /// client leaving (then `out` is dropped, which cancels the turn).
 async fn forward(
     meta: Meta,
-    first: GenEvent,
+    first: TurnEvent,
     mut out: TurnOutput,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -143,32 +127,32 @@ async fn forward(
     if !send(&tx, json(&chunk(vec![choice(role, None)]))).await {
         return;
     }
-    let mut next: Result<GenEvent, ApiError> = Ok(first);
+    let mut next: Result<TurnEvent, ApiError> = Ok(first);
     loop {
         let event = match next {
-            Ok(GenEvent::Chunk(c)) => {
-                if c.text.is_empty() && c.token_ids.is_empty() {
+            Ok(TurnEvent::Tokens { ids, text }) => {
+                if text.is_empty() && ids.is_empty() {
                     None
                 } else {
                     let delta = Delta {
                         role: None,
-                        content: Some(c.text),
+                        content: Some(text),
                     };
-                    Some(json(&chunk(vec![choice(delta, Some(c.token_ids))])))
+                    Some(json(&chunk(vec![choice(delta, Some(ids))])))
                 }
             }
-            Ok(GenEvent::Summary(s)) => {
+            Ok(TurnEvent::Finished(s)) => {
                 let mut last = chunk(vec![ChunkChoice {
                     finish_reason: Some(finish_reason(&s)),
                     ..choice(Delta::default(), None)
                 }]);
-                last.speculation = Some(Speculation::from(&s.stats.clone().unwrap_or_default()));
+                last.speculation = Some(s.stats.clone());
                 if !send(&tx, json(&last)).await {
                     return;
                 }
                 if meta.include_usage {
                     let mut usage = chunk(Vec::new());
-                    usage.usage = s.usage.as_ref().map(Usage::from);
+                    usage.usage = Some(Usage::of(&s));
                     if !send(&tx, json(&usage)).await {
                         return;
                     }

@@ -3,7 +3,9 @@
 //! (statistics) and per-choice `token_ids`.
 
 use serde::{Deserialize, Serialize};
-use specllava_proto::v1 as pb;
+
+use crate::events::TurnSummary;
+use crate::stats::TurnStats;
 
 /// `POST /v1/chat/completions` body.
 #[derive(Debug, Deserialize)]
@@ -132,75 +134,13 @@ pub struct Usage {
     pub total_tokens: u32,
 }
 
-impl From<&pb::Usage> for Usage {
-    fn from(u: &pb::Usage) -> Self {
+impl Usage {
+    /// The token counts of a finished turn.
+    pub fn of(s: &TurnSummary) -> Self {
         Self {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        }
-    }
-}
-
-/// Extension: the speculation statistics of the generation (as the gRPC summary's).
-#[derive(Debug, Clone, Serialize)]
-pub struct Speculation {
-    /// Verification steps (target forwards).
-    pub steps: u32,
-    /// Draft nodes proposed.
-    pub drafted: u32,
-    /// Draft tokens accepted.
-    pub accepted: u32,
-    /// Mean tokens emitted per step.
-    pub mean_accepted_length: f32,
-    /// Fraction of steps whose accepted path reached each depth (index 0 = depth 1).
-    pub acceptance_per_depth: Vec<f32>,
-    /// Whether the draft was used.
-    pub speculative: bool,
-    /// Decoding speed after the first token.
-    pub tokens_per_second: f32,
-    /// Time drafting.
-    pub draft_ns: u64,
-    /// Time verifying.
-    pub verify_ns: u64,
-    /// Time in the network and queues.
-    pub network_ns: u64,
-    /// Time prefilling.
-    pub prefill_ns: u64,
-    /// Time to the first token.
-    pub time_to_first_token_ns: u64,
-    /// Wall time.
-    pub total_ns: u64,
-    /// Draft-ahead guesses that were right (the next tree was pre-drafted).
-    pub ahead_hits: u32,
-    /// Draft-ahead guesses that were wrong.
-    pub ahead_misses: u32,
-    /// Drafting time the hits saved.
-    pub ahead_saved_ns: u64,
-    /// Steps verified with no draft round trip (pipelined draft-ahead hits).
-    pub pipelined_steps: u32,
-}
-
-impl From<&pb::SpeculationStats> for Speculation {
-    fn from(s: &pb::SpeculationStats) -> Self {
-        Self {
-            steps: s.steps,
-            drafted: s.drafted,
-            accepted: s.accepted,
-            mean_accepted_length: s.mean_accepted_length,
-            acceptance_per_depth: s.acceptance_per_depth.clone(),
-            speculative: s.speculative,
-            tokens_per_second: s.tokens_per_second,
-            draft_ns: s.draft_ns,
-            verify_ns: s.verify_ns,
-            network_ns: s.network_ns,
-            prefill_ns: s.prefill_ns,
-            time_to_first_token_ns: s.time_to_first_token_ns,
-            total_ns: s.total_ns,
-            ahead_hits: s.ahead_hits,
-            ahead_misses: s.ahead_misses,
-            ahead_saved_ns: s.ahead_saved_ns,
-            pipelined_steps: s.pipelined_steps,
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+            total_tokens: s.prompt_tokens + s.completion_tokens,
         }
     }
 }
@@ -244,7 +184,7 @@ pub struct ChatCompletion {
     /// Token counts.
     pub usage: Usage,
     /// Extension: speculation statistics.
-    pub speculation: Speculation,
+    pub speculation: TurnStats,
 }
 
 /// What a chunk adds to the message.
@@ -290,7 +230,7 @@ pub struct ChatCompletionChunk {
     pub usage: Option<Usage>,
     /// Extension: speculation statistics, in the chunk carrying `finish_reason`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub speculation: Option<Speculation>,
+    pub speculation: Option<TurnStats>,
 }
 
 /// `GET /v1/models` entry.

@@ -1,0 +1,50 @@
+//! What a turn streams, in domain types: tokens as they are accepted, then one summary. The
+//! engine emits these; the gRPC and HTTP front ends only translate them to their wire shapes.
+
+use crate::error::OrchestratorError;
+use crate::stats::TurnStats;
+
+/// One event of a turn's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnEvent {
+    /// Newly accepted tokens and their text delta (never splitting a character; may be empty
+    /// while one is incomplete, or carry held-back text and no tokens).
+    Tokens {
+        /// The token ids, in order.
+        ids: Vec<u32>,
+        /// Their text.
+        text: String,
+    },
+    /// The last event of a turn that completed.
+    Finished(TurnSummary),
+}
+
+/// Why a turn finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model emitted an end-of-sequence token.
+    Eos,
+    /// `max_new_tokens` or the context was reached.
+    Length,
+    /// A stop string was generated (it and what follows are not part of the answer).
+    StopString,
+}
+
+/// The end of a completed turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnSummary {
+    /// Why it finished.
+    pub finish: Finish,
+    /// Prompt tokens of the turn (each image placeholder counted once).
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// How speculation went.
+    pub stats: TurnStats,
+    /// The whole answer (after stop-string truncation).
+    pub text: String,
+}
+
+/// A turn's events as they come: `Ok` events, then, for a turn that failed, one `Err` (no
+/// summary). Dropping the receiver cancels the turn.
+pub type EventSender = tokio::sync::mpsc::Sender<Result<TurnEvent, OrchestratorError>>;
