@@ -7,6 +7,8 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use specllava_prompt::Message;
 use specllava_proto::v1 as pb;
 use specllava_wire::convert::speculation_mode_from_proto;
@@ -19,7 +21,9 @@ use crate::events::{EventSender, TurnEvent};
 use crate::plan::SpecSettings;
 use crate::prefix::PrefixCache;
 use crate::prompt::Prompter;
-use crate::request::{ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, validate};
+use crate::request::{
+    ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, check_image, validate,
+};
 use crate::session::{Conversation, Registry, new_session_id};
 
 /// The shared front door of the public APIs.
@@ -35,6 +39,12 @@ pub struct Frontend {
     requests: Arc<Semaphore>,
     /// The limits.
     pub limits: ApiLimits,
+}
+
+/// A validated turn holding its slot under the concurrency limit.
+pub struct Admitted {
+    turn: ValidTurn,
+    permit: OwnedSemaphorePermit,
 }
 
 /// A started turn.
@@ -95,28 +105,52 @@ impl Frontend {
         }
     }
 
-    /// A slot for one generation; RESOURCE_EXHAUSTED (never a queue) when all are taken.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, OrchestratorError> {
-        Arc::clone(&self.requests)
+    /// Validates and admits one turn: every check of [`validate`], then a slot under the
+    /// concurrency limit (RESOURCE_EXHAUSTED, never a queue, when all are taken). A front end
+    /// whose images need fetching admits first and adds them with [`Frontend::add_image`], so
+    /// no fetch runs for a request that was going to be refused or over the limit.
+    pub fn admit(&self, r: TurnRequest) -> Result<Admitted, OrchestratorError> {
+        let turn = validate(r, &self.limits)?;
+        let permit = Arc::clone(&self.requests)
             .try_acquire_owned()
-            .map_err(|_| OrchestratorError::Overloaded("too many concurrent requests".into()))
+            .map_err(|_| OrchestratorError::Overloaded("too many concurrent requests".into()))?;
+        Ok(Admitted { turn, permit })
     }
 
-    /// Validates, admits and starts one turn; its events stream from the returned
-    /// [`TurnStream`]. Every refusal (limits, overload, a busy or unknown session, a prompt
-    /// the template or the tokenizer refuses) comes back here, before the turn starts.
+    /// Adds an image to an admitted turn, its header checked under the limits.
+    pub fn add_image(&self, turn: &mut Admitted, bytes: Bytes) -> Result<(), OrchestratorError> {
+        check_image(&bytes, &self.limits.image)?;
+        turn.turn.images.push(bytes);
+        Ok(())
+    }
+
+    /// Validates, admits and starts one turn ([`Frontend::admit`], [`Frontend::start`]).
     pub async fn start_turn(
         self: &Arc<Self>,
         r: TurnRequest,
     ) -> Result<TurnStream, OrchestratorError> {
-        let ValidTurn {
-            source,
-            input,
-            images,
-            params,
-            spec,
-        } = validate(r, &self.limits)?;
-        let permit = self.admit()?;
+        let admitted = self.admit(r)?;
+        self.start(admitted).await
+    }
+
+    /// Starts an admitted turn; its events stream from the returned [`TurnStream`]. The
+    /// refusals left (a busy or unknown session, a prompt the template or the tokenizer
+    /// refuses) come back here, before the turn starts.
+    pub async fn start(
+        self: &Arc<Self>,
+        admitted: Admitted,
+    ) -> Result<TurnStream, OrchestratorError> {
+        let Admitted {
+            turn:
+                ValidTurn {
+                    source,
+                    input,
+                    images,
+                    params,
+                    spec,
+                },
+            permit,
+        } = admitted;
         let (mut conv, prompt, shared) = match &source {
             ConversationSource::OneShot => {
                 let prompt = self.tokenize(input, images.len(), None).await?;
@@ -132,7 +166,7 @@ impl Frontend {
                     .get(id)?
                     .try_lock_owned()
                     .map_err(|_| OrchestratorError::SessionBusy(id.clone()))?;
-                let follows = (!guard.history.is_empty()).then(|| guard.history.last().copied());
+                let follows = guard.history.last().copied();
                 let prompt = self.tokenize(input, guard.images.len(), follows).await?;
                 (Held::Session(guard), prompt, 0)
             }
@@ -201,7 +235,7 @@ impl Frontend {
         &self,
         input: TurnInput,
         images: usize,
-        follows: Option<Option<u32>>,
+        follows: Option<u32>,
     ) -> Result<Vec<u32>, OrchestratorError> {
         let prompter = Arc::clone(&self.prompter);
         tokio::task::spawn_blocking(move || prompt_ids(&prompter, input, images, follows))
@@ -246,12 +280,12 @@ impl Frontend {
 }
 
 /// The prompt ids of a turn's `input` with `images` images: a whole conversation, or, when
-/// the conversation `follows` a history (ending with that token), a follow-up user message.
+/// the conversation follows a history (`follows`: its last token), a follow-up user message.
 pub fn prompt_ids(
     prompter: &Prompter,
     input: TurnInput,
     images: usize,
-    follows: Option<Option<u32>>,
+    follows: Option<u32>,
 ) -> Result<Vec<u32>, OrchestratorError> {
     match (input, follows) {
         (TurnInput::UserText(text), Some(last_token)) => prompter.follow_up(last_token, &text),

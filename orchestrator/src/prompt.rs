@@ -83,11 +83,7 @@ impl Prompter {
     /// The ids of a follow-up user turn (no image) appended to a history ending with
     /// `last_token`: what the template puts after an answer, the message, the generation
     /// prompt. `</s>` is not repeated when the answer already ends with it.
-    pub fn follow_up(
-        &self,
-        last_token: Option<u32>,
-        prompt: &str,
-    ) -> Result<Vec<u32>, OrchestratorError> {
+    pub fn follow_up(&self, last_token: u32, prompt: &str) -> Result<Vec<u32>, OrchestratorError> {
         check_prompt_bytes(prompt.len(), &self.limits)?;
         let text = self
             .template
@@ -98,7 +94,7 @@ impl Prompter {
             .encode_continuation(&text)
             .map_err(model_err)?;
         let eos = self.tokenizer.eos_token_id();
-        if last_token == Some(eos) && ids.first() == Some(&eos) {
+        if last_token == eos && ids.first() == Some(&eos) {
             ids.remove(0);
         }
         self.check(ids, 0)

@@ -17,7 +17,7 @@ use orchestrator::http::convert::{translate, turn_request as http_turn_request};
 use orchestrator::http::images::{self, RemoteImages};
 use orchestrator::http::types::ChatCompletionRequest;
 use orchestrator::prompt::{PromptLimits, Prompter};
-use orchestrator::request::{ApiLimits, ConversationSource, ValidTurn, validate};
+use orchestrator::request::{ApiLimits, ConversationSource, ValidTurn, check_image, validate};
 use orchestrator::service::turn_request;
 use orchestrator::text::TextStream;
 use proptest::prelude::*;
@@ -118,13 +118,15 @@ fn validate_generate(p: &Prompter, r: pb::GenerateRequest, last_token: Option<u3
     };
     GRPC_PROMPTED.fetch_add(1, Ordering::Relaxed);
     check_prompt(p, valid.clone(), None);
-    if valid.images.is_empty() {
-        check_prompt(p, valid, Some(last_token));
+    if let Some(last) = last_token
+        && valid.images.is_empty()
+    {
+        check_prompt(p, valid, Some(last));
     }
 }
 
 /// The prompt of a valid turn: within the token limit, or refused cleanly.
-fn check_prompt(p: &Prompter, v: ValidTurn, follows: Option<Option<u32>>) {
+fn check_prompt(p: &Prompter, v: ValidTurn, follows: Option<u32>) {
     assert!(
         v.images.is_empty() || !matches!(v.source, ConversationSource::Session(_)),
         "a session turn carries no image"
@@ -317,7 +319,7 @@ fn validate_chat(p: &Prompter, body: &[u8]) {
     };
     let Ok(t) = translate(req) else { return };
     let remote = RemoteImages::refused();
-    let mut images = Vec::new();
+    let mut images: Vec<bytes::Bytes> = Vec::new();
     for url in &t.image_urls {
         let load = images::load(url, LIMITS.image.max_bytes, &remote);
         let Ok(bytes) = futures::executor::block_on(load) else {
@@ -325,9 +327,17 @@ fn validate_chat(p: &Prompter, body: &[u8]) {
         };
         images.push(bytes.into());
     }
-    let Ok(valid) = validate(http_turn_request(t, images), &LIMITS) else {
+    let Ok(mut valid) = validate(http_turn_request(t), &LIMITS) else {
         return;
     };
+    // What `Frontend::add_image` checks as each image is added.
+    if images
+        .iter()
+        .any(|i| check_image(i, &LIMITS.image).is_err())
+    {
+        return;
+    }
+    valid.images = images;
     HTTP_PROMPTED.fetch_add(1, Ordering::Relaxed);
     check_prompt(p, valid, None);
 }

@@ -7,8 +7,6 @@ use specllava_prompt::chat::{Content, Part};
 
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, ContentPart, MessageContent, Stop};
-use bytes::Bytes;
-
 use crate::plan::SpecSettings;
 use crate::request::{ConversationSource, RequestedParams, TurnInput, TurnRequest};
 
@@ -75,13 +73,14 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
     })
 }
 
-/// The front door's turn request for a translated request whose image URLs were loaded into
-/// `images` (in order): the whole conversation, continuing a kept one where it can.
-pub fn turn_request(t: Translated, images: Vec<Bytes>) -> TurnRequest {
+/// The front door's turn request for a translated request: the whole conversation,
+/// continuing a kept one where it can. Its images (`image_urls`, in order) are added once
+/// the turn is admitted ([`crate::frontend::Frontend::add_image`]).
+pub fn turn_request(t: Translated) -> TurnRequest {
     TurnRequest {
         source: ConversationSource::SharedPrefix,
         input: TurnInput::Messages(t.messages),
-        images,
+        images: Vec::new(),
         params: t.params,
         spec: SpecSettings::adaptive(),
     }

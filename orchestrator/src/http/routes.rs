@@ -57,15 +57,16 @@ pub async fn chat_completions(
         req.return_token_ids,
     );
     let t = translate(req)?;
-    // The images' bytes (a `data:` URL decoded, or a remote image fetched), each at most the
-    // image byte limit; the front door checks the rest.
+    let urls = t.image_urls.clone();
+    // Checked and admitted before any image is fetched; each image is at most the image byte
+    // limit (a `data:` URL decoded, or a remote image fetched), its header checked as added.
     let front = &app.front;
-    let mut images = Vec::with_capacity(t.image_urls.len());
-    for url in &t.image_urls {
+    let mut turn = front.admit(turn_request(t))?;
+    for url in &urls {
         let bytes = images::load(url, front.limits.image.max_bytes, &app.remote_images).await?;
-        images.push(bytes::Bytes::from(bytes));
+        front.add_image(&mut turn, bytes.into())?;
     }
-    let started = front.start_turn(turn_request(t, images)).await?;
+    let started = front.start(turn).await?;
     let meta = Meta {
         id: format!(
             "chatcmpl-{}-{}",
