@@ -281,6 +281,16 @@ enum PlanKind {
 
 fn cost_model(target: &Path, draft: &Path, device: &str, kind: PlanKind) -> Result<Calibration> {
     let dev = specllava_service_kit::parse_device(device)?;
+    // The services take the CPU kernel cap from `SPECLLAVA_CPU_KERNEL` (their `--cpu-kernel`);
+    // the in-process forwards take it too, so both measure the same kernels.
+    if let Ok(cap) = std::env::var("SPECLLAVA_CPU_KERNEL") {
+        let kernel_cap = cap.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        specllava_model::CpuSettings {
+            threads: 0,
+            kernel_cap,
+        }
+        .apply();
+    }
     let target = Llava::load(target, &dev)
         .with_context(|| format!("loading target {}", target.display()))?;
     let draft =

@@ -61,3 +61,20 @@ impl CpuSettings {
         crate::cpu::pool::set_threads(self.threads) && crate::cpu::gemm::cap_kernel(self.kernel_cap)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_parse_and_unknown_ones_are_refused() {
+        assert_eq!("cpu".parse(), Ok(Backend::Cpu));
+        assert_eq!("candle".parse(), Ok(Backend::Candle));
+        assert!("cuda".parse::<Backend>().is_err());
+        assert_eq!("avx2".parse(), Ok(CpuKernel::Avx2));
+        assert_eq!("portable".parse(), Ok(CpuKernel::Portable));
+        assert_eq!(CpuKernel::default(), "avx512".parse().unwrap());
+        assert!("sse".parse::<CpuKernel>().is_err());
+        assert_eq!(Backend::for_device(&Device::Cpu), Backend::Cpu);
+    }
+}

@@ -53,8 +53,6 @@ pub struct TurnStream {
     pub conversation_id: String,
     /// How many turns the conversation had before this one.
     pub turn_index: usize,
-    /// Prompt tokens of the turn.
-    pub prompt_tokens: u32,
     /// The turn's events: tokens, then the summary, or an error. Dropping it cancels the
     /// turn.
     pub events: mpsc::Receiver<Result<TurnEvent, OrchestratorError>>,
@@ -188,7 +186,6 @@ impl Frontend {
         let stream = TurnStream {
             conversation_id: conv.id.clone(),
             turn_index: conv.turns,
-            prompt_tokens,
             events,
         };
         // One span per turn, child of the request's; the draft and target calls made inside

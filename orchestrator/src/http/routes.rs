@@ -56,8 +56,8 @@ pub async fn chat_completions(
         req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         req.return_token_ids,
     );
-    let t = translate(req)?;
-    let urls = t.image_urls.clone();
+    let mut t = translate(req)?;
+    let urls = std::mem::take(&mut t.image_urls);
     // Checked and admitted before any image is fetched; each image is at most the image byte
     // limit (a `data:` URL decoded, or a remote image fetched), its header checked as added.
     let front = &app.front;
