@@ -3,12 +3,15 @@
 //!
 //! One turn is [`Engine::generate`]: [`Engine::begin`] pins and syncs the replicas (the
 //! target's prefill picking the turn's first token, streamed first), then every step is
-//! 1. [`Engine::draft_step`]: the next tree from the draft stream (a root-only tree
-//!    without a draft, or when the draft fails: the turn continues target-only);
-//! 2. [`Engine::verify_step`]: the target verifies it and the conversation takes the
+//! 1. propose: the turn's [`lane::DraftLane`] proposes the step's tree (a pre-draft, the
+//!    set-up's first tree, a draft round trip; a root-only tree without a draft, or when
+//!    the draft fails: the turn continues target-only);
+//! 2. verify: [`Engine::verify_step`]: the target verifies it and the conversation takes the
 //!    emitted tokens; a lost target session is re-prefilled and the step retried;
-//! 3. [`Engine::record_step`]: statistics and the budget policy learn from the step;
-//! 4. [`Engine::emit`]: the tokens' text is streamed, stop strings and finish checked;
+//! 3. learn: the lane observes the outcome (the pre-draft's answer, the draft's next request,
+//!    acceptance rates), and [`Engine::record_step`] has statistics and the budget policy
+//!    learn from the step;
+//! 4. emit: [`Engine::emit`]: the tokens' text is streamed, stop strings and finish checked;
 //!
 //! and [`Engine::end`] streams the summary.
 //!
@@ -25,8 +28,9 @@
 //! are refused before any session is opened.
 //!
 //! The turn loop is here; its parts live in the submodules: `replicas` (compatibility,
-//! target sessions, failover), `draft` (the draft's set-up, each step's tree shape and
-//! drafting) and `pipeline` (pre-drafts made while the target verifies).
+//! target sessions, failover), `draft` (draft replicas and sessions, shared by all turns)
+//! and `lane` (the draft side of one turn, [`lane::DraftLane`], with its pre-drafts in
+//! `lane::pipeline`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,10 +60,10 @@ use crate::sync::{SyncReply, SyncTarget, plan_sync};
 use crate::text::{Delta, Detokenize, TextStream};
 
 mod draft;
-mod pipeline;
-
-use pipeline::PreDraft;
+mod lane;
 mod replicas;
+
+use lane::{DraftLane, LaneStart};
 
 /// Validated sampling and stopping parameters of one generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,7 +202,7 @@ pub struct Engine {
     drafted_batch: AtomicU64,
     /// Whether draft-ahead pays here, measured on the turns the policy shapes: one gate for
     /// greedy turns and one for sampled ones, whose pre-drafts guess right at very different
-    /// rates ([`ahead_kind`]).
+    /// rates.
     ahead_gates: Mutex<[AheadGate; 2]>,
     /// Whether the policy's draft cost has been measured on a draft yet (its start-up
     /// calibration or a drafted step).
@@ -241,48 +245,23 @@ struct Choice {
 /// One turn in progress: what its steps share.
 struct Turn<'a> {
     params: &'a GenParams,
-    spec: &'a SpecSettings,
     started: Instant,
     stats: Stats,
     /// EOS ids the target stops at (empty with `ignore_eos`).
     eos: Vec<u32>,
-    tree_limits: TreeLimits,
     max_context: u64,
-    /// The target's model (what the draft is checked against).
-    target_model: pb::ModelInfo,
-    /// The draft stream; `None`: target-only (for now, while `draft_setup` runs).
-    draft: Option<DraftStream>,
+    /// The draft side of the turn.
+    lane: DraftLane<'a>,
     /// The turn's first token, picked by the target's prefill (streamed before the first
     /// step), as a root-only verify's answer.
     first_token: Option<pb::VerifyResponse>,
-    /// The first tree the draft's set-up drafted (used by the first drafting step, below
-    /// the tokens the target emitted since, when they are tokens it drafted).
-    first_tree: Option<FirstTree>,
-    /// The draft session's sync, running in the background while the target decodes.
-    draft_setup: Option<DraftSetup>,
     text: TextStream,
     generated: u32,
     first_token_at: Option<Duration>,
-    /// Accepted path of the last drafted tree, for the draft's next request.
-    last_path: Vec<u32>,
-    /// This turn's own acceptance rates (starting from the policy's, learning fast): trees
-    /// grow where the draft agrees with the target and shrink where it does not.
-    acceptance: Option<AcceptanceStats>,
-    /// The policy's last choice (reused for [`CHOICE_STEPS`] steps).
-    choice: Option<Choice>,
-    /// Draft-ahead arm of the turn's current block of steps (adaptive turns).
-    ahead: AheadBlock,
-    /// The draft's pre-draft for the outcome of the tree being verified (pipelined
-    /// speculation), used as the next tree when the target's outcome is the assumed one.
-    pre_draft: Option<PreDraft>,
-    /// Whether the turn's pre-drafts hit often enough to keep asking for them.
-    pipeline: PipelineGate,
     /// Why the turn finished, once it has.
     finish: Option<Finish>,
     /// Target re-prefills in the current step.
     recoveries: usize,
-    /// Draft replicas replaced in this turn.
-    draft_failovers: usize,
     /// History length before this turn's answer.
     prompt_len: usize,
 }
@@ -338,6 +317,8 @@ struct Proposal {
     /// A subtree of the first tree (the target emitted some of its tokens first): where
     /// its nodes sit in the tree the draft drafted.
     below: Option<Below>,
+    /// The shape of the pre-draft asked for while this tree is verified, if one was.
+    pre_draft_asked: Option<DraftParams>,
 }
 
 /// Where a subtree's nodes sit in the tree the draft drafted (see [`crate::setup::Subtree`]).
@@ -357,6 +338,52 @@ impl Below {
             .chain(mapped)
             .collect::<Option<Vec<u32>>>()
             .unwrap_or_default()
+    }
+}
+
+/// Where a step's time went, logged at debug level (`RUST_LOG=orchestrator=debug`).
+struct StepTrace {
+    nodes: usize,
+    /// -1: not a sample of the draft-ahead gate; 0 / 1: a sample of its arm off / on.
+    ahead_arm: i8,
+    /// The tree was a pre-draft.
+    ahead_hit: bool,
+    /// A pre-draft was asked for while the tree was verified.
+    ahead_asked: bool,
+    draft_rtt_ns: u64,
+    /// The draft service's time on the request (its wait for the worker included).
+    draft_ns: u64,
+}
+
+impl StepTrace {
+    fn of(proposal: &Proposal) -> Self {
+        Self {
+            nodes: proposal.tree.tokens.len(),
+            ahead_arm: proposal.ahead_sample.map_or(-1, i8::from),
+            ahead_hit: proposal.pipelined.is_some(),
+            ahead_asked: proposal.pre_draft_asked.is_some(),
+            draft_rtt_ns: proposal.draft_rtt_ns,
+            draft_ns: proposal.draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0),
+        }
+    }
+
+    /// Logs the step, in microseconds.
+    fn log(&self, verified: &Verified, step_started: Instant, emit_started: Instant) {
+        tracing::debug!(
+            nodes = self.nodes,
+            emitted = verified.resp.emitted.len(),
+            ahead_arm = self.ahead_arm,
+            ahead_hit = self.ahead_hit,
+            ahead_asked = self.ahead_asked,
+            draft_rtt_us = self.draft_rtt_ns / 1000,
+            draft_us = self.draft_ns / 1000,
+            verify_rtt_us = verified.rtt_ns / 1000,
+            target_us = verified.resp.total_ns / 1000,
+            forward_us = verified.resp.forward_ns / 1000,
+            emit_us = emit_started.elapsed().as_micros() as u64,
+            step_us = step_started.elapsed().as_micros() as u64,
+            "step timing"
+        );
     }
 }
 
@@ -427,7 +454,7 @@ impl Engine {
             Ok(()) => self.end(conv, turn, prompt_tokens, tx).await,
             Err(e) => {
                 // Keep knowing what the draft session holds (it is closed with the rest).
-                self.join_draft(conv, &mut turn, true).await;
+                turn.lane.close(self, conv).await;
                 Err(e)
             }
         }
@@ -460,52 +487,34 @@ impl Engine {
                 break;
             }
             let step_started = Instant::now();
-            let proposal = match self.redeem_pre_draft(conv, turn, room) {
-                Some(p) => p,
-                None => self.draft_step(conv, turn, room).await,
-            };
-            // Pipelined: the draft pre-drafts the next tree while the target verifies.
-            let asked = self.ask_pre_draft(conv, turn, &proposal, room).await;
+            // Propose (the draft pre-drafts the next tree while the target verifies).
+            let proposal = turn.lane.propose(self, conv, &mut turn.stats, room).await;
+            // Verify.
             let verified = self.verify_step(conv, turn, &proposal).await;
-            if let Some(params) = asked {
-                turn.pre_draft = self.receive_pre_draft(conv, turn, params).await;
-            }
+            // Learn (the draft's side; the rest in `record_step`).
+            let outcome = match &verified {
+                Ok(Some(v)) => Some(&v.resp),
+                _ => None,
+            };
+            turn.lane
+                .observe(self, conv, &mut turn.stats, &proposal, outcome)
+                .await;
             let Some(verified) = verified? else {
                 // The target session was recovered: draft and verify again.
-                turn.pre_draft = None;
                 continue;
             };
             if verified.resp.emitted.is_empty() {
                 turn.finish = Some(Finish::Length);
                 break;
             }
-            let (nodes, draft_rtt_ns) = (proposal.tree.tokens.len(), proposal.draft_rtt_ns);
-            // -1: not a sample of the draft-ahead gate; 0 / 1: a sample of its arm off / on.
-            let ahead_arm = proposal.ahead_sample.map_or(-1, i8::from);
-            let ahead_hit = proposal.pipelined.is_some();
-            let draft_ns = draft_rtt_ns - proposal.draft_overhead_ns.unwrap_or(0);
+            let trace = StepTrace::of(&proposal);
             // The step's wall time so far: its tree, the verify and the pre-draft's answer.
             let step_ns = nanos(step_started.elapsed());
             self.record_step(turn, proposal, &verified, step_ns);
+            // Emit.
             let emit_started = Instant::now();
             let flow = self.emit(conv, turn, &verified.resp, tx).await?;
-            // Where a step's time goes (`RUST_LOG=orchestrator=debug`), in microseconds.
-            tracing::debug!(
-                nodes,
-                emitted = verified.resp.emitted.len(),
-                ahead_arm,
-                ahead_hit,
-                ahead_asked = asked.is_some(),
-                draft_rtt_us = draft_rtt_ns / 1000,
-                // The draft service's time on the request (its wait for the worker included).
-                draft_us = draft_ns / 1000,
-                verify_rtt_us = verified.rtt_ns / 1000,
-                target_us = verified.resp.total_ns / 1000,
-                forward_us = verified.resp.forward_ns / 1000,
-                emit_us = emit_started.elapsed().as_micros() as u64,
-                step_us = step_started.elapsed().as_micros() as u64,
-                "step timing"
-            );
+            trace.log(&verified, step_started, emit_started);
             if flow == Flow::Stop {
                 break;
             }
@@ -568,61 +577,38 @@ impl Engine {
             max_depth: info.max_tree_depth as usize,
             vocab_size: model.vocab_size as usize,
         };
-        let (ready, draft_setup) = match draft_start {
-            DraftStart::Ready => (true, None),
-            DraftStart::Running(setup) => (false, Some(setup)),
-            DraftStart::Unavailable => (false, None),
-        };
-        let mut turn = Turn {
-            params,
+        let max_context = model.max_context;
+        let start = LaneStart {
             spec,
+            sampled: !params.sampling.is_greedy(),
+            tree_limits,
+            target_model: model,
+            started,
+        };
+        let lane = DraftLane::open(self, conv, &mut stats, start, draft_start).await;
+        // Where the time before the first step goes (`RUST_LOG=orchestrator=debug`).
+        tracing::debug!(
+            prefill_us = stats.prefill_ns / 1000,
+            begin_us = started.elapsed().as_micros() as u64,
+            draft_attached = lane.is_attached(),
+            first_tree = lane.has_first_tree(),
+            "turn begun"
+        );
+        Ok(Turn {
+            params,
             started,
             stats,
             eos,
-            tree_limits,
-            max_context: model.max_context,
-            target_model: model,
-            draft: None,
+            max_context,
+            lane,
             first_token,
-            first_tree: None,
-            draft_setup,
             text: TextStream::new(params.stop.clone()),
             generated: 0,
             first_token_at: None,
-            last_path: Vec::new(),
-            acceptance: spec.mode.map(|_| {
-                let mut a = self
-                    .policy
-                    .lock()
-                    .expect("policy lock poisoned")
-                    .acceptance
-                    .clone();
-                a.alpha = TURN_ACCEPTANCE_EMA;
-                a
-            }),
-            choice: None,
-            ahead: AheadBlock::default(),
-            pre_draft: None,
-            pipeline: PipelineGate::default(),
             finish: None,
             recoveries: 0,
-            draft_failovers: 0,
             prompt_len,
-        };
-        if ready {
-            self.attach_draft(conv, &mut turn, None).await;
-        } else {
-            self.join_draft(conv, &mut turn, false).await;
-        }
-        // Where the time before the first step goes (`RUST_LOG=orchestrator=debug`).
-        tracing::debug!(
-            prefill_us = turn.stats.prefill_ns / 1000,
-            begin_us = started.elapsed().as_micros() as u64,
-            draft_attached = turn.draft.is_some(),
-            first_tree = turn.first_tree.is_some(),
-            "turn begun"
-        );
-        Ok(turn)
+        })
     }
 
     /// The EOS ids a generation with `params` stops at on `model` (none with `ignore_eos`).
@@ -722,7 +708,7 @@ impl Engine {
                 // A sample of the block's arm, not of what the step did: after a miss the
                 // draft's rollback falls on the next step, which may ask for no pre-draft.
                 if let Ok(mut gates) = self.ahead_gates.lock() {
-                    gates[ahead_kind(turn)].observe(ahead, measured, predicted);
+                    gates[turn.lane.gate()].observe(ahead, measured, predicted);
                 }
             }
             pol.observe_verify(nodes, batch as usize, resp.forward_ns as f64);
@@ -744,27 +730,6 @@ impl Engine {
                 seen + BATCH_EMA * (f64::from(batch) - seen)
             };
             self.drafted_batch.store(ema.to_bits(), Ordering::Relaxed);
-            // The draft hears the path in the tree it drafted.
-            turn.last_path = match &proposal.below {
-                Some(below) => below.drafted_path(&resp.accepted_path),
-                None => resp.accepted_path.clone(),
-            };
-            // A subtree's nodes were drafted deeper than they sit in it: acceptance by depth
-            // learns from whole trees only.
-            let whole_tree = if proposal.below.is_none() {
-                tree_from_proto(proposal.tree, &turn.tree_limits).ok()
-            } else {
-                None
-            };
-            if let Some(tree) = whole_tree {
-                let outcome = verify_outcome_from_proto(resp);
-                if let Some(a) = turn.acceptance.as_mut() {
-                    a.observe(&tree, &outcome);
-                }
-                if let Ok(mut pol) = self.policy.lock() {
-                    pol.observe(&tree, &outcome);
-                }
-            }
         }
         if turn.first_token_at.is_none() {
             turn.first_token_at = Some(turn.started.elapsed());
@@ -856,7 +821,6 @@ impl Engine {
         if !tail.text.is_empty() {
             send_tokens(tx, Vec::new(), tail.text).await?;
         }
-        drop(turn.draft.take());
         conv.turns += 1;
         let total = turn.started.elapsed();
         let ttft = turn.first_token_at.unwrap_or(total);
@@ -870,7 +834,7 @@ impl Engine {
         let sent = tx.send(Ok(TurnEvent::Finished(summary))).await;
         // A draft sync still running (a short turn) is waited for after the answer, so the
         // conversation knows what its draft session holds.
-        self.join_draft(conv, &mut turn, true).await;
+        turn.lane.close(self, conv).await;
         sent.map_err(|_| Interrupted::Cancelled)
     }
 }
@@ -880,11 +844,6 @@ async fn send_tokens(tx: &EventSender, ids: Vec<u32>, text: String) -> Result<()
     tx.send(Ok(TurnEvent::Tokens { ids, text }))
         .await
         .map_err(|_| Interrupted::Cancelled)
-}
-
-/// Which draft-ahead gate a turn's steps feed and follow: 0 greedy, 1 sampled.
-fn ahead_kind(turn: &Turn<'_>) -> usize {
-    usize::from(!turn.params.sampling.is_greedy())
 }
 
 /// Closes `id` on a replica (best effort: a failure is only logged).

@@ -1,6 +1,7 @@
-//! Pipelined speculation: while the target verifies a tree, the draft pre-drafts the tree
-//! after that verification's likeliest outcome; the next step uses it when the target's
-//! outcome is the assumed one (see [`crate::ahead`] for when a turn asks).
+//! Pipelined speculation, the [`DraftLane`]'s pre-drafts: while the target verifies a tree,
+//! the draft pre-drafts the tree after that verification's likeliest outcome; the next step
+//! uses it when the target's outcome is the assumed one (see [`crate::ahead`] for when a turn
+//! asks).
 
 use super::*;
 
@@ -19,33 +20,33 @@ pub(super) struct PreDraft {
     pub(super) draft_ns: u64,
 }
 
-impl Engine {
+impl DraftLane<'_> {
     /// The turn's pre-draft as this step's tree, when the target's last outcome is the one
     /// it assumed (and the tree fits the context left); one that does not match is dropped.
     pub(super) fn redeem_pre_draft(
-        &self,
+        &mut self,
+        engine: &Engine,
         conv: &Conversation,
-        turn: &mut Turn<'_>,
         room: usize,
     ) -> Option<Proposal> {
-        let pre = turn.pre_draft.take()?;
+        let pre = self.pre_draft.take()?;
         let d = conv.draft.as_ref()?;
-        turn.draft.as_ref()?;
+        self.stream.as_ref()?;
         let emitted = conv.history.get(d.synced..).unwrap_or_default();
         // Shaped for the context left after the previous tree's deepest acceptance (see
         // `ask_pre_draft`); checked again in case the context filled differently.
         let fits = pre.params.depth < room;
-        let hit = pre.path == turn.last_path && pre.emitted == emitted;
-        turn.pipeline.observe(hit);
-        tracing::debug!(hit, fits, hit_rate = turn.pipeline.hit_rate, "pre-draft");
+        let hit = pre.path == self.last_path && pre.emitted == emitted;
+        self.pipeline.observe(hit);
+        tracing::debug!(hit, fits, hit_rate = self.pipeline.hit_rate, "pre-draft");
         if !hit || !fits {
             // A miss: the draft reports it in its answer to the step's request.
             return None;
         }
         // A step of the current block; a clean sample of the "on" arm when the block is on.
         let ahead_sample = self
-            .ahead_arm(turn)
-            .and_then(|(on, sample)| (on && sample).then_some(true));
+            .ahead_arm(engine)
+            .and_then(|arm| (arm.on && arm.sample).then_some(true));
         Some(Proposal {
             tree: pre.tree,
             drafted: true,
@@ -56,6 +57,7 @@ impl Engine {
             ahead_sample,
             pipelined: Some(pre.draft_ns),
             below: None,
+            pre_draft_asked: None,
         })
     }
 
@@ -64,15 +66,16 @@ impl Engine {
     /// proposal is drafted and draft-ahead is on for the step (a pre-draft the step uses
     /// keeps the pipeline going). The shape asked for, `None` when nothing was asked.
     pub(super) async fn ask_pre_draft(
-        &self,
+        &mut self,
+        engine: &Engine,
         conv: &mut Conversation,
-        turn: &mut Turn<'_>,
+        stats: &mut Stats,
         proposal: &Proposal,
         room: usize,
     ) -> Option<DraftParams> {
-        let on = turn.spec.draft_ahead
-            && self.cfg.draft_ahead
-            && (proposal.pipelined.is_some() || turn.ahead.on || !turn.spec.is_adaptive());
+        let on = self.spec.draft_ahead
+            && engine.cfg.draft_ahead
+            && (proposal.pipelined.is_some() || self.ahead.on || !self.spec.is_adaptive());
         // After a hit the draft hears the outcome this way; otherwise only while the turn's
         // pre-drafts hit often enough.
         // A subtree of a tree the draft drafted earlier is not the tree it would pre-draft
@@ -80,7 +83,7 @@ impl Engine {
         if !proposal.drafted
             || !on
             || proposal.below.is_some()
-            || (proposal.pipelined.is_none() && !turn.pipeline.ask())
+            || (proposal.pipelined.is_none() && !self.pipeline.ask())
         {
             return None;
         }
@@ -88,39 +91,37 @@ impl Engine {
         // context left after this tree's deepest acceptance (its depth is at most the depth
         // it was drafted for).
         let depth = proposal.params.depth;
-        let params = self.step_params(turn, room.saturating_sub(depth + 1));
-        if params.depth == 0 || params.budget == 0 {
+        let params = self.step_params(engine, stats.steps, room.saturating_sub(depth + 1));
+        if params.depth == 0 || params.budget == 0 || conv.draft.is_none() {
             return None;
         }
-        if conv.draft.is_none() || turn.draft.is_none() {
-            return None;
-        }
-        let req = draft::speculate_request(conv, &mut turn.last_path, &params, true);
-        let stream = turn.draft.as_mut().expect("checked above");
-        match tokio::time::timeout(self.cfg.draft_timeout, stream.requests.send(req)).await {
+        let stream = self.stream.as_mut()?;
+        let req = speculate_request(conv, &mut self.last_path, &params, true);
+        match tokio::time::timeout(engine.cfg.draft_timeout, stream.requests.send(req)).await {
             Ok(Ok(())) => Some(params),
             _ => {
                 let failure = Status::unavailable("draft stream closed");
-                self.draft_lost(conv, turn, Some(failure)).await;
+                self.lost(engine, conv, stats, Some(failure)).await;
                 None
             }
         }
     }
 
-    /// The draft's answer to [`Engine::ask_pre_draft`] (`None` when it pre-drafted nothing;
-    /// a failure ends speculation for the turn like a failed draft step).
+    /// The draft's answer to [`DraftLane::ask_pre_draft`] (`None` when it pre-drafted
+    /// nothing; a failure ends speculation for the turn like a failed draft step).
     pub(super) async fn receive_pre_draft(
-        &self,
+        &mut self,
+        engine: &Engine,
         conv: &mut Conversation,
-        turn: &mut Turn<'_>,
+        stats: &mut Stats,
         params: DraftParams,
     ) -> Option<PreDraft> {
-        let stream = turn.draft.as_mut()?;
-        let got = tokio::time::timeout(self.cfg.draft_timeout, stream.trees.next()).await;
+        let stream = self.stream.as_mut()?;
+        let got = tokio::time::timeout(engine.cfg.draft_timeout, stream.trees.next()).await;
         match got {
             Ok(Some(Ok(t))) => {
                 if t.levels > 0
-                    && let Ok(mut pol) = self.policy.lock()
+                    && let Ok(mut pol) = engine.policy.lock()
                 {
                     pol.observe_draft(
                         t.levels as usize,
@@ -142,9 +143,9 @@ impl Engine {
                 })
             }
             other => {
-                let failure = self.draft_failure(other);
+                let failure = engine.draft_failure(other);
                 tracing::warn!(failure = ?failure, "pre-draft failed, continuing target-only");
-                self.draft_lost(conv, turn, failure).await;
+                self.lost(engine, conv, stats, failure).await;
                 None
             }
         }
