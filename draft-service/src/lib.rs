@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use specllava_proto::v1::draft_server::DraftServer;
-use specllava_server::serve_grpc;
+use specllava_server::{Drain, serve_grpc};
 use specllava_service_kit::{BatchLimits, load_model};
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -88,6 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.server.metrics_addr,
         dead,
         tls,
+        Drain::on_signal(),
     )
     .await?;
     tracing::info!("draft service stopped");

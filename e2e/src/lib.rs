@@ -178,6 +178,12 @@ impl Service {
     /// and waits for its health.
     pub async fn restart(&mut self) {
         self.process.kill();
+        self.start_again().await;
+    }
+
+    /// Starts the service again after it exited (same binary, flags and address) and waits
+    /// for its health: the second half of a rolling restart.
+    pub async fn start_again(&mut self) {
         self.process = self
             .launch
             .clone()

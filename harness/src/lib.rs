@@ -270,6 +270,11 @@ impl ServiceProcess {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// Sends SIGTERM and returns at once (the drain starts; see [`ServiceProcess::wait_exit`]).
+    pub fn begin_terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
     /// Sends SIGTERM and waits for the exit (graceful shutdown), killing the process
     /// after 10 s; returns the exit status. A paused process is resumed to see it.
     pub fn terminate(&mut self) -> Option<ExitStatus> {

@@ -106,6 +106,11 @@ pub struct Args {
         default_value_t = Backoff::DEFAULT.max.as_millis() as u64
     )]
     pub replica_backoff_max_ms: u64,
+    /// How often a failed replica is probed (`Info`) until it answers, in milliseconds: a
+    /// replica that is up again is back in rotation within this period. Each probe waits
+    /// at most this long (or 1 s, whichever is longer).
+    #[arg(long, env = "SPECLLAVA_REPLICA_PROBE_MS", default_value_t = Args::DEFAULT_REPLICA_PROBE.as_millis() as u64)]
+    pub replica_probe_ms: u64,
     /// Re-resolve the draft and target endpoints (DNS) this often, in seconds, so new
     /// replicas take new sessions and vanished ones hand theirs over (re-prefilled from
     /// the history); 0 = only at start and after a replica failure.
@@ -245,6 +250,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// Probe period of failed replicas: 500 ms.
+    pub const DEFAULT_REPLICA_PROBE: Duration = Duration::from_millis(500);
+
+    /// How often failed replicas are probed (at least 10 ms).
+    pub fn replica_probe(&self) -> Duration {
+        Duration::from_millis(self.replica_probe_ms.max(10))
+    }
+
     /// The backoff of failed replicas these flags give.
     pub fn backoff(&self) -> Backoff {
         let base = Duration::from_millis(self.replica_backoff_ms);

@@ -107,9 +107,45 @@ impl OrchestratorError {
         }
     }
 
-    /// Counts this error in `errors_total` (done once, where it becomes a wire status).
+    /// Counts this error in `errors_total` and logs it in full (done once, where it becomes
+    /// a wire status: the client hears [`OrchestratorError::public_message`]).
     pub fn record(&self) {
         specllava_telemetry::metrics().record_error(self.error_type(), self.grpc_code());
+        if matches!(
+            self,
+            OrchestratorError::Replica { .. }
+                | OrchestratorError::Incompatible { .. }
+                | OrchestratorError::Internal(_)
+        ) {
+            tracing::warn!(error = %self, "request failed");
+        }
+    }
+
+    /// What the client hears: the problem named, never a replica's address or raw message
+    /// (those are logged and traced, see [`OrchestratorError::record`]).
+    pub fn public_message(&self) -> String {
+        match self {
+            OrchestratorError::Incompatible { kind, .. } => {
+                format!("no {kind} replica available (retry later)")
+            }
+            OrchestratorError::Replica { kind, status, .. } => match status.code() {
+                Code::InvalidArgument => format!(
+                    "invalid argument: the {kind} model refused the request (over its context or limits)"
+                ),
+                Code::ResourceExhausted => {
+                    format!("over capacity: the {kind} replicas are full (retry later)")
+                }
+                _ if is_replica_failure(status) => {
+                    format!("no {kind} replica available (retry later)")
+                }
+                _ => "internal error".into(),
+            },
+            OrchestratorError::Internal(_) => "internal error".into(),
+            OrchestratorError::NoReplica(kind) => {
+                format!("no {kind} replica available (retry later)")
+            }
+            other => other.to_string(),
+        }
     }
 
     /// Whether this is a replica call that failed because of the replica (see
@@ -145,7 +181,7 @@ pub fn is_replica_failure(status: &Status) -> bool {
 impl From<OrchestratorError> for Status {
     fn from(e: OrchestratorError) -> Status {
         e.record();
-        Status::new(e.grpc_code(), e.to_string())
+        Status::new(e.grpc_code(), e.public_message())
     }
 }
 
@@ -190,6 +226,37 @@ mod tests {
         assert_eq!(
             Status::from(OrchestratorError::NoReplica(ReplicaKind::Target)).code(),
             Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn clients_never_hear_a_replica_address_or_its_raw_message() {
+        let internal = "worker queue 0x7f3a at /srv/models: shape [1, 300] over 256";
+        for status in [
+            Status::invalid_argument(internal),
+            Status::resource_exhausted(internal),
+            Status::unavailable(internal),
+            Status::internal(internal),
+            Status::deadline_exceeded(internal),
+        ] {
+            let code = status.code();
+            let e = replica(status);
+            let heard = Status::from(e);
+            assert!(
+                !heard.message().contains("127.0.0.1") && !heard.message().contains("0x7f3a"),
+                "{code:?}: {}",
+                heard.message()
+            );
+        }
+        let e = OrchestratorError::Incompatible {
+            kind: ReplicaKind::Draft,
+            addr: "10.1.2.3:50051".into(),
+            reason: "vocabulary differs".into(),
+        };
+        assert!(!e.public_message().contains("10.1.2.3"));
+        assert_eq!(
+            OrchestratorError::Internal("tokenizer at /x panicked".into()).public_message(),
+            "internal error"
         );
     }
 }

@@ -1,7 +1,10 @@
-//! Replica health: a replica that fails a call is out of rotation at once and becomes
-//! eligible again after an exponential backoff. Then it is on probation: a probe (or its
-//! next use, when no healthy replica is left) tells; a success puts it back for good, a
-//! failure doubles the backoff, up to a maximum.
+//! Replica health: a replica that fails a call is out of rotation at once. It is probed
+//! every probe period (`--replica-probe-ms`) until it answers: an answer puts it back in
+//! rotation at once, so a replica that restarted takes sessions again within a probe
+//! period of being up. Meanwhile it becomes eligible again after an exponential backoff (on
+//! probation: its next use tells, a failure doubling the backoff, up to a maximum); and when
+//! every replica of a kind is out, a request still tries the one most likely to be up
+//! ([`Health::failures`], [`Health::down_until`]) before it fails.
 //!
 //! The bookkeeping is done where every replica call passes
 //! ([`crate::clients::Guarded`]), so routing ([`crate::routing::ReplicaSet::pin`]) only
@@ -74,6 +77,11 @@ impl Health {
     /// Consecutive failures so far (0: healthy).
     pub fn failures(&self) -> u32 {
         self.state.lock().expect("health lock poisoned").failures
+    }
+
+    /// When the current backoff ends (`None`: healthy).
+    pub fn down_until(&self) -> Option<Instant> {
+        self.state.lock().expect("health lock poisoned").down_until
     }
 
     /// Records a failure at `now`: out of rotation for the backoff. A failure while the

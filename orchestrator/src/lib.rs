@@ -54,7 +54,7 @@ use std::time::Duration;
 use anyhow::Context;
 use specllava_prompt::{ChatTemplate, LlavaTokenizer};
 use specllava_proto::v1::generation_server::GenerationServer;
-use specllava_server::{BearerAuth, serve_grpc};
+use specllava_server::{BearerAuth, Drain, serve_grpc};
 use specllava_wire::compat::TokenizerIdentity;
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -64,8 +64,10 @@ pub use config::Args;
 pub use error::OrchestratorError;
 pub use routing::ReplicaKind;
 
-/// Serves the public API until SIGTERM / ctrl-c, then drains in-flight requests.
+/// Serves the public API until SIGTERM / ctrl-c, then drains: both APIs turn unhealthy and
+/// refuse new requests at once, in-flight requests finish, then it returns.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let drain = Drain::on_signal();
     // Credentials first: a bad file is a start-up error before anything loads.
     let server_tls = args.tls.load()?;
     let upstream_tls = args.upstream_tls.client_config()?;
@@ -143,16 +145,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     {
-        // Replicas whose backoff is over are probed, so they come back without a request
-        // being the test.
+        // Failed replicas are probed until they answer, so a replica that is up again is
+        // back in rotation within a probe period, without a request being the test.
         let engine = Arc::clone(&engine);
-        let period = args.backoff().base.max(Duration::from_millis(100));
+        let period = args.replica_probe();
+        let probe_timeout = period.max(Duration::from_secs(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                engine.probe_replicas().await;
+                engine.probe_replicas(probe_timeout).await;
             }
         });
     }
@@ -201,7 +204,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let http_server = match args.http_listen {
         Some(addr) => {
             let cfg = http::HttpConfig::from_args(&args, Arc::clone(&api_keys))?;
-            Some(http::spawn(addr, cfg, Arc::clone(&front), Arc::clone(&targets)).await?)
+            let targets = Arc::clone(&targets);
+            Some(http::spawn(addr, cfg, Arc::clone(&front), targets, drain.clone()).await?)
         }
         None => None,
     };
@@ -223,6 +227,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.metrics_addr,
         std::future::pending(),
         server_tls,
+        drain,
     )
     .await?;
     if let Some(task) = discovery {

@@ -129,10 +129,16 @@ impl Replica {
         !self.is_gone() && !self.is_refused() && self.health.is_available(Instant::now())
     }
 
-    /// Whether the replica failed and its backoff is over, with no success since: it is
-    /// probed, and takes sessions only when no healthy replica is left.
+    /// Whether the replica failed and its backoff is over, with no success since: it takes
+    /// sessions only when no healthy replica is left.
     pub fn on_probation(&self) -> bool {
         self.health.on_probation(Instant::now())
+    }
+
+    /// Whether the replica failed with no success since (in its backoff or on probation):
+    /// it is probed every probe period until it answers.
+    pub fn is_failing(&self) -> bool {
+        !self.is_gone() && !self.is_refused() && self.health.failures() > 0
     }
 
     /// Takes the replica out of rotation after a failed call (transport error, timeout,
@@ -372,6 +378,23 @@ impl ReplicaSet {
         })
     }
 
+    /// When no replica is in rotation: pins a new session to the replica most likely to be
+    /// up (fewest consecutive failures, then the earliest end of backoff), skipping those in
+    /// `tried` (which failed this request already), gone and refused ones. A request tries
+    /// it rather than failing at once: a replica that restarted may be up before its backoff
+    /// or the next probe says so.
+    pub fn pin_likeliest(&self, tried: &[SocketAddr]) -> Option<Pin> {
+        let replicas = self.replicas.read().expect("replica lock poisoned");
+        let pick = replicas
+            .iter()
+            .filter(|r| !r.is_gone() && !r.is_refused() && !tried.contains(&r.addr))
+            .min_by_key(|r| (r.health.failures(), r.health.down_until(), r.addr))?;
+        pick.pinned.fetch_add(1, Ordering::Relaxed);
+        Some(Pin {
+            replica: Arc::clone(pick),
+        })
+    }
+
     /// All replicas now in the set.
     pub fn replicas(&self) -> Vec<Arc<Replica>> {
         self.replicas.read().expect("replica lock poisoned").clone()
@@ -444,12 +467,23 @@ mod tests {
         }
         let moved = set.pin(Some(a.replica().addr)).unwrap();
         assert_eq!(moved.replica().addr, addr("10.0.0.2:7000"));
-        // None in rotation: no pin at all (the client hears UNAVAILABLE).
+        // None in rotation: no pin in rotation; the likeliest to be up is the one with fewer
+        // failures, then the earlier end of backoff (here the first to fail), unless this
+        // request tried it.
         moved.replica().mark_down(
             ReplicaKind::Target,
             &tonic::Status::deadline_exceeded("stuck"),
         );
         assert!(set.pin(None).is_none());
+        let likeliest = set.pin_likeliest(&[]).unwrap();
+        assert_eq!(likeliest.replica().addr, addr("10.0.0.1:7000"));
+        let other = set.pin_likeliest(&[addr("10.0.0.1:7000")]).unwrap();
+        assert_eq!(other.replica().addr, addr("10.0.0.2:7000"));
+        assert!(
+            set.pin_likeliest(&[addr("10.0.0.1:7000"), addr("10.0.0.2:7000")])
+                .is_none()
+        );
+        drop((likeliest, other));
         // After the backoff both are on probation and may be tried again; an answer puts
         // one back for good, and it is preferred to the one still on probation.
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -559,32 +559,42 @@ async fn a_target_cut_off_mid_verify_fails_over_and_the_output_is_unchanged() {
     );
 }
 
-#[tokio::test]
-async fn a_replica_on_probation_is_probed_back_into_rotation() {
-    let fake = Arc::new(Fake::default());
+/// One target out of rotation for a long backoff, and the engine over it.
+fn one_failed_target(fake: &Arc<Fake>) -> (Engine, Arc<Replica>) {
     let backoff = Backoff {
-        base: std::time::Duration::from_millis(50),
-        max: std::time::Duration::from_millis(50),
+        base: std::time::Duration::from_secs(60),
+        max: std::time::Duration::from_secs(60),
     };
     let targets = ReplicaSet::new(ReplicaKind::Target, vec![]).with_backoff(backoff);
     targets.apply_resolved(vec!["127.0.0.1:7000".parse().unwrap()], true);
     let targets = Arc::new(targets);
     let e = Engine::new(EngineParts {
         targets: Arc::clone(&targets),
-        ..parts(Arc::clone(&fake))
+        ..parts(Arc::clone(fake))
     })
     .unwrap();
     let r = targets.replicas().remove(0);
     r.mark_down(ReplicaKind::Target, &Status::unavailable("down"));
-    // Out of rotation: no probe yet, and no target for a turn.
-    e.probe_replicas().await;
-    assert!(!r.is_available());
-    assert!(matches!(run(&e, None).await, Err(Interrupted::Failed(_))));
-    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
-    assert!(r.on_probation());
-    e.probe_replicas().await;
-    assert!(r.is_available() && !r.on_probation(), "answered its probe");
+    assert!(!r.is_available() && !r.on_probation());
+    (e, r)
+}
+
+#[tokio::test]
+async fn a_failed_replica_is_probed_back_into_rotation_before_its_backoff_ends() {
+    let fake = Arc::new(Fake::default());
+    let (e, r) = one_failed_target(&fake);
+    e.probe_replicas(std::time::Duration::from_secs(1)).await;
+    assert!(r.is_available() && !r.is_failing(), "answered its probe");
     assert_eq!(run(&e, None).await.ok().unwrap().0, expected());
+}
+
+#[tokio::test]
+async fn with_every_target_out_of_rotation_a_turn_tries_the_likeliest_one() {
+    let fake = Arc::new(Fake::default());
+    let (e, r) = one_failed_target(&fake);
+    // No probe yet: the turn itself tries the replica (up again), which answers.
+    assert_eq!(run(&e, None).await.ok().unwrap().0, expected());
+    assert!(r.is_available() && !r.is_failing());
 }
 
 fn short_deadlines(fake: Arc<Fake>, targets: &[&str]) -> Engine {

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 
 use tonic::service::Routes;
 
+use crate::drain::Drain;
+
 /// Serves `routes` (one `specllava.v1` service, named `service_name` for the health
 /// protocol) on `listen` with gRPC health, reflection, the tracing layer and, when
 /// `metrics_addr` is set, a Prometheus `/metrics` endpoint; returns after SIGTERM /
@@ -26,6 +28,7 @@ pub async fn serve_grpc(
     metrics_addr: Option<SocketAddr>,
     dead: impl Future<Output = ()> + Send + 'static,
     tls: crate::tls::ServerTls,
+    drain: Drain,
 ) -> anyhow::Result<()> {
     let mut builder = tonic::transport::Server::builder();
     let secure = tls.config.is_some();
@@ -48,7 +51,7 @@ pub async fn serve_grpc(
         // The worker stops once the server drained: that is no death.
         let watcher = watcher.abort_handle();
         async move {
-            shutdown_signal().await;
+            drain.started().await;
             watcher.abort();
             health.not_serving("draining").await;
         }
@@ -339,12 +342,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn serve_grpc_reports_not_serving_once_the_worker_dies() {
+    async fn serve_grpc_reports_not_serving_once_the_worker_dies_and_stops_on_the_drain() {
         use tonic_health::pb::health_client::HealthClient;
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap();
         let (die, dead) = tokio::sync::oneshot::channel::<()>();
+        let (drain, start_drain) = Drain::manual();
         let server = tokio::spawn(serve_grpc(
             addr,
             "specllava.v1.Test",
@@ -354,6 +358,7 @@ mod tests {
                 let _ = dead.await;
             },
             crate::tls::ServerTls::default(),
+            drain,
         ));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut client = loop {
@@ -387,6 +392,12 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert_eq!(check("specllava.v1.Test").await, Status::NotServing);
-        server.abort();
+        // The drain stops it (nothing in flight).
+        start_drain.start();
+        tokio::time::timeout(std::time::Duration::from_secs(30), server)
+            .await
+            .expect("the drain stops the server")
+            .unwrap()
+            .unwrap();
     }
 }

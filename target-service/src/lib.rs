@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use specllava_proto::v1::target_server::TargetServer;
-use specllava_server::serve_grpc;
+use specllava_server::{Drain, serve_grpc};
 use specllava_service_kit::{BatchLimits, load_model};
 use speculate::TreeLimits;
 use tonic::server::NamedService;
@@ -91,6 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.server.metrics_addr,
         dead,
         tls,
+        Drain::on_signal(),
     )
     .await?;
     tracing::info!("target service stopped");

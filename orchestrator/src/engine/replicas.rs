@@ -86,25 +86,30 @@ impl Engine {
         report
     }
 
-    /// Probes every replica on probation (failed, backoff over) with an `Info` call under
-    /// its deadline, all at once: an answer puts it back in rotation, a failure keeps it
-    /// out for a doubled backoff. Run periodically, so that a replica that came back takes
-    /// sessions again without a client's request being the test.
-    pub async fn probe_replicas(&self) {
+    /// Probes every failed replica (out of rotation or on probation) with an `Info` call,
+    /// all at once, each waiting at most `timeout`: an answer puts it back in rotation at
+    /// once, a failure is recorded as any call's (a replica in its backoff stays there; one
+    /// on probation has its backoff doubled), no answer in time changes nothing (a stopped
+    /// process is not probed into a longer backoff). Run every probe period, so that a
+    /// replica that came back takes sessions again without a client's request being the test.
+    pub async fn probe_replicas(&self, timeout: Duration) {
         let probes = [
             (ReplicaKind::Target, &self.targets),
             (ReplicaKind::Draft, &self.drafts),
         ]
         .into_iter()
         .flat_map(|(kind, set)| set.replicas().into_iter().map(move |r| (kind, r)))
-        .filter(|(_, r)| r.on_probation() && !r.is_gone() && !r.is_refused())
+        .filter(|(_, r)| r.is_failing())
         .map(|(kind, r)| async move {
             // The outcome is recorded by the call itself ([`Guarded`]).
-            let answered = match kind {
-                ReplicaKind::Target => self.replicas.target_info(&r).await.is_ok(),
-                ReplicaKind::Draft => self.replicas.draft_info(&r).await.is_ok(),
+            let call = async {
+                match kind {
+                    ReplicaKind::Target => self.replicas.target_info(&r).await.is_ok(),
+                    ReplicaKind::Draft => self.replicas.draft_info(&r).await.is_ok(),
+                }
             };
-            tracing::debug!(%kind, replica = %r.addr, answered, "replica probed");
+            let answered = tokio::time::timeout(timeout, call).await.ok();
+            tracing::debug!(%kind, replica = %r.addr, ?answered, "replica probed");
         });
         futures::future::join_all(probes).await;
     }
@@ -277,11 +282,17 @@ impl Engine {
         first: Option<&GenParams>,
     ) -> Result<(pb::InfoResponse, Option<pb::FirstStep>), OrchestratorError> {
         let mut last_err = None;
-        // A failed replica is out of rotation, so each one costs one attempt at most: the
-        // turn fails over to every target in rotation before it fails.
+        // Replicas that failed this request: each one costs one attempt at most.
+        let mut tried = Vec::new();
+        // A failed replica is out of rotation: the turn fails over to every target in
+        // rotation before it fails; with none in rotation, it tries the one most likely to
+        // be up (one that restarted may be up before a probe says so).
         let attempts = self.cfg.target_attempts + self.targets.replicas().len();
         for _attempt in 0..attempts {
             if !self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id) {
+                conv.target = self.targets.pin_likeliest(&tried).map(ReplicaSession::new);
+            }
+            if conv.target.is_none() {
                 if let Some(e) = &last_err {
                     tracing::warn!(error = %e, "no target replica left");
                 }
@@ -348,6 +359,7 @@ impl Engine {
                     // next attempt re-pins. The replica may have gone: see the set as DNS
                     // sees it now.
                     tracing::warn!(error = %e, "target replica failed, re-pinning");
+                    tried.push(r.addr);
                     self.targets.refresh().await;
                     last_err = Some(e);
                 }

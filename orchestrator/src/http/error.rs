@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The body is over the size limit.
     #[error("request body too large: {0}")]
     BodyTooLarge(String),
+    /// The server drains (SIGTERM): new requests go elsewhere.
+    #[error("the server is shutting down; retry (another replica takes the request)")]
+    Draining,
     /// What both APIs fail with (limits, replicas, ...).
     #[error(transparent)]
     Orchestrator(#[from] OrchestratorError),
@@ -74,6 +77,11 @@ impl ApiError {
                 "invalid_request_error",
                 Some("request_too_large"),
             ),
+            ApiError::Draining => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("service_unavailable"),
+            ),
             ApiError::Orchestrator(e) => {
                 let status = StatusCode::from_u16(e.http_status())
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -94,7 +102,10 @@ impl ApiError {
         let (_, kind, code) = self.classify();
         ErrorBody {
             error: ErrorDetail {
-                message: self.to_string(),
+                message: match self {
+                    ApiError::Orchestrator(e) => e.public_message(),
+                    other => other.to_string(),
+                },
                 kind,
                 param: match self {
                     ApiError::BadRequest { param, .. } => *param,
@@ -133,6 +144,9 @@ impl IntoResponse for ApiError {
         // The one place every error of this API becomes a response: count it here.
         match &self {
             ApiError::Orchestrator(e) => e.record(),
+            ApiError::Draining => {
+                specllava_telemetry::metrics().record_error("draining", tonic::Code::Unavailable)
+            }
             other => specllava_telemetry::metrics().record_error(
                 match other {
                     ApiError::Unauthorized => "unauthorized",
@@ -144,7 +158,15 @@ impl IntoResponse for ApiError {
             ),
         }
         let (status, _, _) = self.classify();
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Retryable: the next replica (or this one, once a replica is back) takes it.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

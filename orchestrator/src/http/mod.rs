@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use specllava_server::ApiKeys;
+use specllava_server::{ApiKeys, Drain};
 
 use crate::config::Args;
 use crate::frontend::Frontend;
@@ -89,6 +89,8 @@ pub struct AppState {
     remote_images: RemoteImages,
     api_keys: Arc<ApiKeys>,
     started: u64,
+    /// The process's drain: `/health` turns 503 and new requests are refused once it starts.
+    drain: Drain,
 }
 
 /// The router of the API over `state`.
@@ -99,6 +101,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authenticate,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            refuse_when_draining,
         ));
     Router::new()
         .route("/health", get(routes::health))
@@ -114,6 +120,19 @@ async fn authenticate(State(app): State<Arc<AppState>>, req: Request, next: Next
     if let Err(e) = app.api_keys.check(header) {
         tracing::debug!(error = %e, "HTTP request refused");
         return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// Refuses new requests once the drain started (503 with `Retry-After`: another replica
+/// takes them); requests in flight go on.
+async fn refuse_when_draining(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if app.drain.is_draining() {
+        return ApiError::Draining.into_response();
     }
     next.run(req).await
 }
@@ -138,12 +157,14 @@ impl HttpServer {
     }
 }
 
-/// Binds `addr` and serves the API on a task.
+/// Binds `addr` and serves the API on a task; once `drain` starts, `/health` answers 503
+/// and new requests are refused (in-flight ones go on until [`HttpServer::shutdown`]).
 pub async fn spawn(
     addr: SocketAddr,
     cfg: HttpConfig,
     front: Arc<Frontend>,
     targets: Arc<ReplicaSet>,
+    drain: Drain,
 ) -> anyhow::Result<HttpServer> {
     let state = Arc::new(AppState {
         front,
@@ -152,6 +173,7 @@ pub async fn spawn(
         remote_images: cfg.remote_images,
         api_keys: cfg.api_keys,
         started: routes::unix_now(),
+        drain,
     });
     let app = router(state, cfg.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(addr)

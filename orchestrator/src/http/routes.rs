@@ -16,8 +16,12 @@ use super::images;
 use super::stream::{self, Meta, TurnOutput};
 use super::types::{ChatCompletionRequest, Model, ModelList};
 
-/// `GET /health`: 200 while a usable target replica is known, else 503.
+/// `GET /health`: 200 while a usable target replica is known and the server is not
+/// draining, else 503.
 pub async fn health(State(app): State<Arc<AppState>>) -> Response {
+    if app.drain.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
     let targets = app.targets.replicas();
     if targets.iter().any(|r| !r.is_gone() && !r.is_refused()) {
         (StatusCode::OK, "ok").into_response()
