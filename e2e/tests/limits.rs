@@ -203,7 +203,8 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("exceed the context"), "{err:?}");
+    // Over the per-request image limit (8 by default), which is below what the context holds.
+    assert!(err.message().contains("limit"), "{err:?}");
     let wrong = pb::VisionFeatures {
         rows: 3,
         dim: 2,
@@ -311,6 +312,76 @@ async fn unknown_enums_and_malformed_streams_get_error_statuses() {
 
     // The draft still serves that session.
     assert!(cluster.draft_has("s").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_count_as_their_tokens_against_the_context_before_any_work() {
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut cfg = config(&["--http-listen", &http]);
+    // More images a request than the context holds (36 rows each, 512 rows).
+    cfg.env = vec![("SPECLLAVA_MAX_IMAGES".into(), "64".into())];
+    let cluster = Cluster::start(cfg).await;
+    let target_model = cluster.target_model().await;
+    let draft_model = cluster
+        .draft_client()
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap();
+    // Images a request that overflow the model's context (the two towers may differ).
+    let over_context = |m: &pb::ModelInfo| m.max_context as usize / m.num_image_tokens as usize + 1;
+    let open = |m: &pb::ModelInfo, n: usize| pb::OpenSessionRequest {
+        session_id: format!("images-{n}"),
+        // Not images at all: a refusal about the context, not about the bytes, shows that the
+        // rows were counted before any image was decoded.
+        images: vec![bytes::Bytes::from_static(b"not an image"); n],
+        token_ids: std::iter::repeat_n(m.image_token_id, n)
+            .chain([1])
+            .collect(),
+        image_features: vec![],
+        first_step: None,
+    };
+    for (m, is_target) in [(&target_model, true), (&draft_model, false)] {
+        for (n, why) in [(over_context(m), "context"), (65, "limit")] {
+            let err = if is_target {
+                cluster.target_client().await.open_session(open(m, n)).await
+            } else {
+                cluster.draft_client().await.open_session(open(m, n)).await
+            }
+            .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{n} images: {err:?}");
+            assert!(err.message().contains(why), "{n} images: {err:?}");
+        }
+    }
+    let over = over_context(&target_model);
+
+    // Over HTTP: a clear 400 naming the positions (or the limit), no replica's message.
+    let data_url = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(fixture_image("red_square.png"));
+        format!("data:image/png;base64,{b64}")
+    };
+    let chat = |n: usize| {
+        let mut content = vec![json!({"type": "image_url", "image_url": {"url": data_url}}); n];
+        content.push(json!({"type": "text", "text": "What are these?"}));
+        serde_json::to_vec(&json!({
+            "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+        }))
+        .unwrap()
+    };
+    for (n, why) in [(over, "positions"), (65, "limit")] {
+        let (status, body) = post_json(&http, "/v1/chat/completions", &chat(n));
+        assert_eq!(status, 400, "{n} images: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{n} images: {message}");
+        assert!(!message.contains("127.0.0.1"), "{message}");
+    }
+    // As many as fit are served.
+    let (status, body) = post_json(&http, "/v1/chat/completions", &chat(2));
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

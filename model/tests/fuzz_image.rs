@@ -26,6 +26,7 @@ const LIMITS: ImageLimits = ImageLimits {
     max_pixels: 1 << 16,
     max_side: 1 << 12,
     max_alloc_bytes: 64 << 20,
+    max_images: 8,
 };
 
 fn processor() -> ImageProcessor {

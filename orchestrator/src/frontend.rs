@@ -22,9 +22,10 @@ use crate::plan::SpecSettings;
 use crate::prefix::PrefixCache;
 use crate::prompt::Prompter;
 use crate::request::{
-    ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, check_image, validate,
+    ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, check_image,
+    check_image_count, validate,
 };
-use crate::session::{Conversation, Registry, new_session_id};
+use crate::session::{Conversation, Registry, kv_rows, new_session_id};
 
 /// The shared front door of the public APIs.
 pub struct Frontend {
@@ -117,6 +118,7 @@ impl Frontend {
 
     /// Adds an image to an admitted turn, its header checked under the limits.
     pub fn add_image(&self, turn: &mut Admitted, bytes: Bytes) -> Result<(), OrchestratorError> {
+        check_image_count(turn.turn.images.len() + 1, &self.limits.image)?;
         check_image(&bytes, &self.limits.image)?;
         turn.turn.images.push(bytes);
         Ok(())
@@ -181,6 +183,8 @@ impl Frontend {
                 (Held::Own(conv), prompt, shared)
             }
         };
+        // What the turn adds to the history (a session's, or the kept prefix) must fit.
+        self.check_context(&conv.history, &prompt[shared..])?;
         let prompt_tokens = prompt.len() as u32;
         let (tx, events) = mpsc::channel(32);
         let stream = TurnStream {
@@ -224,6 +228,33 @@ impl Frontend {
             .instrument(span),
         );
         Ok(stream)
+    }
+
+    /// Refuses a turn whose history and new prompt leave no position of the targets' context
+    /// for an answer, each image counted as the model's image tokens (before any image is
+    /// decoded or any replica called). Unchecked until a target's model is known.
+    fn check_context(&self, history: &[u32], prompt: &[u32]) -> Result<(), OrchestratorError> {
+        let Some(model) = self.engine.target_model() else {
+            return Ok(());
+        };
+        let image_id = self.prompter.image_token_id();
+        let per_image = model.num_image_tokens;
+        let rows = kv_rows(history, history.len(), image_id, per_image)
+            + kv_rows(prompt, prompt.len(), image_id, per_image);
+        if rows < model.max_context {
+            return Ok(());
+        }
+        let images = history
+            .iter()
+            .chain(prompt)
+            .filter(|&&t| t == image_id)
+            .count();
+        Err(OrchestratorError::InvalidArgument(format!(
+            "the conversation takes {rows} positions ({images} images of {per_image} each); the \
+             model's context holds {}, and one is needed for the answer: shorten it or send \
+             fewer images",
+            model.max_context
+        )))
     }
 
     /// The prompt ids of `input` ([`prompt_ids`]) on a blocking thread (tokenization never

@@ -138,6 +138,7 @@ pub fn validate(r: TurnRequest, limits: &ApiLimits) -> Result<ValidTurn, Orchest
         }
         _ => {}
     }
+    check_image_count(r.images.len(), &limits.image)?;
     for image in &r.images {
         check_image(image, &limits.image)?;
     }
@@ -159,6 +160,13 @@ pub fn check_prompt_bytes(bytes: usize, limits: &PromptLimits) -> Result<(), Orc
         )));
     }
     Ok(())
+}
+
+/// Refuses more images than a request may carry (before any is fetched or decoded).
+pub fn check_image_count(n: usize, limits: &ImageLimits) -> Result<(), OrchestratorError> {
+    limits
+        .check_count(n)
+        .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))
 }
 
 /// Checks an image's header under the limits (format, size, dimensions): oversized or

@@ -39,6 +39,7 @@ const LIMITS: ApiLimits = ApiLimits {
         max_pixels: 1 << 16,
         max_side: 1 << 12,
         max_alloc_bytes: 64 << 20,
+        max_images: 8,
     },
     prompt: PromptLimits {
         max_tokens: 512,

@@ -19,6 +19,9 @@ pub struct ImageLimits {
     pub max_side: u32,
     /// Most bytes the decoder may allocate (the decoded buffer and its scratch).
     pub max_alloc_bytes: u64,
+    /// Most images one request may carry (each costs the model's image tokens of context
+    /// and a vision-tower run).
+    pub max_images: usize,
 }
 
 impl Default for ImageLimits {
@@ -28,14 +31,26 @@ impl Default for ImageLimits {
 }
 
 impl ImageLimits {
-    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory
-    /// (the services' flag defaults too).
+    /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory,
+    /// 8 images a request (the services' flag defaults too).
     pub const DEFAULT: ImageLimits = ImageLimits {
         max_bytes: 20 * 1024 * 1024,
         max_pixels: 16 * 1024 * 1024,
         max_side: 8192,
         max_alloc_bytes: 256 * 1024 * 1024,
+        max_images: 8,
     };
+
+    /// Refuses a request of `n` images over [`ImageLimits::max_images`].
+    pub fn check_count(&self, n: usize) -> Result<(), PromptError> {
+        if n > self.max_images {
+            return Err(PromptError::InvalidInput(format!(
+                "{n} images exceed the limit of {} a request",
+                self.max_images
+            )));
+        }
+        Ok(())
+    }
 
     /// The `image` crate's decoder limits for these.
     fn decoder_limits(&self) -> image::Limits {

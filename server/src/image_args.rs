@@ -23,6 +23,10 @@ pub struct ImageLimitArgs {
         default_value_t = ImageLimits::DEFAULT.max_alloc_bytes / (1024 * 1024)
     )]
     pub max_image_decode_mb: u64,
+    /// Most images one request may carry (each is counted against the context, as the
+    /// model's image tokens, before any is decoded).
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGES", default_value_t = ImageLimits::DEFAULT.max_images)]
+    pub max_images: usize,
 }
 
 impl ImageLimitArgs {
@@ -33,6 +37,7 @@ impl ImageLimitArgs {
             max_pixels: self.max_image_pixels,
             max_side: self.max_image_side,
             max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
+            max_images: self.max_images,
         }
     }
 }

@@ -92,14 +92,20 @@ impl ModelServerArgs {
         }
     }
 
-    /// Settings of the session worker: these flags plus the service's batch limits and
-    /// the context sessions are held to.
-    pub fn worker_config(&self, batch: BatchLimits, max_context: usize) -> WorkerConfig {
+    /// Settings of the session worker: these flags plus the service's batch limits, the
+    /// context sessions are held to and the KV rows one image becomes.
+    pub fn worker_config(
+        &self,
+        batch: BatchLimits,
+        max_context: usize,
+        image_rows: usize,
+    ) -> WorkerConfig {
         WorkerConfig {
             queue_capacity: self.queue_capacity.max(1),
             batch,
             expiry_tick: Duration::from_millis(self.session_sweep_ms.max(1)),
             max_context,
+            image_rows,
         }
     }
 
@@ -134,7 +140,7 @@ impl LoadedModel {
             role,
             backend,
             SessionStore::new(limits).with_metrics(),
-            args.worker_config(batch, self.max_context),
+            args.worker_config(batch, self.max_context, self.model.num_image_tokens()),
         )?;
         let encoder = VisionEncoder::new(
             Arc::clone(&self.model),

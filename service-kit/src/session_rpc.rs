@@ -63,14 +63,8 @@ impl<B: SessionBackend> SessionRpc<B> {
         if r.session_id.is_empty() {
             return Err(WorkerError::InvalidArgument("session_id must not be empty".into()).into());
         }
-        if r.token_ids.len() > self.max_context {
-            return Err(WorkerError::ContextFull(format!(
-                "{} tokens exceed the context of {}",
-                r.token_ids.len(),
-                self.max_context
-            ))
-            .into());
-        }
+        let images = r.images.len().max(r.image_features.len());
+        self.check_fits(0, &r.token_ids, images)?;
         let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
@@ -93,6 +87,10 @@ impl<B: SessionBackend> SessionRpc<B> {
     /// left as it was.
     pub async fn append(&self, r: pb::AppendRequest) -> Result<pb::AppendResponse, B::Error> {
         specllava_telemetry::metrics().record_request("Append");
+        // The new tokens' own rows here; with the kept rows, once the session is found (an
+        // unknown session is NOT_FOUND whatever the length).
+        let images = r.images.len().max(r.image_features.len());
+        self.check_fits(0, &r.token_ids, images)?;
         let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
@@ -107,6 +105,32 @@ impl<B: SessionBackend> SessionRpc<B> {
         })
     }
 
+    /// Refuses, before any image is decoded or any row computed, a prefill of `tokens` after
+    /// `keep` rows that would not fit the context (each image placeholder counted as the
+    /// model's image tokens, what it becomes in the KV cache) or that carries more images
+    /// than a request may.
+    fn check_fits(&self, keep: u64, tokens: &[u32], images: usize) -> Result<(), WorkerError> {
+        self.encoder
+            .limits()
+            .check_count(images)
+            .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
+        let model = self.encoder.model();
+        let image_id = model.config().image_token_id;
+        let per_image = model.num_image_tokens().max(1) as u64;
+        let placeholders = tokens.iter().filter(|&&t| t == image_id).count() as u64;
+        let rows = tokens.len() as u64 + placeholders * (per_image - 1);
+        let history = keep.saturating_add(rows);
+        if history > self.max_context as u64 {
+            return Err(WorkerError::ContextFull(format!(
+                "{keep} kept rows + {} tokens ({placeholders} images of {per_image} rows each) = \
+                 {history} rows exceed the context of {}",
+                tokens.len(),
+                self.max_context
+            )));
+        }
+        Ok(())
+    }
+
     /// `EncodeImages`: the vision features of `images` (decoded and run through the tower as
     /// one batch, as a prefill of them would, off the async runtime; or the encoder cache's);
     /// no session changes. At most as many images as the context holds.
@@ -115,6 +139,10 @@ impl<B: SessionBackend> SessionRpc<B> {
         r: pb::EncodeImagesRequest,
     ) -> Result<pb::EncodeImagesResponse, B::Error> {
         specllava_telemetry::metrics().record_request("EncodeImages");
+        self.encoder
+            .limits()
+            .check_count(r.images.len())
+            .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
         let per_image = self.encoder.model().num_image_tokens().max(1);
         if r.images.len() > self.max_context / per_image {
             return Err(WorkerError::InvalidArgument(format!(

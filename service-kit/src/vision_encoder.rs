@@ -109,6 +109,11 @@ impl VisionEncoder {
         }
     }
 
+    /// The image limits it decodes under.
+    pub fn limits(&self) -> &ImageLimits {
+        &self.limits
+    }
+
     /// The vision features of `images` (as one batch, as a prefill of them would run the
     /// tower): from the cache, from a run in flight, or computed now. An image over the size
     /// limit, or a call past the admitted number, is refused before any work.

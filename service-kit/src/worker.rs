@@ -338,6 +338,9 @@ pub struct WorkerConfig {
     /// Most history tokens a session may hold: an append past it is refused before any
     /// forward runs (the session unchanged).
     pub max_context: usize,
+    /// KV rows one image becomes (the model's image tokens): what an appended image counts
+    /// against the context.
+    pub image_rows: usize,
 }
 
 /// Cheap clonable handle to a worker thread.
@@ -653,12 +656,16 @@ impl<B: SessionBackend> Worker<B> {
             return Err(WorkerError::InvalidArgument("no tokens".into()).into());
         }
         let session = self.sessions.get_mut(id)?;
-        // The history after the append: the kept rows plus the new tokens.
-        let history = keep_kv_len.saturating_add(tokens.len() as u64);
+        // The history after the append: the kept rows plus the new tokens' (each image
+        // placeholder becomes the image's rows).
+        let image_rows = images.len() as u64 * (self.cfg.image_rows.max(1) as u64 - 1);
+        let history = keep_kv_len.saturating_add(tokens.len() as u64 + image_rows);
         if history > self.cfg.max_context as u64 {
             return Err(WorkerError::ContextFull(format!(
-                "keep_kv_len {keep_kv_len} + {} tokens = {history} exceeds the context of {}",
+                "keep_kv_len {keep_kv_len} + {} tokens ({} images) = {history} rows exceed the \
+                 context of {}",
                 tokens.len(),
+                images.len(),
                 self.cfg.max_context
             ))
             .into());
@@ -1034,6 +1041,7 @@ mod tests {
             batch: limits(10, 100, 50),
             expiry_tick: Duration::from_millis(100),
             max_context: 1000,
+            image_rows: 1,
         };
         let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
         let opened = w
@@ -1130,6 +1138,7 @@ mod tests {
             batch: limits(10, 100, 1),
             expiry_tick: Duration::from_millis(100),
             max_context: 1000,
+            image_rows: 1,
         };
         WorkerHandle::spawn("test", backend, store, cfg).unwrap()
     }

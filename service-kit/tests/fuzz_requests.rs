@@ -38,6 +38,7 @@ const IMAGES: ImageLimits = ImageLimits {
     max_pixels: 1 << 16,
     max_side: 1 << 12,
     max_alloc_bytes: 64 << 20,
+    max_images: 8,
 };
 
 fn runner() -> (TestRunner, u32) {

@@ -86,6 +86,12 @@ impl Engine {
         report
     }
 
+    /// The targets' model (the first compatible target's), once one was checked: its context
+    /// and image tokens, what a turn's prompt is counted against before any work.
+    pub fn target_model(&self) -> Option<&pb::ModelInfo> {
+        self.reference.get()
+    }
+
     /// Probes every failed replica (out of rotation or on probation) with an `Info` call,
     /// all at once, each waiting at most `timeout`: an answer puts it back in rotation at
     /// once, a failure is recorded as any call's (a replica in its backoff stays there; one

@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::images;
 use super::stream::{self, Meta, TurnOutput};
 use super::types::{ChatCompletionRequest, Model, ModelList};
+use crate::request::check_image_count;
 
 /// `GET /health`: 200 while a usable target replica is known and the server is not
 /// draining, else 503.
@@ -62,6 +63,7 @@ pub async fn chat_completions(
     );
     let mut t = translate(req)?;
     let urls = std::mem::take(&mut t.image_urls);
+    check_image_count(urls.len(), &app.front.limits.image)?;
     // Checked and admitted before any image is fetched; each image is at most the image byte
     // limit (a `data:` URL decoded, or a remote image fetched), its header checked as added.
     let front = &app.front;
