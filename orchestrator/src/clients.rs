@@ -207,8 +207,9 @@ impl Deadlines {
     }
 }
 
-/// [`ReplicaApi`] with a deadline on every call (the replica kind's), keeping the
-/// replicas' health: a call that fails because of the replica (a missed deadline, a
+/// [`ReplicaApi`] with a deadline on every call (the replica kind's, scaled by the images a
+/// call carries: each image decoded and run through the tower is work of its own, and a
+/// request's size must never read as a replica failure), keeping the replicas' health: a call that fails because of the replica (a missed deadline, a
 /// transport error... see [`is_replica_failure`]) takes it out of rotation at once; any
 /// answer puts it back. `CloseSession` (best-effort cleanup, often of a session on a
 /// replica that just failed) has the deadline but says nothing about health. The
@@ -225,14 +226,17 @@ impl Guarded {
         Self { inner, deadlines }
     }
 
-    /// Runs one call under the kind's deadline.
+    /// Runs one call carrying `images` images under the kind's deadline, once more for each
+    /// image.
     async fn within<T>(
         &self,
         kind: ReplicaKind,
         what: &str,
+        images: usize,
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        let limit = self.deadlines.of(kind);
+        let scale = u32::try_from(images.saturating_add(1)).unwrap_or(u32::MAX);
+        let limit = self.deadlines.of(kind).saturating_mul(scale);
         tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
             Err(Status::deadline_exceeded(format!(
                 "{kind} {what} got no answer within {} ms",
@@ -241,15 +245,17 @@ impl Guarded {
         })
     }
 
-    /// Runs one call to `replica` under the kind's deadline and records its outcome.
+    /// Runs one call to `replica` carrying `images` images under its deadline
+    /// ([`Guarded::within`]) and records its outcome.
     async fn call<T>(
         &self,
         kind: ReplicaKind,
         replica: &Replica,
         what: &str,
+        images: usize,
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        let res = self.within(kind, what, call).await;
+        let res = self.within(kind, what, images, call).await;
         match &res {
             Err(s) if is_replica_failure(s) => replica.mark_down(kind, s),
             _ => replica.mark_up(kind),
@@ -266,8 +272,9 @@ impl ReplicaApi for Guarded {
         replica: &Replica,
         req: pb::OpenSessionRequest,
     ) -> Result<pb::OpenSessionResponse, Status> {
+        let images = req.images.len();
         let call = self.inner.open_session(kind, replica, req);
-        self.call(kind, replica, "OpenSession", call).await
+        self.call(kind, replica, "OpenSession", images, call).await
     }
 
     async fn append(
@@ -276,8 +283,9 @@ impl ReplicaApi for Guarded {
         replica: &Replica,
         req: pb::AppendRequest,
     ) -> Result<pb::AppendResponse, Status> {
+        let images = req.images.len();
         let call = self.inner.append(kind, replica, req);
-        self.call(kind, replica, "Append", call).await
+        self.call(kind, replica, "Append", images, call).await
     }
 
     async fn close_session(
@@ -287,7 +295,7 @@ impl ReplicaApi for Guarded {
         req: pb::CloseSessionRequest,
     ) -> Result<pb::CloseSessionResponse, Status> {
         let call = self.inner.close_session(kind, replica, req);
-        self.within(kind, "CloseSession", call).await
+        self.within(kind, "CloseSession", 0, call).await
     }
 
     async fn verify(
@@ -296,18 +304,20 @@ impl ReplicaApi for Guarded {
         req: pb::VerifyRequest,
     ) -> Result<pb::VerifyResponse, Status> {
         let call = self.inner.verify(replica, req);
-        self.call(ReplicaKind::Target, replica, "Verify", call)
+        self.call(ReplicaKind::Target, replica, "Verify", 0, call)
             .await
     }
 
     async fn target_info(&self, replica: &Replica) -> Result<pb::InfoResponse, Status> {
         let call = self.inner.target_info(replica);
-        self.call(ReplicaKind::Target, replica, "Info", call).await
+        self.call(ReplicaKind::Target, replica, "Info", 0, call)
+            .await
     }
 
     async fn draft_info(&self, replica: &Replica) -> Result<pb::DraftInfoResponse, Status> {
         let call = self.inner.draft_info(replica);
-        self.call(ReplicaKind::Draft, replica, "Info", call).await
+        self.call(ReplicaKind::Draft, replica, "Info", 0, call)
+            .await
     }
 
     async fn encode_images(
@@ -315,8 +325,9 @@ impl ReplicaApi for Guarded {
         replica: &Replica,
         req: pb::EncodeImagesRequest,
     ) -> Result<pb::EncodeImagesResponse, Status> {
+        let images = req.images.len();
         let call = self.inner.encode_images(replica, req);
-        self.call(ReplicaKind::Target, replica, "EncodeImages", call)
+        self.call(ReplicaKind::Target, replica, "EncodeImages", images, call)
             .await
     }
 
@@ -326,7 +337,7 @@ impl ReplicaApi for Guarded {
         requests: mpsc::Receiver<pb::SpeculateRequest>,
     ) -> Result<TreeStream, Status> {
         let call = self.inner.speculate(replica, requests);
-        self.call(ReplicaKind::Draft, replica, "Speculate", call)
+        self.call(ReplicaKind::Draft, replica, "Speculate", 0, call)
             .await
     }
 }

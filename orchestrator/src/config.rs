@@ -92,7 +92,8 @@ pub struct Args {
     #[arg(long, env = "SPECLLAVA_FIRST_TREE_VERIFY_SLACK")]
     pub first_tree_verify_slack: Option<f64>,
     /// Deadline of every call to a target replica (open, append, verify, close...), in
-    /// milliseconds: a target missing it is out of rotation and its sessions fail over.
+    /// milliseconds, once more for each image a call carries: a target missing it is out of
+    /// rotation and its sessions fail over.
     #[arg(long, env = "SPECLLAVA_TARGET_TIMEOUT_MS", default_value_t = EngineConfig::DEFAULT_TARGET_TIMEOUT.as_millis() as u64)]
     pub target_timeout_ms: u64,
     /// How long a failed replica stays out of rotation before it is tried again, in
