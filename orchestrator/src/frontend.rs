@@ -185,7 +185,7 @@ impl Frontend {
         };
         // What the turn adds to the history (a session's, or the kept prefix) must fit.
         self.check_context(&conv.history, &prompt[shared..])?;
-        let prompt_tokens = prompt.len() as u32;
+        let prompt_tokens = self.prompt_tokens(&prompt);
         let (tx, events) = mpsc::channel(32);
         let stream = TurnStream {
             conversation_id: conv.id.clone(),
@@ -228,6 +228,22 @@ impl Frontend {
             .instrument(span),
         );
         Ok(stream)
+    }
+
+    /// The prompt's tokens as usage reports them: each image counted as the model's image
+    /// tokens (what it takes of the context, as OpenAI, vLLM and TGI count it); one token
+    /// each until a target's model is known.
+    fn prompt_tokens(&self, prompt: &[u32]) -> u32 {
+        let rows = match self.engine.target_model() {
+            Some(model) => kv_rows(
+                prompt,
+                prompt.len(),
+                self.prompter.image_token_id(),
+                model.num_image_tokens,
+            ),
+            None => prompt.len() as u64,
+        };
+        u32::try_from(rows).unwrap_or(u32::MAX)
     }
 
     /// Refuses a turn whose history and new prompt leave no position of the targets' context

@@ -2,6 +2,7 @@
 //! chat-template messages, the images in placeholder order, and the requested parameters
 //! (validated by the same code as the gRPC API's, stop-string caps included).
 
+use serde_json::Value;
 use specllava_prompt::Message;
 use specllava_prompt::chat::{Content, Part};
 
@@ -23,6 +24,7 @@ pub struct Translated {
 
 /// Checks the request's fields and translates it.
 pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
+    check_other_fields(&req.other)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad("n", "only n = 1 is supported"));
     }
@@ -71,6 +73,59 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
             ignore_eos: req.ignore_eos,
         },
     })
+}
+
+/// Fields of OpenAI's chat-completions schema that cannot change the output: accepted and
+/// ignored (bookkeeping, caching and latency hints).
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "parallel_tool_calls",
+    "prediction",
+];
+
+/// Refuses every field of `other` (the request fields not served as such) that would change
+/// the output: a field of OpenAI's schema not honoured here (unless it has its no-op value,
+/// e.g. `frequency_penalty: 0`, `response_format: {"type": "text"}`), or any field this
+/// server does not know. A 400 names it; nothing is silently ignored.
+fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in other {
+        if IGNORED_FIELDS.contains(&name.as_str()) || value.is_null() {
+            continue;
+        }
+        let no_op = match name.as_str() {
+            "frequency_penalty" | "presence_penalty" | "top_logprobs" => {
+                value.as_f64() == Some(0.0)
+            }
+            "logit_bias" => value.as_object().is_some_and(|m| m.is_empty()),
+            "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+            "tool_choice" => value.as_str() == Some("none"),
+            "functions" => value.as_array().is_some_and(|a| a.is_empty()),
+            "modalities" => *value == serde_json::json!(["text"]),
+            _ => false,
+        };
+        if no_op {
+            continue;
+        }
+        let why = match name.as_str() {
+            "response_format" => "structured output (json_object / json_schema) is not supported",
+            "logit_bias" => "logit_bias is not supported",
+            "frequency_penalty" | "presence_penalty" => "penalties are not supported (0 only)",
+            "top_logprobs" => "logprobs are not supported",
+            "tool_choice" | "functions" | "function_call" => "tools are not supported",
+            "modalities" | "audio" => "only text output is served",
+            "reasoning_effort" | "verbosity" | "web_search_options" => {
+                "not supported by this model"
+            }
+            _ => "unknown field (not part of the served API; see the README for the fields)",
+        };
+        return Err(ApiError::bad(name.clone(), format!("{name}: {why}")));
+    }
+    Ok(())
 }
 
 /// The front door's turn request for a translated request: the whole conversation,
@@ -200,5 +255,35 @@ mod tests {
             serde_json::json!({"messages": [{"role": "tool", "content": "x"}]}),
             "messages",
         );
+        // Fields that would change the output are refused by name, unless they have their
+        // no-op value; bookkeeping fields are accepted; unknown fields are refused.
+        for (field, value) in [
+            (
+                "response_format",
+                serde_json::json!({"type": "json_object"}),
+            ),
+            ("logit_bias", serde_json::json!({"42": 5})),
+            ("frequency_penalty", serde_json::json!(0.5)),
+            ("presence_penalty", serde_json::json!(-1)),
+            ("tool_choice", serde_json::json!("auto")),
+            ("modalities", serde_json::json!(["text", "audio"])),
+            ("no_such_field", serde_json::json!(1)),
+        ] {
+            bad(serde_json::json!({"messages": user, field: value}), field);
+        }
+        for (field, value) in [
+            ("response_format", serde_json::json!({"type": "text"})),
+            ("logit_bias", serde_json::json!({})),
+            ("frequency_penalty", serde_json::json!(0)),
+            ("presence_penalty", serde_json::json!(0.0)),
+            ("user", serde_json::json!("u-1")),
+            ("metadata", serde_json::json!({"k": "v"})),
+            ("store", serde_json::json!(false)),
+        ] {
+            assert!(
+                req(serde_json::json!({"messages": user, field: value})).is_ok(),
+                "{field}"
+            );
+        }
     }
 }

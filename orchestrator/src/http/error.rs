@@ -18,7 +18,7 @@ pub enum ApiError {
         /// What is wrong.
         message: String,
         /// The request field, when one is at fault.
-        param: Option<&'static str>,
+        param: Option<String>,
     },
     /// Missing or unknown bearer token.
     #[error("invalid or missing API key (send `Authorization: Bearer <key>`)")]
@@ -39,10 +39,10 @@ pub enum ApiError {
 
 impl ApiError {
     /// A bad request about `param`.
-    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad(param: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
         }
     }
 
@@ -108,8 +108,8 @@ impl ApiError {
                 },
                 kind,
                 param: match self {
-                    ApiError::BadRequest { param, .. } => *param,
-                    ApiError::ModelNotFound(..) => Some("model"),
+                    ApiError::BadRequest { param, .. } => param.clone(),
+                    ApiError::ModelNotFound(..) => Some("model".into()),
                     _ => None,
                 },
                 code,
@@ -134,7 +134,7 @@ pub struct ErrorDetail {
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// The request field at fault.
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     /// A stable code, when there is one.
     pub code: Option<&'static str>,
 }

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API (axum, on its own port): `POST /v1/chat/completions`
-//! (streaming or not), `GET /v1/models`, `GET /health`. The same front door and engine as
+//! (streaming or not), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. The same front door and engine as
 //! the gRPC API serve it; this layer only translates.
 //!
 //! - [`types`]: the OpenAI wire types and our documented extensions.
@@ -98,6 +98,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authenticate,

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -42,6 +42,22 @@ pub async fn models(State(app): State<Arc<AppState>>) -> Json<ModelList> {
             owned_by: "specllava",
         }],
     })
+}
+
+/// `GET /v1/models/{id}`: the served target, or OpenAI's 404 for another id.
+pub async fn model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    if id != app.model_name {
+        return Err(ApiError::ModelNotFound(id, app.model_name.clone()));
+    }
+    Ok(Json(Model {
+        id,
+        object: "model",
+        created: app.started,
+        owned_by: "specllava",
+    }))
 }
 
 /// `POST /v1/chat/completions`.

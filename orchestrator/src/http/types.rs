@@ -46,6 +46,10 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     /// Tools (not served).
     pub tools: Option<serde_json::Value>,
+    /// Every other field: accepted when it cannot change the output
+    /// ([`crate::http::convert::IGNORED_FIELDS`]) or has its no-op value, refused otherwise.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `stop`: one string or several.
