@@ -2,7 +2,8 @@
 """Calls the orchestrator's OpenAI-compatible HTTP API with the official `openai` package
 and checks that it returns the same tokens as the gRPC API for the same request: image +
 text, greedy and seeded sampling, non-streaming and streaming, and a second turn of the
-conversation (re-sent whole, as clients do). Exits non-zero on any failure.
+conversation (re-sent whole, as clients do); unserved fields refused by name,
+`models.retrieve`, image tokens in `usage`. Exits non-zero on any failure.
 
     python3 tests/python/openai_test.py --base-url http://127.0.0.1:8000/v1 \
         --grpc-endpoint 127.0.0.1:50050 --image model/tests/fixtures/images/red_square.png
@@ -138,6 +139,35 @@ def main() -> int:
             assert e.body["param"] == "n", e.body
         else:
             raise AssertionError("n = 2 must fail")
+        # A field that would change the output and is not served is refused by name, never
+        # ignored; one with its no-op value, or a bookkeeping field, is accepted.
+        refused = {
+            "response_format": {"type": "json_object"},
+            "logit_bias": {"5": 10},
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.5,
+        }
+        for field, value in refused.items():
+            try:
+                client.chat.completions.create(
+                    model=model, messages=[user(p1, False)], max_tokens=2, **{field: value})
+            except openai.BadRequestError as e:
+                assert e.body["param"] == field, e.body
+            else:
+                raise AssertionError(f"{field}={value!r} must be refused")
+        r = client.chat.completions.create(
+            model=model, messages=[user(p1, False)], max_tokens=2, frequency_penalty=0,
+            response_format={"type": "text"}, user="u-1", metadata={"k": "v"}, store=False)
+        assert r.usage.completion_tokens == 2, r.usage
+        # models.retrieve, and an image counted as its tokens in usage.
+        assert client.models.retrieve(model).id == model
+        with_image = client.chat.completions.create(
+            model=model, messages=[user(p1, True)], max_tokens=1, temperature=0)
+        text_only = client.chat.completions.create(
+            model=model, messages=[user(p1, False)], max_tokens=1, temperature=0)
+        image_tokens = with_image.usage.prompt_tokens - text_only.usage.prompt_tokens
+        assert image_tokens > 1, (with_image.usage, text_only.usage)
+        print(f"usage counts an image as {image_tokens} prompt tokens (placeholder included)")
         channel.close()
     print("openai client ok")
     return 0
