@@ -569,6 +569,14 @@ pub fn gen_params(max_new_tokens: u32, seed: Option<u64>) -> pb::GenerationParam
     }
 }
 
+/// A speculation config of `mode` with no shape set (the mode's defaults).
+pub fn speculation(mode: pb::SpeculationMode) -> pb::SpeculationConfig {
+    pb::SpeculationConfig {
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
 /// Reads a Generate stream to its end: the generated tokens and the final summary.
 pub async fn collect_generation(
     mut stream: tonic::Streaming<pb::GenerateResponse>,

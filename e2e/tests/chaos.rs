@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Value, json};
 use specllava_e2e::{
-    Cluster, ClusterConfig, Service, fixture_image, free_port, gen_params, http_send,
-    scrape_metrics,
+    Cluster, ClusterConfig, Service, collect_generation, fixture_image, free_port, gen_params,
+    http_send, scrape_metrics, speculation,
 };
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_client::GenerationClient;
@@ -68,17 +68,11 @@ fn params(seeded: bool) -> pb::GenerationParams {
 }
 
 fn speculative() -> pb::SpeculationConfig {
-    pb::SpeculationConfig {
-        mode: pb::SpeculationMode::Adaptive as i32,
-        ..Default::default()
-    }
+    speculation(pb::SpeculationMode::Adaptive)
 }
 
 fn target_only() -> pb::SpeculationConfig {
-    pb::SpeculationConfig {
-        mode: pb::SpeculationMode::Off as i32,
-        ..Default::default()
-    }
+    speculation(pb::SpeculationMode::Off)
 }
 
 fn turn(
@@ -104,19 +98,8 @@ async fn generate(
     client: &mut GenerationClient<Channel>,
     req: pb::GenerateRequest,
 ) -> Result<Vec<u32>, Status> {
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut tokens, mut summary) = (Vec::new(), false);
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.token_ids),
-            Some(pb::generate_response::Event::Summary(_)) => summary = true,
-            None => {}
-        }
-    }
-    if !summary {
-        return Err(Status::internal("a stream ended without its summary"));
-    }
-    Ok(tokens)
+    let stream = client.generate(req).await?.into_inner();
+    Ok(collect_generation(stream).await?.0)
 }
 
 fn retryable(code: Code) -> bool {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use specllava_e2e::{
-    Cluster, ClusterConfig, Service, fixture_image, free_port, gen_params, http_send, target_holds,
+    Cluster, ClusterConfig, Service, collect_generation, fixture_image, free_port, gen_params,
+    http_send, speculation, target_holds,
 };
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_client::GenerationClient;
@@ -30,13 +31,6 @@ fn config(targets: usize, drafts: usize) -> ClusterConfig {
     cfg.orchestrator_args
         .extend(["--target-timeout-ms", "4000", "--draft-timeout-ms", "2000"].map(String::from));
     cfg
-}
-
-fn mode(mode: pb::SpeculationMode) -> pb::SpeculationConfig {
-    pb::SpeculationConfig {
-        mode: mode as i32,
-        ..Default::default()
-    }
 }
 
 /// A one-shot request.
@@ -59,17 +53,8 @@ async fn generate(
     client: &mut GenerationClient<Channel>,
     req: pb::GenerateRequest,
 ) -> Result<Vec<u32>, Status> {
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut tokens, mut summary) = (Vec::new(), false);
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.token_ids),
-            Some(pb::generate_response::Event::Summary(_)) => summary = true,
-            None => {}
-        }
-    }
-    assert!(summary, "a completed stream ends with its summary");
-    Ok(tokens)
+    let stream = client.generate(req).await?.into_inner();
+    Ok(collect_generation(stream).await?.0)
 }
 
 /// Waits (off the async threads) for `svc` to exit after SIGTERM; asserts a clean exit.
@@ -83,7 +68,13 @@ fn wait_clean_exit(svc: &mut Service, within: Duration) {
 async fn a_restarted_target_is_back_in_rotation_within_a_probe_period() {
     let mut cluster = Cluster::start(config(2, 1)).await;
     let mut client = cluster.client().await;
-    let req = || request("Hi?", gen_params(8, None), mode(pb::SpeculationMode::Off));
+    let req = || {
+        request(
+            "Hi?",
+            gen_params(8, None),
+            speculation(pb::SpeculationMode::Off),
+        )
+    };
     let reference = generate(&mut client, req()).await.unwrap();
     // Target A dies; requests fail over to B, and A's backoff grows while probes fail
     // (0.5 s doubling: several seconds by the time it is back).
@@ -138,7 +129,7 @@ async fn rolling_restarts_of_targets_and_drafts_under_load_lose_no_request() {
     ];
     let mut references = Vec::new();
     for (prompt, p) in &params {
-        let req = request(prompt, p.clone(), mode(pb::SpeculationMode::Off));
+        let req = request(prompt, p.clone(), speculation(pb::SpeculationMode::Off));
         references.push(generate(&mut client, req).await.unwrap());
     }
     let references = Arc::new(references);
@@ -154,7 +145,11 @@ async fn rolling_restarts_of_targets_and_drafts_under_load_lose_no_request() {
                 let mut i = k;
                 while !stop.load(Ordering::Relaxed) {
                     let (prompt, p) = &params[i % params.len()];
-                    let req = request(prompt, p.clone(), mode(pb::SpeculationMode::Adaptive));
+                    let req = request(
+                        prompt,
+                        p.clone(),
+                        speculation(pb::SpeculationMode::Adaptive),
+                    );
                     match generate(&mut client, req).await {
                         Ok(tokens) if tokens == refs[i % params.len()] => done += 1,
                         Ok(_) => wrong += 1,
@@ -233,7 +228,13 @@ async fn sigterm_drains_both_apis_with_requests_in_flight() {
         .extend(["--http-listen".to_string(), http.clone()]);
     let mut cluster = Cluster::start(cfg).await;
     let mut client = cluster.client().await;
-    let grpc_req = || request("Hi?", gen_params(400, None), mode(pb::SpeculationMode::Off));
+    let grpc_req = || {
+        request(
+            "Hi?",
+            gen_params(400, None),
+            speculation(pb::SpeculationMode::Off),
+        )
+    };
     let grpc_reference = generate(&mut client, grpc_req()).await.unwrap();
     let body = |stream: bool| {
         serde_json::to_vec(&json!({
