@@ -85,9 +85,10 @@ async fn a_restarted_target_is_back_in_rotation_within_a_probe_period() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     cluster.target.start_again().await;
-    // One probe period (0.5 s) and a probe's round trip later, A takes new sessions again:
-    // of two sessions opened now, one is pinned to A (the one with fewer sessions).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // One probe period (0.5 s) and a probe's round trip later, A takes new sessions again
+    // (before, its backoff of several seconds kept it out): of two sessions opened now, one
+    // is pinned to A (the one with fewer sessions). 1.5 s leaves room for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut sessions = Vec::new();
     for _ in 0..2 {
         let id = client
