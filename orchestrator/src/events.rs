@@ -1,6 +1,8 @@
 //! What a turn streams, in domain types: tokens as they are accepted, then one summary. The
 //! engine emits these; the gRPC and HTTP front ends only translate them to their wire shapes.
 
+use serde::Serialize;
+
 use crate::error::OrchestratorError;
 use crate::stats::TurnStats;
 
@@ -14,9 +16,32 @@ pub enum TurnEvent {
         ids: Vec<u32>,
         /// Their text.
         text: String,
+        /// The step that accepted them, when the turn reports its steps
+        /// ([`crate::plan::SpecSettings::report_steps`]).
+        step: Option<StepView>,
     },
     /// The last event of a turn that completed.
     Finished(TurnSummary),
+}
+
+/// What one generation step did: the tree the target verified and the path it accepted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepView {
+    /// The step's index in the turn (the first token, picked by the target's prefill, is
+    /// step 0 and has no view).
+    pub index: u32,
+    /// The tree's tokens; node 0 is the root (the last token already in the answer or prompt).
+    pub tokens: Vec<u32>,
+    /// Each node's parent (-1 for the root).
+    pub parents: Vec<i32>,
+    /// Each node's text.
+    pub texts: Vec<String>,
+    /// The accepted path, as node indices from the root.
+    pub accepted_path: Vec<u32>,
+    /// Whether the draft proposed the tree (false: a target-only step, the root alone).
+    pub drafted: bool,
+    /// Whether the tree was pre-drafted while the previous one was verified.
+    pub pre_drafted: bool,
 }
 
 /// Why a turn finished.

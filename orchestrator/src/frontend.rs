@@ -361,6 +361,7 @@ pub fn spec_settings(s: Option<pb::SpeculationConfig>) -> Result<SpecSettings, O
         branching: s.branching as usize,
         budget: s.budget as usize,
         draft_ahead: !s.disable_draft_ahead,
+        report_steps: false,
     })
 }
 

@@ -97,6 +97,9 @@ pub struct SpecSettings {
     pub budget: usize,
     /// Whether the draft may pre-draft the next tree while the target verifies.
     pub draft_ahead: bool,
+    /// Whether the turn streams each step's tree and accepted path with its tokens
+    /// ([`crate::events::StepView`]; the playground's view of speculation).
+    pub report_steps: bool,
 }
 
 impl SpecSettings {
@@ -108,6 +111,7 @@ impl SpecSettings {
             branching: 0,
             budget: 0,
             draft_ahead: true,
+            report_steps: false,
         }
     }
 
@@ -177,6 +181,7 @@ mod tests {
             branching: 0,
             budget: 0,
             draft_ahead: true,
+            report_steps: false,
         }
     }
 

@@ -132,7 +132,7 @@ pub fn requested_params(p: pb::GenerationParams) -> RequestedParams {
 pub fn event_to_proto(event: TurnEvent) -> pb::GenerateResponse {
     use pb::generate_response::Event;
     let event = match event {
-        TurnEvent::Tokens { ids, text } => Event::Chunk(pb::TokenChunk {
+        TurnEvent::Tokens { ids, text, .. } => Event::Chunk(pb::TokenChunk {
             token_ids: ids,
             text,
         }),

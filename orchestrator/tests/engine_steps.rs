@@ -454,6 +454,7 @@ async fn run_with(
         branching: 0,
         budget: 0,
         draft_ahead: true,
+        report_steps: false,
     };
     let (tx, mut rx) = mpsc::channel(256);
     engine

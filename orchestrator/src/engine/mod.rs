@@ -50,7 +50,7 @@ use tonic::{Code, Status};
 use crate::ahead::{AheadBlock, AheadGate, PipelineGate};
 use crate::clients::{Deadlines, Guarded, ReplicaApi};
 use crate::error::{OrchestratorError, is_replica_failure};
-use crate::events::{EventSender, Finish, TurnEvent, TurnSummary};
+use crate::events::{EventSender, Finish, StepView, TurnEvent, TurnSummary};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaKind, ReplicaSet};
 use crate::session::{Conversation, ReplicaSession, kv_rows};
@@ -262,6 +262,8 @@ struct Turn<'a> {
     finish: Option<Finish>,
     /// Target re-prefills in the current step.
     recoveries: usize,
+    /// Whether each step's [`StepView`] is streamed with its tokens.
+    report_steps: bool,
     /// History length before this turn's answer.
     prompt_len: usize,
 }
@@ -472,7 +474,7 @@ impl Engine {
             // A step of the prefill's: no verify call, no forward of its own.
             turn.stats.record_verify(&first, 0, false);
             turn.first_token_at = Some(turn.started.elapsed());
-            if self.emit(conv, turn, &first, tx).await? == Flow::Stop {
+            if self.emit(conv, turn, &first, None, tx).await? == Flow::Stop {
                 return Ok(());
             }
         }
@@ -508,12 +510,15 @@ impl Engine {
                 break;
             }
             let trace = StepTrace::of(&proposal);
+            let view = turn
+                .report_steps
+                .then(|| self.step_view(turn.stats.steps, &proposal, &verified.resp));
             // The step's wall time so far: its tree, the verify and the pre-draft's answer.
             let step_ns = nanos(step_started.elapsed());
             self.record_step(turn, proposal, &verified, step_ns);
             // Emit.
             let emit_started = Instant::now();
-            let flow = self.emit(conv, turn, &verified.resp, tx).await?;
+            let flow = self.emit(conv, turn, &verified.resp, view, tx).await?;
             trace.log(&verified, step_started, emit_started);
             if flow == Flow::Stop {
                 break;
@@ -607,6 +612,7 @@ impl Engine {
             first_token_at: None,
             finish: None,
             recoveries: 0,
+            report_steps: spec.report_steps,
             prompt_len,
         })
     }
@@ -736,6 +742,26 @@ impl Engine {
         }
     }
 
+    /// What a verified step did, for a turn that reports its steps (each node's text decoded
+    /// on its own: a few microseconds a node).
+    fn step_view(&self, index: u32, proposal: &Proposal, resp: &pb::VerifyResponse) -> StepView {
+        let tree = &proposal.tree;
+        let texts = tree
+            .tokens
+            .iter()
+            .map(|&t| self.tokenizer.decode(&[t]).unwrap_or_default())
+            .collect();
+        StepView {
+            index,
+            tokens: tree.tokens.clone(),
+            parents: tree.parents.clone(),
+            texts,
+            accepted_path: resp.accepted_path.clone(),
+            drafted: proposal.drafted,
+            pre_drafted: proposal.pipelined.is_some(),
+        }
+    }
+
     /// Streams the text of the emitted tokens (up to a stop string); `Stop` when the turn
     /// is finished (stop string, EOS, length).
     async fn emit(
@@ -743,6 +769,7 @@ impl Engine {
         conv: &mut Conversation,
         turn: &mut Turn<'_>,
         resp: &pb::VerifyResponse,
+        step: Option<StepView>,
         tx: &EventSender,
     ) -> Result<Flow, Interrupted> {
         let delta = if turn.text.push_work(resp.emitted.len()) <= INLINE_DETOKENIZE_WORK {
@@ -764,7 +791,7 @@ impl Engine {
         // Tokens past a stop string are not part of the answer.
         let taken = &resp.emitted[..delta.consumed];
         turn.generated += taken.len() as u32;
-        send_tokens(tx, taken.to_vec(), delta.text).await?;
+        send_tokens(tx, taken.to_vec(), delta.text, step).await?;
         if delta.stopped {
             turn.finish = Some(Finish::StopString);
             let keep = self
@@ -819,7 +846,7 @@ impl Engine {
             .detokenize(&mut turn.text, |text, tok| text.finish(tok))
             .await?;
         if !tail.text.is_empty() {
-            send_tokens(tx, Vec::new(), tail.text).await?;
+            send_tokens(tx, Vec::new(), tail.text, None).await?;
         }
         conv.turns += 1;
         let total = turn.started.elapsed();
@@ -840,8 +867,13 @@ impl Engine {
 }
 
 /// Streams accepted tokens; the client going away cancels the turn.
-async fn send_tokens(tx: &EventSender, ids: Vec<u32>, text: String) -> Result<(), Interrupted> {
-    tx.send(Ok(TurnEvent::Tokens { ids, text }))
+async fn send_tokens(
+    tx: &EventSender,
+    ids: Vec<u32>,
+    text: String,
+    step: Option<StepView>,
+) -> Result<(), Interrupted> {
+    tx.send(Ok(TurnEvent::Tokens { ids, text, step }))
         .await
         .map_err(|_| Interrupted::Cancelled)
 }

@@ -7,9 +7,11 @@ use specllava_prompt::Message;
 use specllava_prompt::chat::{Content, Part};
 
 use super::error::ApiError;
-use super::types::{ChatCompletionRequest, ContentPart, MessageContent, Stop};
+use super::types::{ChatCompletionRequest, ContentPart, MessageContent, SpeculationRequest, Stop};
+use crate::frontend::spec_settings;
 use crate::plan::SpecSettings;
 use crate::request::{ConversationSource, RequestedParams, TurnInput, TurnRequest};
+use specllava_proto::v1 as pb;
 
 /// A request checked and translated.
 #[derive(Debug)]
@@ -20,6 +22,8 @@ pub struct Translated {
     pub image_urls: Vec<String>,
     /// Sampling and stopping (validated by the front door).
     pub params: RequestedParams,
+    /// How to speculate.
+    pub spec: SpecSettings,
 }
 
 /// Checks the request's fields and translates it.
@@ -60,9 +64,15 @@ pub fn translate(req: ChatCompletionRequest) -> Result<Translated, ApiError> {
         Some(Stop::Many(v)) => v,
     };
     let (messages, image_urls) = translate_messages(req.messages)?;
+    let mut spec = match req.speculation {
+        None => SpecSettings::adaptive(),
+        Some(s) => speculation(s)?,
+    };
+    spec.report_steps = req.speculation_steps;
     Ok(Translated {
         messages,
         image_urls,
+        spec,
         params: RequestedParams {
             max_new_tokens: max_new_tokens.unwrap_or(0),
             temperature,
@@ -137,8 +147,33 @@ pub fn turn_request(t: Translated) -> TurnRequest {
         input: TurnInput::Messages(t.messages),
         images: Vec::new(),
         params: t.params,
-        spec: SpecSettings::adaptive(),
+        spec: t.spec,
     }
+}
+
+/// The `speculation` extension as the gRPC API's settings (the same checks).
+fn speculation(s: SpeculationRequest) -> Result<SpecSettings, ApiError> {
+    let mode = match s.mode.as_deref().unwrap_or("adaptive") {
+        "adaptive" => pb::SpeculationMode::Adaptive,
+        "dynamic" => pb::SpeculationMode::Dynamic,
+        "static" => pb::SpeculationMode::Static,
+        "chain" => pb::SpeculationMode::Chain,
+        "off" => pb::SpeculationMode::Off,
+        other => {
+            return Err(ApiError::bad(
+                "speculation.mode",
+                format!("speculation.mode {other:?}: one of adaptive, dynamic, static, chain, off"),
+            ));
+        }
+    };
+    spec_settings(Some(pb::SpeculationConfig {
+        mode: mode as i32,
+        depth: s.depth,
+        branching: s.branching,
+        budget: s.budget,
+        disable_draft_ahead: s.disable_draft_ahead,
+    }))
+    .map_err(|e| ApiError::bad("speculation", e.to_string()))
 }
 
 fn translate_messages(

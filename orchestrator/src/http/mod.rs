@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum, on its own port): `POST /v1/chat/completions`
-//! (streaming or not), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. The same front door and engine as
+//! (streaming or not), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and the web
+//! playground at `/`. The same front door and engine as
 //! the gRPC API serve it; this layer only translates.
 //!
 //! - [`types`]: the OpenAI wire types and our documented extensions.
@@ -7,11 +8,13 @@
 //! - [`images`]: `data:` URLs, remote `http(s)` URLs (refused unless allowed).
 //! - [`stream`]: the engine's output -> one completion or Server-Sent Events.
 //! - [`routes`]: the handlers.
+//! - [`playground`]: the web playground's page (`/`).
 //! - [`error`]: errors in OpenAI's JSON shape.
 
 pub mod convert;
 pub mod error;
 pub mod images;
+pub mod playground;
 pub mod routes;
 pub mod stream;
 pub mod types;
@@ -109,6 +112,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         ));
     Router::new()
         .route("/health", get(routes::health))
+        .route("/", get(playground::index))
+        .route("/playground/app.js", get(playground::app))
+        .route("/playground/style.css", get(playground::style))
         .merge(api)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

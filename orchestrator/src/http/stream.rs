@@ -113,6 +113,7 @@ async fn forward(
         choices,
         usage: None,
         speculation: None,
+        speculation_step: None,
     };
     let choice = |delta: Delta, ids: Option<Vec<u32>>| ChunkChoice {
         index: 0,
@@ -130,7 +131,7 @@ async fn forward(
     let mut next: Result<TurnEvent, ApiError> = Ok(first);
     loop {
         let event = match next {
-            Ok(TurnEvent::Tokens { ids, text }) => {
+            Ok(TurnEvent::Tokens { ids, text, step }) => {
                 if text.is_empty() && ids.is_empty() {
                     None
                 } else {
@@ -138,7 +139,9 @@ async fn forward(
                         role: None,
                         content: Some(text),
                     };
-                    Some(json(&chunk(vec![choice(delta, Some(ids))])))
+                    let mut c = chunk(vec![choice(delta, Some(ids))]);
+                    c.speculation_step = step;
+                    Some(json(&c))
                 }
             }
             Ok(TurnEvent::Finished(s)) => {

@@ -1,10 +1,11 @@
 //! The OpenAI chat-completions wire types (the subset served), plus the documented
-//! extensions: request `top_k`, `ignore_eos`, `return_token_ids`; response `speculation`
-//! (statistics) and per-choice `token_ids`.
+//! extensions: request `top_k`, `ignore_eos`, `return_token_ids`, `speculation` (the mode and
+//! shape), `speculation_steps`; response `speculation` (statistics), per-choice `token_ids`
+//! and, with `speculation_steps`, each chunk's `speculation_step` (the step's tree).
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::TurnSummary;
+use crate::events::{StepView, TurnSummary};
 use crate::stats::TurnStats;
 
 /// `POST /v1/chat/completions` body.
@@ -41,6 +42,12 @@ pub struct ChatCompletionRequest {
     /// Extension: return the generated token ids with each choice / chunk.
     #[serde(default)]
     pub return_token_ids: bool,
+    /// Extension: how to speculate (default: `adaptive`, the budget policy's trees).
+    pub speculation: Option<SpeculationRequest>,
+    /// Extension: stream each step's tree and accepted path (`speculation_step` in the
+    /// chunk carrying the step's tokens; off by default, so the chunks have OpenAI's shape).
+    #[serde(default)]
+    pub speculation_steps: bool,
     /// Log probabilities (not served).
     #[serde(default)]
     pub logprobs: bool,
@@ -50,6 +57,26 @@ pub struct ChatCompletionRequest {
     /// ([`crate::http::convert::IGNORED_FIELDS`]) or has its no-op value, refused otherwise.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Extension `speculation`: the gRPC API's `SpeculationConfig` in JSON.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculationRequest {
+    /// `adaptive` (default), `dynamic`, `static`, `chain` or `off` (target-only).
+    pub mode: Option<String>,
+    /// Tree depth D (0 or absent: the policy's).
+    #[serde(default)]
+    pub depth: u32,
+    /// Branching K.
+    #[serde(default)]
+    pub branching: u32,
+    /// Node budget M.
+    #[serde(default)]
+    pub budget: u32,
+    /// Do not pre-draft the next tree while the target verifies.
+    #[serde(default)]
+    pub disable_draft_ahead: bool,
 }
 
 /// `stop`: one string or several.
@@ -235,6 +262,9 @@ pub struct ChatCompletionChunk {
     /// Extension: speculation statistics, in the chunk carrying `finish_reason`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculation: Option<TurnStats>,
+    /// Extension (`speculation_steps`): the step that accepted this chunk's tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculation_step: Option<StepView>,
 }
 
 /// `GET /v1/models` entry.
