@@ -60,7 +60,7 @@ pub enum Finish {
 pub struct TurnSummary {
     /// Why it finished.
     pub finish: Finish,
-    /// Prompt tokens of the turn (each image placeholder counted once).
+    /// Prompt tokens of the turn, each image counted as the model's image tokens.
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub completion_tokens: u32,

@@ -157,7 +157,7 @@ impl ImageUrl {
 /// Token counts.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Usage {
-    /// Prompt tokens (an image counts once, as its placeholder).
+    /// Prompt tokens, each image counted as the model's image tokens.
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub completion_tokens: u32,
