@@ -8,7 +8,6 @@ use specllava_prompt::chat::{Content, Part};
 use specllava_prompt::{ChatTemplate, LlavaTokenizer, Message, PromptError};
 
 use crate::error::OrchestratorError;
-use crate::request::check_prompt_bytes;
 
 /// The size limits of one turn's prompt.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +137,17 @@ pub fn text_bytes(messages: &[Message]) -> usize {
                 .sum(),
         })
         .sum()
+}
+
+/// Refuses text over the byte limit (before it is rendered or tokenized).
+pub fn check_prompt_bytes(bytes: usize, limits: &PromptLimits) -> Result<(), OrchestratorError> {
+    if bytes > limits.max_bytes {
+        return Err(OrchestratorError::TooLarge(format!(
+            "prompt of {bytes} bytes exceeds the limit of {} bytes",
+            limits.max_bytes
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use speculate::SamplingParams;
 use crate::engine::GenParams;
 use crate::error::OrchestratorError;
 use crate::plan::SpecSettings;
-use crate::prompt::{PromptLimits, text_bytes};
+use crate::prompt::{PromptLimits, check_prompt_bytes, text_bytes};
 
 /// Request limits of the public APIs.
 #[derive(Debug, Clone, Copy)]
@@ -149,17 +149,6 @@ pub fn validate(r: TurnRequest, limits: &ApiLimits) -> Result<ValidTurn, Orchest
         params,
         spec: r.spec,
     })
-}
-
-/// Refuses text over the byte limit (before it is rendered or tokenized).
-pub fn check_prompt_bytes(bytes: usize, limits: &PromptLimits) -> Result<(), OrchestratorError> {
-    if bytes > limits.max_bytes {
-        return Err(OrchestratorError::TooLarge(format!(
-            "prompt of {bytes} bytes exceeds the limit of {} bytes",
-            limits.max_bytes
-        )));
-    }
-    Ok(())
 }
 
 /// Refuses more images than a request may carry (before any is fetched or decoded).

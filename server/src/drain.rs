@@ -19,7 +19,7 @@ impl Drain {
     pub fn on_signal() -> Self {
         let (drain, start) = Self::manual();
         tokio::spawn(async move {
-            crate::grpc::shutdown_signal().await;
+            shutdown_signal().await;
             start.start();
         });
         drain
@@ -53,6 +53,36 @@ impl DrainStarter {
     /// Starts the drain (again: nothing changes).
     pub fn start(&self) {
         self.0.send_replace(true);
+    }
+}
+
+/// Resolves when the process receives SIGTERM or ctrl-c. Pass it to
+/// `Server::serve_with_shutdown`, which then stops accepting connections and
+/// drains in-flight requests.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
+        () = terminate => tracing::info!("SIGTERM received, shutting down"),
     }
 }
 

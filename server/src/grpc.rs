@@ -164,36 +164,6 @@ impl Health {
         }
     }
 }
-/// Resolves when the process receives SIGTERM or ctrl-c. Pass it to
-/// `Server::serve_with_shutdown`, which then stops accepting connections and
-/// drains in-flight requests.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
-    }
-}
-
 /// The reflection services (v1, and v1alpha for older grpcurl) serving the
 /// `specllava.v1` descriptors plus the health protocol's, so `grpcurl list`
 /// and `grpcurl describe` work without local protos.

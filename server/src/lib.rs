@@ -12,9 +12,7 @@ pub mod image_args;
 pub mod tls;
 
 pub use auth::{ApiKeys, AuthArgs, AuthError, BearerAuth};
-pub use drain::{Drain, DrainStarter};
-pub use grpc::{
-    Health, MetricsEndpoint, reflection_services, run_with_telemetry, serve_grpc, shutdown_signal,
-};
+pub use drain::{Drain, DrainStarter, shutdown_signal};
+pub use grpc::{Health, MetricsEndpoint, reflection_services, run_with_telemetry, serve_grpc};
 pub use image_args::ImageLimitArgs;
 pub use tls::{ServerTls, ServerTlsArgs, UpstreamTlsArgs};
