@@ -146,6 +146,14 @@ function showStep(step, emitted) {
 
 function fmt(x, digits) { return Number.isFinite(x) ? x.toFixed(digits) : "-"; }
 
+// The decode rate the server measured for a finished turn of `tokens` tokens: the tokens after
+// the first over the time after the first (chunks can reach the page in bursts, so the page's
+// own clock only serves the live readout).
+function decodeRate(stats, tokens) {
+  const ns = stats ? stats.total_ns - stats.time_to_first_token_ns : 0;
+  return ns > 0 && tokens > 1 ? ((tokens - 1) * 1e9) / ns : NaN;
+}
+
 async function send(prompt) {
   const mode = $("mode").value;
   const content = [];
@@ -202,7 +210,8 @@ async function send(prompt) {
     $("status").textContent = "failed";
     return;
   }
-  const rate = last > first ? (tokens * 1000) / (last - first) : NaN;
+  const rate = decodeRate(stats, tokens + 1);
+  $("r-rate").textContent = fmt(rate, 1);
   history = messages.concat([{ role: "assistant", content: full }]);
   meta.textContent = `${tokens + 1} tokens in ${fmt((performance.now() - started) / 1000, 2)} s` +
     (usage ? `, prompt ${usage.prompt_tokens} tokens (images counted as their tokens)` : "");
@@ -215,18 +224,21 @@ async function send(prompt) {
   $("status").dataset.state = "done";
   $("status").textContent = "done";
   // The same request target-only, measured the same way: the speedup of this answer.
-  if (mode === "off") { baselineRate = rate; $("speedup").textContent = "1.00x (this is target-only)"; $("speedup").dataset.state = "done"; return; }
+  if (mode === "off") {
+    baselineRate = rate;
+    $("speedup").textContent = "1.00x (this is target-only)";
+    $("speedup").dataset.state = "done";
+    return;
+  }
   $("speedup").textContent = "measuring target-only...";
-  let bFirst = null, bLast = null, bTokens = 0;
+  let bStats = null, bTokens = 0;
   try {
     await stream(Object.assign(requestBody(messages, "off", true), { return_token_ids: true, speculation_steps: false }), (chunk) => {
+      if (chunk.speculation) bStats = chunk.speculation;
       const c = chunk.choices && chunk.choices[0];
-      if (!c || !c.delta || !c.delta.content) return;
-      const now = performance.now();
-      if (bFirst === null) bFirst = now; else bTokens += (c.token_ids || []).length;
-      bLast = now;
+      if (c) bTokens += (c.token_ids || []).length;
     });
-    baselineRate = bLast > bFirst ? (bTokens * 1000) / (bLast - bFirst) : NaN;
+    baselineRate = decodeRate(bStats, bTokens);
     $("speedup").textContent = fmt(rate / baselineRate, 2) + "x (" + fmt(baselineRate, 1) + " tok/s target-only)";
   } catch (e) {
     $("speedup").textContent = "baseline failed: " + e.message;
