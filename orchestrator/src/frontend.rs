@@ -154,6 +154,7 @@ impl Frontend {
         let (mut conv, prompt, shared) = match &source {
             ConversationSource::OneShot => {
                 let prompt = self.tokenize(input, images.len(), None).await?;
+                self.check_context(&[], &prompt)?;
                 (
                     Held::Own(Conversation::new(new_session_id(), images)),
                     prompt,
@@ -168,10 +169,15 @@ impl Frontend {
                     .map_err(|_| OrchestratorError::SessionBusy(id.clone()))?;
                 let follows = guard.history.last().copied();
                 let prompt = self.tokenize(input, guard.images.len(), follows).await?;
+                // The session's history and the follow-up must fit.
+                self.check_context(&guard.history, &prompt)?;
                 (Held::Session(guard), prompt, 0)
             }
             ConversationSource::SharedPrefix => {
                 let prompt = self.tokenize(input, images.len(), None).await?;
+                // The whole conversation must fit; checked before a kept one is taken out of
+                // the cache (a refusal leaves it there, its replica sessions open).
+                self.check_context(&[], &prompt)?;
                 let image_id = self.prompter.image_token_id();
                 // Continue the kept conversation sharing the longest prefix, or a new one.
                 let (mut conv, shared) = match self.kept.take(&prompt, &images, image_id) {
@@ -183,8 +189,6 @@ impl Frontend {
                 (Held::Own(conv), prompt, shared)
             }
         };
-        // What the turn adds to the history (a session's, or the kept prefix) must fit.
-        self.check_context(&conv.history, &prompt[shared..])?;
         let prompt_tokens = self.prompt_tokens(&prompt);
         let (tx, events) = mpsc::channel(32);
         let stream = TurnStream {

@@ -119,7 +119,11 @@ impl Engine {
         conv: &mut Conversation,
         mut setup: DraftSetup,
     ) -> Option<Option<(DraftStream, Option<FirstTree>)>> {
-        let done = match tokio::time::timeout(self.cfg.draft_timeout, &mut setup.task).await {
+        // The set-up's calls carry the conversation's images: their deadlines grow with them
+        // (see `Guarded`), and so does the wait for the whole set-up.
+        let images = u32::try_from(conv.images.len() + 1).unwrap_or(u32::MAX);
+        let limit = self.cfg.draft_timeout.saturating_mul(images);
+        let done = match tokio::time::timeout(limit, &mut setup.task).await {
             Ok(joined) => joined.unwrap_or_else(|e| SetupDone {
                 reply: Err(Status::internal(format!("draft sync task: {e}"))),
                 early: None,

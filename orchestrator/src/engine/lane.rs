@@ -202,6 +202,11 @@ impl<'a> DraftLane<'a> {
         }
     }
 
+    /// Drops the speculate stream (the turn drafts no more), so the draft's stream ends at once.
+    pub(super) fn end_stream(&mut self) {
+        self.stream = None;
+    }
+
     /// Ends the lane: the stream is dropped and a set-up still running (a short turn) is
     /// waited for, so the conversation knows what its draft session holds.
     pub(super) async fn close(mut self, engine: &Engine, conv: &mut Conversation) {

@@ -549,7 +549,9 @@ impl Engine {
             DraftStart::Unavailable
         };
         // The target's prefill picks the first token: no verify call stands before it.
-        let synced = self.ensure_target(conv, &mut stats, Some(params)).await;
+        let synced = self
+            .ensure_target(conv, &mut stats, Some(params), None)
+            .await;
         let (info, first_step) = match synced {
             Ok(synced) => synced,
             Err(e) => {
@@ -670,7 +672,9 @@ impl Engine {
                     tracing::warn!(status = %s, "target session lost, re-prefilling");
                     target.opened = false;
                 }
-                self.ensure_target(conv, &mut turn.stats, None).await?;
+                let failed_replica = failed.then_some(r.addr);
+                self.ensure_target(conv, &mut turn.stats, None, failed_replica)
+                    .await?;
                 return Ok(None);
             }
         };
@@ -848,6 +852,8 @@ impl Engine {
         if !tail.text.is_empty() {
             send_tokens(tx, Vec::new(), tail.text, None).await?;
         }
+        // The draft's stream ends before the summary waits on a slow client.
+        turn.lane.end_stream();
         conv.turns += 1;
         let total = turn.started.elapsed();
         let ttft = turn.first_token_at.unwrap_or(total);

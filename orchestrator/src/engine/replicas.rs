@@ -3,6 +3,8 @@
 //! conversation's target session pinned, opened or brought up to date (failing over to
 //! another target when one fails).
 
+use std::net::SocketAddr;
+
 use super::*;
 use bytes::Bytes;
 
@@ -280,22 +282,30 @@ impl Engine {
     /// Pins a compatible target, checks it and syncs it, re-pinning / re-prefilling on
     /// failure; returns the target's `Info` and, when `first` asked for it (a turn's start)
     /// and the sync prefilled, the token its prefill picked after the history (the turn's
-    /// first token: not yet in the history).
+    /// first token: not yet in the history). `failed`: a replica that just failed this turn
+    /// (tried no more).
     pub(super) async fn ensure_target(
         &self,
         conv: &mut Conversation,
         stats: &mut Stats,
         first: Option<&GenParams>,
+        failed: Option<SocketAddr>,
     ) -> Result<(pb::InfoResponse, Option<pb::FirstStep>), OrchestratorError> {
         let mut last_err = None;
         // Replicas that failed this request: each one costs one attempt at most.
-        let mut tried = Vec::new();
+        let mut tried: Vec<SocketAddr> = failed.into_iter().collect();
         // A failed replica is out of rotation: the turn fails over to every target in
         // rotation before it fails; with none in rotation, it tries the one most likely to
         // be up (one that restarted may be up before a probe says so).
         let attempts = self.cfg.target_attempts + self.targets.replicas().len();
         for _attempt in 0..attempts {
-            if !self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id) {
+            // With no target in rotation, a pinned one this request has not tried yet stays
+            // pinned (its session kept, not closed and reopened on the same replica).
+            let keep_pin = conv.target.as_ref().is_some_and(|t| {
+                let r = t.pin.replica();
+                !r.is_gone() && !r.is_refused() && !tried.contains(&r.addr)
+            }) && !self.targets.replicas().iter().any(|r| r.is_available());
+            if !keep_pin && !self.ensure_pinned(ReplicaKind::Target, &mut conv.target, &conv.id) {
                 conv.target = self.targets.pin_likeliest(&tried).map(ReplicaSession::new);
             }
             if conv.target.is_none() {

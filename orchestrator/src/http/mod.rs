@@ -101,7 +101,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/models", get(routes::models))
-        .route("/v1/models/{id}", get(routes::model))
+        .route("/v1/models/{*id}", get(routes::model))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authenticate,
