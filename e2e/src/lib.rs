@@ -592,6 +592,15 @@ pub async fn collect_generation(
     Ok((tokens, summary.expect("a final summary")))
 }
 
+/// One `Generate` call's tokens, read to the stream's end, or its error.
+pub async fn generate_tokens(
+    client: &mut GenerationClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<Vec<u32>, tonic::Status> {
+    let stream = client.generate(req).await?.into_inner();
+    Ok(collect_generation(stream).await?.0)
+}
+
 /// Sends one HTTP/1.1 request (`Connection: close`, JSON body, the given `Authorization`
 /// header value if any) to `addr` and returns the open connection to read the answer from.
 pub fn http_send(

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Value, json};
 use specllava_e2e::{
-    Cluster, ClusterConfig, Service, collect_generation, fixture_image, free_port, gen_params,
-    http_send, scrape_metrics, speculation,
+    Cluster, ClusterConfig, Service, fixture_image, free_port, gen_params,
+    generate_tokens as generate, http_send, scrape_metrics, speculation,
 };
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_client::GenerationClient;
@@ -92,14 +92,6 @@ fn turn(
         params: Some(params(seeded)),
         speculation: Some(spec),
     }
-}
-
-async fn generate(
-    client: &mut GenerationClient<Channel>,
-    req: pb::GenerateRequest,
-) -> Result<Vec<u32>, Status> {
-    let stream = client.generate(req).await?.into_inner();
-    Ok(collect_generation(stream).await?.0)
 }
 
 fn retryable(code: Code) -> bool {

@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use specllava_e2e::{
-    Cluster, ClusterConfig, Service, collect_generation, fixture_image, free_port, gen_params,
-    http_send, speculation, target_holds,
+    Cluster, ClusterConfig, Service, fixture_image, free_port, gen_params,
+    generate_tokens as generate, http_send, speculation, target_holds,
 };
 use specllava_proto::v1 as pb;
 use specllava_proto::v1::generation_client::GenerationClient;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 const TARGET: &str = "gqa_default_l-2_sharded";
 const DRAFT: &str = "mha_default_l-2_untied";
@@ -46,15 +45,6 @@ fn request(
         params: Some(params),
         speculation: Some(spec),
     }
-}
-
-/// A whole turn's tokens, or its error.
-async fn generate(
-    client: &mut GenerationClient<Channel>,
-    req: pb::GenerateRequest,
-) -> Result<Vec<u32>, Status> {
-    let stream = client.generate(req).await?.into_inner();
-    Ok(collect_generation(stream).await?.0)
 }
 
 /// Waits (off the async threads) for `svc` to exit after SIGTERM; asserts a clean exit.
