@@ -268,7 +268,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 
 /// Typical committed length of a benchmark session: image features plus a short prompt.
 fn typical_prefix(target: &Llava) -> usize {
-    target.num_image_tokens() + 24
+    target.tile_tokens() + 24
 }
 
 /// Which calibration plan a cost-model measurement runs.

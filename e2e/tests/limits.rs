@@ -209,6 +209,8 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         rows: 3,
         dim: 2,
         data: vec![0u8; 24].into(),
+        image_height: 8,
+        image_width: 8,
     };
     let err = cluster
         .draft_client()

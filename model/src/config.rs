@@ -1,9 +1,13 @@
-//! `config.json` of a Hugging Face `LlavaForConditionalGeneration` checkpoint.
+//! `config.json` of a Hugging Face LLaVA checkpoint: `LlavaForConditionalGeneration`
+//! (LLaVA-1.5), `LlavaNextForConditionalGeneration` (LLaVA-NeXT / 1.6) or
+//! `LlavaOnevisionForConditionalGeneration`.
 //!
 //! The raw serde structs mirror the JSON with every field optional; [`LlavaConfig::from_json`]
 //! resolves them into plain values using the defaults of `transformers` (`LlavaConfig`,
-//! `LlamaConfig`, `CLIPVisionConfig`), so a minimal `config.json` such as llava-1.5-7b's (whose
-//! `text_config` lists only a few fields) means exactly what it means to `transformers`.
+//! `LlavaNextConfig`, `LlavaOnevisionConfig`, `LlamaConfig`, `MistralConfig`, `Qwen2Config`,
+//! `CLIPVisionConfig`, `SiglipVisionConfig`), so a minimal `config.json` such as
+//! llava-1.5-7b's (whose `text_config` lists only a few fields) means exactly what it means to
+//! `transformers`.
 //! Note that, as in `transformers`, a `vision_config` given as a dict starts from the
 //! `CLIPVisionConfig` defaults (ViT-B/32), not from the CLIP-L/336 values used when it is absent.
 
@@ -11,9 +15,51 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
+use specllava_prompt::{AnyRes, ImageTokens};
 
 use crate::error::{ModelError, Result};
 use crate::nn::Activation;
+
+/// Which LLaVA generation a checkpoint is (its top-level `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `llava`: LLaVA-1.5, one fixed-size tile an image.
+    Llava,
+    /// `llava_next`: LLaVA-NeXT / 1.6, any-resolution tiling.
+    LlavaNext,
+    /// `llava_onevision`: any-resolution tiling with `anyres_max_N` shrinking.
+    LlavaOnevision,
+}
+
+/// The decoder family (`text_config.model_type`); what differs is resolved into
+/// [`TextConfig`]'s fields (biases, sliding window, defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFamily {
+    /// `llama` (Vicuna, Llama 3).
+    Llama,
+    /// `mistral`: sliding-window attention.
+    Mistral,
+    /// `qwen2`: biases on the q/k/v projections.
+    Qwen2,
+}
+
+/// The vision tower (`vision_config.model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TowerKind {
+    /// `clip_vision_model`: CLS position, `pre_layrnorm`, no patch-embedding bias.
+    Clip,
+    /// `siglip_vision_model`: no CLS, no pre-norm, a patch-embedding bias.
+    Siglip,
+}
+
+/// Any-resolution tiling of a LLaVA-NeXT / OneVision checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnyResConfig {
+    /// `image_grid_pinpoints`: candidate resolutions `(height, width)`.
+    pub pinpoints: Vec<(usize, usize)>,
+    /// `vision_aspect_ratio` `anyres_max_N` (OneVision): `N`.
+    pub max_tiles: Option<usize>,
+}
 
 /// Which vision-tower positions become image features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +102,11 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
-/// Resolved Llama text-model configuration.
+/// Resolved decoder configuration (Llama, Mistral or Qwen2).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfig {
+    /// The decoder family.
+    pub family: TextFamily,
     /// Vocabulary size (rows of the embedding and the LM head).
     pub vocab_size: usize,
     /// Model width.
@@ -81,15 +129,22 @@ pub struct TextConfig {
     pub rms_norm_eps: f64,
     /// Rotary embedding parameters.
     pub rope: RopeConfig,
-    /// Bias on q/k/v/o projections.
-    pub attention_bias: bool,
+    /// Bias on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// Sliding-window attention: a position sees the last this many positions (itself
+    /// included), in every layer.
+    pub sliding_window: Option<usize>,
     /// Bias on the MLP projections.
     pub mlp_bias: bool,
 }
 
-/// Resolved CLIP vision-tower configuration.
+/// Resolved vision-tower configuration (CLIP or SigLIP).
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisionConfig {
+    /// The tower.
+    pub tower: TowerKind,
     /// Tower width.
     pub hidden_size: usize,
     /// MLP width.
@@ -115,15 +170,23 @@ impl VisionConfig {
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
     }
-    /// Positions in the tower's sequence: CLS + patches.
+    /// Positions in the tower's sequence: CLS (CLIP only) + patches.
     pub fn num_positions(&self) -> usize {
-        self.grid() * self.grid() + 1
+        self.grid() * self.grid() + self.has_cls() as usize
+    }
+    /// Whether the tower's sequence starts with a CLS position.
+    pub fn has_cls(&self) -> bool {
+        self.tower == TowerKind::Clip
     }
 }
 
 /// Resolved LLaVA configuration: no `Option`s, defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlavaConfig {
+    /// The LLaVA generation.
+    pub architecture: Architecture,
+    /// Any-resolution tiling (LLaVA-NeXT, OneVision); `None` for LLaVA-1.5.
+    pub anyres: Option<AnyResConfig>,
     /// The language model.
     pub text: TextConfig,
     /// The vision tower.
@@ -156,6 +219,9 @@ pub struct LlavaConfig {
 
 #[derive(Debug, Default, Deserialize)]
 struct RawLlava {
+    model_type: Option<String>,
+    image_grid_pinpoints: Option<Value>,
+    vision_aspect_ratio: Option<String>,
     #[serde(default)]
     text_config: Option<RawText>,
     #[serde(default)]
@@ -190,6 +256,9 @@ struct RawText {
     rope_scaling: Option<Value>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    sliding_window: Option<Value>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
     tie_word_embeddings: Option<bool>,
     eos_token_id: Option<Value>,
     bos_token_id: Option<Value>,
@@ -307,15 +376,99 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
     Ok(RopeConfig { theta, scaling })
 }
 
-fn resolve_text(raw: &RawText) -> Result<TextConfig> {
-    if let Some(mt) = raw.model_type.as_deref()
-        && mt != "llama"
-    {
-        return Err(ModelError::Config(format!(
-            "unsupported text_config.model_type `{mt}` (only `llama` is implemented)"
-        )));
+/// Defaults of a decoder family's `transformers` config class.
+struct TextDefaults {
+    vocab_size: usize,
+    intermediate_size: usize,
+    num_key_value_heads: Option<usize>,
+    max_position_embeddings: usize,
+    sliding_window: Option<usize>,
+}
+
+fn text_family(model_type: Option<&str>, default: TextFamily) -> Result<TextFamily> {
+    Ok(match model_type {
+        None => default,
+        Some("llama") => TextFamily::Llama,
+        Some("mistral") => TextFamily::Mistral,
+        Some("qwen2") => TextFamily::Qwen2,
+        Some(other) => {
+            return Err(ModelError::Config(format!(
+                "unsupported text_config.model_type `{other}` (supported: llama, mistral, qwen2)"
+            )));
+        }
+    })
+}
+
+/// `sliding_window`: a positive integer or null.
+fn window(v: &Option<Value>) -> Result<Option<Option<usize>>> {
+    match v {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(w) if w > 0 => Ok(Some(Some(w as usize))),
+            _ => Err(ModelError::Config(
+                "text_config.sliding_window must be a positive integer or null".into(),
+            )),
+        },
+        Some(_) => Err(ModelError::Config(
+            "text_config.sliding_window must be a positive integer or null".into(),
+        )),
     }
-    // LlamaConfig defaults (transformers).
+}
+
+fn resolve_text(raw: &RawText, default_family: TextFamily) -> Result<TextConfig> {
+    let family = text_family(raw.model_type.as_deref(), default_family)?;
+    // LlamaConfig / MistralConfig / Qwen2Config defaults (transformers).
+    let d = match family {
+        TextFamily::Llama => TextDefaults {
+            vocab_size: 32000,
+            intermediate_size: 11008,
+            num_key_value_heads: None,
+            max_position_embeddings: 2048,
+            sliding_window: None,
+        },
+        TextFamily::Mistral => TextDefaults {
+            vocab_size: 32000,
+            intermediate_size: 14336,
+            num_key_value_heads: Some(8),
+            max_position_embeddings: 4096 * 32,
+            sliding_window: Some(4096),
+        },
+        TextFamily::Qwen2 => TextDefaults {
+            vocab_size: 151936,
+            intermediate_size: 22016,
+            num_key_value_heads: Some(32),
+            max_position_embeddings: 32768,
+            sliding_window: None,
+        },
+    };
+    let sliding_window = match family {
+        TextFamily::Llama => None,
+        TextFamily::Mistral => {
+            if raw.layer_types.is_some() {
+                return Err(ModelError::Config(
+                    "text_config.layer_types (alternating attention) is not supported for mistral"
+                        .into(),
+                ));
+            }
+            window(&raw.sliding_window)?.unwrap_or(d.sliding_window)
+        }
+        TextFamily::Qwen2 => {
+            let sliding = raw.use_sliding_window.unwrap_or(false)
+                || raw
+                    .layer_types
+                    .iter()
+                    .flatten()
+                    .any(|t| t != "full_attention");
+            if sliding {
+                return Err(ModelError::Config(
+                    "qwen2 with sliding-window layers (use_sliding_window / layer_types) is not supported"
+                        .into(),
+                ));
+            }
+            None
+        }
+    };
     let hidden_size = raw.hidden_size.unwrap_or(4096);
     let num_attention_heads = raw.num_attention_heads.unwrap_or(32);
     if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
@@ -323,7 +476,10 @@ fn resolve_text(raw: &RawText) -> Result<TextConfig> {
             "text_config.hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
         )));
     }
-    let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+    let num_key_value_heads = raw
+        .num_key_value_heads
+        .or(d.num_key_value_heads)
+        .unwrap_or(num_attention_heads);
     if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(ModelError::Config(format!(
             "text_config.num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -335,27 +491,54 @@ fn resolve_text(raw: &RawText) -> Result<TextConfig> {
             "text_config.head_dim ({head_dim}) must be even for rotary embeddings"
         )));
     }
+    let (qkv_bias, o_bias) = match family {
+        TextFamily::Llama => {
+            let b = raw.attention_bias.unwrap_or(false);
+            (b, b)
+        }
+        TextFamily::Mistral => (false, false),
+        TextFamily::Qwen2 => (true, false),
+    };
     Ok(TextConfig {
-        vocab_size: raw.vocab_size.unwrap_or(32000),
+        family,
+        vocab_size: raw.vocab_size.unwrap_or(d.vocab_size),
         hidden_size,
-        intermediate_size: raw.intermediate_size.unwrap_or(11008),
+        intermediate_size: raw.intermediate_size.unwrap_or(d.intermediate_size),
         num_hidden_layers: raw.num_hidden_layers.unwrap_or(32),
         num_attention_heads,
         num_key_value_heads,
         head_dim,
         hidden_act: Activation::from_hf(raw.hidden_act.as_deref().unwrap_or("silu"))?,
-        max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+        max_position_embeddings: raw
+            .max_position_embeddings
+            .unwrap_or(d.max_position_embeddings),
         rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
         rope: resolve_rope(raw)?,
-        attention_bias: raw.attention_bias.unwrap_or(false),
-        mlp_bias: raw.mlp_bias.unwrap_or(false),
+        qkv_bias,
+        o_bias,
+        sliding_window,
+        mlp_bias: family == TextFamily::Llama && raw.mlp_bias.unwrap_or(false),
     })
 }
 
-fn resolve_vision(raw: Option<&RawVision>) -> Result<VisionConfig> {
+fn resolve_vision(raw: Option<&RawVision>, architecture: Architecture) -> Result<VisionConfig> {
     let cfg = match raw {
-        // `vision_config` absent: LlavaConfig's CLIP-L/14-336 defaults.
+        // `vision_config` absent: LlavaOnevisionConfig's SigLIP-so400m/14-384 defaults.
+        None if architecture == Architecture::LlavaOnevision => VisionConfig {
+            tower: TowerKind::Siglip,
+            hidden_size: 1152,
+            intermediate_size: 4304,
+            num_hidden_layers: 26,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 384,
+            patch_size: 14,
+            hidden_act: Activation::GeluTanh,
+            layer_norm_eps: 1e-6,
+        },
+        // `vision_config` absent: LlavaConfig's / LlavaNextConfig's CLIP-L/14-336 defaults.
         None => VisionConfig {
+            tower: TowerKind::Clip,
             hidden_size: 1024,
             intermediate_size: 4096,
             num_hidden_layers: 24,
@@ -366,25 +549,32 @@ fn resolve_vision(raw: Option<&RawVision>) -> Result<VisionConfig> {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
         },
-        // Given as a dict: CLIPVisionConfig defaults for omitted fields.
+        // Given as a dict: CLIPVisionConfig / SiglipVisionConfig defaults for omitted fields.
         Some(raw) => {
-            if let Some(mt) = raw.model_type.as_deref()
-                && mt != "clip_vision_model"
-            {
-                return Err(ModelError::Config(format!(
-                    "unsupported vision_config.model_type `{mt}` (only `clip_vision_model` is implemented)"
-                )));
-            }
+            let tower = match raw.model_type.as_deref() {
+                None | Some("clip_vision_model") => TowerKind::Clip,
+                Some("siglip_vision_model") => TowerKind::Siglip,
+                Some(mt) => {
+                    return Err(ModelError::Config(format!(
+                        "unsupported vision_config.model_type `{mt}` (supported: clip_vision_model, siglip_vision_model)"
+                    )));
+                }
+            };
+            let (image_size, patch_size, act, eps) = match tower {
+                TowerKind::Clip => (224, 32, "quick_gelu", 1e-5),
+                TowerKind::Siglip => (224, 16, "gelu_pytorch_tanh", 1e-6),
+            };
             VisionConfig {
+                tower,
                 hidden_size: raw.hidden_size.unwrap_or(768),
                 intermediate_size: raw.intermediate_size.unwrap_or(3072),
                 num_hidden_layers: raw.num_hidden_layers.unwrap_or(12),
                 num_attention_heads: raw.num_attention_heads.unwrap_or(12),
                 num_channels: raw.num_channels.unwrap_or(3),
-                image_size: square(&raw.image_size, 224, "image_size")?,
-                patch_size: square(&raw.patch_size, 32, "patch_size")?,
-                hidden_act: Activation::from_hf(raw.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
-                layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-5),
+                image_size: square(&raw.image_size, image_size, "image_size")?,
+                patch_size: square(&raw.patch_size, patch_size, "patch_size")?,
+                hidden_act: Activation::from_hf(raw.hidden_act.as_deref().unwrap_or(act))?,
+                layer_norm_eps: raw.layer_norm_eps.unwrap_or(eps),
             }
         }
     };
@@ -403,6 +593,54 @@ fn resolve_vision(raw: Option<&RawVision>) -> Result<VisionConfig> {
     Ok(cfg)
 }
 
+/// The architecture from the top-level `model_type` (`llava` when absent).
+fn architecture(model_type: Option<&str>) -> Result<Architecture> {
+    Ok(match model_type {
+        None | Some("llava") => Architecture::Llava,
+        Some("llava_next") => Architecture::LlavaNext,
+        Some("llava_onevision") => Architecture::LlavaOnevision,
+        Some(other) => {
+            return Err(ModelError::Config(format!(
+                "unsupported model_type `{other}` (supported: llava, llava_next, llava_onevision)"
+            )));
+        }
+    })
+}
+
+/// `image_grid_pinpoints`: a list of `[height, width]` pairs.
+fn pinpoints(v: &Option<Value>, default: Vec<(usize, usize)>) -> Result<Vec<(usize, usize)>> {
+    let bad = || {
+        ModelError::Config("image_grid_pinpoints must be a list of [height, width] pairs".into())
+    };
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| match p.as_array().map(Vec::as_slice) {
+                Some([h, w]) => Ok((
+                    h.as_u64().ok_or_else(bad)? as usize,
+                    w.as_u64().ok_or_else(bad)? as usize,
+                )),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `vision_aspect_ratio` `anyres_max_N` -> `N`.
+fn max_tiles(v: Option<&str>) -> Result<usize> {
+    let v = v.unwrap_or("anyres_max_9");
+    v.strip_prefix("anyres_max_")
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .ok_or_else(|| {
+            ModelError::Config(format!(
+                "vision_aspect_ratio must be `anyres_max_N` with N > 0, got `{v}`"
+            ))
+        })
+}
+
 impl LlavaConfig {
     /// Resolves a `config.json` text (plus, optionally, `generation_config.json`'s text, which
     /// takes precedence for the special token ids).
@@ -414,12 +652,19 @@ impl LlavaConfig {
                 .map_err(|e| ModelError::Config(format!("generation_config.json: {e}")))?,
             None => RawGeneration::default(),
         };
+        let architecture = architecture(raw.model_type.as_deref())?;
+        let onevision = architecture == Architecture::LlavaOnevision;
         let raw_text = raw.text_config.unwrap_or_default();
-        let text = resolve_text(&raw_text)?;
-        let vision = resolve_vision(raw.vision_config.as_ref())?;
+        let default_family = if onevision {
+            TextFamily::Qwen2
+        } else {
+            TextFamily::Llama
+        };
+        let text = resolve_text(&raw_text, default_family)?;
+        let vision = resolve_vision(raw.vision_config.as_ref(), architecture)?;
 
         let vision_feature_layers = match &raw.vision_feature_layer {
-            None | Some(Value::Null) => vec![-2],
+            None | Some(Value::Null) => vec![if onevision { -1 } else { -2 }],
             Some(Value::Number(n)) => vec![n.as_i64().ok_or_else(|| {
                 ModelError::Config("vision_feature_layer must be an integer".into())
             })?],
@@ -449,7 +694,7 @@ impl LlavaConfig {
         let vision_feature_select_strategy = match raw
             .vision_feature_select_strategy
             .as_deref()
-            .unwrap_or("default")
+            .unwrap_or(if onevision { "full" } else { "default" })
         {
             "default" => SelectStrategy::Default,
             "full" => SelectStrategy::Full,
@@ -459,6 +704,33 @@ impl LlavaConfig {
                 )));
             }
         };
+        let anyres = match architecture {
+            Architecture::Llava => None,
+            Architecture::LlavaNext => Some(AnyResConfig {
+                pinpoints: pinpoints(
+                    &raw.image_grid_pinpoints,
+                    vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+                )?,
+                max_tiles: None,
+            }),
+            Architecture::LlavaOnevision => Some(AnyResConfig {
+                pinpoints: pinpoints(
+                    &raw.image_grid_pinpoints,
+                    (1..=6)
+                        .flat_map(|i| (1..=6).map(move |j| (i * 384, j * 384)))
+                        .collect(),
+                )?,
+                max_tiles: Some(max_tiles(raw.vision_aspect_ratio.as_deref())?),
+            }),
+        };
+        // A tile's features must be its grid (transformers reshapes them to one).
+        let tile_is_grid =
+            vision.has_cls() == (vision_feature_select_strategy == SelectStrategy::Default);
+        if anyres.is_some() && !tile_is_grid {
+            return Err(ModelError::Config(
+                "any-resolution tiling needs each tile's features to be exactly its patch grid: CLIP with the `default` select strategy or SigLIP with `full` (transformers fails on the other combinations)".into(),
+            ));
+        }
         // LlavaConfig.__post_init__: tied if either the top level or text_config says so.
         let tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(false)
             || raw_text.tie_word_embeddings.unwrap_or(false);
@@ -470,8 +742,9 @@ impl LlavaConfig {
         if eos_token_ids.is_empty() {
             eos_token_ids = ids(&raw.eos_token_id, "eos_token_id")?;
         }
-        if eos_token_ids.is_empty() && raw_text.eos_token_id.is_none() {
-            eos_token_ids = vec![2]; // LlamaConfig default
+        let llama_like = text.family != TextFamily::Qwen2;
+        if eos_token_ids.is_empty() && raw_text.eos_token_id.is_none() && llama_like {
+            eos_token_ids = vec![2]; // LlamaConfig / MistralConfig default
         }
         let bos_token_id = match (
             &gen_cfg.bos_token_id,
@@ -481,18 +754,21 @@ impl LlavaConfig {
             (Some(v), _, _) => one_id(&Some(v.clone()), "generation_config.bos_token_id")?,
             (None, Some(v), _) => one_id(&Some(v.clone()), "text_config.bos_token_id")?,
             (None, None, Some(v)) => one_id(&Some(v.clone()), "bos_token_id")?,
-            (None, None, None) => Some(1), // LlamaConfig default
+            // LlamaConfig / MistralConfig default; Qwen2Config has none.
+            (None, None, None) => llama_like.then_some(1),
         };
         let pad_token_id = one_id(&gen_cfg.pad_token_id, "pad_token_id")?
             .or(one_id(&raw.pad_token_id, "pad_token_id")?)
             .or(one_id(&raw_text.pad_token_id, "text_config.pad_token_id")?);
 
-        Ok(LlavaConfig {
+        let cfg = LlavaConfig {
+            architecture,
+            anyres,
             vocab_size: text.vocab_size,
             image_token_id: raw
                 .image_token_index
                 .or(raw.image_token_id)
-                .unwrap_or(32000),
+                .unwrap_or(if onevision { 151646 } else { 32000 }),
             projector_hidden_act: Activation::from_hf(
                 raw.projector_hidden_act.as_deref().unwrap_or("gelu"),
             )?,
@@ -505,7 +781,12 @@ impl LlavaConfig {
             pad_token_id,
             text,
             vision,
-        })
+        };
+        if let ImageTokens::AnyRes(a) = cfg.image_tokens() {
+            a.validate()
+                .map_err(|e| ModelError::Config(e.to_string()))?;
+        }
+        Ok(cfg)
     }
 
     /// Reads `config.json` (required) and `generation_config.json` (optional) from `dir`.
@@ -527,12 +808,24 @@ impl LlavaConfig {
         })
     }
 
-    /// Number of image features per image after the select strategy.
-    pub fn num_image_tokens(&self) -> usize {
-        let n = self.vision.grid() * self.vision.grid();
-        match self.vision_feature_select_strategy {
-            SelectStrategy::Default => n,
-            SelectStrategy::Full => n + 1,
+    /// Image features of one tile (the whole image for LLaVA-1.5) after the select strategy.
+    pub fn tile_tokens(&self) -> usize {
+        let dropped = self.vision_feature_select_strategy == SelectStrategy::Default;
+        self.vision.num_positions() - dropped as usize
+    }
+
+    /// How many tokens an image becomes (see [`ImageTokens`]).
+    pub fn image_tokens(&self) -> ImageTokens {
+        match &self.anyres {
+            None => ImageTokens::Fixed(self.tile_tokens()),
+            Some(a) => ImageTokens::AnyRes(AnyRes {
+                pinpoints: a.pinpoints.clone(),
+                tile: self.vision.image_size,
+                grid: self.vision.grid(),
+                base_tokens: self.tile_tokens(),
+                max_tiles: a.max_tiles,
+                tile_single_images_only: self.architecture == Architecture::LlavaOnevision,
+            }),
         }
     }
 
@@ -594,7 +887,7 @@ mod tests {
         assert_eq!(c.text.rms_norm_eps, 1e-5);
         assert_eq!(c.vocab_size, 32064);
         assert_eq!(c.vision.hidden_act, Activation::QuickGelu);
-        assert_eq!(c.num_image_tokens(), 576);
+        assert_eq!(c.tile_tokens(), 576);
         assert_eq!(c.resolved_feature_layers(), vec![23]);
         assert_eq!(c.image_token_id, 32000);
         assert_eq!(c.eos_token_ids, vec![2]);
@@ -616,7 +909,7 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![2, 7]);
         // vision_config given as absent -> CLIP-L/336 defaults
         assert_eq!(c.resolved_feature_layers(), vec![24, 0]);
-        assert_eq!(c.num_image_tokens(), 577);
+        assert_eq!(c.tile_tokens(), 577);
     }
 
     #[test]

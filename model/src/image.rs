@@ -1,10 +1,18 @@
-//! Image decoding under size limits and `CLIPImageProcessor` preprocessing.
+//! Image decoding under size limits and `CLIPImageProcessor` / `LlavaNextImageProcessor` /
+//! `LlavaOnevisionImageProcessor` preprocessing.
 //!
 //! [`ImageProcessor`] reads `preprocessor_config.json` and applies exactly the steps it names,
 //! in transformers' order (the PIL backend, `image_processing_backends.PilBackend`): convert
 //! to RGB, resize (shortest edge, `int(size * long / short)` for the long edge, Pillow's
 //! resampling via [`crate::resample`]), center crop (zero padding when the image is smaller),
 //! rescale (`f32(f64(x) * factor)`), normalize (`(x - mean) / std` in f32).
+//!
+//! Any-resolution checkpoints first cut the image into tiles ([`Tiling`]), each then
+//! preprocessed as above: the whole image squashed to the tile size (the *base* tile), then
+//! the image resized to fit the best pinpoint (aspect ratio kept, `get_patch_output_size`),
+//! zero-padded to it (centred, on the 8-bit pixels) and cut into tiles row by row. OneVision's
+//! images of a several-image prompt are instead padded to a square with the mean colour and
+//! make one tile.
 
 use std::path::Path;
 
@@ -13,6 +21,7 @@ use image::DynamicImage;
 use serde::Deserialize;
 use serde_json::Value;
 use specllava_prompt::image::{ImageLimits, decode_image};
+use specllava_prompt::image_tokens::{AnyRes, fit_within};
 
 use crate::config::read_required;
 use crate::error::{ModelError, Result};
@@ -36,7 +45,18 @@ pub enum ResizeTo {
     },
 }
 
-/// A resolved `CLIPImageProcessor` configuration.
+/// How an image becomes the vision tower's tiles.
+#[derive(Debug, Clone, Copy)]
+pub enum Tiling<'a> {
+    /// One tile: the image preprocessed as is (LLaVA-1.5).
+    Single,
+    /// The base tile plus the tiles of the best pinpoint (LLaVA-NeXT, OneVision).
+    AnyRes(&'a AnyRes),
+    /// Padded to a square with the mean colour, one tile (OneVision, several images).
+    PadToSquare,
+}
+
+/// A resolved image-processor configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
     /// Resize step, if enabled.
@@ -49,10 +69,16 @@ pub struct ImageProcessor {
     pub rescale_factor: Option<f64>,
     /// Normalisation (mean, std) per channel, if enabled.
     pub normalize: Option<([f32; 3], [f32; 3])>,
+    /// The image mean as configured (the padding colour of [`Tiling::PadToSquare`], as
+    /// `int(mean * 255)`), whether or not normalisation is on.
+    pub image_mean: [f32; 3],
+    /// `image_grid_pinpoints`, when the file names them (any-resolution processors).
+    pub grid_pinpoints: Option<Vec<(usize, usize)>>,
 }
 
 #[derive(Deserialize, Default)]
 struct RawProcessor {
+    image_processor_type: Option<String>,
     do_resize: Option<bool>,
     size: Option<Value>,
     resample: Option<u64>,
@@ -63,6 +89,7 @@ struct RawProcessor {
     do_normalize: Option<bool>,
     image_mean: Option<Value>,
     image_std: Option<Value>,
+    image_grid_pinpoints: Option<Vec<(usize, usize)>>,
 }
 
 // transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (Python floats, cast to f32 like numpy does).
@@ -102,11 +129,21 @@ impl ImageProcessor {
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawProcessor = serde_json::from_str(text)
             .map_err(|e| ModelError::Config(format!("preprocessor_config.json: {e}")))?;
+        // LlavaOnevisionImageProcessor's class defaults differ from CLIP's: a 384 x 384
+        // resize and no center crop.
+        let onevision = raw
+            .image_processor_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("LlavaOnevisionImageProcessor"));
         let bad = |what: &str| {
             ModelError::Config(format!("preprocessor_config.json: unsupported `{what}`"))
         };
         let resize = if raw.do_resize.unwrap_or(true) {
             Some(match &raw.size {
+                None | Some(Value::Null) if onevision => ResizeTo::Exact {
+                    height: 384,
+                    width: 384,
+                },
                 None | Some(Value::Null) => ResizeTo::ShortestEdge(224),
                 // CLIP uses default_to_square=False: an int means the shortest edge.
                 Some(Value::Number(n)) => {
@@ -135,7 +172,7 @@ impl ImageProcessor {
             None => Filter::Bicubic,
             Some(n) => Filter::from_pil(n).ok_or_else(|| bad("resample"))?,
         };
-        let crop = if raw.do_center_crop.unwrap_or(true) {
+        let crop = if raw.do_center_crop.unwrap_or(!onevision) {
             Some(match &raw.crop_size {
                 None | Some(Value::Null) => (224, 224),
                 Some(Value::Number(n)) => {
@@ -156,9 +193,10 @@ impl ImageProcessor {
         } else {
             None
         };
+        let image_mean = triple(&raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?;
         let normalize = if raw.do_normalize.unwrap_or(true) {
             Some((
-                triple(&raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+                image_mean,
                 triple(&raw.image_std, OPENAI_CLIP_STD, "image_std")?,
             ))
         } else {
@@ -170,6 +208,8 @@ impl ImageProcessor {
             crop,
             rescale_factor,
             normalize,
+            image_mean,
+            grid_pinpoints: raw.image_grid_pinpoints,
         })
     }
 
@@ -196,18 +236,100 @@ impl ImageProcessor {
 
     /// Preprocesses an image into a `[3, H, W]` f32 tensor on `device`.
     pub fn preprocess_on(&self, img: &DynamicImage, device: &Device) -> Result<Tensor> {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        if w == 0 || h == 0 {
-            return Err(ModelError::InvalidImage(
-                "image has zero width or height".into(),
-            ));
-        }
-        let mut im = Image8 {
-            width: w,
-            height: h,
-            channels: 3,
-            data: rgb8(img),
+        let im = self.tile_pixels(&image8(img)?)?;
+        let (h, w) = (im.height, im.width);
+        Ok(Tensor::from_vec(self.normalized(&im), (3, h, w), device)?)
+    }
+
+    /// Cuts an image into tiles as `tiling` says and preprocesses each: `[tiles, 3, H, W]`
+    /// f32 on `device` (one tile for [`Tiling::Single`] and [`Tiling::PadToSquare`]).
+    pub fn preprocess_tiles(
+        &self,
+        img: &DynamicImage,
+        tiling: Tiling<'_>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let im = image8(img)?;
+        let tiles = match tiling {
+            Tiling::Single => vec![im],
+            Tiling::PadToSquare => {
+                let color = self.image_mean.map(|m| (m as f64 * 255.0) as u8);
+                vec![pad_to_square(&im, color)]
+            }
+            Tiling::AnyRes(a) => self.anyres_tiles(&im, a)?,
         };
+        let mut out = Vec::with_capacity(tiles.len());
+        let mut shape = (0, 0);
+        for tile in &tiles {
+            let tile = self.tile_pixels(tile)?;
+            shape = (tile.height, tile.width);
+            out.extend(self.normalized(&tile));
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (tiles.len(), 3, shape.0, shape.1),
+            device,
+        )?)
+    }
+
+    /// The square size of the base tile and the grid tiles (`size` height/width, else the
+    /// shortest edge).
+    fn tile_size(&self) -> Result<usize> {
+        match self.resize {
+            Some(ResizeTo::Exact { height, width }) if height == width => Ok(height),
+            Some(ResizeTo::ShortestEdge(s)) => Ok(s),
+            _ => Err(ModelError::Config(
+                "preprocessor_config.json: any-resolution tiling needs a square `size`".into(),
+            )),
+        }
+    }
+
+    /// `get_image_patches`: the base tile (the image squashed to the tile size), then the
+    /// image resized into the best pinpoint, zero-padded to it (centred) and cut row by row.
+    fn anyres_tiles(&self, im: &Image8, a: &AnyRes) -> Result<Vec<Image8>> {
+        let side = self.tile_size()?;
+        if side != a.tile {
+            return Err(ModelError::Config(format!(
+                "preprocessor_config.json tiles {side} pixels but the vision tower takes {}",
+                a.tile
+            )));
+        }
+        let (bh, bw) = a.best_resolution(im.height, im.width);
+        let (nh, nw) = fit_within((im.height, im.width), (bh, bw));
+        let fitted = resize(im, nw, nh, self.resample);
+        let (top, left) = ((bh - nh) / 2, (bw - nw) / 2);
+        let mut tiles = vec![resize(im, side, side, self.resample)];
+        for ty in 0..bh / side {
+            for tx in 0..bw / side {
+                let mut data = vec![0u8; side * side * 3];
+                for y in 0..side {
+                    // Row y of the tile is row ty * side + y of the padded image.
+                    let Some(sy) = (ty * side + y).checked_sub(top).filter(|&r| r < nh) else {
+                        continue;
+                    };
+                    for x in 0..side {
+                        let Some(sx) = (tx * side + x).checked_sub(left).filter(|&c| c < nw) else {
+                            continue;
+                        };
+                        let s = (sy * nw + sx) * 3;
+                        data[(y * side + x) * 3..][..3].copy_from_slice(&fitted.data[s..s + 3]);
+                    }
+                }
+                tiles.push(Image8 {
+                    width: side,
+                    height: side,
+                    channels: 3,
+                    data,
+                });
+            }
+        }
+        Ok(tiles)
+    }
+
+    /// The resize and crop steps of one tile (or of the whole image, for LLaVA-1.5).
+    fn tile_pixels(&self, im: &Image8) -> Result<Image8> {
+        let (w, h) = (im.width, im.height);
+        let mut im = im.clone();
         if let Some(r) = self.resize {
             let (out_h, out_w) = match r {
                 ResizeTo::Exact { height, width } => (height, width),
@@ -230,6 +352,11 @@ impl ImageProcessor {
         if let Some((ch, cw)) = self.crop {
             im = center_crop(&im, ch, cw);
         }
+        Ok(im)
+    }
+
+    /// Rescale and normalise: planar `[3, H, W]` f32 values.
+    fn normalized(&self, im: &Image8) -> Vec<f32> {
         let (w, h) = (im.width, im.height);
         let mut out = vec![0f32; 3 * h * w];
         for c in 0..3 {
@@ -249,7 +376,43 @@ impl ImageProcessor {
                 out[c * h * w + i] = x;
             }
         }
-        Ok(Tensor::from_vec(out, (3, h, w), device)?)
+        out
+    }
+}
+
+/// The decoded image as 8-bit RGB; refuses an empty one.
+fn image8(img: &DynamicImage) -> Result<Image8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(ModelError::InvalidImage(
+            "image has zero width or height".into(),
+        ));
+    }
+    Ok(Image8 {
+        width: w,
+        height: h,
+        channels: 3,
+        data: rgb8(img),
+    })
+}
+
+/// `pad_to_square`: the image centred on a square of its longer side filled with `color`.
+fn pad_to_square(im: &Image8, color: [u8; 3]) -> Image8 {
+    let side = im.width.max(im.height);
+    if im.width == im.height {
+        return im.clone();
+    }
+    let mut data: Vec<u8> = std::iter::repeat_n(color, side * side).flatten().collect();
+    let (top, left) = ((side - im.height) / 2, (side - im.width) / 2);
+    for y in 0..im.height {
+        let d = ((top + y) * side + left) * 3;
+        data[d..d + im.width * 3].copy_from_slice(&im.data[y * im.width * 3..][..im.width * 3]);
+    }
+    Image8 {
+        width: side,
+        height: side,
+        channels: 3,
+        data,
     }
 }
 

@@ -16,6 +16,7 @@
 //! in the checkpoint's precision and widened in registers); on other devices, or with
 //! [`Backend::Candle`], on candle's kernels with f32 weights (`--features cuda` for NVIDIA GPUs).
 
+mod anyres;
 pub mod backend;
 pub mod config;
 pub mod cpu;
@@ -35,15 +36,18 @@ pub mod widen;
 pub use ::image::DynamicImage;
 pub use backend::{Backend, CpuKernel, CpuSettings};
 pub use candle_core::{DType, Device, Tensor};
-pub use config::{LlavaConfig, SelectStrategy, TextConfig, VisionConfig};
+pub use config::{
+    AnyResConfig, Architecture, LlavaConfig, SelectStrategy, TextConfig, TextFamily, TowerKind,
+    VisionConfig,
+};
 pub use error::ModelError;
 pub use image::ImageProcessor;
 pub use kv::KvCache;
-pub use llava::{Llava, PrefillImages, TreeBatchItem};
+pub use llava::{ImagePixels, Llava, PrefillImages, TreeBatchItem, VisionFeatures};
 pub use timing::{CALIBRATION_PROMPT_ROWS, ForwardTimer, SweepPlan, TimedForward};
 // The prompt side (tokenizer, chat template, image checks) lives in `specllava-prompt`, which
 // links no candle; re-exported here for the model services.
 pub use specllava_prompt::{
-    ChatTemplate, ChatTurn, Fnv1a64, ImageLimits, LlavaTokenizer, Message, chat,
-    check_image_header, decode_image, tokenizer,
+    AnyRes, ChatTemplate, ChatTurn, Fnv1a64, ImageLimits, ImageTokens, LlavaTokenizer, Message,
+    chat, check_image_header, decode_image, tokenizer,
 };

@@ -40,14 +40,14 @@ impl DecoderLayer {
         let kv_dim = c.num_key_value_heads * c.head_dim;
         let a = w.pp("self_attn.");
         let m = w.pp("mlp.");
-        let ab = c.attention_bias;
+        let (qkv_b, o_b) = (c.qkv_bias, c.o_bias);
         let mb = c.mlp_bias;
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::load(w, "input_layernorm", h, c.rms_norm_eps)?,
-            q_proj: Linear::load(&a, "q_proj", h, q_dim, ab, Backend::Candle)?,
-            k_proj: Linear::load(&a, "k_proj", h, kv_dim, ab, Backend::Candle)?,
-            v_proj: Linear::load(&a, "v_proj", h, kv_dim, ab, Backend::Candle)?,
-            o_proj: Linear::load(&a, "o_proj", q_dim, h, ab, Backend::Candle)?,
+            q_proj: Linear::load(&a, "q_proj", h, q_dim, qkv_b, Backend::Candle)?,
+            k_proj: Linear::load(&a, "k_proj", h, kv_dim, qkv_b, Backend::Candle)?,
+            v_proj: Linear::load(&a, "v_proj", h, kv_dim, qkv_b, Backend::Candle)?,
+            o_proj: Linear::load(&a, "o_proj", q_dim, h, o_b, Backend::Candle)?,
             post_attention_layernorm: RmsNorm::load(
                 w,
                 "post_attention_layernorm",

@@ -1,20 +1,27 @@
-//! `LlavaForConditionalGeneration`: loading, prefill with images, tree forward, packed batches.
+//! LLaVA models (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
+//! `LlavaOnevisionForConditionalGeneration`): loading, prefill with images, tree forward,
+//! packed batches.
 //!
-//! Reference: transformers `models/llava/modeling_llava.py`; Liu et al., "Improved Baselines with
-//! Visual Instruction Tuning" (LLaVA-1.5, arXiv 2310.03744).
+//! References: transformers `models/llava/modeling_llava.py`, `models/llava_next/`,
+//! `models/llava_onevision/`; Liu et al., "Improved Baselines with Visual Instruction Tuning"
+//! (LLaVA-1.5, arXiv 2310.03744); LLaVA-NeXT (2024); Li et al., "LLaVA-OneVision" (arXiv
+//! 2408.03326).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
+use specllava_prompt::ImageTokens;
 
+use crate::anyres::pack;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::cpu::{CpuDecoder, LogitRows};
 use crate::error::{ModelError, Result};
-use crate::image::ImageProcessor;
+use crate::image::{ImageProcessor, Tiling};
 use crate::kv::{KvCache, PendingNode};
 use crate::llama::Decoder;
-use crate::segment::{Segment, Visibility};
+use crate::segment::{Segment, Visibility, window_start};
 use crate::vision::{Projector, VisionTower, select_features};
 use crate::weights::Weights;
 use specllava_prompt::Fnv1a64;
@@ -29,6 +36,8 @@ const VISION_PREFIXES: &[&str] = &[
     "vision_tower.",
 ];
 const PROJECTOR_PREFIXES: &[&str] = &["multi_modal_projector.", "model.multi_modal_projector."];
+/// Names of the any-resolution models' `image_newline` vector in the two layouts.
+const NEWLINE_NAMES: &[&str] = &["image_newline", "model.image_newline"];
 
 /// The decoder of one backend.
 enum DecoderImpl {
@@ -44,6 +53,10 @@ pub struct Llava {
     projector: Projector,
     decoder: DecoderImpl,
     image_processor: ImageProcessor,
+    /// How many tokens an image becomes.
+    image_tokens: ImageTokens,
+    /// Any-resolution models' `image_newline` `[text_hidden]`, appended to every packed row.
+    image_newline: Option<Tensor>,
     device: Device,
     /// The dtype of the weights, activations and KV (f32 on the CPU backend).
     dtype: DType,
@@ -51,16 +64,47 @@ pub struct Llava {
     vision_fingerprint: String,
 }
 
-/// The images of a prefill, one per image placeholder: preprocessed pixels `[3, H, W]`, or
-/// their vision features `[num_image_tokens, vision_feature_dim]` computed by
-/// [`Llava::vision_features`] of a model with the same [`Llava::vision_fingerprint`] (what
-/// the projector takes; the result is the same bits either way).
+/// One image ready for the vision tower: its preprocessed tiles and its size.
+#[derive(Debug, Clone)]
+pub struct ImagePixels {
+    /// `[tiles, 3, H, W]` preprocessed pixels (one tile for LLaVA-1.5).
+    pub tiles: Tensor,
+    /// The original image's `(height, width)`, which any-resolution packing needs.
+    pub image_size: (usize, usize),
+}
+
+impl ImagePixels {
+    /// A LLaVA-1.5 image: one preprocessed `[3, H, W]` tile.
+    pub fn single(pixels: Tensor) -> Result<Self> {
+        let (_, h, w) = pixels.dims3()?;
+        Ok(ImagePixels {
+            tiles: pixels.unsqueeze(0)?,
+            image_size: (h, w),
+        })
+    }
+}
+
+/// One image's vision features: the tower's selected output for each of its tiles, before the
+/// projector, `[tiles * tile_tokens, vision_feature_dim]`, and the image's size. Models with
+/// the same [`Llava::vision_fingerprint`] compute the same bits for the same image.
+#[derive(Debug, Clone)]
+pub struct VisionFeatures {
+    /// `[tiles * tile_tokens, vision_feature_dim]`.
+    pub rows: Tensor,
+    /// The original image's `(height, width)`.
+    pub image_size: (usize, usize),
+}
+
+/// The images of a prefill, one per image placeholder: their pixels, or their vision features
+/// computed by [`Llava::vision_features`] of a model with the same
+/// [`Llava::vision_fingerprint`] (what the projector takes; the result is the same bits either
+/// way).
 #[derive(Debug, Clone)]
 pub enum PrefillImages {
     /// Preprocessed pixels.
-    Pixels(Vec<Tensor>),
+    Pixels(Vec<ImagePixels>),
     /// Vision features.
-    VisionFeatures(Vec<Tensor>),
+    VisionFeatures(Vec<VisionFeatures>),
 }
 
 impl PrefillImages {
@@ -72,13 +116,22 @@ impl PrefillImages {
     /// Number of images.
     pub fn len(&self) -> usize {
         match self {
-            PrefillImages::Pixels(v) | PrefillImages::VisionFeatures(v) => v.len(),
+            PrefillImages::Pixels(v) => v.len(),
+            PrefillImages::VisionFeatures(v) => v.len(),
         }
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Each image's `(height, width)`.
+    pub fn sizes(&self) -> Vec<(usize, usize)> {
+        match self {
+            PrefillImages::Pixels(v) => v.iter().map(|p| p.image_size).collect(),
+            PrefillImages::VisionFeatures(v) => v.iter().map(|f| f.image_size).collect(),
+        }
     }
 }
 
@@ -220,12 +273,36 @@ impl Llava {
             &cfg,
             backend,
         )?;
+        let image_tokens = cfg.image_tokens();
+        let image_newline = match &cfg.anyres {
+            None => None,
+            Some(anyres) => {
+                if let Some(p) = &image_processor.grid_pinpoints
+                    && *p != anyres.pinpoints
+                {
+                    return Err(ModelError::Config(format!(
+                        "preprocessor_config.json's image_grid_pinpoints {p:?} differ from config.json's {:?}",
+                        anyres.pinpoints
+                    )));
+                }
+                let name = NEWLINE_NAMES
+                    .iter()
+                    .find(|n| w.contains(n))
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: NEWLINE_NAMES.join(" or "),
+                        dir: w.dir().to_path_buf(),
+                    })?;
+                Some(w.get(name, &[cfg.text.hidden_size])?)
+            }
+        };
         Ok(Llava {
             cfg,
             vision,
             projector,
             decoder,
             image_processor,
+            image_tokens,
+            image_newline,
             device: device.clone(),
             dtype,
             vision_fingerprint,
@@ -264,9 +341,20 @@ impl Llava {
         self.dtype
     }
 
-    /// Image features per image (after the select strategy).
-    pub fn num_image_tokens(&self) -> usize {
-        self.cfg.num_image_tokens()
+    /// How many tokens an image becomes.
+    pub fn image_tokens(&self) -> &ImageTokens {
+        &self.image_tokens
+    }
+
+    /// Tokens of a `(height, width)` image in a prompt of `images_in_prompt` images.
+    pub fn image_token_count(&self, image_size: (usize, usize), images_in_prompt: usize) -> usize {
+        self.image_tokens
+            .count(image_size.0, image_size.1, images_in_prompt)
+    }
+
+    /// Feature rows of one tile (the whole image for LLaVA-1.5).
+    pub fn tile_tokens(&self) -> usize {
+        self.cfg.tile_tokens()
     }
 
     /// The image preprocessor from `preprocessor_config.json`.
@@ -320,68 +408,106 @@ impl Llava {
         self.cfg.vision.hidden_size * self.cfg.vision_feature_layers.len().max(1)
     }
 
-    /// Vision features `[num_image_tokens, vision_feature_dim]` for each preprocessed image
-    /// `[3, H, W]`: the tower's output with the select strategy applied, before the
-    /// projector. The images of one call run as one batch, as in [`Llava::prefill`].
-    pub fn vision_features(&self, images: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// Preprocesses a decoded image for a prompt of `images_in_prompt` images: one tile
+    /// (LLaVA-1.5), the any-resolution tiles, or (OneVision, several images) one padded tile.
+    pub fn preprocess(&self, img: &DynamicImage, images_in_prompt: usize) -> Result<ImagePixels> {
+        let tiling = match &self.image_tokens {
+            ImageTokens::Fixed(_) => Tiling::Single,
+            ImageTokens::AnyRes(a) if a.tiles_image(images_in_prompt) => Tiling::AnyRes(a),
+            ImageTokens::AnyRes(_) => Tiling::PadToSquare,
+        };
+        Ok(ImagePixels {
+            tiles: self
+                .image_processor
+                .preprocess_tiles(img, tiling, &self.device)?,
+            image_size: (img.height() as usize, img.width() as usize),
+        })
+    }
+
+    /// Vision features of each image (see [`VisionFeatures`]): the tower's selected output
+    /// per tile, before the projector. All tiles of one call run as one batch.
+    pub fn vision_features(&self, images: &[ImagePixels]) -> Result<Vec<VisionFeatures>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let feats = self.selected_features(images)?;
-        Ok((0..images.len())
-            .map(|i| feats.get(i))
-            .collect::<candle_core::Result<_>>()?)
-    }
-
-    /// Projected features `[N, text_hidden]` for each preprocessed image `[3, H, W]`.
-    pub fn image_features(&self, images: &[Tensor]) -> Result<Vec<Tensor>> {
-        if images.is_empty() {
-            return Ok(Vec::new());
+        let feats = self.selected_features(images)?; // [tiles, tile_tokens, F]
+        let mut out = Vec::with_capacity(images.len());
+        let mut start = 0;
+        for img in images {
+            let n = img.tiles.dim(0)?;
+            let rows = feats.narrow(0, start, n)?;
+            let (t, p, f) = rows.dims3()?;
+            out.push(VisionFeatures {
+                rows: rows.reshape((t * p, f))?,
+                image_size: img.image_size,
+            });
+            start += n;
         }
-        let feats = self.selected_features(images)?;
-        self.project(&feats, images.len())
+        Ok(out)
     }
 
-    /// Projected features `[N, text_hidden]` for each image's vision features.
-    fn project_vision_features(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// Each image's token rows `[n_i, text_hidden]`: projected, and packed for
+    /// any-resolution models.
+    pub fn image_features(&self, images: &[ImagePixels]) -> Result<Vec<Tensor>> {
+        let feats = self.vision_features(images)?;
+        self.project_vision_features(&feats)
+    }
+
+    /// Each image's token rows from its vision features (checked against this model).
+    fn project_vision_features(&self, features: &[VisionFeatures]) -> Result<Vec<Tensor>> {
         if features.is_empty() {
             return Ok(Vec::new());
         }
-        let (rows, dim) = (self.num_image_tokens(), self.vision_feature_dim());
+        let (p, dim) = (self.tile_tokens(), self.vision_feature_dim());
         let mut batch = Vec::with_capacity(features.len());
+        let mut tiles = Vec::with_capacity(features.len());
         for (i, f) in features.iter().enumerate() {
-            if f.dims() != [rows, dim] {
+            let (rows, d) = f.rows.dims2()?;
+            if d != dim || rows == 0 || !rows.is_multiple_of(p) {
                 return Err(ModelError::InvalidInput(format!(
-                    "vision features of image {i} have shape {:?}, expected [{rows}, {dim}]",
-                    f.dims()
+                    "vision features of image {i} have shape {:?}, expected [tiles * {p}, {dim}]",
+                    f.rows.dims()
                 )));
             }
-            batch.push(f.to_device(&self.device)?.to_dtype(self.dtype)?);
+            if self.cfg.anyres.is_none() && rows != p {
+                return Err(ModelError::InvalidInput(format!(
+                    "vision features of image {i} have {rows} rows, this model takes {p}"
+                )));
+            }
+            tiles.push(rows / p);
+            batch.push(f.rows.to_device(&self.device)?.to_dtype(self.dtype)?);
         }
-        self.project(&Tensor::stack(&batch, 0)?, features.len())
+        let all = Tensor::cat(&batch, 0)?.unsqueeze(0)?;
+        let projected = self.projector.forward(&all)?.squeeze(0)?; // [rows, hidden]
+        let hidden = self.cfg.text.hidden_size;
+        let mut out = Vec::with_capacity(features.len());
+        let mut start = 0;
+        for (f, &t) in features.iter().zip(&tiles) {
+            let rows = projected.narrow(0, start, t * p)?;
+            start += t * p;
+            out.push(match (&self.image_tokens, &self.image_newline) {
+                (ImageTokens::AnyRes(a), Some(newline)) => {
+                    pack(&rows.reshape((t, p, hidden))?, f.image_size, a, newline)?
+                }
+                _ => rows,
+            });
+        }
+        Ok(out)
     }
 
-    /// The projector over `[B, N, F]` selected features, split per image.
-    fn project(&self, feats: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-        let proj = self.projector.forward(feats)?; // [B, N, hidden]
-        Ok((0..n)
-            .map(|i| proj.get(i))
-            .collect::<candle_core::Result<_>>()?)
-    }
-
-    /// The tower's selected output `[B, N, F]` for preprocessed images `[3, H, W]`.
-    fn selected_features(&self, images: &[Tensor]) -> Result<Tensor> {
+    /// The tower's selected output `[tiles, tile_tokens, F]` for all images' tiles.
+    fn selected_features(&self, images: &[ImagePixels]) -> Result<Tensor> {
         let mut batch = Vec::with_capacity(images.len());
         for (i, img) in images.iter().enumerate() {
-            if img.rank() != 3 {
+            if img.tiles.rank() != 4 {
                 return Err(ModelError::InvalidInput(format!(
-                    "image {i} has shape {:?}, expected [3, H, W]",
-                    img.dims()
+                    "image {i} has shape {:?}, expected [tiles, 3, H, W]",
+                    img.tiles.dims()
                 )));
             }
-            batch.push(img.to_device(&self.device)?.to_dtype(self.dtype)?);
+            batch.push(img.tiles.to_device(&self.device)?.to_dtype(self.dtype)?);
         }
-        let pixels = Tensor::stack(&batch, 0)?;
+        let pixels = Tensor::cat(&batch, 0)?;
         let feats = self.vision.forward(&pixels)?;
         Ok(select_features(
             &feats,
@@ -389,11 +515,42 @@ impl Llava {
         )?)
     }
 
+    /// Tokens of an image given as `tiles` tiles: one tile is the whole image (plus a
+    /// newline row for any-resolution models), several are packed.
+    fn tokens_of(&self, tiles: usize, image_size: (usize, usize)) -> usize {
+        match &self.image_tokens {
+            ImageTokens::Fixed(n) => *n,
+            ImageTokens::AnyRes(a) if tiles == 1 => a.base_tokens + 1,
+            ImageTokens::AnyRes(a) => a.layout(image_size.0, image_size.1).tokens(a.base_tokens),
+        }
+    }
+
+    /// Each image's token count, from its tiles and size.
+    fn image_counts(&self, images: &PrefillImages) -> Result<Vec<usize>> {
+        let tiles: Vec<usize> = match images {
+            PrefillImages::Pixels(px) => px
+                .iter()
+                .map(|p| p.tiles.dim(0))
+                .collect::<candle_core::Result<_>>()?,
+            PrefillImages::VisionFeatures(f) => {
+                let p = self.tile_tokens().max(1);
+                f.iter()
+                    .map(|f| Ok(f.rows.dim(0)? / p))
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok(tiles
+            .iter()
+            .zip(images.sizes())
+            .map(|(&t, size)| self.tokens_of(t, size))
+            .collect())
+    }
+
     /// Splits `input_ids` at image placeholders: a run of image ids is one image when its
-    /// length is 1, else `len / num_image_tokens` images (already expanded, as HF does).
-    fn split_prompt<'a>(&self, ids: &'a [u32]) -> Result<Vec<Piece<'a>>> {
+    /// length is 1, else that many images already expanded (as HF does), their `counts`
+    /// summing to the run's length.
+    fn split_prompt<'a>(&self, ids: &'a [u32], counts: &[usize]) -> Result<Vec<Piece<'a>>> {
         let img = self.cfg.image_token_id;
-        let n_img = self.num_image_tokens();
         let mut pieces = Vec::new();
         let mut next_image = 0;
         let mut i = 0;
@@ -408,18 +565,26 @@ impl Llava {
                 continue;
             }
             let run = i - start;
-            let count = if run == 1 {
-                1
-            } else if run.is_multiple_of(n_img) {
-                run / n_img
-            } else {
-                return Err(ModelError::InvalidInput(format!(
-                    "a run of {run} image tokens is neither one placeholder nor a multiple of {n_img} image features"
-                )));
-            };
-            for _ in 0..count {
+            if run == 1 {
                 pieces.push(Piece::Image(next_image));
                 next_image += 1;
+                continue;
+            }
+            let mut covered = 0;
+            while covered < run {
+                let Some(&n) = counts.get(next_image) else {
+                    return Err(ModelError::InvalidInput(format!(
+                        "a run of {run} image tokens is longer than the remaining images' features"
+                    )));
+                };
+                covered += n;
+                pieces.push(Piece::Image(next_image));
+                next_image += 1;
+            }
+            if covered != run {
+                return Err(ModelError::InvalidInput(format!(
+                    "a run of {run} image tokens is neither one placeholder nor the images' {covered} expanded tokens"
+                )));
             }
         }
         Ok(pieces)
@@ -428,16 +593,20 @@ impl Llava {
     /// Appends `input_ids` (with images) to the committed part of `kv` with causal attention
     /// and returns the logits of the last position, f32 `[vocab]`.
     ///
-    /// Each image placeholder (one `<image>` id, or a run of exactly `num_image_tokens` ids)
-    /// is replaced by the projected features of the next image in `images` (`[3, H, W]`
-    /// preprocessed pixels). `kv` must have no pending nodes.
+    /// Each image placeholder (one `<image>` id, or a run of exactly the image's tokens) is
+    /// replaced by the features of the next image in `images` (LLaVA-1.5 `[3, H, W]`
+    /// preprocessed pixels, see [`ImagePixels::single`]). `kv` must have no pending nodes.
     pub fn prefill(
         &self,
         kv: &mut KvCache,
         input_ids: &[u32],
         images: &[Tensor],
     ) -> Result<Tensor> {
-        self.prefill_images(kv, input_ids, &PrefillImages::Pixels(images.to_vec()))
+        let images = images
+            .iter()
+            .map(|t| ImagePixels::single(t.clone()))
+            .collect::<Result<_>>()?;
+        self.prefill_images(kv, input_ids, &PrefillImages::Pixels(images))
     }
 
     /// [`Llava::prefill`] with pixels or vision features.
@@ -457,7 +626,7 @@ impl Llava {
         if input_ids.is_empty() {
             return Err(ModelError::InvalidInput("empty prompt".into()));
         }
-        let pieces = self.split_prompt(input_ids)?;
+        let pieces = self.split_prompt(input_ids, &self.image_counts(images)?)?;
         let n_placeholders = pieces
             .iter()
             .filter(|p| matches!(p, Piece::Image(_)))
@@ -476,7 +645,7 @@ impl Llava {
         for p in &pieces {
             parts.push(match p {
                 Piece::Text(ids) => self.embed(ids)?,
-                Piece::Image(i) => features[*i].clone(),
+                Piece::Image(i) => features[*i].to_dtype(self.dtype)?,
             });
         }
         let x = if parts.len() == 1 {
@@ -489,7 +658,7 @@ impl Llava {
         let seg = Segment {
             n: t,
             positions: (c..c + t).map(|p| p as u32).collect(),
-            visible: Visibility::causal(c, t),
+            visible: Visibility::causal(c, t, self.cfg.text.sliding_window),
         };
         kv.reserve(t)?;
         let logits = self.run_decoder(
@@ -672,15 +841,25 @@ impl Llava {
                 )));
             };
             let depth = parent.map_or(0, |q| node(q, &nodes).depth + 1);
+            // Under a sliding window the node sees its last `window - 1` ancestors at most
+            // (ancestor k levels up sits k positions back).
+            let window = self.cfg.text.sliding_window;
+            let max_ancestors = window.map_or(usize::MAX, |w| w - 1);
             ancestors.clear();
             let mut a = parent;
-            while let Some(q) = a {
+            while let Some(q) = a
+                && ancestors.len() < max_ancestors
+            {
                 ancestors.push(c + q);
                 a = node(q, &nodes).parent;
             }
             ancestors.reverse();
             ancestors.push(c + me);
-            visible.push_row(c, ancestors.iter().copied());
+            visible.push_row(
+                window_start(c + depth, window),
+                c,
+                ancestors.iter().copied(),
+            );
             positions.push((c + depth) as u32);
             nodes.push(PendingNode { parent, depth });
         }

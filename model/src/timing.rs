@@ -120,7 +120,7 @@ impl<'m> ForwardTimer<'m> {
     }
 
     /// The timer a service's start-up calibration uses: `sessions` sessions whose prefix is
-    /// an image prompt (the image tokens and [`CALIBRATION_PROMPT_ROWS`] more rows), and of
+    /// an image prompt (one tile's image tokens and [`CALIBRATION_PROMPT_ROWS`] more rows), and of
     /// `sizes` (rows a timed forward adds) those that fit the model's context after it.
     /// `None` when none fits.
     pub fn for_calibration(
@@ -128,7 +128,7 @@ impl<'m> ForwardTimer<'m> {
         sessions: usize,
         sizes: &[usize],
     ) -> Result<Option<(Self, Vec<usize>)>, ModelError> {
-        let prefix_len = model.num_image_tokens() + CALIBRATION_PROMPT_ROWS;
+        let prefix_len = model.tile_tokens() + CALIBRATION_PROMPT_ROWS;
         let max_positions = model.config().text.max_position_embeddings;
         let fitting: Vec<usize> = sizes
             .iter()

@@ -79,13 +79,14 @@ impl ClipLayer {
     }
 }
 
-/// The tower's embeddings as candle tensors: the patch convolution's kernel, CLS, the
-/// position embeddings and `pre_layrnorm`.
+/// The tower's embeddings as candle tensors: the patch convolution's kernel (and SigLIP's
+/// bias), CLIP's CLS, the position embeddings and CLIP's `pre_layrnorm`.
 struct CandleEmbeddings {
     patch_embedding: Tensor,
-    class_embedding: Tensor,
+    patch_bias: Option<Tensor>,
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    pre_layrnorm: Option<LayerNorm>,
 }
 
 /// The embeddings and encoder layers on one backend.
@@ -101,7 +102,7 @@ enum Encoder {
     },
 }
 
-/// CLIP vision tower truncated to the layers LLaVA's feature selection needs.
+/// CLIP or SigLIP vision tower truncated to the layers LLaVA's feature selection needs.
 pub struct VisionTower {
     layers: Encoder,
     feature_layers: Vec<usize>,
@@ -115,6 +116,7 @@ impl VisionTower {
         let feature_layers = cfg.resolved_feature_layers();
         let needed = feature_layers.iter().copied().max().unwrap_or(0);
         let layer = |i: usize| w.pp(&format!("encoder.layers.{i}."));
+        let clip = v.has_cls();
         let layers = match backend {
             Backend::Candle => Encoder::Candle {
                 embeddings: CandleEmbeddings {
@@ -122,17 +124,21 @@ impl VisionTower {
                         "embeddings.patch_embedding.weight",
                         &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size],
                     )?,
-                    class_embedding: w.get("embeddings.class_embedding", &[v.hidden_size])?,
+                    patch_bias: (!clip)
+                        .then(|| w.get("embeddings.patch_embedding.bias", &[v.hidden_size]))
+                        .transpose()?,
+                    class_embedding: clip
+                        .then(|| w.get("embeddings.class_embedding", &[v.hidden_size]))
+                        .transpose()?,
                     position_embedding: w.get(
                         "embeddings.position_embedding.weight",
                         &[v.num_positions(), v.hidden_size],
                     )?,
-                    pre_layrnorm: LayerNorm::load(
-                        w,
-                        "pre_layrnorm",
-                        v.hidden_size,
-                        v.layer_norm_eps,
-                    )?,
+                    pre_layrnorm: clip
+                        .then(|| {
+                            LayerNorm::load(w, "pre_layrnorm", v.hidden_size, v.layer_norm_eps)
+                        })
+                        .transpose()?,
                 },
                 layers: (0..needed)
                     .map(|i| ClipLayer::load(&layer(i), v, backend))
@@ -177,14 +183,23 @@ impl VisionTower {
                     1,
                     1,
                 )?; // [B, hidden, g, g]
-                let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, hidden]
-                let cls = embeddings
-                    .class_embedding
-                    .reshape((1, 1, v.hidden_size))?
-                    .broadcast_as((b, 1, v.hidden_size))?;
-                let x = Tensor::cat(&[&cls, &patches], 1)?;
+                let mut x = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, hidden]
+                if let Some(bias) = &embeddings.patch_bias {
+                    x = x.broadcast_add(bias)?;
+                }
+                if let Some(class) = &embeddings.class_embedding {
+                    let cls = class.reshape((1, 1, v.hidden_size))?.broadcast_as((
+                        b,
+                        1,
+                        v.hidden_size,
+                    ))?;
+                    x = Tensor::cat(&[&cls, &x], 1)?;
+                }
                 let x = x.broadcast_add(&embeddings.position_embedding.unsqueeze(0)?)?;
-                let mut x = embeddings.pre_layrnorm.forward(&x)?;
+                let mut x = match &embeddings.pre_layrnorm {
+                    Some(norm) => norm.forward(&x)?,
+                    None => x,
+                };
                 states[0] = Some(x.clone());
                 for (i, layer) in layers.iter().enumerate() {
                     x = layer.forward(&x)?;
@@ -243,7 +258,8 @@ impl Projector {
     }
 }
 
-/// Applies the select strategy to the tower output `[B, positions, F]`.
+/// Applies the select strategy to the tower output `[B, positions, F]` (`default` drops the
+/// first position: CLS for CLIP, as `transformers` does for any tower).
 pub fn select_features(features: &Tensor, strategy: SelectStrategy) -> candle_core::Result<Tensor> {
     match strategy {
         SelectStrategy::Full => Ok(features.clone()),

@@ -11,7 +11,7 @@ use common::max_abs_diff;
 use serde_json::Value;
 use specllava_model::chat::{ChatTemplate, ChatTurn, Message, turns_to_messages};
 use specllava_model::{
-    Backend, DType, Device, ImageLimits, KvCache, Llava, LlavaTokenizer, Tensor,
+    Backend, DType, Device, ImageLimits, ImagePixels, KvCache, Llava, LlavaTokenizer, Tensor,
 };
 
 /// Max abs logit / feature difference to transformers (f32 reference). On the CPU (f32 maths in
@@ -174,7 +174,7 @@ fn every_fixture_checkpoint_loads() {
             Llava::load(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for case in cases(&dir) {
             assert_eq!(
-                m.num_image_tokens() as u64,
+                m.tile_tokens() as u64,
                 case.meta["num_image_tokens"].as_u64().unwrap(),
                 "{}",
                 dir.display()
@@ -197,7 +197,7 @@ fn logits_greedy_and_image_features_match_transformers() {
             );
             let px = case.pixels();
             let feats = m
-                .image_features(std::slice::from_ref(&px))
+                .image_features(&[ImagePixels::single(px.clone()).unwrap()])
                 .unwrap()
                 .pop()
                 .unwrap();
@@ -279,7 +279,7 @@ fn half_precision_candle_backend_stays_close() {
                 );
                 let px = case.pixels();
                 let feats = m
-                    .image_features(std::slice::from_ref(&px))
+                    .image_features(&[ImagePixels::single(px.clone()).unwrap()])
                     .unwrap()
                     .pop()
                     .unwrap();
@@ -364,7 +364,7 @@ fn tokenizer_and_chat_template_reproduce_input_ids() {
                 .iter()
                 .flat_map(|&t| {
                     let n = if t == tok.image_token_id() {
-                        m.num_image_tokens()
+                        m.tile_tokens()
                     } else {
                         1
                     };

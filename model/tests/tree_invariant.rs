@@ -295,10 +295,10 @@ fn prefill_in_chunks_equals_whole_prefill() {
         .unwrap();
     let b = m.prefill(&mut chunks, &ids[4..], &[]).unwrap();
     assert!(max_abs_diff(&a, &b) < TOL);
-    assert_eq!(whole.committed_len(), 2 + m.num_image_tokens() + 4);
+    assert_eq!(whole.committed_len(), 2 + m.tile_tokens() + 4);
     // An already-expanded placeholder run is the same as a single placeholder.
     let mut expanded = vec![1u32, 5];
-    expanded.extend(std::iter::repeat_n(IMAGE_TOKEN, m.num_image_tokens()));
+    expanded.extend(std::iter::repeat_n(IMAGE_TOKEN, m.tile_tokens()));
     expanded.extend([8, 9, 10, 11]);
     let mut e = m.new_kv();
     let c = m.prefill(&mut e, &expanded, &[img]).unwrap();

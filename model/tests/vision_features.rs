@@ -30,20 +30,24 @@ fn features_from_the_target_prefill_the_draft_as_its_own_images_do() {
     .unwrap();
     let proc = target.image_processor();
     let img = proc.decode(&bytes, &ImageLimits::default()).unwrap();
-    let pixels = proc.preprocess_on(&img, target.device()).unwrap();
+    let pixels = target.preprocess(&img, 1).unwrap();
     let features = target
         .vision_features(std::slice::from_ref(&pixels))
         .unwrap();
     assert_eq!(
-        features[0].dims(),
-        [target.num_image_tokens(), target.vision_feature_dim()]
+        features[0].rows.dims(),
+        [target.tile_tokens(), target.vision_feature_dim()]
     );
     let image_id = target.config().image_token_id;
     let ids = [1, image_id, 17, 23, 42];
     for model in [&target, &draft] {
         let mut from_pixels = model.new_kv();
         let a = model
-            .prefill(&mut from_pixels, &ids, std::slice::from_ref(&pixels))
+            .prefill_images(
+                &mut from_pixels,
+                &ids,
+                &PrefillImages::Pixels(vec![pixels.clone()]),
+            )
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
@@ -70,12 +74,15 @@ fn features_of_another_shape_are_refused() {
     let Some(target) = demo("target") else {
         return;
     };
-    let wrong = specllava_model::Tensor::zeros(
-        (target.num_image_tokens() + 1, target.vision_feature_dim()),
-        specllava_model::DType::F32,
-        target.device(),
-    )
-    .unwrap();
+    let wrong = specllava_model::VisionFeatures {
+        rows: specllava_model::Tensor::zeros(
+            (target.tile_tokens() + 1, target.vision_feature_dim()),
+            specllava_model::DType::F32,
+            target.device(),
+        )
+        .unwrap(),
+        image_size: (8, 8),
+    };
     let image_id = target.config().image_token_id;
     let err = target
         .prefill_images(

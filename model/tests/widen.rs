@@ -27,7 +27,7 @@ fn check(spec: &Spec, shards: usize, factor: usize) {
     assert_eq!(w.num_key_value_heads, factor * n.num_key_value_heads);
     assert_eq!(w.head_dim, n.head_dim);
     assert_eq!(w.vocab_size, n.vocab_size);
-    assert_eq!(wide.num_image_tokens(), narrow.num_image_tokens());
+    assert_eq!(wide.tile_tokens(), narrow.tile_tokens());
 
     let ids = [1u32, 5, IMAGE_TOKEN, 9, 17, 33];
     let image = [pixels(spec, 7)];

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod error;
 pub mod fnv;
 pub mod image;
+pub mod image_tokens;
 pub mod tokenizer;
 
 pub use ::image::DynamicImage;
@@ -15,4 +16,5 @@ pub use chat::{ChatTemplate, ChatTurn, Message};
 pub use error::PromptError;
 pub use fnv::Fnv1a64;
 pub use image::{ImageLimits, check_image_header, decode_image};
+pub use image_tokens::{AnyRes, ImageTokens};
 pub use tokenizer::LlavaTokenizer;

@@ -140,7 +140,7 @@ impl LoadedModel {
             role,
             backend,
             SessionStore::new(limits).with_metrics(),
-            args.worker_config(batch, self.max_context, self.model.num_image_tokens()),
+            args.worker_config(batch, self.max_context, self.model.tile_tokens()),
         )?;
         let encoder = VisionEncoder::new(
             Arc::clone(&self.model),
@@ -182,6 +182,15 @@ pub async fn load_model(
     })
     .await?
     .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
+    if model.image_tokens().varies() {
+        anyhow::bail!(
+            "{}: {:?} checkpoints (any-resolution tiling, a token count per image size) load \
+             and match transformers in the model crate, but the services do not serve them yet \
+             (docs/models.md)",
+            dir.display(),
+            model.config().architecture
+        );
+    }
     tracing::info!(backend = ?model.backend(), dtype = ?model.dtype(), "{role} model loaded");
     let max_context = match args.max_context {
         0 => model.config().text.max_position_embeddings,
@@ -205,7 +214,7 @@ pub fn model_info(
     pb::ModelInfo {
         vocab_size: cfg.text.vocab_size as u32,
         image_token_id: cfg.image_token_id,
-        num_image_tokens: model.num_image_tokens() as u32,
+        num_image_tokens: model.tile_tokens() as u32,
         eos_token_ids: cfg.eos_token_ids.clone(),
         bos_token_id: cfg.bos_token_id,
         max_context: max_context as u64,

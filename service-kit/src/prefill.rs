@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use candle_core::Tensor;
-use specllava_model::{KvCache, Llava, ModelError, PrefillImages};
+use specllava_model::{KvCache, Llava, ModelError, PrefillImages, VisionFeatures};
 use specllava_proto::v1 as pb;
 
 use crate::vision_encoder::VisionEncoder;
@@ -61,13 +61,13 @@ pub async fn prepare_prefill(
     Ok(PrefillImages::VisionFeatures(features.to_vec()))
 }
 
-/// Reads vision features sent for `model`: each `[num_image_tokens, vision_feature_dim]`
-/// f32 values, all finite.
+/// Reads vision features sent for `model`: each `[tile_tokens, vision_feature_dim]` f32
+/// values (one tile: the services serve models without any-resolution tiling), all finite.
 pub fn vision_features_from_proto(
     model: &Llava,
     features: &[pb::VisionFeatures],
-) -> Result<Vec<Tensor>, String> {
-    let (rows, dim) = (model.num_image_tokens(), model.vision_feature_dim());
+) -> Result<Vec<VisionFeatures>, String> {
+    let (rows, dim) = (model.tile_tokens(), model.vision_feature_dim());
     features
         .iter()
         .enumerate()
@@ -95,16 +95,22 @@ pub fn vision_features_from_proto(
                     "image_features {i} hold a value that is not finite"
                 ));
             }
-            Tensor::from_vec(values, (rows, dim), model.device())
-                .map_err(|e| format!("image_features {i}: {e}"))
+            Ok(VisionFeatures {
+                rows: Tensor::from_vec(values, (rows, dim), model.device())
+                    .map_err(|e| format!("image_features {i}: {e}"))?,
+                image_size: (f.image_height as usize, f.image_width as usize),
+            })
         })
         .collect()
 }
 
 /// Vision features as sent (f32, little-endian, row-major).
-pub fn vision_features_to_proto(features: &Tensor) -> Result<pb::VisionFeatures, ModelError> {
-    let (rows, dim) = features.dims2()?;
+pub fn vision_features_to_proto(
+    features: &VisionFeatures,
+) -> Result<pb::VisionFeatures, ModelError> {
+    let (rows, dim) = features.rows.dims2()?;
     let values = features
+        .rows
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
@@ -113,6 +119,8 @@ pub fn vision_features_to_proto(features: &Tensor) -> Result<pb::VisionFeatures,
         rows: rows as u32,
         dim: dim as u32,
         data,
+        image_height: features.image_size.0 as u32,
+        image_width: features.image_size.1 as u32,
     })
 }
 

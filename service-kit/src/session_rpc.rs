@@ -75,7 +75,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         tracing::info!(session = %r.session_id, kv_len = out.kv_len, "session opened");
         Ok(pb::OpenSessionResponse {
             kv_len: out.kv_len,
-            num_image_tokens: self.encoder.model().num_image_tokens() as u32,
+            num_image_tokens: self.encoder.model().tile_tokens() as u32,
             prefill_ns: out.forward_ns,
             first_step: out.first.as_ref().and_then(first_step_to_proto),
         })
@@ -116,7 +116,7 @@ impl<B: SessionBackend> SessionRpc<B> {
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
         let model = self.encoder.model();
         let image_id = model.config().image_token_id;
-        let per_image = model.num_image_tokens().max(1) as u64;
+        let per_image = model.tile_tokens().max(1) as u64;
         let placeholders = tokens.iter().filter(|&&t| t == image_id).count() as u64;
         let rows = tokens.len() as u64 + placeholders * (per_image - 1);
         let history = keep.saturating_add(rows);
@@ -143,7 +143,7 @@ impl<B: SessionBackend> SessionRpc<B> {
             .limits()
             .check_count(r.images.len())
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
-        let per_image = self.encoder.model().num_image_tokens().max(1);
+        let per_image = self.encoder.model().tile_tokens().max(1);
         if r.images.len() > self.max_context / per_image {
             return Err(WorkerError::InvalidArgument(format!(
                 "{} images of {per_image} tokens each exceed the context of {}",

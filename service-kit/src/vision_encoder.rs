@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
-use specllava_model::{ImageLimits, Llava};
+use specllava_model::{ImageLimits, ImagePixels, Llava, VisionFeatures};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::worker::WorkerError;
@@ -49,8 +49,8 @@ impl From<EncodeError> for WorkerError {
     }
 }
 
-/// Features of an image list: one `[num_image_tokens, vision_feature_dim]` tensor per image.
-pub type Features = Arc<Vec<Tensor>>;
+/// Features of an image list: one [`VisionFeatures`] per image.
+pub type Features = Arc<Vec<VisionFeatures>>;
 
 /// How a lookup was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +143,7 @@ impl VisionEncoder {
         &self.model
     }
 
-    async fn compute(&self, images: Vec<Bytes>) -> Result<Vec<Tensor>, EncodeError> {
+    async fn compute(&self, images: Vec<Bytes>) -> Result<Vec<VisionFeatures>, EncodeError> {
         let pixels = decode_images(&self.model, self.limits, images)
             .await
             .map_err(EncodeError::Image)?;
@@ -231,7 +231,7 @@ impl FeatureCache {
     ) -> Result<(Features, Lookup), EncodeError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Vec<Tensor>, EncodeError>>,
+        Fut: Future<Output = Result<Vec<VisionFeatures>, EncodeError>>,
     {
         let cell = {
             let mut e = self.entries.lock().expect("vision cache lock");
@@ -264,7 +264,10 @@ impl FeatureCache {
             Ok(features) => {
                 let features = Arc::clone(features);
                 if computed_here {
-                    let size = features.iter().map(tensor_bytes).sum::<usize>();
+                    let size = features
+                        .iter()
+                        .map(|f| tensor_bytes(&f.rows))
+                        .sum::<usize>();
                     self.admit(&mut e, key, &cell, size);
                 }
                 let lookup = if computed_here {
@@ -327,7 +330,7 @@ pub async fn decode_images(
     model: &Arc<Llava>,
     image_limits: ImageLimits,
     images: Vec<Bytes>,
-) -> Result<Vec<Tensor>, String> {
+) -> Result<Vec<ImagePixels>, String> {
     if images.is_empty() {
         return Ok(Vec::new());
     }
@@ -341,7 +344,8 @@ pub async fn decode_images(
                 let img = proc
                     .decode(bytes, &image_limits)
                     .map_err(|e| format!("image {i}: {e}"))?;
-                proc.preprocess_on(&img, model.device())
+                model
+                    .preprocess(&img, images.len())
                     .map_err(|e| format!("image {i}: {e}"))
             })
             .collect()
@@ -359,9 +363,12 @@ mod tests {
     use super::*;
 
     /// Features of `n` images of 4 f32 values each (16 bytes an image).
-    fn features(n: usize, value: f32) -> Vec<Tensor> {
+    fn features(n: usize, value: f32) -> Vec<VisionFeatures> {
         (0..n)
-            .map(|_| Tensor::full(value, (1, 4), &Device::Cpu).unwrap())
+            .map(|_| VisionFeatures {
+                rows: Tensor::full(value, (1, 4), &Device::Cpu).unwrap(),
+                image_size: (1, 1),
+            })
             .collect()
     }
 
@@ -382,7 +389,7 @@ mod tests {
         let (f, second) = cache.get_or_compute(image(1), compute).await.unwrap();
         assert_eq!((first, second), (Lookup::Miss, Lookup::Hit));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert_eq!(f[0].dtype(), DType::F32);
+        assert_eq!(f[0].rows.dtype(), DType::F32);
         assert_eq!(cache.bytes(), 16);
         // Another list, or the same images in another order, is another key.
         let two = vec![Bytes::from(vec![1u8; 8]), Bytes::from(vec![2u8; 8])];

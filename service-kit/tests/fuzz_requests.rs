@@ -222,7 +222,7 @@ fn fuzz_prefill_validation() {
     // Vision features: the model's own shape (random values, sometimes not finite), or a
     // wrong shape or byte count.
     let (rows, dim) = (
-        model.num_image_tokens() as u32,
+        model.tile_tokens() as u32,
         model.vision_feature_dim() as u32,
     );
     let feature = prop_oneof![
@@ -237,6 +237,8 @@ fn fuzz_prefill_validation() {
                 rows,
                 dim,
                 data: data.into(),
+                image_height: 8,
+                image_width: 8,
             }
         }),
         (
@@ -247,7 +249,9 @@ fn fuzz_prefill_validation() {
             .prop_map(|(rows, dim, data)| pb::VisionFeatures {
                 rows,
                 dim,
-                data: data.into()
+                data: data.into(),
+                image_height: 8,
+                image_width: 8,
             }),
     ];
     // Half the requests get exactly one placeholder per image and in-vocabulary ids, so the

@@ -31,16 +31,23 @@ async fn features_are_the_towers_and_come_from_the_cache_the_second_time() {
     let again = encoder.encode(vec![png.clone()]).await.unwrap();
     assert!(Arc::ptr_eq(&first, &again), "served from the cache");
     let proc = model.image_processor();
-    let pixels = proc
-        .preprocess_on(
-            &proc.decode(&png, &ImageLimits::default()).unwrap(),
-            model.device(),
-        )
+    let pixels = model
+        .preprocess(&proc.decode(&png, &ImageLimits::default()).unwrap(), 1)
         .unwrap();
     let direct = model.vision_features(&[pixels]).unwrap();
     let (a, b) = (
-        first[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        direct[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        first[0]
+            .rows
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        direct[0]
+            .rows
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
     );
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     // A bad image is the caller's fault, and is not kept.

@@ -141,12 +141,12 @@ multiversion! {
         let group = q.len() / head_dim;
         let scale = (head_dim as f32).powf(-0.5);
         let (prefix, extra) = visible.row(row);
-        let n = prefix + extra.len();
+        let n = prefix.len() + extra.len();
         // Head h's scores are scores[h * n..][..n], in visible-row order.
         scores.clear();
         scores.resize(group * n, 0.0);
         // Plain loops, not closures: closures are not compiled with `fast`'s target features.
-        for (slot, j) in (0..prefix).chain(extra.iter().copied()).enumerate() {
+        for (slot, j) in prefix.clone().chain(extra.iter().copied()).enumerate() {
             let key = &keys[j * stride + offset..][..head_dim];
             for h in 0..group {
                 scores[h * n + slot] = dot_inline(&q[h * head_dim..][..head_dim], key) * scale;
@@ -167,9 +167,9 @@ multiversion! {
             }
             let oh = &mut out[h * head_dim..][..head_dim];
             match head_dim {
-                32 => weighted_sum::<32>(s, values, rows, oh),
-                48 => weighted_sum::<48>(s, values, rows, oh),
-                64 => weighted_sum::<64>(s, values, rows, oh),
+                32 => weighted_sum::<32>(s, values, rows.clone(), oh),
+                48 => weighted_sum::<48>(s, values, rows.clone(), oh),
+                64 => weighted_sum::<64>(s, values, rows.clone(), oh),
                 _ => {
                     oh.fill(0.0);
                     for (j, &w) in rows.iter().zip(s.iter()) {
@@ -181,11 +181,11 @@ multiversion! {
     }
 }
 
-/// The value rows one query head reads: `prefix` rows, then `extra`, `stride` apart, the
+/// The value rows one query head reads: the `prefix` rows, then `extra`, `stride` apart, the
 /// head's columns starting at `offset`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Visible<'a> {
-    prefix: usize,
+    prefix: std::ops::Range<usize>,
     extra: &'a [usize],
     stride: usize,
     offset: usize,
@@ -195,7 +195,7 @@ impl Visible<'_> {
     /// The visible row indices in order.
     #[inline(always)]
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.prefix).chain(self.extra.iter().copied())
+        self.prefix.clone().chain(self.extra.iter().copied())
     }
 }
 
@@ -211,10 +211,11 @@ fn weighted_sum<const D: usize>(
 ) {
     let mut acc = [0f32; D];
     // Row j's weight and index, prefix rows first.
-    let (head, tail) = weights.split_at(rows.prefix);
-    let indexed = head
-        .iter()
-        .enumerate()
+    let (head, tail) = weights.split_at(rows.prefix.len());
+    let indexed = rows
+        .prefix
+        .clone()
+        .zip(head)
         .chain(rows.extra.iter().copied().zip(tail));
     for (j, &w) in indexed {
         let v: &[f32; D] = values[j * rows.stride + rows.offset..][..D]

@@ -144,14 +144,14 @@ impl CpuDecoder {
                         &format!("{p}self_attn."),
                         &[("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
                         h,
-                        c.attention_bias,
+                        c.qkv_bias,
                     )?,
                     o: pack_stacked(
                         lm,
                         &format!("{p}self_attn."),
                         &[("o_proj", h)],
                         q_dim,
-                        c.attention_bias,
+                        c.o_bias,
                     )?,
                     post_norm: vec_of(
                         &lm.get(&format!("{p}post_attention_layernorm.weight"), &[h])?,

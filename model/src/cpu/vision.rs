@@ -1,8 +1,8 @@
-//! The CLIP tower on the CPU backend: the same computation as the candle code in
+//! The CLIP / SigLIP tower on the CPU backend: the same computation as the candle code in
 //! [`crate::vision`], on slices. The embeddings (patch convolution as one packed product over
-//! the image's patches, CLS, positions, `pre_layrnorm`) and the encoder layers (q/k/v packed
-//! into one weight, attention reading the image's rows in place: every patch sees every
-//! patch).
+//! the image's patches, CLS and `pre_layrnorm` for CLIP, positions) and the encoder layers
+//! (q/k/v packed into one weight, attention reading the image's rows in place: every patch
+//! sees every patch).
 
 use super::attention::{Heads, SegmentAttention, attend};
 use super::gemm::PackedMatrix;
@@ -15,14 +15,19 @@ use crate::nn::Activation;
 use crate::segment::Visibility;
 use crate::weights::Weights;
 
-/// The tower's embeddings: `pre_layrnorm(cat(CLS, conv(pixels)) + positions)`.
+/// The tower's embeddings: CLIP's `pre_layrnorm(cat(CLS, conv(pixels)) + positions)`, or
+/// SigLIP's `conv(pixels) + bias + positions`.
 pub(crate) struct CpuClipEmbeddings {
-    /// The patch convolution's kernel as a `[hidden, channels * patch * patch]` product.
+    /// The patch convolution's kernel (and bias) as a `[hidden, channels * patch * patch]`
+    /// product.
     patch: PackedMatrix,
-    class: Vec<f32>,
+    /// CLIP's class embedding; `None` for SigLIP.
+    class: Option<Vec<f32>>,
     /// `[positions, hidden]`.
     positions: Vec<f32>,
-    pre_norm: (Vec<f32>, Vec<f32>),
+    /// CLIP's `pre_layrnorm`; `None` for SigLIP.
+    pre_norm: Option<(Vec<f32>, Vec<f32>)>,
+    hidden: usize,
     channels: usize,
     image_size: usize,
     patch_size: usize,
@@ -37,14 +42,23 @@ impl CpuClipEmbeddings {
         let (c, p) = (cfg.num_channels, cfg.patch_size);
         let name = "embeddings.patch_embedding.weight".to_string();
         let kernel = vec_of(&w.get(&name, &[h, c, p, p])?)?;
+        let clip = cfg.has_cls();
+        let bias = if clip {
+            None
+        } else {
+            Some(vec_of(&w.get("embeddings.patch_embedding.bias", &[h])?)?)
+        };
         Ok(Self {
-            patch: PackedMatrix::pack(&kernel, h, c * p * p, None, format_of(w, &[name])),
-            class: vec_of(&w.get("embeddings.class_embedding", &[h])?)?,
+            patch: PackedMatrix::pack(&kernel, h, c * p * p, bias, format_of(w, &[name])),
+            class: clip
+                .then(|| vec_of(&w.get("embeddings.class_embedding", &[h])?))
+                .transpose()?,
             positions: vec_of(&w.get(
                 "embeddings.position_embedding.weight",
                 &[cfg.num_positions(), h],
             )?)?,
-            pre_norm: norm(w, "pre_layrnorm", h)?,
+            pre_norm: clip.then(|| norm(w, "pre_layrnorm", h)).transpose()?,
+            hidden: h,
             channels: c,
             image_size: cfg.image_size,
             patch_size: p,
@@ -53,14 +67,14 @@ impl CpuClipEmbeddings {
         })
     }
 
-    /// The embedded rows `[images * (1 + grid^2), hidden]` of `pixels` (`[images, C, H, W]`,
+    /// The embedded rows `[images * positions, hidden]` of `pixels` (`[images, C, H, W]`,
     /// row-major, H = W = the configured image size).
     pub fn forward(&self, pixels: &[f32]) -> Vec<f32> {
         let (c, p, g) = (self.channels, self.patch_size, self.grid);
         let side = self.image_size;
         let images = pixels.len() / (c * side * side);
-        let h = self.class.len();
-        let seq = 1 + g * g;
+        let h = self.hidden;
+        let seq = self.class.is_some() as usize + g * g;
         // One row per patch, its values in the kernel's (channel, y, x) order.
         let mut patches = Vec::with_capacity(images * g * g * c * p * p);
         for image in pixels.chunks_exact(c * side * side) {
@@ -77,17 +91,28 @@ impl CpuClipEmbeddings {
         }
         let mut embedded = vec![0f32; images * g * g * h];
         self.patch.matmul(&patches, images * g * g, &mut embedded);
-        let mut x = Vec::with_capacity(images * seq * h);
-        for image in embedded.chunks_exact(g * g * h) {
-            x.extend_from_slice(&self.class);
-            x.extend_from_slice(image);
-        }
+        let mut x = match &self.class {
+            Some(class) => {
+                let mut x = Vec::with_capacity(images * seq * h);
+                for image in embedded.chunks_exact(g * g * h) {
+                    x.extend_from_slice(class);
+                    x.extend_from_slice(image);
+                }
+                x
+            }
+            None => embedded,
+        };
         for rows in x.chunks_exact_mut(seq * h) {
             add_in_place(rows, &self.positions);
         }
-        let mut out = vec![0f32; x.len()];
-        layer_norm(&x, &self.pre_norm.0, &self.pre_norm.1, self.eps, &mut out);
-        out
+        match &self.pre_norm {
+            Some((weight, bias)) => {
+                let mut out = vec![0f32; x.len()];
+                layer_norm(&x, weight, bias, self.eps, &mut out);
+                out
+            }
+            None => x,
+        }
     }
 }
 
