@@ -158,6 +158,15 @@ impl SessionBackend for DraftBackend {
     type Output = Drafted;
     type Error = DraftError;
 
+    fn image_rows(&self, images: &PrefillImages) -> u64 {
+        // Prefill validates the images; one row each for what it would refuse.
+        self.model
+            .image_rows(images)
+            .map_or(images.len() as u64, |rows| {
+                rows.iter().sum::<usize>() as u64
+            })
+    }
+
     fn open(
         &mut self,
         prefix: &[u32],

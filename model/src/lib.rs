@@ -25,6 +25,7 @@ pub mod image;
 pub mod kv;
 pub mod llama;
 pub mod llava;
+pub mod next_checkpoint;
 pub mod nn;
 pub mod resample;
 mod segment;

@@ -515,9 +515,10 @@ impl Llava {
         )?)
     }
 
-    /// Tokens of an image given as `tiles` tiles: one tile is the whole image (plus a
-    /// newline row for any-resolution models), several are packed.
-    fn tokens_of(&self, tiles: usize, image_size: (usize, usize)) -> usize {
+    /// Tokens of an image given as `tiles` tiles (its pixels' or vision features' count):
+    /// one tile is the whole image (plus a newline row for any-resolution models), several
+    /// are packed.
+    pub fn feature_token_count(&self, tiles: usize, image_size: (usize, usize)) -> usize {
         match &self.image_tokens {
             ImageTokens::Fixed(n) => *n,
             ImageTokens::AnyRes(a) if tiles == 1 => a.base_tokens + 1,
@@ -525,8 +526,8 @@ impl Llava {
         }
     }
 
-    /// Each image's token count, from its tiles and size.
-    fn image_counts(&self, images: &PrefillImages) -> Result<Vec<usize>> {
+    /// Each image's token count (its KV rows), from its tiles and size.
+    pub fn image_rows(&self, images: &PrefillImages) -> Result<Vec<usize>> {
         let tiles: Vec<usize> = match images {
             PrefillImages::Pixels(px) => px
                 .iter()
@@ -542,7 +543,7 @@ impl Llava {
         Ok(tiles
             .iter()
             .zip(images.sizes())
-            .map(|(&t, size)| self.tokens_of(t, size))
+            .map(|(&t, size)| self.feature_token_count(t, size))
             .collect())
     }
 
@@ -626,7 +627,7 @@ impl Llava {
         if input_ids.is_empty() {
             return Err(ModelError::InvalidInput("empty prompt".into()));
         }
-        let pieces = self.split_prompt(input_ids, &self.image_counts(images)?)?;
+        let pieces = self.split_prompt(input_ids, &self.image_rows(images)?)?;
         let n_placeholders = pieces
             .iter()
             .filter(|p| matches!(p, Piece::Image(_)))

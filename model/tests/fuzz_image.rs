@@ -27,6 +27,7 @@ const LIMITS: ImageLimits = ImageLimits {
     max_side: 1 << 12,
     max_alloc_bytes: 64 << 20,
     max_images: 8,
+    max_image_tokens: 4096,
 };
 
 fn processor() -> ImageProcessor {

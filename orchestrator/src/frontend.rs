@@ -25,7 +25,7 @@ use crate::request::{
     ApiLimits, ConversationSource, TurnInput, TurnRequest, ValidTurn, check_image,
     check_image_count, validate,
 };
-use crate::session::{Conversation, Registry, kv_rows, new_session_id};
+use crate::session::{Conversation, Registry, image_rows_on, kv_rows, new_session_id};
 
 /// The shared front door of the public APIs.
 pub struct Frontend {
@@ -154,7 +154,7 @@ impl Frontend {
         let (mut conv, prompt, shared) = match &source {
             ConversationSource::OneShot => {
                 let prompt = self.tokenize(input, images.len(), None).await?;
-                self.check_context(&[], &prompt)?;
+                self.check_context(&[], &prompt, &images)?;
                 (
                     Held::Own(Conversation::new(new_session_id(), images)),
                     prompt,
@@ -170,14 +170,14 @@ impl Frontend {
                 let follows = guard.history.last().copied();
                 let prompt = self.tokenize(input, guard.images.len(), follows).await?;
                 // The session's history and the follow-up must fit.
-                self.check_context(&guard.history, &prompt)?;
+                self.check_context(&guard.history, &prompt, &guard.images)?;
                 (Held::Session(guard), prompt, 0)
             }
             ConversationSource::SharedPrefix => {
                 let prompt = self.tokenize(input, images.len(), None).await?;
                 // The whole conversation must fit; checked before a kept one is taken out of
                 // the cache (a refusal leaves it there, its replica sessions open).
-                self.check_context(&[], &prompt)?;
+                self.check_context(&[], &prompt, &images)?;
                 let image_id = self.prompter.image_token_id();
                 // Continue the kept conversation sharing the longest prefix, or a new one.
                 let (mut conv, shared) = match self.kept.take(&prompt, &images, image_id) {
@@ -189,7 +189,11 @@ impl Frontend {
                 (Held::Own(conv), prompt, shared)
             }
         };
-        let prompt_tokens = self.prompt_tokens(&prompt);
+        // The prompt's images: the conversation's last ones, one per placeholder in it.
+        let image_id = self.prompter.image_token_id();
+        let in_prompt = prompt.iter().filter(|&&t| t == image_id).count();
+        let first_image = conv.images.len().saturating_sub(in_prompt);
+        let prompt_tokens = self.prompt_tokens(&prompt, &conv.images[first_image..]);
         let (tx, events) = mpsc::channel(32);
         let stream = TurnStream {
             conversation_id: conv.id.clone(),
@@ -234,16 +238,17 @@ impl Frontend {
         Ok(stream)
     }
 
-    /// The prompt's tokens as usage reports them: each image counted as the model's image
-    /// tokens (what it takes of the context, as OpenAI, vLLM and TGI count it); one token
-    /// each until a target's model is known.
-    fn prompt_tokens(&self, prompt: &[u32]) -> u32 {
+    /// The prompt's tokens as usage reports them: each image counted as the image tokens it
+    /// becomes on the target (what it takes of the context, as OpenAI, vLLM and TGI count
+    /// it; any-resolution models by the image's size); one token each until a target's model
+    /// is known. `images` are the prompt's, in order.
+    fn prompt_tokens(&self, prompt: &[u32], images: &[Bytes]) -> u32 {
         let rows = match self.engine.target_model() {
             Some(model) => kv_rows(
                 prompt,
                 prompt.len(),
                 self.prompter.image_token_id(),
-                model.num_image_tokens,
+                &image_rows_on(model, images),
             ),
             None => prompt.len() as u64,
         };
@@ -251,28 +256,42 @@ impl Frontend {
     }
 
     /// Refuses a turn whose history and new prompt leave no position of the targets' context
-    /// for an answer, each image counted as the model's image tokens (before any image is
-    /// decoded or any replica called). Unchecked until a target's model is known.
-    fn check_context(&self, history: &[u32], prompt: &[u32]) -> Result<(), OrchestratorError> {
+    /// for an answer, each image counted as the image tokens it becomes on the target
+    /// (before any image is decoded or any replica called; `images` are the conversation's,
+    /// in order). Unchecked until a target's model is known.
+    fn check_context(
+        &self,
+        history: &[u32],
+        prompt: &[u32],
+        images: &[Bytes],
+    ) -> Result<(), OrchestratorError> {
         let Some(model) = self.engine.target_model() else {
             return Ok(());
         };
         let image_id = self.prompter.image_token_id();
-        let per_image = model.num_image_tokens;
-        let rows = kv_rows(history, history.len(), image_id, per_image)
-            + kv_rows(prompt, prompt.len(), image_id, per_image);
+        let image_rows = image_rows_on(model, images);
+        for (i, &rows) in image_rows.iter().enumerate() {
+            self.limits
+                .image
+                .check_image_tokens(i, rows as usize)
+                .map_err(|e| OrchestratorError::InvalidArgument(e.to_string()))?;
+        }
+        let in_history = history.iter().filter(|&&t| t == image_id).count();
+        let rows = kv_rows(history, history.len(), image_id, &image_rows)
+            + kv_rows(
+                prompt,
+                prompt.len(),
+                image_id,
+                image_rows.get(in_history..).unwrap_or_default(),
+            );
         if rows < model.max_context {
             return Ok(());
         }
-        let images = history
-            .iter()
-            .chain(prompt)
-            .filter(|&&t| t == image_id)
-            .count();
         Err(OrchestratorError::InvalidArgument(format!(
-            "the conversation takes {rows} positions ({images} images of {per_image} each); the \
-             model's context holds {}, and one is needed for the answer: shorten it or send \
+            "the conversation takes {rows} positions (its {} images {image_rows:?} of them); \
+             the model's context holds {}, and one is needed for the answer: shorten it or send \
              fewer images",
+            image_rows.len(),
             model.max_context
         )))
     }

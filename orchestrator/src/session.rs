@@ -6,6 +6,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use specllava_prompt::{ImageLimits, check_image_header};
+use specllava_proto::v1 as pb;
+use specllava_wire::convert::image_tokens_from_proto;
+
 use crate::error::OrchestratorError;
 use crate::routing::Pin;
 
@@ -20,8 +24,9 @@ pub struct ReplicaSession {
     pub synced: usize,
     /// The replica's KV length (rows), as last reported.
     pub kv_len: u64,
-    /// KV rows per image placeholder on that replica.
-    pub num_image_tokens: u32,
+    /// KV rows each of the conversation's images became on that replica, as it reported
+    /// them (in order; any-resolution models count by the image's size).
+    pub image_rows: Vec<u64>,
 }
 
 impl ReplicaSession {
@@ -32,7 +37,7 @@ impl ReplicaSession {
             opened: false,
             synced: 0,
             kv_len: 0,
-            num_image_tokens: 1,
+            image_rows: Vec::new(),
         }
     }
 }
@@ -86,13 +91,40 @@ pub fn new_session_id() -> String {
     format!("{a:016x}{b:016x}")
 }
 
-/// KV rows of `history[..h]` on a replica expanding each placeholder to `nimg` rows.
-pub fn kv_rows(history: &[u32], h: usize, image_token_id: u32, nimg: u32) -> u64 {
-    let placeholders = history[..h]
+/// KV rows of `history[..h]` on a replica where the `i`-th image placeholder becomes
+/// `image_rows[i]` rows (one row for an image not listed).
+pub fn kv_rows(history: &[u32], h: usize, image_token_id: u32, image_rows: &[u64]) -> u64 {
+    let mut rows = h as u64;
+    let placeholders = history[..h].iter().filter(|&&t| t == image_token_id);
+    for (i, _) in placeholders.enumerate() {
+        rows += image_rows.get(i).copied().unwrap_or(1).saturating_sub(1);
+    }
+    rows
+}
+
+/// KV rows each of `images` becomes on a replica of `model`, counted from the images'
+/// headers without decoding them (their limits were checked when they were admitted); an
+/// image whose header cannot be read counts as the most an image can become.
+pub fn image_rows_on(model: &pb::ModelInfo, images: &[Bytes]) -> Vec<u64> {
+    let rule = image_tokens_from_proto(model);
+    let unbounded = ImageLimits {
+        max_bytes: usize::MAX,
+        max_pixels: u64::MAX,
+        max_side: u32::MAX,
+        max_alloc_bytes: u64::MAX,
+        max_images: usize::MAX,
+        max_image_tokens: usize::MAX,
+    };
+    images
         .iter()
-        .filter(|&&t| t == image_token_id)
-        .count() as u64;
-    h as u64 + placeholders * (u64::from(nimg).saturating_sub(1))
+        .map(|bytes| {
+            let n = match check_image_header(bytes, &unbounded) {
+                Ok((w, h)) => rule.count(h as usize, w as usize, images.len()),
+                Err(_) => rule.max_count(),
+            };
+            n as u64
+        })
+        .collect()
 }
 
 struct Entry {
@@ -191,10 +223,11 @@ mod tests {
     #[test]
     fn kv_rows_expand_placeholders() {
         let h = [1, 5, 9, 5, 7];
-        assert_eq!(kv_rows(&h, 0, 5, 10), 0);
-        assert_eq!(kv_rows(&h, 2, 5, 10), 11);
-        assert_eq!(kv_rows(&h, 5, 5, 10), 23);
-        assert_eq!(kv_rows(&h, 5, 5, 1), 5);
+        assert_eq!(kv_rows(&h, 0, 5, &[10, 10]), 0);
+        assert_eq!(kv_rows(&h, 2, 5, &[10, 10]), 11);
+        assert_eq!(kv_rows(&h, 5, 5, &[10, 10]), 23);
+        assert_eq!(kv_rows(&h, 5, 5, &[10, 30]), 43);
+        assert_eq!(kv_rows(&h, 5, 5, &[]), 5);
     }
 
     #[test]

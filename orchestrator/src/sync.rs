@@ -32,8 +32,8 @@ pub enum SyncCall {
 pub struct SyncReply {
     /// KV rows the session holds now.
     pub kv_len: u64,
-    /// KV rows per image placeholder (`OpenSession` only).
-    pub num_image_tokens: Option<u32>,
+    /// KV rows each of the call's images became.
+    pub image_rows: Vec<u64>,
     /// Prefill time the replica reports.
     pub forward_ns: u64,
     /// The token the prefill picked after the history, when the call asked for it.
@@ -61,6 +61,8 @@ pub struct SyncTarget {
     pub synced: usize,
     /// Whether the call opens the session.
     pub opens: bool,
+    /// Images of the history the session keeps (an `Append` truncates after them).
+    pub kept_images: usize,
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
@@ -76,31 +78,35 @@ pub fn plan_sync(
     first_step: Option<pb::FirstStepRequest>,
 ) -> Result<Option<PlannedSync>, OrchestratorError> {
     let replica = Arc::clone(rs.pin.replica());
-    let planned = |call: SyncCall| {
+    let planned = |call: SyncCall, kept_images: usize| {
         Ok(Some(PlannedSync {
             target: SyncTarget {
                 kind,
                 replica,
                 synced: history.len(),
                 opens: matches!(call, SyncCall::Open(_)),
+                kept_images,
             },
             call,
         }))
     };
     if !rs.opened {
-        return planned(SyncCall::Open(pb::OpenSessionRequest {
-            session_id: conv_id.to_owned(),
-            images: images.to_vec(),
-            token_ids: history.to_vec(),
-            image_features: Vec::new(),
-            first_step,
-        }));
+        return planned(
+            SyncCall::Open(pb::OpenSessionRequest {
+                session_id: conv_id.to_owned(),
+                images: images.to_vec(),
+                token_ids: history.to_vec(),
+                image_features: Vec::new(),
+                first_step,
+            }),
+            0,
+        );
     }
     if rs.synced == history.len() {
         return Ok(None);
     }
     let keep_h = rs.synced.min(history.len()).max(1) - 1;
-    let keep = kv_rows(history, keep_h, image_token_id, rs.num_image_tokens);
+    let keep = kv_rows(history, keep_h, image_token_id, &rs.image_rows);
     let skip_images = history[..keep_h]
         .iter()
         .filter(|&&t| t == image_token_id)
@@ -114,14 +120,17 @@ pub fn plan_sync(
             images.len()
         )));
     }
-    planned(SyncCall::Append(pb::AppendRequest {
-        session_id: conv_id.to_owned(),
-        keep_kv_len: keep,
-        token_ids: tokens,
-        images: images[range].to_vec(),
-        image_features: Vec::new(),
-        first_step,
-    }))
+    planned(
+        SyncCall::Append(pb::AppendRequest {
+            session_id: conv_id.to_owned(),
+            keep_kv_len: keep,
+            token_ids: tokens,
+            images: images[range].to_vec(),
+            image_features: Vec::new(),
+            first_step,
+        }),
+        skip_images,
+    )
 }
 
 impl PlannedSync {
@@ -158,7 +167,7 @@ impl PlannedSync {
                     .await
                     .map(|r| SyncReply {
                         kv_len: r.kv_len,
-                        num_image_tokens: Some(r.num_image_tokens),
+                        image_rows: r.image_rows.iter().map(|&n| u64::from(n)).collect(),
                         forward_ns: r.prefill_ns,
                         first_step: r.first_step,
                     })
@@ -169,7 +178,7 @@ impl PlannedSync {
                     .await
                     .map(|r| SyncReply {
                         kv_len: r.kv_len,
-                        num_image_tokens: None,
+                        image_rows: r.image_rows.iter().map(|&n| u64::from(n)).collect(),
                         forward_ns: r.forward_ns,
                         first_step: r.first_step,
                     })
@@ -184,8 +193,7 @@ impl SyncTarget {
         rs.opened = true;
         rs.synced = self.synced;
         rs.kv_len = reply.kv_len;
-        if let Some(n) = reply.num_image_tokens {
-            rs.num_image_tokens = n;
-        }
+        rs.image_rows.truncate(self.kept_images);
+        rs.image_rows.extend_from_slice(&reply.image_rows);
     }
 }

@@ -52,6 +52,7 @@ fn model_info(vocab_size: u32) -> pb::ModelInfo {
         max_context: 10_000,
         tokenizer_fingerprint: String::new(),
         vision_fingerprint: String::new(),
+        any_resolution: None,
     }
 }
 
@@ -167,6 +168,7 @@ impl ReplicaApi for Fake {
             num_image_tokens: 1,
             prefill_ns: 1,
             first_step,
+            image_rows: Vec::new(),
         })
     }
 
@@ -206,6 +208,7 @@ impl ReplicaApi for Fake {
             kv_len,
             forward_ns: 1,
             first_step,
+            image_rows: Vec::new(),
         })
     }
 

@@ -40,6 +40,7 @@ const LIMITS: ApiLimits = ApiLimits {
         max_side: 1 << 12,
         max_alloc_bytes: 64 << 20,
         max_images: 8,
+        max_image_tokens: 4096,
     },
     prompt: PromptLimits {
         max_tokens: 512,

@@ -22,6 +22,9 @@ pub struct ImageLimits {
     /// Most images one request may carry (each costs the model's image tokens of context
     /// and a vision-tower run).
     pub max_images: usize,
+    /// Most tokens one image may become (any-resolution models tile a large image into many:
+    /// LLaVA-OneVision up to ~7,400 tokens, LLaVA-NeXT ~2,900), checked on the header.
+    pub max_image_tokens: usize,
 }
 
 impl Default for ImageLimits {
@@ -32,13 +35,14 @@ impl Default for ImageLimits {
 
 impl ImageLimits {
     /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory,
-    /// 8 images a request (the services' flag defaults too).
+    /// 8 images a request, 4096 tokens an image (the services' flag defaults too).
     pub const DEFAULT: ImageLimits = ImageLimits {
         max_bytes: 20 * 1024 * 1024,
         max_pixels: 16 * 1024 * 1024,
         max_side: 8192,
         max_alloc_bytes: 256 * 1024 * 1024,
         max_images: 8,
+        max_image_tokens: 4096,
     };
 
     /// Refuses a request of `n` images over [`ImageLimits::max_images`].
@@ -47,6 +51,19 @@ impl ImageLimits {
             return Err(PromptError::InvalidInput(format!(
                 "{n} images exceed the limit of {} a request",
                 self.max_images
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses image `index` when it becomes `tokens` tokens, over
+    /// [`ImageLimits::max_image_tokens`].
+    pub fn check_image_tokens(&self, index: usize, tokens: usize) -> Result<(), PromptError> {
+        if tokens > self.max_image_tokens {
+            return Err(PromptError::ImageTooLarge(format!(
+                "image {index} becomes {tokens} tokens, over the limit of {} an image (a smaller \
+                 image takes fewer tiles)",
+                self.max_image_tokens
             )));
         }
         Ok(())

@@ -27,6 +27,10 @@ pub struct ImageLimitArgs {
     /// model's image tokens, before any is decoded).
     #[arg(long, env = "SPECLLAVA_MAX_IMAGES", default_value_t = ImageLimits::DEFAULT.max_images)]
     pub max_images: usize,
+    /// Most tokens one image may become (any-resolution models tile a large image into
+    /// many), checked on the image's header before it is decoded.
+    #[arg(long, env = "SPECLLAVA_MAX_IMAGE_TOKENS", default_value_t = ImageLimits::DEFAULT.max_image_tokens)]
+    pub max_image_tokens: usize,
 }
 
 impl ImageLimitArgs {
@@ -38,6 +42,7 @@ impl ImageLimitArgs {
             max_side: self.max_image_side,
             max_alloc_bytes: self.max_image_decode_mb.saturating_mul(1024 * 1024),
             max_images: self.max_images,
+            max_image_tokens: self.max_image_tokens,
         }
     }
 }

@@ -4,9 +4,10 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use specllava_model::{Backend, CpuKernel, CpuSettings, ImageLimits, Llava};
+use specllava_model::{Backend, CpuKernel, CpuSettings, ImageLimits, ImageTokens, Llava};
 use specllava_proto::v1 as pb;
 use specllava_server::ImageLimitArgs;
+use specllava_wire::convert::any_resolution_to_proto;
 
 use crate::{
     BatchLimits, SessionBackend, SessionLimits, SessionRpc, SessionStore, VisionEncoder,
@@ -94,18 +95,12 @@ impl ModelServerArgs {
 
     /// Settings of the session worker: these flags plus the service's batch limits, the
     /// context sessions are held to and the KV rows one image becomes.
-    pub fn worker_config(
-        &self,
-        batch: BatchLimits,
-        max_context: usize,
-        image_rows: usize,
-    ) -> WorkerConfig {
+    pub fn worker_config(&self, batch: BatchLimits, max_context: usize) -> WorkerConfig {
         WorkerConfig {
             queue_capacity: self.queue_capacity.max(1),
             batch,
             expiry_tick: Duration::from_millis(self.session_sweep_ms.max(1)),
             max_context,
-            image_rows,
         }
     }
 
@@ -140,7 +135,7 @@ impl LoadedModel {
             role,
             backend,
             SessionStore::new(limits).with_metrics(),
-            args.worker_config(batch, self.max_context, self.model.tile_tokens()),
+            args.worker_config(batch, self.max_context),
         )?;
         let encoder = VisionEncoder::new(
             Arc::clone(&self.model),
@@ -182,13 +177,15 @@ pub async fn load_model(
     })
     .await?
     .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
-    if model.image_tokens().varies() {
+    if let ImageTokens::AnyRes(a) = model.image_tokens()
+        && a.tile_single_images_only
+    {
         anyhow::bail!(
-            "{}: {:?} checkpoints (any-resolution tiling, a token count per image size) load \
-             and match transformers in the model crate, but the services do not serve them yet \
-             (docs/models.md)",
-            dir.display(),
-            model.config().architecture
+            "{}: LLaVA-OneVision checkpoints load and match transformers in the model crate, \
+             but the services do not serve them yet: their several-image prompts are not tiled, \
+             which a conversation that gains its second image in a later turn would change for \
+             the first (docs/models.md)",
+            dir.display()
         );
     }
     tracing::info!(backend = ?model.backend(), dtype = ?model.dtype(), "{role} model loaded");
@@ -215,6 +212,7 @@ pub fn model_info(
         vocab_size: cfg.text.vocab_size as u32,
         image_token_id: cfg.image_token_id,
         num_image_tokens: model.tile_tokens() as u32,
+        any_resolution: any_resolution_to_proto(model.image_tokens()),
         eos_token_ids: cfg.eos_token_ids.clone(),
         bos_token_id: cfg.bos_token_id,
         max_context: max_context as u64,

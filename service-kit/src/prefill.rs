@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use candle_core::Tensor;
-use specllava_model::{KvCache, Llava, ModelError, PrefillImages, VisionFeatures};
+use specllava_model::{ImageTokens, KvCache, Llava, ModelError, PrefillImages, VisionFeatures};
 use specllava_proto::v1 as pb;
 
 use crate::vision_encoder::VisionEncoder;
@@ -61,21 +61,49 @@ pub async fn prepare_prefill(
     Ok(PrefillImages::VisionFeatures(features.to_vec()))
 }
 
-/// Reads vision features sent for `model`: each `[tile_tokens, vision_feature_dim]` f32
-/// values (one tile: the services serve models without any-resolution tiling), all finite.
+/// Reads vision features sent for `model`: each `[tiles * tile_tokens, vision_feature_dim]`
+/// f32 values (one tile unless the model tiles images), all finite.
 pub fn vision_features_from_proto(
     model: &Llava,
     features: &[pb::VisionFeatures],
 ) -> Result<Vec<VisionFeatures>, String> {
-    let (rows, dim) = (model.tile_tokens(), model.vision_feature_dim());
+    let (tile, dim) = (model.tile_tokens(), model.vision_feature_dim());
+    // The base tile plus the largest pinpoint's tiles.
+    let max_tiles = match model.image_tokens() {
+        ImageTokens::Fixed(_) => 1,
+        ImageTokens::AnyRes(a) => {
+            1 + a
+                .pinpoints
+                .iter()
+                .map(|&(h, w)| (h / a.tile) * (w / a.tile))
+                .max()
+                .unwrap_or(0)
+        }
+    };
     features
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            if (f.rows as usize, f.dim as usize) != (rows, dim) {
+            let rows = f.rows as usize;
+            let tiles = rows / tile.max(1);
+            let sized = f.image_height > 0 && f.image_width > 0;
+            if f.dim as usize != dim
+                || rows == 0
+                || !rows.is_multiple_of(tile.max(1))
+                || tiles > max_tiles
+                || (tiles > 1 && !sized)
+            {
                 return Err(format!(
-                    "image_features {i} are {}x{}, this model takes {rows}x{dim}",
-                    f.rows, f.dim
+                    "image_features {i} are {}x{} for a {}x{} image, this model takes {}{tile}x{dim}",
+                    f.rows,
+                    f.dim,
+                    f.image_height,
+                    f.image_width,
+                    if max_tiles == 1 {
+                        String::new()
+                    } else {
+                        format!("(1 to {max_tiles} tiles of a sized image) x ")
+                    }
                 ));
             }
             if f.data.len() != rows * dim * 4 {

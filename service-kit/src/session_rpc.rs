@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use specllava_model::Llava;
+use specllava_model::{Llava, check_image_header};
 use specllava_proto::v1 as pb;
 
 use crate::prefill::{prepare_prefill, vision_features_to_proto};
@@ -63,8 +64,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         if r.session_id.is_empty() {
             return Err(WorkerError::InvalidArgument("session_id must not be empty".into()).into());
         }
-        let images = r.images.len().max(r.image_features.len());
-        self.check_fits(0, &r.token_ids, images)?;
+        let image_rows = self.check_fits(0, &r.token_ids, &r.images, &r.image_features)?;
         let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
@@ -78,6 +78,7 @@ impl<B: SessionBackend> SessionRpc<B> {
             num_image_tokens: self.encoder.model().tile_tokens() as u32,
             prefill_ns: out.forward_ns,
             first_step: out.first.as_ref().and_then(first_step_to_proto),
+            image_rows,
         })
     }
 
@@ -89,8 +90,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         specllava_telemetry::metrics().record_request("Append");
         // The new tokens' own rows here; with the kept rows, once the session is found (an
         // unknown session is NOT_FOUND whatever the length).
-        let images = r.images.len().max(r.image_features.len());
-        self.check_fits(0, &r.token_ids, images)?;
+        let image_rows = self.check_fits(0, &r.token_ids, &r.images, &r.image_features)?;
         let first = first_step::<B>(r.first_step)?;
         let images =
             prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
@@ -102,33 +102,67 @@ impl<B: SessionBackend> SessionRpc<B> {
             kv_len: out.kv_len,
             forward_ns: out.forward_ns,
             first_step: out.first.as_ref().and_then(first_step_to_proto),
+            image_rows,
         })
     }
 
     /// Refuses, before any image is decoded or any row computed, a prefill of `tokens` after
-    /// `keep` rows that would not fit the context (each image placeholder counted as the
-    /// model's image tokens, what it becomes in the KV cache) or that carries more images
-    /// than a request may.
-    fn check_fits(&self, keep: u64, tokens: &[u32], images: usize) -> Result<(), WorkerError> {
-        self.encoder
-            .limits()
-            .check_count(images)
+    /// `keep` rows that would not fit the context (each image placeholder counted as the KV
+    /// rows its image becomes, from the image's header or its features' shape) or that
+    /// carries more images than a request may. Returns each image's rows.
+    fn check_fits(
+        &self,
+        keep: u64,
+        tokens: &[u32],
+        images: &[Bytes],
+        features: &[pb::VisionFeatures],
+    ) -> Result<Vec<u32>, WorkerError> {
+        let limits = self.encoder.limits();
+        let count = images.len().max(features.len());
+        limits
+            .check_count(count)
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
         let model = self.encoder.model();
+        let image_rows = if features.is_empty() {
+            images
+                .iter()
+                .enumerate()
+                .map(|(i, bytes)| {
+                    let (w, h) = check_image_header(bytes, limits)
+                        .map_err(|e| WorkerError::InvalidArgument(format!("image {i}: {e}")))?;
+                    Ok(model.image_token_count((h as usize, w as usize), count) as u32)
+                })
+                .collect::<Result<Vec<_>, WorkerError>>()?
+        } else {
+            let per_tile = model.tile_tokens().max(1);
+            features
+                .iter()
+                .map(|f| {
+                    let size = (f.image_height as usize, f.image_width as usize);
+                    model.feature_token_count(f.rows as usize / per_tile, size) as u32
+                })
+                .collect()
+        };
+        for (i, &rows) in image_rows.iter().enumerate() {
+            limits
+                .check_image_tokens(i, rows as usize)
+                .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
+        }
         let image_id = model.config().image_token_id;
-        let per_image = model.tile_tokens().max(1) as u64;
-        let placeholders = tokens.iter().filter(|&&t| t == image_id).count() as u64;
-        let rows = tokens.len() as u64 + placeholders * (per_image - 1);
+        let placeholders = tokens.iter().filter(|&&t| t == image_id).count();
+        let image_total: u64 = image_rows.iter().map(|&r| u64::from(r)).sum();
+        let rows = (tokens.len() - placeholders.min(image_rows.len())) as u64 + image_total;
         let history = keep.saturating_add(rows);
         if history > self.max_context as u64 {
             return Err(WorkerError::ContextFull(format!(
-                "{keep} kept rows + {} tokens ({placeholders} images of {per_image} rows each) = \
+                "{keep} kept rows + {} tokens ({} images of {image_rows:?} rows) = \
                  {history} rows exceed the context of {}",
                 tokens.len(),
+                image_rows.len(),
                 self.max_context
             )));
         }
-        Ok(())
+        Ok(image_rows)
     }
 
     /// `EncodeImages`: the vision features of `images` (decoded and run through the tower as
@@ -143,10 +177,11 @@ impl<B: SessionBackend> SessionRpc<B> {
             .limits()
             .check_count(r.images.len())
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
-        let per_image = self.encoder.model().tile_tokens().max(1);
-        if r.images.len() > self.max_context / per_image {
+        let rows = self.check_fits(0, &[], &r.images, &[])?;
+        let total: u64 = rows.iter().map(|&r| u64::from(r)).sum();
+        if total > self.max_context as u64 {
             return Err(WorkerError::InvalidArgument(format!(
-                "{} images of {per_image} tokens each exceed the context of {}",
+                "{} images of {rows:?} tokens exceed the context of {}",
                 r.images.len(),
                 self.max_context
             ))

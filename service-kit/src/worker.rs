@@ -162,6 +162,10 @@ pub trait SessionBackend: Send + 'static {
         images: &PrefillImages,
     ) -> Result<Self::Session, Self::Error>;
 
+    /// KV rows `images` become (each image's tokens, which any-resolution models count by
+    /// the image's size).
+    fn image_rows(&self, images: &PrefillImages) -> u64;
+
     /// Truncates `session` to `keep_kv_len` KV rows, then appends `tokens` (not empty; the
     /// last becomes the root).
     fn append(
@@ -338,9 +342,6 @@ pub struct WorkerConfig {
     /// Most history tokens a session may hold: an append past it is refused before any
     /// forward runs (the session unchanged).
     pub max_context: usize,
-    /// KV rows one image becomes (the model's image tokens): what an appended image counts
-    /// against the context.
-    pub image_rows: usize,
 }
 
 /// Cheap clonable handle to a worker thread.
@@ -658,7 +659,10 @@ impl<B: SessionBackend> Worker<B> {
         let session = self.sessions.get_mut(id)?;
         // The history after the append: the kept rows plus the new tokens' (each image
         // placeholder becomes the image's rows).
-        let image_rows = images.len() as u64 * (self.cfg.image_rows.max(1) as u64 - 1);
+        let image_rows = self
+            .backend
+            .image_rows(images)
+            .saturating_sub(images.len() as u64);
         let history = keep_kv_len.saturating_add(tokens.len() as u64 + image_rows);
         if history > self.cfg.max_context as u64 {
             return Err(WorkerError::ContextFull(format!(
@@ -844,6 +848,9 @@ mod tests {
         type Output = u32;
         type Error = FakeError;
 
+        fn image_rows(&self, images: &PrefillImages) -> u64 {
+            images.len() as u64
+        }
         fn open(&mut self, prefix: &[u32], _: u32, _: &PrefillImages) -> Result<Fake, FakeError> {
             assert!(!prefix.contains(&POISON), "poisoned open");
             Ok(Fake(prefix.len() as u64))
@@ -1041,7 +1048,6 @@ mod tests {
             batch: limits(10, 100, 50),
             expiry_tick: Duration::from_millis(100),
             max_context: 1000,
-            image_rows: 1,
         };
         let w = WorkerHandle::spawn("test", backend, store, cfg).unwrap();
         let opened = w
@@ -1138,7 +1144,6 @@ mod tests {
             batch: limits(10, 100, 1),
             expiry_tick: Duration::from_millis(100),
             max_context: 1000,
-            image_rows: 1,
         };
         WorkerHandle::spawn("test", backend, store, cfg).unwrap()
     }

@@ -117,6 +117,15 @@ impl SessionBackend for TargetBackend {
     type Output = VerifyResult;
     type Error = TargetError;
 
+    fn image_rows(&self, images: &PrefillImages) -> u64 {
+        // Prefill validates the images; one row each for what it would refuse.
+        self.model
+            .image_rows(images)
+            .map_or(images.len() as u64, |rows| {
+                rows.iter().sum::<usize>() as u64
+            })
+    }
+
     fn open(
         &mut self,
         prefix: &[u32],

@@ -181,6 +181,7 @@ mod tests {
             max_context: 512,
             tokenizer_fingerprint: "fnv1a64:abc:400".into(),
             vision_fingerprint: String::new(),
+            any_resolution: None,
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use specllava_prompt::{AnyRes, ImageTokens};
 use specllava_proto::v1 as pb;
 use speculate::{
     DraftParams, FinishReason, FirstStep, SamplingError, SamplingParams, StopConditions, TokenTree,
@@ -232,6 +233,45 @@ pub fn verify_cost_table(costs: &[pb::VerifyCost]) -> Result<VerifyCostTable, St
     VerifyCostTable::new(nodes, batches, grid).map_err(|e| e.to_string())
 }
 
+/// How many KV rows an image becomes on a replica of `model` (fixed, or any-resolution
+/// tiling by the image's size).
+pub fn image_tokens_from_proto(model: &pb::ModelInfo) -> ImageTokens {
+    match &model.any_resolution {
+        None => ImageTokens::Fixed(model.num_image_tokens.max(1) as usize),
+        Some(a) => ImageTokens::AnyRes(AnyRes {
+            pinpoints: a
+                .pinpoints
+                .chunks_exact(2)
+                .map(|p| (p[0] as usize, p[1] as usize))
+                .collect(),
+            tile: a.tile as usize,
+            grid: a.grid as usize,
+            base_tokens: a.base_tokens as usize,
+            max_tiles: a.max_tiles.map(|n| n as usize),
+            tile_single_images_only: a.tile_single_images_only,
+        }),
+    }
+}
+
+/// The wire form of any-resolution tiling; `None` for a fixed count.
+pub fn any_resolution_to_proto(tokens: &ImageTokens) -> Option<pb::AnyResolution> {
+    match tokens {
+        ImageTokens::Fixed(_) => None,
+        ImageTokens::AnyRes(a) => Some(pb::AnyResolution {
+            pinpoints: a
+                .pinpoints
+                .iter()
+                .flat_map(|&(h, w)| [h as u32, w as u32])
+                .collect(),
+            tile: a.tile as u32,
+            grid: a.grid as u32,
+            base_tokens: a.base_tokens as u32,
+            max_tiles: a.max_tiles.map(|n| n as u32),
+            tile_single_images_only: a.tile_single_images_only,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +363,28 @@ mod tests {
         let full = [c(1, 1, 10), c(4, 1, 20), c(1, 4, 30), c(4, 4, 40)];
         assert!(verify_cost_table(&full).is_ok());
         assert!(verify_cost_table(&full[..3]).is_err());
+    }
+
+    #[test]
+    fn any_resolution_round_trips() {
+        let rule = ImageTokens::AnyRes(AnyRes {
+            pinpoints: vec![(336, 672), (672, 336)],
+            tile: 336,
+            grid: 24,
+            base_tokens: 576,
+            max_tiles: Some(9),
+            tile_single_images_only: true,
+        });
+        let info = pb::ModelInfo {
+            num_image_tokens: 576,
+            any_resolution: any_resolution_to_proto(&rule),
+            ..Default::default()
+        };
+        assert_eq!(image_tokens_from_proto(&info), rule);
+        let fixed = pb::ModelInfo {
+            num_image_tokens: 576,
+            ..Default::default()
+        };
+        assert_eq!(image_tokens_from_proto(&fixed), ImageTokens::Fixed(576));
     }
 }

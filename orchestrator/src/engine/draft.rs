@@ -86,7 +86,7 @@ impl Engine {
             &conv.history,
             conv.history.len(),
             self.identity.image_token_id,
-            model.num_image_tokens,
+            &image_rows_on(model, &conv.images),
         ) as usize;
         let room = (model.max_context as usize).saturating_sub(rows + 1);
         let batch = self.batch_estimate();

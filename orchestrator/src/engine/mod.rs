@@ -53,7 +53,7 @@ use crate::error::{OrchestratorError, is_replica_failure};
 use crate::events::{EventSender, Finish, StepView, TurnEvent, TurnSummary};
 use crate::plan::{PlanConfig, SpecSettings, choose_params};
 use crate::routing::{Replica, ReplicaInfo, ReplicaKind, ReplicaSet};
-use crate::session::{Conversation, ReplicaSession, kv_rows};
+use crate::session::{Conversation, ReplicaSession, image_rows_on, kv_rows};
 use crate::setup::{DraftSetup, DraftStream, EarlyStream, FeatureSource, FirstTree, SetupDone};
 use crate::stats::{Stats, draft_service_ns};
 use crate::sync::{SyncReply, SyncTarget, plan_sync};

@@ -327,7 +327,7 @@ impl Engine {
                         &conv.history,
                         conv.history.len(),
                         image_id,
-                        model.num_image_tokens,
+                        &image_rows_on(&model, &conv.images),
                     );
                     let first = first
                         .filter(|params| params.max_new_tokens > 0 && rows < model.max_context);
