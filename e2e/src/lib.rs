@@ -522,6 +522,7 @@ pub async fn draft_holds(svc: &Service, session: &str) -> bool {
         images: vec![],
         image_features: vec![],
         first_step: None,
+        conversation_images: 0,
     };
     let mut client = DraftClient::new(connected(svc).await);
     match client.append(req).await {

@@ -1,12 +1,12 @@
 //! An any-resolution (LLaVA-NeXT) target served on real processes: the demo target made
-//! LLaVA-NeXT (`specllava_model::next_checkpoint`, images tiled into up to two tiles plus the
+//! LLaVA-NeXT (`specllava_model::anyres_checkpoint`, images tiled into up to two tiles plus the
 //! base one), with (a) the LLaVA-1.5 demo draft, whose images are a fixed 16 tokens, and (b) the
 //! demo draft made LLaVA-NeXT too. Speculative output equals target-only output, greedy and
 //! seeded, for a square and a wide image; the prompt's usage counts each image as the tokens it
 //! becomes on the target (78 for the 48 x 48 scene, 102 for the 451 x 300 photograph).
 
 use specllava_e2e::{Cluster, ClusterConfig, collect_generation, gen_params, workspace_root};
-use specllava_model::next_checkpoint::llava_next_checkpoint;
+use specllava_model::anyres_checkpoint::{AnyResKind, anyres_checkpoint};
 use specllava_proto::v1 as pb;
 
 const PINPOINTS: &[(usize, usize)] = &[(48, 48), (48, 96), (96, 48)];
@@ -79,9 +79,21 @@ async fn speculative_equals_target_only(cluster: &Cluster, what: &str) -> Vec<u3
 async fn a_next_target_speculates_losslessly_with_either_draft() {
     let models = workspace_root().join("models");
     let next_target = tempfile::tempdir().unwrap();
-    llava_next_checkpoint(&models.join("target"), next_target.path(), PINPOINTS).unwrap();
+    anyres_checkpoint(
+        &models.join("target"),
+        next_target.path(),
+        AnyResKind::Next,
+        PINPOINTS,
+    )
+    .unwrap();
     let next_draft = tempfile::tempdir().unwrap();
-    llava_next_checkpoint(&models.join("draft"), next_draft.path(), PINPOINTS).unwrap();
+    anyres_checkpoint(
+        &models.join("draft"),
+        next_draft.path(),
+        AnyResKind::Next,
+        PINPOINTS,
+    )
+    .unwrap();
 
     for (what, draft) in [
         ("LLaVA-1.5 draft", models.join("draft")),
@@ -108,7 +120,13 @@ async fn a_next_target_speculates_losslessly_with_either_draft() {
 async fn an_image_over_the_token_limit_is_refused_before_any_work() {
     let models = workspace_root().join("models");
     let next_target = tempfile::tempdir().unwrap();
-    llava_next_checkpoint(&models.join("target"), next_target.path(), PINPOINTS).unwrap();
+    anyres_checkpoint(
+        &models.join("target"),
+        next_target.path(),
+        AnyResKind::Next,
+        PINPOINTS,
+    )
+    .unwrap();
     let mut cfg = ClusterConfig::from_dirs(models.join("draft"), next_target.path().to_path_buf());
     cfg.orchestrator_args.push("--max-image-tokens=90".into());
     cfg.target_args.push("--max-image-tokens=90".into());
@@ -153,4 +171,152 @@ async fn an_image_over_the_token_limit_is_refused_before_any_work() {
         .expect_err("over the limit");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("102 tokens"), "{err:?}");
+}
+
+/// A LLaVA-OneVision variant of the demo target (`anyres_max_1`, so large grids are shrunk)
+/// with the LLaVA-1.5 draft, over the OpenAI API, serving HTTP at `http`.
+async fn onevision_cluster(onevision: &std::path::Path, http: &str, extra: &[&str]) -> Cluster {
+    let models = workspace_root().join("models");
+    let mut cfg = ClusterConfig::from_dirs(models.join("draft"), onevision.to_path_buf());
+    cfg.orchestrator_args = ["--http-listen", http]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    Cluster::start(cfg.wait_for_draft()).await
+}
+
+fn data_url(path: &str) -> String {
+    use base64::Engine as _;
+    let bytes = std::fs::read(workspace_root().join(path)).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    format!("data:image/png;base64,{b64}")
+}
+
+/// A chat completion's token ids and usage.prompt_tokens.
+fn complete(
+    http: &str,
+    messages: &serde_json::Value,
+    mode: &str,
+    seed: Option<u64>,
+) -> (Vec<u64>, u64) {
+    use std::io::Read as _;
+    let mut body = serde_json::json!({
+        "messages": messages,
+        "max_tokens": 12,
+        "temperature": if seed.is_some() { 0.8 } else { 0.0 },
+        "ignore_eos": true,
+        "return_token_ids": true,
+        "speculation": {"mode": mode},
+    });
+    if let Some(seed) = seed {
+        body["seed"] = seed.into();
+    }
+    let mut s = specllava_e2e::http_send(
+        http,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        body.to_string().as_bytes(),
+    );
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, json) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{resp}");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let ids = v["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("token ids: {v}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    (ids, v["usage"]["prompt_tokens"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_onevision_target_tiles_lone_images_only_and_stays_lossless_across_kept_conversations() {
+    let models = workspace_root().join("models");
+    let onevision = tempfile::tempdir().unwrap();
+    anyres_checkpoint(
+        &models.join("target"),
+        onevision.path(),
+        AnyResKind::Onevision { max_tiles: 1 },
+        &[(48, 48), (48, 96), (96, 48), (96, 96)],
+    )
+    .unwrap();
+    let image =
+        |path: &str| serde_json::json!({"type": "image_url", "image_url": {"url": data_url(path)}});
+    let text = |t: &str| serde_json::json!({"type": "text", "text": t});
+    // A: one image (tiled); B: A's conversation answered, then a second image (neither is
+    // tiled once the conversation holds two).
+    let a = serde_json::json!([
+        {"role": "user", "content": [image("examples/ood/chelsea.png"), text("Describe the image.")]},
+    ]);
+    let b = |answer: &str| {
+        serde_json::json!([
+            {"role": "user", "content": [image("examples/ood/chelsea.png"), text("Describe the image.")]},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": [image("examples/test/test_00000.png"), text("And this one?")]},
+        ])
+    };
+
+    // Fresh: no conversation kept, every request prefilled from scratch.
+    let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
+    let fresh =
+        onevision_cluster(onevision.path(), &http, &["--http-cached-conversations=0"]).await;
+    let mut want = Vec::new();
+    for seed in [None, Some(11u64)] {
+        let (a_ids, a_prompt) = complete(&http, &a, "off", seed);
+        assert_eq!(
+            complete(&http, &a, "dynamic", seed).0,
+            a_ids,
+            "A, seed {seed:?}"
+        );
+        let b_msgs = b("A red square.");
+        let (b_ids, b_prompt) = complete(&http, &b_msgs, "off", seed);
+        assert_eq!(
+            complete(&http, &b_msgs, "dynamic", seed).0,
+            b_ids,
+            "B, seed {seed:?}"
+        );
+        want.push((a_ids, b_ids));
+        assert!(b_prompt > a_prompt);
+        // The same text with the 48 x 48 scene instead: usage differs by the images' rows as
+        // the model counts them (and transformers: tests/parity_anyres.rs).
+        let scene = serde_json::json!([
+            {"role": "user", "content": [image("examples/test/test_00000.png"), text("Describe the image.")]},
+        ]);
+        let (_, scene_prompt) = complete(&http, &scene, "off", seed);
+        let m =
+            specllava_model::Llava::load(onevision.path(), &specllava_model::Device::Cpu).unwrap();
+        let rows = |h, w| m.image_token_count((h, w), 1) as i64;
+        // 68 rows (a 12 x 12 grid unpadded to 8 x 12, shrunk to 4 x 7) against 78 (6 x 6).
+        assert_eq!(
+            a_prompt as i64 - scene_prompt as i64,
+            rows(300, 451) - rows(48, 48),
+            "usage counts tiles"
+        );
+    }
+    drop(fresh);
+
+    // Kept: A, then B reusing A's conversation (its image must be re-prefilled untiled), then
+    // A again reusing B's (tiled again), then B again: each equals the fresh answer.
+    let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
+    let _kept = onevision_cluster(onevision.path(), &http, &[]).await;
+    for (seed, (a_ids, b_ids)) in [None, Some(11u64)].into_iter().zip(&want) {
+        for round in 0..2 {
+            for mode in ["dynamic", "off"] {
+                assert_eq!(
+                    &complete(&http, &a, mode, seed).0,
+                    a_ids,
+                    "A, {mode}, seed {seed:?}, round {round}"
+                );
+                assert_eq!(
+                    &complete(&http, &b("A red square."), mode, seed).0,
+                    b_ids,
+                    "B, {mode}, seed {seed:?}, round {round}"
+                );
+            }
+        }
+    }
 }

@@ -225,6 +225,7 @@ async fn the_draft_pre_drafts_in_spare_time_and_redeems_the_guess() {
             token_ids: vec![1, 5, 6, 7],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap();

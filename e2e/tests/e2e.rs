@@ -297,6 +297,7 @@ async fn c_concurrent_sessions_match_solo_runs() {
             token_ids: vec![1, 20 + i as u32, 30, 40],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         };
         target.clone().open_session(open).await.unwrap();
     }

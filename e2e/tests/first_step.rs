@@ -61,6 +61,7 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
                 token_ids: history.clone(),
                 image_features: vec![],
                 first_step,
+                conversation_images: 0,
             };
             // The prefill picks it...
             let ask = pb::FirstStepRequest {
@@ -134,6 +135,7 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
                     token_ids: history.clone(),
                     image_features: vec![],
                     first_step: None,
+                    conversation_images: 0,
                 })
                 .await
                 .unwrap();
@@ -147,6 +149,7 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
                     images: vec![],
                     image_features: vec![],
                     first_step,
+                    conversation_images: 0,
                 })
                 .await
                 .unwrap()
@@ -193,6 +196,7 @@ async fn the_prefill_picks_the_token_a_root_only_verify_would() {
             token_ids: vec![1, 5, 6],
             image_features: vec![],
             first_step: Some(pb::FirstStepRequest::default()),
+            conversation_images: 0,
         })
         .await
         .unwrap_err();

@@ -89,6 +89,7 @@ async fn open_target(cluster: &Cluster, id: &str, tokens: Vec<u32>) -> u64 {
             token_ids: tokens,
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap()
@@ -169,6 +170,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
         token_ids: vec![1, image_id, 5],
         image_features: vec![],
         first_step: None,
+        conversation_images: 0,
     };
     let err = cluster
         .target_client()
@@ -221,6 +223,7 @@ async fn oversized_input_is_refused_before_any_work_and_others_keep_serving() {
             token_ids: vec![1, image_id, 5],
             image_features: vec![wrong],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap_err();
@@ -250,6 +253,7 @@ async fn unknown_enums_and_malformed_streams_get_error_statuses() {
             token_ids: vec![1, 2, 3],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap();
@@ -345,6 +349,7 @@ async fn images_count_as_their_tokens_against_the_context_before_any_work() {
             .collect(),
         image_features: vec![],
         first_step: None,
+        conversation_images: 0,
     };
     for (m, is_target) in [(&target_model, true), (&draft_model, false)] {
         for (n, why) in [(over_context(m), "context"), (65, "limit")] {
@@ -406,6 +411,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             images: vec![],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap_err();
@@ -424,6 +430,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             images: vec![],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap()
@@ -438,6 +445,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             token_ids: vec![1, 2, 3],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap();
@@ -449,6 +457,7 @@ async fn context_limits_refuse_appends_and_end_decoding_normally() {
             images: vec![],
             image_features: vec![],
             first_step: None,
+            conversation_images: 0,
         })
         .await
         .unwrap_err();

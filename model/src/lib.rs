@@ -17,6 +17,7 @@
 //! [`Backend::Candle`], on candle's kernels with f32 weights (`--features cuda` for NVIDIA GPUs).
 
 mod anyres;
+pub mod anyres_checkpoint;
 pub mod backend;
 pub mod config;
 pub mod cpu;
@@ -25,7 +26,6 @@ pub mod image;
 pub mod kv;
 pub mod llama;
 pub mod llava;
-pub mod next_checkpoint;
 pub mod nn;
 pub mod resample;
 mod segment;

@@ -256,7 +256,8 @@ impl Llava {
         let mut h = Fnv1a64::default();
         h.write(
             format!(
-                "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{device_kind}",
+                "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{device_kind}",
+                cfg.architecture,
                 cfg.vision,
                 cfg.vision_feature_layers,
                 cfg.vision_feature_select_strategy,

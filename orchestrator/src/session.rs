@@ -27,6 +27,9 @@ pub struct ReplicaSession {
     /// KV rows each of the conversation's images became on that replica, as it reported
     /// them (in order; any-resolution models count by the image's size).
     pub image_rows: Vec<u64>,
+    /// Images the conversation held when the replica last prefilled (LLaVA-OneVision tiles
+    /// an image only as its conversation's only one).
+    pub conversation_images: usize,
 }
 
 impl ReplicaSession {
@@ -38,6 +41,7 @@ impl ReplicaSession {
             synced: 0,
             kv_len: 0,
             image_rows: Vec::new(),
+            conversation_images: 0,
         }
     }
 }

@@ -15,7 +15,7 @@ use tonic::Status;
 use crate::clients::ReplicaApi;
 use crate::error::OrchestratorError;
 use crate::routing::Replica;
-use crate::routing::ReplicaKind;
+use crate::routing::{ReplicaInfo, ReplicaKind};
 use crate::session::{ReplicaSession, kv_rows};
 
 /// The call that syncs a session.
@@ -63,6 +63,8 @@ pub struct SyncTarget {
     pub opens: bool,
     /// Images of the history the session keeps (an `Append` truncates after them).
     pub kept_images: usize,
+    /// Images of the conversation once the call is applied.
+    pub conversation_images: usize,
 }
 
 /// The call that brings `rs` up to `history` (with `images` at its placeholders), or `None`
@@ -86,10 +88,12 @@ pub fn plan_sync(
                 synced: history.len(),
                 opens: matches!(call, SyncCall::Open(_)),
                 kept_images,
+                conversation_images: images.len(),
             },
             call,
         }))
     };
+    let conversation_images = images.len() as u32;
     if !rs.opened {
         return planned(
             SyncCall::Open(pb::OpenSessionRequest {
@@ -98,6 +102,7 @@ pub fn plan_sync(
                 token_ids: history.to_vec(),
                 image_features: Vec::new(),
                 first_step,
+                conversation_images,
             }),
             0,
         );
@@ -105,7 +110,20 @@ pub fn plan_sync(
     if rs.synced == history.len() {
         return Ok(None);
     }
-    let keep_h = rs.synced.min(history.len()).max(1) - 1;
+    let mut keep_h = rs.synced.min(history.len()).max(1) - 1;
+    let kept_images = history[..keep_h]
+        .iter()
+        .filter(|&&t| t == image_token_id)
+        .count();
+    if kept_images > 0
+        && (rs.conversation_images == 1) != (images.len() == 1)
+        && tiles_single_images_only(rs)
+    {
+        // LLaVA-OneVision tiles an image only as its conversation's only one (transformers
+        // processes the whole prompt): the kept images were prefilled for the other case
+        // (one image that now has company, or company that is gone): prefill it all anew.
+        keep_h = 0;
+    }
     let keep = kv_rows(history, keep_h, image_token_id, &rs.image_rows);
     let skip_images = history[..keep_h]
         .iter()
@@ -128,9 +146,22 @@ pub fn plan_sync(
             images: images[range].to_vec(),
             image_features: Vec::new(),
             first_step,
+            conversation_images,
         }),
         skip_images,
     )
+}
+
+/// Whether the session's replica tiles an image only when it is its conversation's only one
+/// (LLaVA-OneVision).
+fn tiles_single_images_only(rs: &ReplicaSession) -> bool {
+    rs.pin
+        .replica()
+        .info
+        .get()
+        .and_then(ReplicaInfo::model)
+        .and_then(|m| m.any_resolution.as_ref())
+        .is_some_and(|a| a.tile_single_images_only)
 }
 
 impl PlannedSync {
@@ -195,5 +226,6 @@ impl SyncTarget {
         rs.kv_len = reply.kv_len;
         rs.image_rows.truncate(self.kept_images);
         rs.image_rows.extend_from_slice(&reply.image_rows);
+        rs.conversation_images = self.conversation_images;
     }
 }

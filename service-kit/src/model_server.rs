@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use specllava_model::{Backend, CpuKernel, CpuSettings, ImageLimits, ImageTokens, Llava};
+use specllava_model::{Backend, CpuKernel, CpuSettings, ImageLimits, Llava};
 use specllava_proto::v1 as pb;
 use specllava_server::ImageLimitArgs;
 use specllava_wire::convert::any_resolution_to_proto;
@@ -177,17 +177,6 @@ pub async fn load_model(
     })
     .await?
     .with_context(|| format!("loading the {role} model from {}", dir.display()))?;
-    if let ImageTokens::AnyRes(a) = model.image_tokens()
-        && a.tile_single_images_only
-    {
-        anyhow::bail!(
-            "{}: LLaVA-OneVision checkpoints load and match transformers in the model crate, \
-             but the services do not serve them yet: their several-image prompts are not tiled, \
-             which a conversation that gains its second image in a later turn would change for \
-             the first (docs/models.md)",
-            dir.display()
-        );
-    }
     tracing::info!(backend = ?model.backend(), dtype = ?model.dtype(), "{role} model loaded");
     let max_context = match args.max_context {
         0 => model.config().text.max_position_embeddings,

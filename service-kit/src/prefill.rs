@@ -10,7 +10,7 @@ use crate::vision_encoder::VisionEncoder;
 use crate::worker::WorkerError;
 
 /// Checks history tokens (vocabulary, placeholder count, root not a placeholder) and
-/// prepares the images as vision features: the `encoder`'s (decoded, preprocessed and run
+/// prepares the images (of a conversation of `conversation_images` images) as vision features: the `encoder`'s (decoded, preprocessed and run
 /// through the tower off the async runtime, or from its cache), or, when the request
 /// carries `features` instead, those checked and read.
 pub async fn prepare_prefill(
@@ -18,6 +18,7 @@ pub async fn prepare_prefill(
     tokens: &[u32],
     images: Vec<Bytes>,
     features: Vec<pb::VisionFeatures>,
+    conversation_images: usize,
 ) -> Result<PrefillImages, WorkerError> {
     let model = encoder.model();
     let cfg = model.config();
@@ -57,7 +58,7 @@ pub async fn prepare_prefill(
     if images.is_empty() {
         return Ok(PrefillImages::none());
     }
-    let features = encoder.encode(images).await?;
+    let features = encoder.encode(images, conversation_images).await?;
     Ok(PrefillImages::VisionFeatures(features.to_vec()))
 }
 

@@ -64,10 +64,26 @@ impl<B: SessionBackend> SessionRpc<B> {
         if r.session_id.is_empty() {
             return Err(WorkerError::InvalidArgument("session_id must not be empty".into()).into());
         }
-        let image_rows = self.check_fits(0, &r.token_ids, &r.images, &r.image_features)?;
+        let in_conversation = conversation_images(
+            r.conversation_images,
+            r.images.len().max(r.image_features.len()),
+        )?;
+        let image_rows = self.check_fits(
+            0,
+            &r.token_ids,
+            &r.images,
+            &r.image_features,
+            in_conversation,
+        )?;
         let first = first_step::<B>(r.first_step)?;
-        let images =
-            prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
+        let images = prepare_prefill(
+            &self.encoder,
+            &r.token_ids,
+            r.images,
+            r.image_features,
+            in_conversation,
+        )
+        .await?;
         let out = self
             .worker
             .open(r.session_id.clone(), r.token_ids, images, first)
@@ -90,10 +106,26 @@ impl<B: SessionBackend> SessionRpc<B> {
         specllava_telemetry::metrics().record_request("Append");
         // The new tokens' own rows here; with the kept rows, once the session is found (an
         // unknown session is NOT_FOUND whatever the length).
-        let image_rows = self.check_fits(0, &r.token_ids, &r.images, &r.image_features)?;
+        let in_conversation = conversation_images(
+            r.conversation_images,
+            r.images.len().max(r.image_features.len()),
+        )?;
+        let image_rows = self.check_fits(
+            0,
+            &r.token_ids,
+            &r.images,
+            &r.image_features,
+            in_conversation,
+        )?;
         let first = first_step::<B>(r.first_step)?;
-        let images =
-            prepare_prefill(&self.encoder, &r.token_ids, r.images, r.image_features).await?;
+        let images = prepare_prefill(
+            &self.encoder,
+            &r.token_ids,
+            r.images,
+            r.image_features,
+            in_conversation,
+        )
+        .await?;
         let out = self
             .worker
             .append(r.session_id, r.keep_kv_len, r.token_ids, images, first)
@@ -109,13 +141,16 @@ impl<B: SessionBackend> SessionRpc<B> {
     /// Refuses, before any image is decoded or any row computed, a prefill of `tokens` after
     /// `keep` rows that would not fit the context (each image placeholder counted as the KV
     /// rows its image becomes, from the image's header or its features' shape) or that
-    /// carries more images than a request may. Returns each image's rows.
+    /// carries more images than a request may. `conversation_images`: the images of the
+    /// whole conversation (OneVision tiles an image only when it is alone). Returns each
+    /// image's rows.
     fn check_fits(
         &self,
         keep: u64,
         tokens: &[u32],
         images: &[Bytes],
         features: &[pb::VisionFeatures],
+        conversation_images: usize,
     ) -> Result<Vec<u32>, WorkerError> {
         let limits = self.encoder.limits();
         let count = images.len().max(features.len());
@@ -130,7 +165,8 @@ impl<B: SessionBackend> SessionRpc<B> {
                 .map(|(i, bytes)| {
                     let (w, h) = check_image_header(bytes, limits)
                         .map_err(|e| WorkerError::InvalidArgument(format!("image {i}: {e}")))?;
-                    Ok(model.image_token_count((h as usize, w as usize), count) as u32)
+                    let size = (h as usize, w as usize);
+                    Ok(model.image_token_count(size, conversation_images) as u32)
                 })
                 .collect::<Result<Vec<_>, WorkerError>>()?
         } else {
@@ -177,7 +213,9 @@ impl<B: SessionBackend> SessionRpc<B> {
             .limits()
             .check_count(r.images.len())
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
-        let rows = self.check_fits(0, &[], &r.images, &[])?;
+        // The images of a conversation being opened (what the orchestrator shares them for).
+        let n_images = r.images.len();
+        let rows = self.check_fits(0, &[], &r.images, &[], n_images)?;
         let total: u64 = rows.iter().map(|&r| u64::from(r)).sum();
         if total > self.max_context as u64 {
             return Err(WorkerError::InvalidArgument(format!(
@@ -197,7 +235,7 @@ impl<B: SessionBackend> SessionRpc<B> {
         let t0 = Instant::now();
         let features = self
             .encoder
-            .encode(r.images)
+            .encode(r.images, n_images)
             .await
             .map_err(WorkerError::from)?
             .iter()
@@ -221,6 +259,18 @@ impl<B: SessionBackend> SessionRpc<B> {
         let existed = self.worker.close(id.clone()).await?;
         tracing::info!(session = %id, existed, "session closed");
         Ok(pb::CloseSessionResponse { existed })
+    }
+}
+
+/// The images of a request's conversation: `declared` (a request's `conversation_images`),
+/// or the request's own `count` when 0; fewer than the request carries is refused.
+fn conversation_images(declared: u32, count: usize) -> Result<usize, WorkerError> {
+    match declared as usize {
+        0 => Ok(count),
+        n if n < count => Err(WorkerError::InvalidArgument(format!(
+            "conversation_images {n} is fewer than the request's {count} images"
+        ))),
+        n => Ok(n),
     }
 }
 

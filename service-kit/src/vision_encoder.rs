@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
-use specllava_model::{ImageLimits, ImagePixels, Llava, VisionFeatures};
+use specllava_model::{ImageLimits, ImagePixels, ImageTokens, Llava, VisionFeatures};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::worker::WorkerError;
@@ -115,9 +115,15 @@ impl VisionEncoder {
     }
 
     /// The vision features of `images` (as one batch, as a prefill of them would run the
-    /// tower): from the cache, from a run in flight, or computed now. An image over the size
-    /// limit, or a call past the admitted number, is refused before any work.
-    pub async fn encode(&self, images: Vec<Bytes>) -> Result<Features, EncodeError> {
+    /// tower), in a conversation of `conversation_images` images (which decides whether
+    /// LLaVA-OneVision tiles them): from the cache, from a run in flight, or computed now. An
+    /// image over the size limit, or a call past the admitted number, is refused before any
+    /// work.
+    pub async fn encode(
+        &self,
+        images: Vec<Bytes>,
+        conversation_images: usize,
+    ) -> Result<Features, EncodeError> {
         let _admitted = self
             .admitted
             .try_acquire()
@@ -129,10 +135,14 @@ impl VisionEncoder {
                 image.len()
             )));
         }
-        let (key, images) = key_off_runtime(images).await?;
+        let tiled = match self.model.image_tokens() {
+            ImageTokens::AnyRes(a) => a.tiles_image(conversation_images),
+            ImageTokens::Fixed(_) => false,
+        };
+        let (key, images) = key_off_runtime(images, tiled).await?;
         let (features, lookup) = self
             .cache
-            .get_or_compute(key, || self.compute(images))
+            .get_or_compute(key, || self.compute(images, conversation_images))
             .await?;
         specllava_telemetry::metrics().record_vision_cache(lookup.label());
         Ok(features)
@@ -143,8 +153,12 @@ impl VisionEncoder {
         &self.model
     }
 
-    async fn compute(&self, images: Vec<Bytes>) -> Result<Vec<VisionFeatures>, EncodeError> {
-        let pixels = decode_images(&self.model, self.limits, images)
+    async fn compute(
+        &self,
+        images: Vec<Bytes>,
+        conversation_images: usize,
+    ) -> Result<Vec<VisionFeatures>, EncodeError> {
+        let pixels = decode_images(&self.model, self.limits, images, conversation_images)
             .await
             .map_err(EncodeError::Image)?;
         let running = Arc::clone(&self.running)
@@ -167,20 +181,26 @@ impl VisionEncoder {
 const INLINE_HASH_BYTES: usize = 1 << 20;
 
 /// [`key_of`] (and the images back), off the async runtime for large images.
-async fn key_off_runtime(images: Vec<Bytes>) -> Result<(Key, Vec<Bytes>), EncodeError> {
+async fn key_off_runtime(
+    images: Vec<Bytes>,
+    tiled: bool,
+) -> Result<(Key, Vec<Bytes>), EncodeError> {
     if images.iter().map(Bytes::len).sum::<usize>() <= INLINE_HASH_BYTES {
-        return Ok((key_of(&images), images));
+        return Ok((key_of(&images, tiled), images));
     }
-    tokio::task::spawn_blocking(move || (key_of(&images), images))
+    tokio::task::spawn_blocking(move || (key_of(&images, tiled), images))
         .await
         .map_err(|e| EncodeError::Tower(format!("hashing task failed: {e}")))
 }
 
-/// SHA-256 of an image list (each image's length, then its bytes).
+/// SHA-256 of an image list (each image's length, then its bytes) and of whether
+/// any-resolution tiling applies to it (OneVision's several-image conversations are not
+/// tiled: the same bytes, other features).
 type Key = [u8; 32];
 
-fn key_of(images: &[Bytes]) -> Key {
+fn key_of(images: &[Bytes], tiled: bool) -> Key {
     let mut h = Sha256::new();
+    h.update([tiled as u8]);
     h.update((images.len() as u64).to_le_bytes());
     for image in images {
         h.update((image.len() as u64).to_le_bytes());
@@ -325,11 +345,13 @@ fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-/// Decodes and preprocesses `images` off the async runtime.
+/// Decodes and preprocesses `images` (of a conversation of `conversation_images` images)
+/// off the async runtime.
 pub async fn decode_images(
     model: &Arc<Llava>,
     image_limits: ImageLimits,
     images: Vec<Bytes>,
+    conversation_images: usize,
 ) -> Result<Vec<ImagePixels>, String> {
     if images.is_empty() {
         return Ok(Vec::new());
@@ -345,7 +367,7 @@ pub async fn decode_images(
                     .decode(bytes, &image_limits)
                     .map_err(|e| format!("image {i}: {e}"))?;
                 model
-                    .preprocess(&img, images.len())
+                    .preprocess(&img, conversation_images)
                     .map_err(|e| format!("image {i}: {e}"))
             })
             .collect()
@@ -374,7 +396,7 @@ mod tests {
 
     /// The key of a one-image list.
     fn image(byte: u8) -> Key {
-        key_of(&[Bytes::from(vec![byte; 8])])
+        key_of(&[Bytes::from(vec![byte; 8])], false)
     }
 
     #[tokio::test]
@@ -394,7 +416,8 @@ mod tests {
         // Another list, or the same images in another order, is another key.
         let two = vec![Bytes::from(vec![1u8; 8]), Bytes::from(vec![2u8; 8])];
         let swapped = vec![Bytes::from(vec![2u8; 8]), Bytes::from(vec![1u8; 8])];
-        assert_ne!(key_of(&two), key_of(&swapped));
+        assert_ne!(key_of(&two, false), key_of(&swapped, false));
+        assert_ne!(key_of(&two, false), key_of(&two, true));
     }
 
     #[tokio::test]

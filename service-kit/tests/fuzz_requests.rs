@@ -283,6 +283,7 @@ fn fuzz_prefill_validation() {
                 token_ids,
                 image_features,
                 first_step: None,
+                conversation_images: 0,
             }
         });
     let (mut runner, n) = runner();
@@ -297,7 +298,9 @@ fn fuzz_prefill_validation() {
                 let (tokens, images, features) = (r.token_ids, r.images, r.image_features);
                 let n_images = images.len().max(features.len());
                 let both = !images.is_empty() && !features.is_empty();
-                match rt.block_on(prepare_prefill(&encoder, &tokens, images, features)) {
+                match rt.block_on(prepare_prefill(
+                    &encoder, &tokens, images, features, n_images,
+                )) {
                     Ok(t) => {
                         prefilled.set(prefilled.get() + 1);
                         prop_assert!(!both, "images and features are alternatives");

@@ -27,8 +27,8 @@ fn setup(max_calls: usize) -> (Arc<Llava>, VisionEncoder, bytes::Bytes) {
 #[tokio::test]
 async fn features_are_the_towers_and_come_from_the_cache_the_second_time() {
     let (model, encoder, png) = setup(4);
-    let first = encoder.encode(vec![png.clone()]).await.unwrap();
-    let again = encoder.encode(vec![png.clone()]).await.unwrap();
+    let first = encoder.encode(vec![png.clone()], 1).await.unwrap();
+    let again = encoder.encode(vec![png.clone()], 1).await.unwrap();
     assert!(Arc::ptr_eq(&first, &again), "served from the cache");
     let proc = model.image_processor();
     let pixels = model
@@ -52,7 +52,7 @@ async fn features_are_the_towers_and_come_from_the_cache_the_second_time() {
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     // A bad image is the caller's fault, and is not kept.
     let err = encoder
-        .encode(vec![bytes::Bytes::from_static(b"not an image")])
+        .encode(vec![bytes::Bytes::from_static(b"not an image")], 1)
         .await
         .unwrap_err();
     assert!(matches!(err, EncodeError::Image(_)), "{err:?}");
@@ -63,7 +63,10 @@ async fn calls_past_the_admitted_number_are_refused() {
     let (_, encoder, png) = setup(1);
     // The first call holds its admission while it decodes on a blocking thread; the second,
     // polled meanwhile, is refused.
-    let (a, b) = tokio::join!(encoder.encode(vec![png.clone()]), encoder.encode(vec![png]));
+    let (a, b) = tokio::join!(
+        encoder.encode(vec![png.clone()], 1),
+        encoder.encode(vec![png], 1)
+    );
     assert!(a.is_ok());
     assert_eq!(b.unwrap_err(), EncodeError::Busy(1));
 }

@@ -1,6 +1,7 @@
-//! A LLaVA-NeXT checkpoint made from a LLaVA-1.5 one, for serving tests: the same tower,
-//! projector and decoder, any-resolution tiling added (`image_grid_pinpoints`, an
-//! `image_newline` vector, the NeXT image processor).
+//! A LLaVA-NeXT or LLaVA-OneVision checkpoint made from a LLaVA-1.5 one, for serving tests:
+//! the same tower, projector and decoder, any-resolution tiling added
+//! (`image_grid_pinpoints`, an `image_newline` vector, the NeXT / OneVision image processor;
+//! OneVision's `anyres_max_N` and its untiled several-image prompts).
 //!
 //! Unlike [`crate::widen`] this changes the model's function: an image becomes the base tile
 //! plus the tiles of its best pinpoint, which the source model never saw. It is a real
@@ -17,11 +18,28 @@ use serde_json::{Value, json};
 use crate::error::{ModelError, Result};
 use crate::weights::{INDEX_FILE, SINGLE_FILE};
 
-/// Writes into `dst` the LLaVA-NeXT variant of the LLaVA-1.5 checkpoint in `src` (a single
+/// Which any-resolution architecture to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnyResKind {
+    /// `LlavaNextForConditionalGeneration`.
+    Next,
+    /// `LlavaOnevisionForConditionalGeneration` with `anyres_max_{max_tiles}`.
+    Onevision {
+        /// `N` of `anyres_max_N`.
+        max_tiles: usize,
+    },
+}
+
+/// Writes into `dst` the `kind` variant of the LLaVA-1.5 checkpoint in `src` (a single
 /// `model.safetensors`), tiling images into `pinpoints` (`(height, width)`, multiples of the
 /// tower's size). `image_newline` is the mean of the token embeddings (deterministic, of the
 /// embeddings' scale). Every other file is copied.
-pub fn llava_next_checkpoint(src: &Path, dst: &Path, pinpoints: &[(usize, usize)]) -> Result<()> {
+pub fn anyres_checkpoint(
+    src: &Path,
+    dst: &Path,
+    kind: AnyResKind,
+    pinpoints: &[(usize, usize)],
+) -> Result<()> {
     if src.join(INDEX_FILE).exists() {
         return Err(ModelError::Config(format!(
             "{}: sharded checkpoints are not supported here",
@@ -51,17 +69,54 @@ pub fn llava_next_checkpoint(src: &Path, dst: &Path, pinpoints: &[(usize, usize)
             src.display()
         )));
     }
-    config["model_type"] = json!("llava_next");
-    config["architectures"] = json!(["LlavaNextForConditionalGeneration"]);
+    let (model_type, class, processor_type, processor_class) = match kind {
+        AnyResKind::Next => (
+            "llava_next",
+            "LlavaNextForConditionalGeneration",
+            "LlavaNextImageProcessor",
+            "LlavaNextProcessor",
+        ),
+        AnyResKind::Onevision { max_tiles } => {
+            config["vision_aspect_ratio"] = json!(format!("anyres_max_{max_tiles}"));
+            // LlavaOnevisionConfig's own defaults are SigLIP's: keep the source's explicit.
+            let strategy = config
+                .get("vision_feature_select_strategy")
+                .cloned()
+                .unwrap_or(json!("default"));
+            config["vision_feature_select_strategy"] = strategy;
+            let layer = config
+                .get("vision_feature_layer")
+                .cloned()
+                .unwrap_or(json!(-2));
+            config["vision_feature_layer"] = layer;
+            (
+                "llava_onevision",
+                "LlavaOnevisionForConditionalGeneration",
+                "LlavaOnevisionImageProcessor",
+                "LlavaOnevisionProcessor",
+            )
+        }
+    };
+    config["model_type"] = json!(model_type);
+    config["architectures"] = json!([class]);
     config["image_grid_pinpoints"] = json!(pinpoints);
     write_json(&dst.join("config.json"), &config)?;
 
     // The image processor, alone (what this crate reads) and inside the processor's file
     // (what transformers 5 reads first).
     let next_image_processor = |mut p: Value| {
-        p["image_processor_type"] = json!("LlavaNextImageProcessor");
+        p["image_processor_type"] = json!(processor_type);
         p["image_grid_pinpoints"] = json!(pinpoints);
         p["do_pad"] = json!(true);
+        if let AnyResKind::Onevision { .. } = kind {
+            // OneVision's processor resizes to a square and does not crop.
+            let side = p["crop_size"]["height"].clone();
+            p["size"] = json!({"height": side, "width": side});
+            p["do_center_crop"] = json!(false);
+            if let Some(m) = p.as_object_mut() {
+                m.remove("crop_size");
+            }
+        }
         p
     };
     let image_processor = read_json(&src.join("preprocessor_config.json"))?;
@@ -72,7 +127,7 @@ pub fn llava_next_checkpoint(src: &Path, dst: &Path, pinpoints: &[(usize, usize)
     let processor_file = src.join("processor_config.json");
     if processor_file.exists() {
         let mut processor = read_json(&processor_file)?;
-        processor["processor_class"] = json!("LlavaNextProcessor");
+        processor["processor_class"] = json!(processor_class);
         if let Some(p) = processor.get("image_processor").cloned() {
             processor["image_processor"] = next_image_processor(p);
         }
