@@ -7,11 +7,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::max_abs_diff;
+use common::{argmax, greedy, max_abs_diff};
 use serde_json::Value;
 use specllava_model::chat::{ChatTemplate, ChatTurn, Message, turns_to_messages};
 use specllava_model::{
-    Backend, DType, Device, ImageLimits, ImagePixels, KvCache, Llava, LlavaTokenizer, Tensor,
+    Backend, DType, Device, ImageLimits, ImagePixels, Llava, LlavaTokenizer, Tensor,
 };
 
 /// Max abs logit / feature difference to transformers (f32 reference). On the CPU (f32 maths in
@@ -149,22 +149,6 @@ fn checkpoints_and_backends() -> Vec<(PathBuf, Backend)> {
             v
         })
         .collect()
-}
-
-fn argmax(logits: &Tensor) -> u32 {
-    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-/// Greedy decoding with our own loop: each step is a one-node tree, then commit.
-fn greedy(m: &Llava, kv: &mut KvCache, first_logits: &Tensor, max_new: usize) -> Vec<u32> {
-    let eos = &m.config().eos_token_ids;
-    let mut out = vec![argmax(first_logits)];
-    while out.len() < max_new && !eos.contains(out.last().unwrap()) {
-        let l = m.forward_tree(kv, &[*out.last().unwrap()], &[-1]).unwrap();
-        kv.commit(&[0]).unwrap();
-        out.push(argmax(&l.squeeze(0).unwrap()));
-    }
-    out
 }
 
 #[test]

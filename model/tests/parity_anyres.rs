@@ -10,12 +10,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::max_abs_diff;
+use common::{greedy, max_abs_diff};
 use serde_json::Value;
 use specllava_model::chat::{ChatTemplate, ChatTurn, Message, Part, turns_to_messages};
 use specllava_model::{
-    Backend, Device, ImageLimits, ImagePixels, KvCache, Llava, LlavaTokenizer, PrefillImages,
-    Tensor,
+    Backend, Device, ImageLimits, ImagePixels, Llava, LlavaTokenizer, PrefillImages, Tensor,
 };
 
 /// Max abs logit / feature difference to transformers (f32 on the CPU, as in `parity.rs`).
@@ -141,22 +140,6 @@ fn label(dir: &Path, case: &Case) -> String {
         dir.file_name().unwrap().to_string_lossy(),
         case.name
     )
-}
-
-fn argmax(logits: &Tensor) -> u32 {
-    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-/// Greedy decoding with one-node trees, each committed.
-fn greedy(m: &Llava, kv: &mut KvCache, first_logits: &Tensor, max_new: usize) -> Vec<u32> {
-    let eos = &m.config().eos_token_ids;
-    let mut out = vec![argmax(first_logits)];
-    while out.len() < max_new && !eos.contains(out.last().unwrap()) {
-        let l = m.forward_tree(kv, &[*out.last().unwrap()], &[-1]).unwrap();
-        kv.commit(&[0]).unwrap();
-        out.push(argmax(&l.squeeze(0).unwrap()));
-    }
-    out
 }
 
 #[test]

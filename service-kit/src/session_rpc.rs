@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use specllava_model::{Llava, check_image_header};
+use specllava_model::{Llava, PrefillImages, check_image_header};
 use specllava_proto::v1 as pb;
 
 use crate::prefill::{prepare_prefill, vision_features_to_proto};
@@ -64,26 +64,15 @@ impl<B: SessionBackend> SessionRpc<B> {
         if r.session_id.is_empty() {
             return Err(WorkerError::InvalidArgument("session_id must not be empty".into()).into());
         }
-        let in_conversation = conversation_images(
-            r.conversation_images,
-            r.images.len().max(r.image_features.len()),
-        )?;
-        let image_rows = self.check_fits(
-            0,
-            &r.token_ids,
-            &r.images,
-            &r.image_features,
-            in_conversation,
-        )?;
         let first = first_step::<B>(r.first_step)?;
-        let images = prepare_prefill(
-            &self.encoder,
-            &r.token_ids,
-            r.images,
-            r.image_features,
-            in_conversation,
-        )
-        .await?;
+        let (images, image_rows) = self
+            .prefill_images(
+                &r.token_ids,
+                r.images,
+                r.image_features,
+                r.conversation_images,
+            )
+            .await?;
         let out = self
             .worker
             .open(r.session_id.clone(), r.token_ids, images, first)
@@ -106,26 +95,15 @@ impl<B: SessionBackend> SessionRpc<B> {
         specllava_telemetry::metrics().record_request("Append");
         // The new tokens' own rows here; with the kept rows, once the session is found (an
         // unknown session is NOT_FOUND whatever the length).
-        let in_conversation = conversation_images(
-            r.conversation_images,
-            r.images.len().max(r.image_features.len()),
-        )?;
-        let image_rows = self.check_fits(
-            0,
-            &r.token_ids,
-            &r.images,
-            &r.image_features,
-            in_conversation,
-        )?;
         let first = first_step::<B>(r.first_step)?;
-        let images = prepare_prefill(
-            &self.encoder,
-            &r.token_ids,
-            r.images,
-            r.image_features,
-            in_conversation,
-        )
-        .await?;
+        let (images, image_rows) = self
+            .prefill_images(
+                &r.token_ids,
+                r.images,
+                r.image_features,
+                r.conversation_images,
+            )
+            .await?;
         let out = self
             .worker
             .append(r.session_id, r.keep_kv_len, r.token_ids, images, first)
@@ -136,6 +114,23 @@ impl<B: SessionBackend> SessionRpc<B> {
             first_step: out.first.as_ref().and_then(first_step_to_proto),
             image_rows,
         })
+    }
+
+    /// A prefill's images, checked ([`SessionRpc::check_fits`]) and prepared
+    /// ([`prepare_prefill`]) for a conversation of `declared` images (0: the request's own),
+    /// and each image's KV rows.
+    async fn prefill_images(
+        &self,
+        tokens: &[u32],
+        images: Vec<Bytes>,
+        features: Vec<pb::VisionFeatures>,
+        declared: u32,
+    ) -> Result<(PrefillImages, Vec<u32>), WorkerError> {
+        let in_conversation = conversation_images(declared, images.len().max(features.len()))?;
+        let rows = self.check_fits(0, tokens, &images, &features, in_conversation)?;
+        let images =
+            prepare_prefill(&self.encoder, tokens, images, features, in_conversation).await?;
+        Ok((images, rows))
     }
 
     /// Refuses, before any image is decoded or any row computed, a prefill of `tokens` after

@@ -384,3 +384,26 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The highest logit's index.
+pub fn argmax(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Greedy decoding with our own loop: each step a one-node tree, then commit; `max_new`
+/// tokens or up to EOS.
+pub fn greedy(
+    m: &Llava,
+    kv: &mut specllava_model::KvCache,
+    first_logits: &Tensor,
+    max_new: usize,
+) -> Vec<u32> {
+    let eos = &m.config().eos_token_ids;
+    let mut out = vec![argmax(first_logits)];
+    while out.len() < max_new && !eos.contains(out.last().unwrap()) {
+        let l = m.forward_tree(kv, &[*out.last().unwrap()], &[-1]).unwrap();
+        kv.commit(&[0]).unwrap();
+        out.push(argmax(&l.squeeze(0).unwrap()));
+    }
+    out
+}
