@@ -256,6 +256,8 @@ struct RawText {
     rope_scaling: Option<Value>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    /// `None` when the key is absent, `Some(Null)` when it is `null` (no window).
+    #[serde(default, deserialize_with = "present")]
     sliding_window: Option<Value>,
     use_sliding_window: Option<bool>,
     layer_types: Option<Vec<String>>,
@@ -284,6 +286,11 @@ struct RawGeneration {
     eos_token_id: Option<Value>,
     bos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
+}
+
+/// A field that is present, `null` included (serde reads a `null` `Option` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// An int, or a list of ints (`eos_token_id` may be either), `null` meaning none.
@@ -910,6 +917,23 @@ mod tests {
         // vision_config given as absent -> CLIP-L/336 defaults
         assert_eq!(c.resolved_feature_layers(), vec![24, 0]);
         assert_eq!(c.tile_tokens(), 577);
+    }
+
+    #[test]
+    fn a_null_sliding_window_is_none_and_an_absent_one_mistrals_default() {
+        let cfg = |w: &str| {
+            let j = format!(
+                r#"{{"text_config": {{"model_type": "mistral", "hidden_size": 64,
+                "num_attention_heads": 4, "num_key_value_heads": 2{w}}}}}"#
+            );
+            LlavaConfig::from_json(&j, None)
+                .unwrap()
+                .text
+                .sliding_window
+        };
+        assert_eq!(cfg(r#", "sliding_window": null"#), None);
+        assert_eq!(cfg(""), Some(4096));
+        assert_eq!(cfg(r#", "sliding_window": 12"#), Some(12));
     }
 
     #[test]

@@ -253,6 +253,14 @@ impl ImageProcessor {
         let tiles = match tiling {
             Tiling::Single => vec![im],
             Tiling::PadToSquare => {
+                // A 1 x 8192 strip passes the pixel limit but would pad to 8192 x 8192.
+                let (long, short) = (im.width.max(im.height), im.width.min(im.height));
+                if long > MAX_ASPECT_RATIO.saturating_mul(short) {
+                    return Err(ModelError::ImageTooLarge(format!(
+                        "{}x{}: aspect ratio over {MAX_ASPECT_RATIO}:1",
+                        im.width, im.height
+                    )));
+                }
                 let color = self.image_mean.map(|m| (m as f64 * 255.0) as u8);
                 vec![pad_to_square(&im, color)]
             }

@@ -193,7 +193,8 @@ impl Frontend {
         let image_id = self.prompter.image_token_id();
         let in_prompt = prompt.iter().filter(|&&t| t == image_id).count();
         let first_image = conv.images.len().saturating_sub(in_prompt);
-        let prompt_tokens = self.prompt_tokens(&prompt, &conv.images[first_image..]);
+        let prompt_tokens =
+            self.prompt_tokens(&prompt, &conv.images[first_image..], conv.images.len());
         let (tx, events) = mpsc::channel(32);
         let stream = TurnStream {
             conversation_id: conv.id.clone(),
@@ -241,14 +242,15 @@ impl Frontend {
     /// The prompt's tokens as usage reports them: each image counted as the image tokens it
     /// becomes on the target (what it takes of the context, as OpenAI, vLLM and TGI count
     /// it; any-resolution models by the image's size); one token each until a target's model
-    /// is known. `images` are the prompt's, in order.
-    fn prompt_tokens(&self, prompt: &[u32], images: &[Bytes]) -> u32 {
+    /// is known. `images` are the prompt's, in order, of a conversation of
+    /// `conversation_images`.
+    fn prompt_tokens(&self, prompt: &[u32], images: &[Bytes], conversation_images: usize) -> u32 {
         let rows = match self.engine.target_model() {
             Some(model) => kv_rows(
                 prompt,
                 prompt.len(),
                 self.prompter.image_token_id(),
-                &image_rows_on(model, images),
+                &image_rows_on(model, images, conversation_images),
             ),
             None => prompt.len() as u64,
         };
@@ -269,7 +271,7 @@ impl Frontend {
             return Ok(());
         };
         let image_id = self.prompter.image_token_id();
-        let image_rows = image_rows_on(model, images);
+        let image_rows = image_rows_on(model, images, images.len());
         for (i, &rows) in image_rows.iter().enumerate() {
             self.limits
                 .image

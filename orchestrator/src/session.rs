@@ -106,10 +106,15 @@ pub fn kv_rows(history: &[u32], h: usize, image_token_id: u32, image_rows: &[u64
     rows
 }
 
-/// KV rows each of `images` becomes on a replica of `model`, counted from the images'
-/// headers without decoding them (their limits were checked when they were admitted); an
-/// image whose header cannot be read counts as the most an image can become.
-pub fn image_rows_on(model: &pb::ModelInfo, images: &[Bytes]) -> Vec<u64> {
+/// KV rows each of `images` (of a conversation of `conversation_images` images) becomes on a
+/// replica of `model`, counted from the images' headers without decoding them (their limits
+/// were checked when they were admitted); an image whose header cannot be read counts as the
+/// most an image can become.
+pub fn image_rows_on(
+    model: &pb::ModelInfo,
+    images: &[Bytes],
+    conversation_images: usize,
+) -> Vec<u64> {
     let rule = image_tokens_from_proto(model);
     let unbounded = ImageLimits {
         max_bytes: usize::MAX,
@@ -123,7 +128,7 @@ pub fn image_rows_on(model: &pb::ModelInfo, images: &[Bytes]) -> Vec<u64> {
         .iter()
         .map(|bytes| {
             let n = match check_image_header(bytes, &unbounded) {
-                Ok((w, h)) => rule.count(h as usize, w as usize, images.len()),
+                Ok((w, h)) => rule.count(h as usize, w as usize, conversation_images),
                 Err(_) => rule.max_count(),
             };
             n as u64

@@ -191,7 +191,12 @@ impl PlannedSync {
     /// Makes the call.
     pub async fn run(self, replicas: &dyn ReplicaApi) -> Result<SyncReply, Status> {
         let SyncTarget { kind, replica, .. } = self.target;
-        match self.call {
+        let sent = match &self.call {
+            SyncCall::Open(r) => r.images.len().max(r.image_features.len()),
+            SyncCall::Append(r) => r.images.len().max(r.image_features.len()),
+        };
+        let checked = Arc::clone(&replica);
+        let mut reply = match self.call {
             SyncCall::Open(req) => {
                 replicas
                     .open_session(kind, &replica, req)
@@ -214,7 +219,24 @@ impl PlannedSync {
                         first_step: r.first_step,
                     })
             }
+        }?;
+        if reply.image_rows.len() != sent {
+            // A replica that does not report its images' rows (an older one): its fixed count,
+            // or, for a tiling model, an error rather than a wrong KV length later.
+            let model = checked.info.get().and_then(ReplicaInfo::model);
+            match model {
+                Some(m) if m.any_resolution.is_none() && reply.image_rows.is_empty() => {
+                    reply.image_rows = vec![u64::from(m.num_image_tokens.max(1)); sent];
+                }
+                _ => {
+                    return Err(Status::internal(format!(
+                        "the replica reported the rows of {} images for the {sent} it was sent",
+                        reply.image_rows.len()
+                    )));
+                }
+            }
         }
+        Ok(reply)
     }
 }
 

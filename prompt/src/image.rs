@@ -35,14 +35,14 @@ impl Default for ImageLimits {
 
 impl ImageLimits {
     /// 20 MB, 16 megapixels (4096 x 4096), 8192 pixels a side, 256 MiB of decoding memory,
-    /// 8 images a request, 4096 tokens an image (the services' flag defaults too).
+    /// 8 images a request, 8192 tokens an image (the services' flag defaults too).
     pub const DEFAULT: ImageLimits = ImageLimits {
         max_bytes: 20 * 1024 * 1024,
         max_pixels: 16 * 1024 * 1024,
         max_side: 8192,
         max_alloc_bytes: 256 * 1024 * 1024,
         max_images: 8,
-        max_image_tokens: 4096,
+        max_image_tokens: 8192,
     };
 
     /// Refuses a request of `n` images over [`ImageLimits::max_images`].

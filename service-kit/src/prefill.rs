@@ -107,6 +107,20 @@ pub fn vision_features_from_proto(
                     }
                 ));
             }
+            // Several tiles must be the base tile plus the layout of the image's size.
+            if let ImageTokens::AnyRes(a) = model.image_tokens()
+                && tiles > 1
+            {
+                let (tr, tc) = a
+                    .layout(f.image_height as usize, f.image_width as usize)
+                    .tiles;
+                if tiles != 1 + tr * tc {
+                    return Err(format!(
+                        "image_features {i} hold {tiles} tiles; a {}x{} image takes 1 + {tr}x{tc}",
+                        f.image_height, f.image_width
+                    ));
+                }
+            }
             if f.data.len() != rows * dim * 4 {
                 return Err(format!(
                     "image_features {i} carry {} bytes, {rows}x{dim} f32 values take {}",

@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use specllava_model::{Llava, PrefillImages, check_image_header};
+use specllava_model::{ImageTokens, Llava, PrefillImages, check_image_header};
 use specllava_proto::v1 as pb;
 
 use crate::prefill::{prepare_prefill, vision_features_to_proto};
@@ -153,7 +153,11 @@ impl<B: SessionBackend> SessionRpc<B> {
             .check_count(count)
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
         let model = self.encoder.model();
-        let image_rows = if features.is_empty() {
+        let image_rows = if let ImageTokens::Fixed(n) = model.image_tokens() {
+            // Every image the same: nothing to read.
+            vec![*n as u32; count]
+        } else if features.is_empty() {
+            // By the image's size, from its header.
             images
                 .iter()
                 .enumerate()
@@ -210,16 +214,7 @@ impl<B: SessionBackend> SessionRpc<B> {
             .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
         // The images of a conversation being opened (what the orchestrator shares them for).
         let n_images = r.images.len();
-        let rows = self.check_fits(0, &[], &r.images, &[], n_images)?;
-        let total: u64 = rows.iter().map(|&r| u64::from(r)).sum();
-        if total > self.max_context as u64 {
-            return Err(WorkerError::InvalidArgument(format!(
-                "{} images of {rows:?} tokens exceed the context of {}",
-                r.images.len(),
-                self.max_context
-            ))
-            .into());
-        }
+        self.check_fits(0, &[], &r.images, &[], n_images)?;
         let _admitted = self
             .encodes
             .try_acquire()

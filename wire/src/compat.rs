@@ -15,7 +15,9 @@
 
 use std::path::Path;
 
-use specllava_prompt::{Fnv1a64, LlavaTokenizer};
+use specllava_prompt::{Fnv1a64, ImageTokens, LlavaTokenizer};
+
+use crate::convert::image_tokens_from_proto;
 use specllava_proto::v1 as pb;
 
 /// What the orchestrator's tokenizer defines.
@@ -104,6 +106,7 @@ pub fn target_mismatches(tok: &TokenizerIdentity, target: &pb::ModelInfo) -> Vec
         out.push(format!("BOS mismatch: tokenizer={a}, target={b}"));
     }
     fingerprint_mismatch(&mut out, tok, "target", &target.tokenizer_fingerprint);
+    tiling_invalid(&mut out, "target", target);
     out
 }
 
@@ -145,7 +148,17 @@ pub fn draft_mismatches(
         ));
     }
     fingerprint_mismatch(&mut out, tok, "draft", &draft.tokenizer_fingerprint);
+    tiling_invalid(&mut out, "draft", draft);
     out
+}
+
+/// A replica's any-resolution tiling that cannot be counted with (no pinpoints, a zero tile).
+fn tiling_invalid(out: &mut Vec<String>, who: &str, model: &pb::ModelInfo) {
+    if let ImageTokens::AnyRes(a) = image_tokens_from_proto(model)
+        && let Err(e) = a.validate()
+    {
+        out.push(format!("{who} any_resolution: {e}"));
+    }
 }
 
 fn fingerprint_mismatch(out: &mut Vec<String>, tok: &TokenizerIdentity, who: &str, fp: &str) {
@@ -183,6 +196,22 @@ mod tests {
             vision_fingerprint: String::new(),
             any_resolution: None,
         }
+    }
+
+    #[test]
+    fn an_uncountable_tiling_is_refused() {
+        let mut bad = info(400);
+        bad.any_resolution = Some(pb::AnyResolution {
+            tile: 336,
+            grid: 24,
+            base_tokens: 576,
+            ..Default::default()
+        });
+        let m = target_mismatches(&tok(), &bad);
+        assert!(
+            m.iter().any(|m| m.contains("image_grid_pinpoints")),
+            "{m:?}"
+        );
     }
 
     #[test]

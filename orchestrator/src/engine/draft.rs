@@ -86,7 +86,7 @@ impl Engine {
             &conv.history,
             conv.history.len(),
             self.identity.image_token_id,
-            &image_rows_on(model, &conv.images),
+            &image_rows_on(model, &conv.images, conv.images.len()),
         ) as usize;
         let room = (model.max_context as usize).saturating_sub(rows + 1);
         let batch = self.batch_estimate();

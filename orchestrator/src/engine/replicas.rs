@@ -327,7 +327,7 @@ impl Engine {
                         &conv.history,
                         conv.history.len(),
                         image_id,
-                        &image_rows_on(&model, &conv.images),
+                        &image_rows_on(&model, &conv.images, conv.images.len()),
                     );
                     let first = first
                         .filter(|params| params.max_new_tokens > 0 && rows < model.max_context);
