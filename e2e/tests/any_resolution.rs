@@ -3,7 +3,11 @@
 //! base one), with (a) the LLaVA-1.5 demo draft, whose images are a fixed 16 tokens, and (b) the
 //! demo draft made LLaVA-NeXT too. Speculative output equals target-only output, greedy and
 //! seeded, for a square and a wide image; the prompt's usage counts each image as the tokens it
-//! becomes on the target (78 for the 48 x 48 scene, 102 for the 451 x 300 photograph).
+//! becomes on the target (78 for the 48 x 48 scene, 102 for the 451 x 300 photograph). The
+//! demo target made LLaVA-OneVision, with the LLaVA-1.5 draft and a OneVision draft, over the
+//! OpenAI API: an image tiled only as its conversation's only one, kept conversations that gain
+//! or lose their second image prefilled anew, every answer equal to a fresh target-only one.
+//! Images over `--max-image-tokens` are refused before any work.
 
 use specllava_e2e::{Cluster, ClusterConfig, collect_generation, gen_params, workspace_root};
 use specllava_model::anyres_checkpoint::{AnyResKind, anyres_checkpoint};
@@ -174,10 +178,14 @@ async fn an_image_over_the_token_limit_is_refused_before_any_work() {
 }
 
 /// A LLaVA-OneVision variant of the demo target (`anyres_max_1`, so large grids are shrunk)
-/// with the LLaVA-1.5 draft, over the OpenAI API, serving HTTP at `http`.
-async fn onevision_cluster(onevision: &std::path::Path, http: &str, extra: &[&str]) -> Cluster {
-    let models = workspace_root().join("models");
-    let mut cfg = ClusterConfig::from_dirs(models.join("draft"), onevision.to_path_buf());
+/// with `draft`, over the OpenAI API, serving HTTP at `http`.
+async fn onevision_cluster(
+    onevision: &std::path::Path,
+    draft: &std::path::Path,
+    http: &str,
+    extra: &[&str],
+) -> Cluster {
+    let mut cfg = ClusterConfig::from_dirs(draft.to_path_buf(), onevision.to_path_buf());
     cfg.orchestrator_args = ["--http-listen", http]
         .iter()
         .chain(extra)
@@ -237,11 +245,15 @@ fn complete(
 async fn a_onevision_target_tiles_lone_images_only_and_stays_lossless_across_kept_conversations() {
     let models = workspace_root().join("models");
     let onevision = tempfile::tempdir().unwrap();
+    let kind = AnyResKind::Onevision { max_tiles: 1 };
+    let pinpoints = [(48, 48), (48, 96), (96, 48), (96, 96)];
+    anyres_checkpoint(&models.join("target"), onevision.path(), kind, &pinpoints).unwrap();
+    let onevision_draft = tempfile::tempdir().unwrap();
     anyres_checkpoint(
-        &models.join("target"),
-        onevision.path(),
-        AnyResKind::Onevision { max_tiles: 1 },
-        &[(48, 48), (48, 96), (96, 48), (96, 96)],
+        &models.join("draft"),
+        onevision_draft.path(),
+        kind,
+        &pinpoints,
     )
     .unwrap();
     let image =
@@ -260,10 +272,15 @@ async fn a_onevision_target_tiles_lone_images_only_and_stays_lossless_across_kep
         ])
     };
 
-    // Fresh: no conversation kept, every request prefilled from scratch.
+    // Fresh: no conversation kept, every request prefilled from scratch; the LLaVA-1.5 draft.
     let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
-    let fresh =
-        onevision_cluster(onevision.path(), &http, &["--http-cached-conversations=0"]).await;
+    let fresh = onevision_cluster(
+        onevision.path(),
+        &models.join("draft"),
+        &http,
+        &["--http-cached-conversations=0"],
+    )
+    .await;
     let mut want = Vec::new();
     for seed in [None, Some(11u64)] {
         let (a_ids, a_prompt) = complete(&http, &a, "off", seed);
@@ -299,10 +316,12 @@ async fn a_onevision_target_tiles_lone_images_only_and_stays_lossless_across_kep
     }
     drop(fresh);
 
-    // Kept: A, then B reusing A's conversation (its image must be re-prefilled untiled), then
+    // Kept, with a OneVision draft of the same family (it shares the target's vision tower,
+    // so it prefills from the target's features, and tiles as the target does): A, then B
+    // reusing A's conversation (its image must be re-prefilled untiled on both replicas), then
     // A again reusing B's (tiled again), then B again: each equals the fresh answer.
     let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
-    let _kept = onevision_cluster(onevision.path(), &http, &[]).await;
+    let _kept = onevision_cluster(onevision.path(), onevision_draft.path(), &http, &[]).await;
     for (seed, (a_ids, b_ids)) in [None, Some(11u64)].into_iter().zip(&want) {
         for round in 0..2 {
             for mode in ["dynamic", "off"] {
