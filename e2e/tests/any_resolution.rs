@@ -15,6 +15,14 @@ use specllava_proto::v1 as pb;
 
 const PINPOINTS: &[(usize, usize)] = &[(48, 48), (48, 96), (96, 48)];
 
+/// The LLaVA-NeXT variant of the demo pair's `model` (`target` or `draft`), in a temp dir.
+fn next_variant(model: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = workspace_root().join("models").join(model);
+    anyres_checkpoint(&src, dir.path(), AnyResKind::Next, PINPOINTS).unwrap();
+    dir
+}
+
 fn speculation(mode: pb::SpeculationMode, depth: u32) -> pb::SpeculationConfig {
     pb::SpeculationConfig {
         mode: mode as i32,
@@ -82,22 +90,8 @@ async fn speculative_equals_target_only(cluster: &Cluster, what: &str) -> Vec<u3
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_target_speculates_losslessly_with_either_draft() {
     let models = workspace_root().join("models");
-    let next_target = tempfile::tempdir().unwrap();
-    anyres_checkpoint(
-        &models.join("target"),
-        next_target.path(),
-        AnyResKind::Next,
-        PINPOINTS,
-    )
-    .unwrap();
-    let next_draft = tempfile::tempdir().unwrap();
-    anyres_checkpoint(
-        &models.join("draft"),
-        next_draft.path(),
-        AnyResKind::Next,
-        PINPOINTS,
-    )
-    .unwrap();
+    let next_target = next_variant("target");
+    let next_draft = next_variant("draft");
 
     for (what, draft) in [
         ("LLaVA-1.5 draft", models.join("draft")),
@@ -123,14 +117,7 @@ async fn a_next_target_speculates_losslessly_with_either_draft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_over_the_token_limit_is_refused_before_any_work() {
     let models = workspace_root().join("models");
-    let next_target = tempfile::tempdir().unwrap();
-    anyres_checkpoint(
-        &models.join("target"),
-        next_target.path(),
-        AnyResKind::Next,
-        PINPOINTS,
-    )
-    .unwrap();
+    let next_target = next_variant("target");
     let mut cfg = ClusterConfig::from_dirs(models.join("draft"), next_target.path().to_path_buf());
     cfg.orchestrator_args.push("--max-image-tokens=90".into());
     cfg.target_args.push("--max-image-tokens=90".into());
@@ -320,21 +307,19 @@ async fn a_onevision_target_tiles_lone_images_only_and_stays_lossless_across_kep
     // so it prefills from the target's features, and tiles as the target does): A, then B
     // reusing A's conversation (its image must be re-prefilled untiled on both replicas), then
     // A again reusing B's (tiled again), then B again: each equals the fresh answer.
-    let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
-    let _kept = onevision_cluster(onevision.path(), onevision_draft.path(), &http, &[]).await;
-    for (seed, (a_ids, b_ids)) in [None, Some(11u64)].into_iter().zip(&want) {
-        for round in 0..2 {
-            for mode in ["dynamic", "off"] {
-                assert_eq!(
-                    &complete(&http, &a, mode, seed).0,
-                    a_ids,
-                    "A, {mode}, seed {seed:?}, round {round}"
-                );
-                assert_eq!(
-                    &complete(&http, &b("A red square."), mode, seed).0,
-                    b_ids,
-                    "B, {mode}, seed {seed:?}, round {round}"
-                );
+    // Then the same with the LLaVA-1.5 draft, whose images stay 36 rows each while the
+    // target's change: each replica's kept rows are its own.
+    for draft in [onevision_draft.path(), &models.join("draft")] {
+        let http = format!("127.0.0.1:{}", specllava_e2e::free_port());
+        let _kept = onevision_cluster(onevision.path(), draft, &http, &[]).await;
+        for (seed, (a_ids, b_ids)) in [None, Some(11u64)].into_iter().zip(&want) {
+            for round in 0..2 {
+                for mode in ["dynamic", "off"] {
+                    let what = format!("{}, {mode}, seed {seed:?}, round {round}", draft.display());
+                    assert_eq!(&complete(&http, &a, mode, seed).0, a_ids, "A, {what}");
+                    let b = complete(&http, &b("A red square."), mode, seed).0;
+                    assert_eq!(&b, b_ids, "B, {what}");
+                }
             }
         }
     }
